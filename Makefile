@@ -1,0 +1,38 @@
+# Two entry points: `make demo` and `make test`. Both bootstrap .venv once (idempotent).
+#
+# TORCH_SPEC pins the CPU build of PyTorch that lies on the development machines' disk,
+# so pip never pulls a multi-GB CUDA build here. On a GPU machine with torch already
+# installed in the venv the pin is skipped; `make TORCH_SPEC=torch` lets pip choose.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.fire-opd-installed
+
+.PHONY: demo test test-fast compile-report bench bench-quick clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench,demo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fire_opd demo
+
+# The suite runs Triton kernels through Triton's CPU interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 before triton is imported) and compiles every kernel for sm_80/sm_90.
+test: $(STAMP)
+	$(PY) -m pytest tests
+	$(PY) benchmarks/bench_kernels.py --quick
+
+compile-report: $(STAMP)
+	$(PY) -m fire_kernels.compile_report
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

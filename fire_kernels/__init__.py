@@ -1,0 +1,10 @@
+"""fire_kernels: per-token log-probs, entropies and divergences straight from hidden states.
+
+The [tokens, vocab] logits never exist in memory (except with backend="reference").
+torch + triton only; never imports fire_opd.
+"""
+
+from .token_stats import TeacherStudentStats, teacher_student_stats, token_stats
+
+__all__ = ["TeacherStudentStats", "teacher_student_stats", "token_stats"]
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""Per-row streaming-softmax statistics: the O(N) state both fused backends carry over the vocab.
+
+Both the chunked (PyTorch) and the Triton backend sweep the vocabulary in tiles and keep,
+for every token row and for each model, with logits z (student) / u (teacher):
+
+    m  = running max of z
+    S  = sum_v exp(z_v - m)
+    A  = sum_v exp(z_v - m) * (z_v - m)        (shifted first moment: no cancellation at |z| ~ 1e4)
+    zy = z_y                                    (the sampled token's logit)
+    K  = sum_v exp(z_v - m) * (z_v - u_v)      (reverse KL cross term, student-weighted)
+      or sum_v exp(u_v - m_u) * (u_v - z_v)    (forward KL cross term, teacher-weighted)
+
+When the max moves from m to m' every sum is rescaled by exp(m - m'); A also picks up the
+shift:  A' = exp(m - m') * (A + (m - m') * S).  From the final state
+
+    lse = m + log S,   log p(y) = zy - lse,   H = log S - A / S,
+    KL(p || q) = K / S_p - lse_z + lse_u,      KL(q || p) = K / S_q - lse_u + lse_z.
+
+The Triton backend splits the vocabulary across programs and writes one state per split;
+`merge_splits` combines them with the same rescaling rule.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_REVERSE_KL
+
+# Row layout of the Triton forward workspace `partials[split, field, row]`.
+F_M_S, F_S_S, F_A_S, F_ZY, F_M_T, F_S_T, F_A_T, F_UY, F_CROSS = range(9)
+NUM_FIELDS = 9
+
+
+class RowStats(NamedTuple):
+    """Final per-row results of a forward sweep (all float32 or float64, shape [N])."""
+
+    student_logprob: torch.Tensor
+    student_entropy: torch.Tensor
+    student_lse: torch.Tensor
+    teacher_logprob: Optional[torch.Tensor]
+    teacher_entropy: Optional[torch.Tensor]
+    teacher_lse: Optional[torch.Tensor]
+    divergence: Optional[torch.Tensor]
+
+
+def merge_splits(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, *extra: torch.Tensor):
+    """Combine per-split online-softmax states along dim 0.
+
+    m, s, a: [splits, N]; extra: further exp(z - m)-weighted sums [splits, N] (the KL cross term).
+    Returns (m, s, a, *extra) of shape [N].
+    """
+    if m.shape[0] == 1:
+        return (m[0], s[0], a[0], *(x[0] for x in extra))
+    m_all = m.amax(dim=0)
+    scale = torch.exp(m - m_all)
+    s_all = (scale * s).sum(dim=0)
+    a_all = (scale * (a + (m - m_all) * s)).sum(dim=0)
+    return (m_all, s_all, a_all, *((scale * x).sum(dim=0) for x in extra))
+
+
+def finalize(
+    valid: torch.Tensor,
+    m_s: torch.Tensor,
+    s_s: torch.Tensor,
+    a_s: torch.Tensor,
+    zy: torch.Tensor,
+    m_t: Optional[torch.Tensor] = None,
+    s_t: Optional[torch.Tensor] = None,
+    a_t: Optional[torch.Tensor] = None,
+    uy: Optional[torch.Tensor] = None,
+    cross: Optional[torch.Tensor] = None,
+    divergence: int = 0,
+) -> RowStats:
+    """Turn merged streaming state into log-probs, entropies and the divergence; rows where
+    `valid` is False give 0 (their targets are ignore_index)."""
+    zero = torch.zeros((), dtype=m_s.dtype, device=m_s.device)
+    lse_s = m_s + torch.log(s_s)
+    lp_s = torch.where(valid, zy - lse_s, zero)
+    ent_s = torch.where(valid, torch.log(s_s) - a_s / s_s, zero)
+    if m_t is None:
+        return RowStats(lp_s, ent_s, lse_s, None, None, None, None)
+    lse_t = m_t + torch.log(s_t)
+    lp_t = torch.where(valid, uy - lse_t, zero)
+    ent_t = torch.where(valid, torch.log(s_t) - a_t / s_t, zero)
+    div = None
+    if divergence == DIV_REVERSE_KL:
+        div = torch.where(valid, cross / s_s - lse_s + lse_t, zero)
+    elif divergence == DIV_FORWARD_KL:
+        div = torch.where(valid, cross / s_t - lse_t + lse_s, zero)
+    elif divergence == DIV_JSD:
+        div = None  # needs a second sweep with the final lse; filled in by the caller
+    return RowStats(lp_s, ent_s, lse_s, lp_t, ent_t, lse_t, div)

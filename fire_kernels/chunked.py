@@ -1,0 +1,243 @@
+"""Chunked backend: pure PyTorch, bounded [token_chunk, vocab_chunk] logit tiles, recompute in backward.
+
+This is the CPU path and the fallback on any device. It runs the same streaming algorithm as
+the Triton kernels (see `_row_stats.py`), one tile at a time:
+
+    forward   for each token chunk, for each vocab chunk: z = h W_c^T / tau (and u for the
+              teacher), update the per-row online state (m, S, A, z_y, KL cross term).
+              Generalized JSD needs the final lse of both models, so it takes a second sweep.
+    backward  for each tile: recompute z (and u when a divergence has a gradient), form
+              dL/dz from the saved per-row lse / entropy / divergence, then
+              dh[chunk] += dz @ W_c,  dW[c] += dz^T @ h[chunk].
+
+Per-tile gradient w.r.t. the student logits z (p = softmax z, q = softmax u, upstream
+gradients g_lp, g_H, g_D per row, all multiplied by 1/tau for z = W h / tau):
+
+    d log p(y)   = onehot(y) - p
+    d H          = -p * (log p + H)
+    d KL(p||q)   = p * (log p - log q - KL(p||q))
+    d KL(q||p)   = p - q
+    d JSD_beta   = (1 - beta) * p * (log p - log M - KL(p||M)),   M = (1 - beta) p + beta q
+
+Extra memory beyond inputs and gradients: a few tiles of token_chunk * vocab_chunk floats
+plus O(N) row state; float32 accumulation (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._row_stats import RowStats, finalize
+from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, StatsProblem
+
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 4096
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, acc: torch.dtype) -> torch.Tensor:
+    # Upcast before the product so half-precision logits are not rounded (same as the fp32
+    # accumulator of the Triton kernel); the upcast copy is one bounded weight chunk.
+    z = hidden.to(acc) @ weight.to(acc).t()
+    return z.mul_(inv_temperature)
+
+
+def _online_update(m, s, a, z):
+    """One tile of the streaming softmax state (see _row_stats.py). Returns (m, s, a, e, scale)."""
+    m_new = torch.maximum(m, z.amax(dim=1))
+    scale = torch.exp(m - m_new)
+    shifted = z - m_new[:, None]
+    e = torch.exp(shifted)
+    a = scale * (a + (m - m_new) * s) + (e * shifted).sum(dim=1)
+    s = scale * s + e.sum(dim=1)
+    return m_new, s, a, e, scale
+
+
+def _target_logit(z: torch.Tensor, targets: torch.Tensor, v0: int) -> torch.Tensor:
+    local = targets - v0
+    in_tile = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(in_tile, picked, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _jsd_log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    return torch.logaddexp(log_p + math.log(1.0 - beta), log_q + math.log(beta))
+
+
+def chunked_forward(
+    problem: StatsProblem,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> tuple[RowStats, Optional[torch.Tensor]]:
+    """Streaming forward. Returns the row statistics and `div_aux`, the per-row scalar the
+    divergence backward needs (KL(p||q) for reverse KL, KL(p||M) for JSD, else None)."""
+    n, vocab = problem.num_tokens, problem.vocab_size
+    acc = _acc_dtype(student_hidden)
+    dev = student_hidden.device
+    inv_t = problem.inv_temperature
+    teacher = problem.has_teacher
+    kind = problem.divergence
+    lowest = torch.finfo(acc).min  # finite "-inf": (m - m_new) * S stays 0 * finite
+
+    def new_state():
+        return (torch.full((n,), lowest, dtype=acc, device=dev), torch.zeros(n, dtype=acc, device=dev),
+                torch.zeros(n, dtype=acc, device=dev), torch.zeros(n, dtype=acc, device=dev))
+
+    m_s, s_s, a_s, zy = new_state()
+    m_t, s_t, a_t, uy = new_state() if teacher else (None,) * 4
+    cross = torch.zeros(n, dtype=acc, device=dev) if kind in (DIV_REVERSE_KL, DIV_FORWARD_KL) else None
+
+    for n0 in range(0, n, token_chunk):
+        rows = slice(n0, min(n0 + token_chunk, n))
+        h_s, y = student_hidden[rows], targets[rows]
+        h_t = teacher_hidden[rows] if teacher else None
+        for v0 in range(0, vocab, vocab_chunk):
+            cols = slice(v0, min(v0 + vocab_chunk, vocab))
+            z = _logits(h_s, student_weight[cols], inv_t, acc)
+            zy[rows] += _target_logit(z, y, v0)
+            m_s[rows], s_s[rows], a_s[rows], e_s, scale_s = _online_update(m_s[rows], s_s[rows], a_s[rows], z)
+            if not teacher:
+                continue
+            u = _logits(h_t, teacher_weight[cols], inv_t, acc)
+            uy[rows] += _target_logit(u, y, v0)
+            m_t[rows], s_t[rows], a_t[rows], e_t, scale_t = _online_update(m_t[rows], s_t[rows], a_t[rows], u)
+            if kind == DIV_REVERSE_KL:
+                cross[rows] = scale_s * cross[rows] + (e_s * (z - u)).sum(dim=1)
+            elif kind == DIV_FORWARD_KL:
+                cross[rows] = scale_t * cross[rows] + (e_t * (u - z)).sum(dim=1)
+
+    valid = targets != problem.ignore_index
+    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind)
+    if kind == DIV_REVERSE_KL:
+        return stats, stats.divergence
+    if kind != DIV_JSD:
+        return stats, None
+
+    # Generalized JSD: log M needs both final lse values, hence a second sweep.
+    beta = problem.jsd_beta
+    kl_q_m = torch.zeros(n, dtype=acc, device=dev)
+    kl_p_m = torch.zeros(n, dtype=acc, device=dev)
+    for n0 in range(0, n, token_chunk):
+        rows = slice(n0, min(n0 + token_chunk, n))
+        for v0 in range(0, vocab, vocab_chunk):
+            cols = slice(v0, min(v0 + vocab_chunk, vocab))
+            log_p = _logits(student_hidden[rows], student_weight[cols], inv_t, acc) - stats.student_lse[rows, None]
+            log_q = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc) - stats.teacher_lse[rows, None]
+            log_m = _jsd_log_mixture(log_p, log_q, beta)
+            kl_p_m[rows] += (log_p.exp() * (log_p - log_m)).sum(dim=1)
+            kl_q_m[rows] += (log_q.exp() * (log_q - log_m)).sum(dim=1)
+    zero = torch.zeros((), dtype=acc, device=dev)
+    divergence = torch.where(valid, beta * kl_q_m + (1.0 - beta) * kl_p_m, zero)
+    return stats._replace(divergence=divergence), kl_p_m
+
+
+def grad_logits_tile(
+    z: torch.Tensor,
+    u: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    v0: int,
+    student_lse: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_lse: Optional[torch.Tensor],
+    div_aux: Optional[torch.Tensor],
+    grad_logprob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_divergence: Optional[torch.Tensor],
+    divergence: int,
+    jsd_beta: float,
+) -> torch.Tensor:
+    """dL/dz for one [rows, cols] tile of student logits (before the 1/tau chain factor)."""
+    log_p = z - student_lse[:, None]
+    p = log_p.exp()
+    # Row-wise coefficient of p: -g_lp - g_H (log p + H) + g_D * (divergence term).
+    coef = -(grad_logprob[:, None] + grad_entropy[:, None] * (log_p + student_entropy[:, None]))
+    extra = None
+    if divergence != DIV_NONE and grad_divergence is not None:
+        g_div = grad_divergence[:, None]
+        log_q = u - teacher_lse[:, None]
+        if divergence == DIV_REVERSE_KL:
+            coef = coef + g_div * (log_p - log_q - div_aux[:, None])
+        elif divergence == DIV_FORWARD_KL:
+            coef = coef + g_div
+            extra = -g_div * log_q.exp()
+        else:
+            log_m = _jsd_log_mixture(log_p, log_q, jsd_beta)
+            coef = coef + g_div * (1.0 - jsd_beta) * (log_p - log_m - div_aux[:, None])
+    dz = p * coef
+    if extra is not None:
+        dz = dz + extra
+    local = targets - v0
+    in_tile = (local >= 0) & (local < z.shape[1])
+    rows = torch.nonzero(in_tile).squeeze(1)
+    dz[rows, local[rows]] += grad_logprob[rows]
+    return dz
+
+
+def chunked_backward(
+    problem: StatsProblem,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor],
+    teacher_weight: Optional[torch.Tensor],
+    student_lse: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_lse: Optional[torch.Tensor],
+    div_aux: Optional[torch.Tensor],
+    grad_logprob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_divergence: Optional[torch.Tensor],
+    *,
+    need_hidden_grad: bool = True,
+    need_weight_grad: bool = True,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Recompute tiles and accumulate (grad_student_hidden, grad_student_weight) in the
+    accumulation dtype; the caller casts to the parameter dtype. Ignored rows must arrive
+    with zero upstream gradients."""
+    n, vocab = problem.num_tokens, problem.vocab_size
+    acc = _acc_dtype(student_hidden)
+    inv_t = problem.inv_temperature
+    use_teacher = problem.divergence != DIV_NONE and grad_divergence is not None
+    grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device) if need_hidden_grad else None
+    grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_weight_grad else None
+    row_has_grad = (grad_logprob != 0) | (grad_entropy != 0)
+    if grad_divergence is not None:
+        row_has_grad |= grad_divergence != 0
+
+    for n0 in range(0, n, token_chunk):
+        rows = slice(n0, min(n0 + token_chunk, n))
+        if not bool(row_has_grad[rows].any()):
+            continue  # every row masked or with zero upstream gradient: skip the recompute
+        h_s = student_hidden[rows].to(acc)
+        for v0 in range(0, vocab, vocab_chunk):
+            cols = slice(v0, min(v0 + vocab_chunk, vocab))
+            w_c = student_weight[cols].to(acc)
+            z = (h_s @ w_c.t()).mul_(inv_t)
+            u = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc) if use_teacher else None
+            dz = grad_logits_tile(
+                z, u, targets[rows], v0, student_lse[rows], student_entropy[rows],
+                teacher_lse[rows] if use_teacher else None,
+                div_aux[rows] if div_aux is not None else None,
+                grad_logprob[rows], grad_entropy[rows],
+                grad_divergence[rows] if use_teacher else None,
+                problem.divergence, problem.jsd_beta,
+            ).mul_(inv_t)
+            if grad_hidden is not None:
+                grad_hidden[rows].addmm_(dz, w_c)
+            if grad_weight is not None:
+                grad_weight[cols].addmm_(dz.t(), h_s)
+    return grad_hidden, grad_weight

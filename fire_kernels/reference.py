@@ -1,0 +1,82 @@
+"""The oracle: materialize [N, V] logits and let PyTorch autograd differentiate.
+
+Memory is O(N * V); use it for tests and as the baseline in benchmarks, never in training.
+The divergences follow the definitions used by TRL's `generalized_jsd_loss` and Liger's
+`LigerFusedLinearJSDLoss` (beta = 0: KL(teacher || student), beta = 1: KL(student || teacher),
+otherwise beta * KL(q || M) + (1 - beta) * KL(p || M) with M = (1 - beta) p + beta q).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_REVERSE_KL, StatsProblem
+
+
+def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def materialized_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T / tau) in float32 (float64 for float64 inputs): [N, V]."""
+    acc = _accumulate_dtype(hidden)
+    return torch.log_softmax((hidden.to(acc) @ weight.to(acc).t()) * inv_temperature, dim=-1)
+
+
+def divergence_from_log_probs(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: int, jsd_beta: float
+) -> torch.Tensor:
+    """Per-row divergence between student p and teacher q given [N, V] log-probs."""
+    if divergence == DIV_REVERSE_KL:  # KL(p || q)
+        return F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True).sum(-1)
+    if divergence == DIV_FORWARD_KL:  # KL(q || p)
+        return F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
+    if divergence == DIV_JSD:
+        log_mixture = torch.logsumexp(
+            torch.stack(
+                [student_log_probs + math.log(1.0 - jsd_beta), teacher_log_probs + math.log(jsd_beta)], dim=0
+            ),
+            dim=0,
+        )
+        teacher_kl = F.kl_div(log_mixture, teacher_log_probs, reduction="none", log_target=True).sum(-1)
+        student_kl = F.kl_div(log_mixture, student_log_probs, reduction="none", log_target=True).sum(-1)
+        return jsd_beta * teacher_kl + (1.0 - jsd_beta) * student_kl
+    raise ValueError(f"unknown divergence kind {divergence}")
+
+
+def reference_stats(
+    problem: StatsProblem,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+):
+    """Returns (student_logprob, student_entropy, teacher_logprob, teacher_entropy, divergence), [N] each;
+    teacher entries and divergence are None when not asked. Differentiable through autograd."""
+    valid = targets != problem.ignore_index
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    log_p = materialized_log_softmax(student_hidden, student_weight, problem.inv_temperature)
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+
+    def per_row(log_probs: torch.Tensor):
+        logprob = log_probs.gather(1, safe_targets[:, None]).squeeze(1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return torch.where(valid, logprob, zero), torch.where(valid, entropy, zero)
+
+    student_logprob, student_entropy = per_row(log_p)
+    if not problem.has_teacher:
+        return student_logprob, student_entropy, None, None, None
+    with torch.no_grad():
+        log_q = materialized_log_softmax(teacher_hidden, teacher_weight, problem.inv_temperature)
+        teacher_logprob, teacher_entropy = per_row(log_q)
+    divergence = None
+    if problem.divergence:
+        divergence = torch.where(
+            valid, divergence_from_log_probs(log_p, log_q, problem.divergence, problem.jsd_beta), zero
+        )
+    return student_logprob, student_entropy, teacher_logprob, teacher_entropy, divergence

@@ -1,0 +1,188 @@
+"""Public API: `token_stats` and `teacher_student_stats`, with backend dispatch in one place.
+
+    token_stats(hidden[N, D], weight[V, D], targets[N])            -> (logprob[N], entropy[N])
+    teacher_student_stats(student_hidden, student_weight,
+                          teacher_hidden, teacher_weight, targets) -> TeacherStudentStats
+
+Both are differentiable w.r.t. the student hidden states and lm_head weight through the
+student log-prob, the student entropy and the divergence; teacher outputs carry no gradient.
+Backends: "triton" (fused, CUDA or the CPU interpreter), "chunked" (PyTorch tiles, any
+device), "reference" (materialized logits, the oracle), "auto" (triton on CUDA, else chunked).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import chunked, triton_token_stats
+from ._validation import DIV_NONE, StatsProblem, validate_stats_inputs
+from .reference import reference_stats
+
+
+class TeacherStudentStats(NamedTuple):
+    """Per-token statistics, float32 (float64 for float64 inputs), shape [N] each."""
+
+    student_logprob: torch.Tensor
+    student_entropy: torch.Tensor
+    teacher_logprob: torch.Tensor
+    teacher_entropy: torch.Tensor
+    divergence: Optional[torch.Tensor]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to a concrete backend and refuse triton where it cannot run."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "chunked"
+    if backend == "triton" and device.type != "cuda" and not triton_token_stats.interpreter_active():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); use backend='chunked' on the CPU, "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter"
+        )
+    return backend
+
+
+_FORWARD = {"chunked": chunked.chunked_forward, "triton": triton_token_stats.triton_forward}
+_BACKWARD = {"chunked": chunked.chunked_backward, "triton": triton_token_stats.triton_backward}
+
+
+class FusedTokenStatsFunction(torch.autograd.Function):
+    """Streaming forward that saves O(N) row statistics; backward recomputes logit tiles.
+
+    Outputs: student_logprob, student_entropy, teacher_logprob, teacher_entropy, divergence
+    (the last three are empty tensors when there is no teacher / no divergence, so that
+    autograd sees a fixed output arity)."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, problem, backend):
+        forward_impl = _FORWARD[backend]
+        stats, div_aux = forward_impl(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+        empty = stats.student_logprob.new_empty(0)
+        ctx.problem, ctx.backend = problem, backend
+        ctx.save_for_backward(
+            student_hidden, student_weight, teacher_hidden if problem.divergence else None,
+            teacher_weight if problem.divergence else None, targets, stats.student_lse, stats.student_entropy,
+            stats.teacher_lse if problem.divergence else None, div_aux,
+        )
+        outputs = (
+            stats.student_logprob,
+            stats.student_entropy,
+            stats.teacher_logprob if problem.has_teacher else empty,
+            stats.teacher_entropy if problem.has_teacher else empty,
+            stats.divergence if problem.divergence else empty,
+        )
+        ctx.mark_non_differentiable(outputs[2], outputs[3])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy, _g_t_logprob, _g_t_entropy, g_divergence):
+        (student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+         student_lse, student_entropy, teacher_lse, div_aux) = ctx.saved_tensors
+        problem: StatsProblem = ctx.problem
+        acc = student_lse.dtype
+        valid = targets != problem.ignore_index
+
+        def upstream(g: Optional[torch.Tensor]) -> torch.Tensor:
+            # Ignored rows get no gradient whatever the caller sends back.
+            if g is None:
+                return torch.zeros_like(student_lse)
+            return torch.where(valid, g.to(acc), torch.zeros((), dtype=acc, device=g.device))
+
+        grad_divergence = upstream(g_divergence) if (problem.divergence != DIV_NONE and g_divergence is not None) else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden, grad_weight = _BACKWARD[ctx.backend](
+            problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
+            student_lse, student_entropy, teacher_lse, div_aux,
+            upstream(g_logprob), upstream(g_entropy), grad_divergence,
+            need_hidden_grad=need_h, need_weight_grad=need_w,
+        )
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(student_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(student_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _stats(
+    student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
+    temperature, divergence, jsd_beta, ignore_index, backend, student_prefix,
+):
+    problem = validate_stats_inputs(
+        student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
+        temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
+        backend=backend, student_prefix=student_prefix,
+    )
+    backend = resolve_backend(backend, student_hidden.device)
+    if backend == "reference":
+        return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+    if teacher_hidden is not None:
+        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    outputs = FusedTokenStatsFunction.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, problem, backend
+    )
+    return tuple(outputs[:2]) + tuple(
+        outputs[i] if ok else None
+        for i, ok in ((2, problem.has_teacher), (3, problem.has_teacher), (4, problem.divergence != DIV_NONE))
+    )
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of the target token and full-vocab entropy of softmax(hidden @ weight.T / temperature).
+
+    Args:
+        hidden: [N, D] hidden states (fp16 / bf16 / fp32; fp64 on chunked and reference).
+        weight: [V, D] lm_head weight, same dtype as `hidden`.
+        targets: [N] integer token ids in [0, V), or `ignore_index` (those rows give 0, get 0 gradient).
+    Returns:
+        (logprob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
+        w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").
+    """
+    logprob, entropy, *_ = _stats(
+        hidden, weight, targets, None, None, temperature=temperature, divergence=None, jsd_beta=0.5,
+        ignore_index=ignore_index, backend=backend, student_prefix="",
+    )
+    return logprob, entropy
+
+
+def teacher_student_stats(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence: Optional[str] = None,
+    jsd_beta: float = 0.5,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> TeacherStudentStats:
+    """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
+
+    Args:
+        student_hidden: [N, D_s]; student_weight: [V, D_s].
+        teacher_hidden: [N, D_t]; teacher_weight: [V, D_t] (same V; D may differ).
+        targets: [N] sampled token ids, or `ignore_index`.
+        divergence: None, "reverse_kl" (KL(student || teacher)), "forward_kl" (KL(teacher || student))
+            or "jsd" (generalized JSD; `jsd_beta` 0 is forward KL, 1 is reverse KL, as in TRL / Liger).
+    Returns:
+        TeacherStudentStats of [N] tensors. Student outputs and the divergence are differentiable
+        w.r.t. the student hidden states and weight; teacher outputs carry no gradient.
+    """
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("teacher_hidden and teacher_weight are required; use token_stats for the student alone")
+    outputs = _stats(
+        student_hidden, student_weight, targets, teacher_hidden, teacher_weight, temperature=temperature,
+        divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index, backend=backend,
+        student_prefix="student_",
+    )
+    return TeacherStudentStats(*outputs)
