@@ -47,20 +47,36 @@ def interpreter_active() -> bool:
 
 @dataclass(frozen=True)
 class TritonTileConfig:
-    """Tile sizes and launch options. Any V and D work: tiles are masked at the edges."""
+    """Tile sizes and launch options. Any V and D work: tiles are masked at the edges.
+
+    The defaults are the largest tiles from a sweep (csrc_notes/token_stats.md) that compile
+    with zero spills for every kernel variant and dtype on both sm_80 and sm_90."""
 
     block_n: int = 64
-    block_v: int = 128
+    block_v: int = 64
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 2
     bwd_block_n: int = 64
     bwd_block_v: int = 64
-    bwd_num_warps: int = 4
+    bwd_block_d: int = 32
+    bwd_num_warps: int = 8
+
+
+# fp32 operands (exact "ieee" products on the FMA path) need twice the registers per element.
+FP32_CONFIG = TritonTileConfig(block_d=16, num_stages=1)
+
+
+def default_config(dtype: torch.dtype) -> TritonTileConfig:
+    """The zero-spill configuration for a parameter dtype (see compile_report)."""
+    if interpreter_active():
+        return INTERPRETER_CONFIG
+    return FP32_CONFIG if dtype == torch.float32 else TritonTileConfig()
 
 
 # Small tiles keep interpreted tests fast; they are also valid GPU tiles (dot needs >= 16).
-INTERPRETER_CONFIG = TritonTileConfig(block_n=16, block_v=32, block_d=16, bwd_block_n=16, bwd_block_v=32)
+INTERPRETER_CONFIG = TritonTileConfig(block_n=16, block_v=32, block_d=16, bwd_block_n=16, bwd_block_v=32,
+                                      bwd_block_d=16)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,25 +84,35 @@ INTERPRETER_CONFIG = TritonTileConfig(block_n=16, block_v=32, block_d=16, bwd_bl
 
 @triton.jit
 def _logits_tile(
-    HIDDEN, WEIGHT, rows, cols, row_mask, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
+    HIDDEN, WEIGHT, row_start, col_start, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """z[BLOCK_N, BLOCK_V] = HIDDEN[rows] @ WEIGHT[cols]^T * inv_temp, fp32 accumulation."""
+    """z[BLOCK_N, BLOCK_V] = HIDDEN[rows] @ WEIGHT[cols]^T * inv_temp, fp32 accumulation.
+
+    Addresses are a 64-bit scalar base (int64 row offset: N*D and V*D may pass 2^31) plus
+    int32 in-tile offsets recomputed each step, so no [BLOCK, BLOCK_D] pointer tensor is
+    carried across the loop (that alone cost ~100 registers per thread)."""
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_V)
     offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = HIDDEN + rows[:, None].to(tl.int64) * stride_hn + offs_d[None, :] * stride_hd
-    w_ptrs = WEIGHT + cols[:, None].to(tl.int64) * stride_wv + offs_d[None, :] * stride_wd
+    row_mask = (row_start + offs_r) < N
+    col_mask = (col_start + offs_c) < V
+    h_base = HIDDEN + row_start.to(tl.int64) * stride_hn
+    w_base = WEIGHT + col_start.to(tl.int64) * stride_wv
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d_mask = (d0 + offs_d) < D
-        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        d = d0 + offs_d
+        d_mask = d < D
+        h = tl.load(h_base + offs_r[:, None] * stride_hn + d[None, :] * stride_hd,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        # W^T tile loaded as [BLOCK_D, BLOCK_V] (the usual K x N operand), no in-register transpose.
+        w_t = tl.load(w_base + offs_c[None, :] * stride_wv + d[:, None] * stride_wd,
+                      mask=col_mask[None, :] & d_mask[:, None], other=0.0)
         if DOT_FP32:
             h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-        h_ptrs += BLOCK_D * stride_hd
-        w_ptrs += BLOCK_D * stride_wd
+            w_t = w_t.to(tl.float32)
+        acc = tl.dot(h, w_t, acc, input_precision=INPUT_PRECISION)
     return acc * inv_temp
 
 
@@ -128,9 +154,11 @@ def _token_stats_fwd_kernel(
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_start = pid_n * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    y = tl.load(TARGETS + rows, mask=row_mask, other=-1)
+    # int32 targets (V < 2^31): an int64 [BLOCK_N, BLOCK_V] comparison would pin registers.
+    y = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int32)
 
     # Running maxima start at a finite "-inf" so that (m - m_new) * S stays 0 * finite.
     m_s = tl.full((BLOCK_N,), -1.0e30, tl.float32)
@@ -147,16 +175,16 @@ def _token_stats_fwd_kernel(
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     for tile in range(tile_begin, tile_end):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        is_target = cols[None, :] == y[:, None]
-        z = _logits_tile(S_HIDDEN, S_WEIGHT, rows, cols, row_mask, col_mask, D_S,
+        col_start = tile * BLOCK_V
+        col_mask = (col_start + tl.arange(0, BLOCK_V)) < V
+        is_target = tl.arange(0, BLOCK_V)[None, :] == (y - col_start)[:, None]
+        z = _logits_tile(S_HIDDEN, S_WEIGHT, row_start, col_start, N, V, D_S,
                          s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
         zy += tl.sum(tl.where(is_target, z, 0.0), 1)
         m_s, s_s, a_s, e_s, scale_s = _online_softmax_tile(z, col_mask, m_s, s_s, a_s)
         if HAS_TEACHER:
-            u = _logits_tile(T_HIDDEN, T_WEIGHT, rows, cols, row_mask, col_mask, D_T,
+            u = _logits_tile(T_HIDDEN, T_WEIGHT, row_start, col_start, N, V, D_T,
                              t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp,
                              BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
             uy += tl.sum(tl.where(is_target, u, 0.0), 1)
@@ -193,7 +221,8 @@ def _jsd_fwd_kernel(
     """Per split: KL(q || M) and KL(p || M) partial sums, M = (1 - beta) p + beta q."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_start = pid_n * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     lse_s = tl.load(S_LSE + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(T_LSE + rows, mask=row_mask, other=0.0)
@@ -203,12 +232,12 @@ def _jsd_fwd_kernel(
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     for tile in range(tile_begin, tile_end):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z = _logits_tile(S_HIDDEN, S_WEIGHT, rows, cols, row_mask, col_mask, D_S,
+        col_start = tile * BLOCK_V
+        col_mask = (col_start + tl.arange(0, BLOCK_V)) < V
+        z = _logits_tile(S_HIDDEN, S_WEIGHT, row_start, col_start, N, V, D_S,
                          s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        u = _logits_tile(T_HIDDEN, T_WEIGHT, rows, cols, row_mask, col_mask, D_T,
+        u = _logits_tile(T_HIDDEN, T_WEIGHT, row_start, col_start, N, V, D_T,
                          t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
         log_p = z - lse_s[:, None]
@@ -243,7 +272,11 @@ def _token_stats_bwd_kernel(
     dh[rows] += dz @ W[cols] and dW[cols] += dz^T @ h[rows] by fp32 atomics."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_start = pid_n * BLOCK_N
+    col_start = pid_v * BLOCK_V
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_V)
+    rows = row_start + offs_r
     row_mask = rows < N
     g_lp = tl.load(G_LOGPROB + rows, mask=row_mask, other=0.0)
     g_ent = tl.load(G_ENTROPY + rows, mask=row_mask, other=0.0)
@@ -252,22 +285,21 @@ def _token_stats_bwd_kernel(
         g_div = tl.load(G_DIVERGENCE + rows, mask=row_mask, other=0.0)
     # Tiles whose rows all carry zero upstream gradient (ignored / masked tokens) do no work.
     if tl.max(tl.abs(g_lp) + tl.abs(g_ent) + tl.abs(g_div), 0) > 0:
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        y = tl.load(TARGETS + rows, mask=row_mask, other=-1)
+        col_mask = (col_start + offs_c) < V
+        y_local = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int32) - col_start
         lse_s = tl.load(S_LSE + rows, mask=row_mask, other=0.0)
         ent_s = tl.load(S_ENT + rows, mask=row_mask, other=0.0)
-        z = _logits_tile(S_HIDDEN, S_WEIGHT, rows, cols, row_mask, col_mask, D_S,
+        z = _logits_tile(S_HIDDEN, S_WEIGHT, row_start, col_start, N, V, D_S,
                          s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
         log_p = z - lse_s[:, None]
         p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
         coef = -(g_lp[:, None] + g_ent[:, None] * (log_p + ent_s[:, None]))
-        extra = tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
+        extra = tl.where(offs_c[None, :] == y_local[:, None], g_lp[:, None], 0.0)
         if DIVERGENCE != 0:
             lse_t = tl.load(T_LSE + rows, mask=row_mask, other=0.0)
             aux = tl.load(DIV_AUX + rows, mask=row_mask, other=0.0)
-            u = _logits_tile(T_HIDDEN, T_WEIGHT, rows, cols, row_mask, col_mask, D_T,
+            u = _logits_tile(T_HIDDEN, T_WEIGHT, row_start, col_start, N, V, D_T,
                              t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp,
                              BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
             log_q = u - lse_t[:, None]
@@ -287,26 +319,30 @@ def _token_stats_bwd_kernel(
             dz_op = dz.to(S_WEIGHT.dtype.element_ty)
         offs_d = tl.arange(0, BLOCK_D)
         if COMPUTE_DH:
+            w_base = S_WEIGHT + col_start.to(tl.int64) * s_stride_wv
+            gh_base = GRAD_HIDDEN + row_start.to(tl.int64) * D_S
             for d0 in range(0, D_S, BLOCK_D):
                 d = d0 + offs_d
                 d_mask = d < D_S
-                w = tl.load(S_WEIGHT + cols[:, None].to(tl.int64) * s_stride_wv + d[None, :] * s_stride_wd,
+                w = tl.load(w_base + offs_c[:, None] * s_stride_wv + d[None, :] * s_stride_wd,
                             mask=col_mask[:, None] & d_mask[None, :], other=0.0)
                 if DOT_FP32:
                     w = w.to(tl.float32)
                 gh = tl.dot(dz_op, w, input_precision=INPUT_PRECISION)
-                tl.atomic_add(GRAD_HIDDEN + rows[:, None].to(tl.int64) * D_S + d[None, :], gh,
+                tl.atomic_add(gh_base + offs_r[:, None] * D_S + d[None, :], gh,
                               mask=row_mask[:, None] & d_mask[None, :], sem="relaxed")
         if COMPUTE_DW:
+            h_base = S_HIDDEN + row_start.to(tl.int64) * s_stride_hn
+            gw_base = GRAD_WEIGHT + col_start.to(tl.int64) * D_S
             for d0 in range(0, D_S, BLOCK_D):
                 d = d0 + offs_d
                 d_mask = d < D_S
-                h = tl.load(S_HIDDEN + rows[:, None].to(tl.int64) * s_stride_hn + d[None, :] * s_stride_hd,
+                h = tl.load(h_base + offs_r[:, None] * s_stride_hn + d[None, :] * s_stride_hd,
                             mask=row_mask[:, None] & d_mask[None, :], other=0.0)
                 if DOT_FP32:
                     h = h.to(tl.float32)
                 gw = tl.dot(tl.trans(dz_op), h, input_precision=INPUT_PRECISION)
-                tl.atomic_add(GRAD_WEIGHT + cols[:, None].to(tl.int64) * D_S + d[None, :], gw,
+                tl.atomic_add(gw_base + offs_c[:, None] * D_S + d[None, :], gw,
                               mask=col_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
@@ -352,7 +388,7 @@ def triton_forward(
     """Fused forward. Returns (row statistics, div_aux) like `chunked.chunked_forward`."""
     if student_hidden.dtype == torch.float64 or (teacher_hidden is not None and teacher_hidden.dtype == torch.float64):
         raise TypeError("the triton backend takes float16, bfloat16 or float32 tensors, not float64")
-    cfg = config or (INTERPRETER_CONFIG if interpreter_active() else TritonTileConfig())
+    cfg = config or default_config(student_hidden.dtype)
     n, vocab = problem.num_tokens, problem.vocab_size
     dev = student_hidden.device
     targets = targets.contiguous()
@@ -436,7 +472,7 @@ def triton_backward(
     config: Optional[TritonTileConfig] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One recompute per (row block, vocab block) tile; fp32 (grad_hidden, grad_weight)."""
-    cfg = config or (INTERPRETER_CONFIG if interpreter_active() else TritonTileConfig())
+    cfg = config or default_config(student_hidden.dtype)
     n, vocab = problem.num_tokens, problem.vocab_size
     d_s = student_hidden.shape[1]
     dev = student_hidden.device
@@ -465,7 +501,7 @@ def triton_backward(
         problem.inv_temperature, beta,
         math.log(1.0 - beta) if 0.0 < beta < 1.0 else 0.0, math.log(beta) if 0.0 < beta < 1.0 else 0.0,
         DIVERGENCE=kind, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
-        BLOCK_N=cfg.bwd_block_n, BLOCK_V=cfg.bwd_block_v, BLOCK_D=cfg.block_d,
+        BLOCK_N=cfg.bwd_block_n, BLOCK_V=cfg.bwd_block_v, BLOCK_D=cfg.bwd_block_d,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages,
     )

@@ -1,0 +1,196 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90 and report its resources.
+
+    python -m fire_kernels.compile_report [--arch 80 90] [--dtype bf16 fp16 fp32] [--markdown]
+
+Needs no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` produces a
+cubin, and the cuobjdump that ships with Triton reads its register count and local-memory
+(spill) bytes. Shared memory is Triton's dynamic allocation from the compile metadata.
+The exit status is 1 if a kernel fails to compile or spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 keeps its default
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+ARCHS = (80, 90)
+DTYPES = ("bf16", "fp16", "fp32")
+DIVERGENCE_NAMES = {0: "none", 1: "reverse_kl", 2: "forward_kl", 3: "jsd"}
+
+
+@dataclass
+class KernelVariant:
+    """One specialization of one kernel: its name, the kernel's getter, signature and constexprs."""
+
+    kernel: str
+    variant: str
+    dtype: str
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    variant: str
+    dtype: str
+    arch: int
+    ok: bool
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    error: str = ""
+
+
+def _kernel_fn(name: str) -> Callable:
+    from . import fire_weights, triton_token_stats
+
+    return {
+        "_token_stats_fwd_kernel": triton_token_stats._token_stats_fwd_kernel,
+        "_jsd_fwd_kernel": triton_token_stats._jsd_fwd_kernel,
+        "_token_stats_bwd_kernel": triton_token_stats._token_stats_bwd_kernel,
+        "_fire_weights_kernel": fire_weights._fire_weights_kernel,
+    }[name]
+
+
+def _model_args(prefix: str) -> dict:
+    return {f"{prefix}_stride_hn": "i32", f"{prefix}_stride_hd": "i32", f"{prefix}_stride_wv": "i32",
+            f"{prefix}_stride_wd": "i32"}
+
+
+def variants(dtypes=DTYPES) -> list[KernelVariant]:
+    """Every kernel specialization the package launches, per dtype."""
+    from .fire_weights import FIRE_WEIGHTS_BLOCK
+    from .triton_token_stats import FP32_CONFIG, TritonTileConfig
+
+    out: list[KernelVariant] = []
+    for dt in dtypes:
+        # The configurations the host launches (triton_token_stats.default_config) per dtype.
+        cfg = FP32_CONFIG if dt == "fp32" else TritonTileConfig()
+        tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
+        bwd_tiles = {"BLOCK_N": cfg.bwd_block_n, "BLOCK_V": cfg.bwd_block_v, "BLOCK_D": cfg.bwd_block_d}
+        p = f"*{dt}"
+        common = {"N": "i32", "V": "i32", "D_S": "i32", "D_T": "i32", **_model_args("s"), **_model_args("t")}
+        precision = "ieee"
+        for has_teacher, div in ((False, 0), (True, 0), (True, 1), (True, 2)):
+            sig = {"S_HIDDEN": p, "S_WEIGHT": p, "T_HIDDEN": p, "T_WEIGHT": p, "TARGETS": "*i64",
+                   "PARTIALS": "*fp32", **common, "inv_temp": "fp32", "tiles_per_split": "i32"}
+            const = {"HAS_TEACHER": has_teacher, "DIVERGENCE": div, **tiles, "DOT_FP32": False,
+                     "INPUT_PRECISION": precision}
+            name = "student" if not has_teacher else f"teacher+{DIVERGENCE_NAMES[div]}"
+            out.append(KernelVariant("_token_stats_fwd_kernel", name, dt, {**sig, **{k: "constexpr" for k in const}},
+                                     const, cfg.num_warps, cfg.num_stages))
+        sig = {"S_HIDDEN": p, "S_WEIGHT": p, "T_HIDDEN": p, "T_WEIGHT": p, "S_LSE": "*fp32", "T_LSE": "*fp32",
+               "PARTIALS": "*fp32", **common, "inv_temp": "fp32", "tiles_per_split": "i32",
+               "log_one_minus_beta": "fp32", "log_beta": "fp32"}
+        const = {**tiles, "DOT_FP32": False, "INPUT_PRECISION": precision}
+        out.append(KernelVariant("_jsd_fwd_kernel", "jsd", dt, {**sig, **{k: "constexpr" for k in const}}, const,
+                                 cfg.num_warps, cfg.num_stages))
+        for div in (0, 1, 2, 3):
+            sig = {"S_HIDDEN": p, "S_WEIGHT": p, "T_HIDDEN": p, "T_WEIGHT": p, "TARGETS": "*i64",
+                   "S_LSE": "*fp32", "S_ENT": "*fp32", "T_LSE": "*fp32", "DIV_AUX": "*fp32",
+                   "G_LOGPROB": "*fp32", "G_ENTROPY": "*fp32", "G_DIVERGENCE": "*fp32",
+                   "GRAD_HIDDEN": "*fp32", "GRAD_WEIGHT": "*fp32", **common,
+                   "inv_temp": "fp32", "jsd_beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32"}
+            const = {"DIVERGENCE": div, "COMPUTE_DH": True, "COMPUTE_DW": True, **bwd_tiles, "DOT_FP32": False,
+                     "INPUT_PRECISION": precision}
+            out.append(KernelVariant("_token_stats_bwd_kernel", DIVERGENCE_NAMES[div], dt,
+                                     {**sig, **{k: "constexpr" for k in const}}, const, cfg.bwd_num_warps,
+                                     cfg.num_stages))
+    # The FiRe weights kernel reads float32 statistics whatever the model dtype: one variant.
+    sig = {"TEACHER_LOGPROB": "*fp32", "TEACHER_ENTROPY": "*fp32", "STUDENT_ENTROPY": "*fp32", "MASK": "*fp32",
+           "WEIGHTS": "*fp32", "SEQ_SCORE": "*fp32", "ROW_WEIGHT_SUM": "*fp32", "ROW_TOKENS": "*fp32",
+           "response_len": "i32", "inv_max_teacher_entropy": "fp32", "inv_max_student_entropy": "fp32",
+           "alpha": "fp32", "beta": "fp32"}
+    const = {"BLOCK": FIRE_WEIGHTS_BLOCK}
+    out.append(KernelVariant("_fire_weights_kernel", "fp32-stats", "fp32", {**sig, "BLOCK": "constexpr"}, const, 4, 1))
+    return out
+
+
+_RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def compile_variant(args: tuple[KernelVariant, int]) -> CompileResult:
+    variant, arch = args
+    res = CompileResult(variant.kernel, variant.variant, variant.dtype, arch, ok=False)
+    try:
+        src = ASTSource(fn=_kernel_fn(variant.kernel), signature=variant.signature, constexprs=variant.constexprs)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
+        )
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+        try:
+            dump = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+        finally:
+            os.unlink(f.name)
+        match = _RESOURCE_RE.search(dump)
+        if match is None:
+            raise RuntimeError(f"cannot parse cuobjdump output: {dump!r}")
+        reg, stack, _static_shared, local = (int(g) for g in match.groups())
+        res.registers = reg
+        res.spill_bytes = stack + local
+        res.shared_bytes = int(compiled.metadata.shared)
+        res.ok = True
+    except Exception as exc:  # a report, not a crash: every failure is listed
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return res
+
+
+def run_report(archs=ARCHS, dtypes=DTYPES, workers: Optional[int] = None) -> list[CompileResult]:
+    jobs = [(v, a) for v in variants(dtypes) for a in archs]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [compile_variant(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_variant, jobs))
+
+
+def format_table(results: list[CompileResult]) -> str:
+    lines = ["| kernel | variant | dtype | arch | registers | spill bytes | shared bytes | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        status = "ok" if r.ok and r.spill_bytes == 0 else ("SPILLS" if r.ok else f"FAILED {r.error}")
+        lines.append(f"| {r.kernel} | {r.variant} | {r.dtype} | sm_{r.arch} | {r.registers} | {r.spill_bytes} | "
+                     f"{r.shared_bytes} | {status} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = parser.parse_args(argv)
+    results = run_report(tuple(args.arch), tuple(args.dtype))
+    if args.json:
+        import json
+
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    else:
+        print(f"triton {triton.__version__}; registers and spills from cuobjdump, shared memory from Triton metadata")
+        print(format_table(results))
+    bad = [r for r in results if not r.ok or r.spill_bytes]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
