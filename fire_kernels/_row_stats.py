@@ -14,7 +14,8 @@ When the max moves from m to m' every sum is rescaled by exp(m - m'); A also pic
 shift:  A' = exp(m - m') * (A + (m - m') * S).  From the final state
 
     lse = m + log S,   log p(y) = zy - lse,   H = log S - A / S,
-    KL(p || q) = K / S_p - lse_z + lse_u,      KL(q || p) = K / S_q - lse_u + lse_z.
+    KL(p || q) = K / S_p - lse_z + lse_u,      KL(q || p) = K / S_q - lse_u + lse_z
+    (evaluated as (K / S_p - (m_z - m_u)) - (log S_p - log S_q) to cancel exactly when p == q).
 
 The Triton backend splits the vocabulary across programs and writes one state per split;
 `merge_splits` combines them with the same rescaling rule.
@@ -85,10 +86,13 @@ def finalize(
     lp_t = torch.where(valid, uy - lse_t, zero)
     ent_t = torch.where(valid, torch.log(s_t) - a_t / s_t, zero)
     div = None
+    # KL = K/S - lse_z + lse_u, grouped as (K/S - (m_z - m_u)) - (log S_z - log S_u): the
+    # cross term's (z - u) and the maxima's difference round alike, so identical or
+    # single-token distributions give exactly 0 instead of O(eps * |z|).
     if divergence == DIV_REVERSE_KL:
-        div = torch.where(valid, cross / s_s - lse_s + lse_t, zero)
+        div = torch.where(valid, (cross / s_s - (m_s - m_t)) - (torch.log(s_s) - torch.log(s_t)), zero)
     elif divergence == DIV_FORWARD_KL:
-        div = torch.where(valid, cross / s_t - lse_t + lse_s, zero)
+        div = torch.where(valid, (cross / s_t - (m_t - m_s)) - (torch.log(s_t) - torch.log(s_s)), zero)
     elif divergence == DIV_JSD:
         div = None  # needs a second sweep with the final lse; filled in by the caller
     return RowStats(lp_s, ent_s, lse_s, lp_t, ent_t, lse_t, div)

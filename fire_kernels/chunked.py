@@ -33,6 +33,7 @@ import torch
 from ._row_stats import RowStats, finalize
 from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, StatsProblem
 
+# Tile shape. Read at call time, so tests can shrink them to force many tiles on small shapes.
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 4096
 
@@ -78,11 +79,13 @@ def chunked_forward(
     teacher_hidden: Optional[torch.Tensor] = None,
     teacher_weight: Optional[torch.Tensor] = None,
     *,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> tuple[RowStats, Optional[torch.Tensor]]:
     """Streaming forward. Returns the row statistics and `div_aux`, the per-row scalar the
     divergence backward needs (KL(p||q) for reverse KL, KL(p||M) for JSD, else None)."""
+    token_chunk = token_chunk or DEFAULT_TOKEN_CHUNK
+    vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, vocab = problem.num_tokens, problem.vocab_size
     acc = _acc_dtype(student_hidden)
     dev = student_hidden.device
@@ -202,12 +205,14 @@ def chunked_backward(
     *,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Recompute tiles and accumulate (grad_student_hidden, grad_student_weight) in the
     accumulation dtype; the caller casts to the parameter dtype. Ignored rows must arrive
     with zero upstream gradients."""
+    token_chunk = token_chunk or DEFAULT_TOKEN_CHUNK
+    vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, vocab = problem.num_tokens, problem.vocab_size
     acc = _acc_dtype(student_hidden)
     inv_t = problem.inv_temperature
