@@ -1,0 +1,20 @@
+"""fire_opd: the FiRe-OPD algorithm (filter, then reweight) and a thin trainer.
+
+Loss API for other trainers:
+    fire_policy_loss(log_prob, old_log_prob, teacher_log_prob, student_entropy,
+                     teacher_entropy, response_mask, method="fire", ...) -> (loss, metrics)
+    fire_policy_loss_from_hidden(...)   the same from hidden states (no logits)
+"""
+
+from .fused import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
+from .loss import (
+    LOSS_AGG_MODES, METHODS, FireAdvantages, clipped_surrogate, compute_fire_advantages, fire_policy_loss,
+    loss_normalizer,
+)
+from .routing import route_rows, scatter_rows
+
+__all__ = [
+    "FireAdvantages", "FireOPDLoss", "LOSS_AGG_MODES", "METHODS", "clipped_surrogate", "compute_fire_advantages",
+    "fire_policy_loss", "fire_policy_loss_from_hidden", "loss_normalizer", "response_token_stats", "route_rows",
+    "scatter_rows",
+]

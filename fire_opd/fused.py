@@ -1,0 +1,131 @@
+"""From hidden states and lm_head weights to the FiRe-OPD loss, with no [tokens, vocab] logits.
+
+`response_token_stats` flattens `[batch, response_len, D]` hidden states, marks padding with
+`ignore_index` and calls `fire_kernels`; `fire_policy_loss_from_hidden` is the whole loss for
+one batch; `FireOPDLoss` is the update-step module the trainer calls per micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from fire_kernels import teacher_student_stats, token_stats
+
+from .loss import clipped_surrogate, fire_policy_loss
+
+IGNORE_INDEX = -100
+
+
+class ResponseStats(NamedTuple):
+    """Per-token statistics, [batch, response_len] float32; 0 on padding."""
+
+    student_logprob: torch.Tensor
+    student_entropy: torch.Tensor
+    teacher_logprob: Optional[torch.Tensor]
+    teacher_entropy: Optional[torch.Tensor]
+    reverse_kl: Optional[torch.Tensor]
+
+
+def _flat_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    if response_ids.dim() != 2 or response_mask.shape != response_ids.shape:
+        raise ValueError(f"response_ids and response_mask must both be [batch, response_len], got "
+                         f"{tuple(response_ids.shape)} and {tuple(response_mask.shape)}")
+    return torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, IGNORE_INDEX)).reshape(-1)
+
+
+def _flat_hidden(name: str, hidden: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+    if hidden.dim() != 3 or hidden.shape[:2] != response_ids.shape:
+        raise ValueError(f"{name} must be [batch, response_len, D] matching response_ids "
+                         f"{tuple(response_ids.shape)}, got {tuple(hidden.shape)}")
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def response_token_stats(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    with_reverse_kl: bool = False,
+    backend: str = "auto",
+) -> ResponseStats:
+    """Per-token student (and teacher) log-prob and entropy for response tokens.
+
+    Args:
+        student_hidden: [B, T, D_s] hidden states whose position t predicts response_ids[:, t].
+        student_weight: [V, D_s] lm_head weight.
+        response_ids, response_mask: [B, T].
+        teacher_hidden, teacher_weight: [B, T, D_t] and [V, D_t], optional; scored in the same sweep.
+        with_reverse_kl: also return the full-vocab KL(student || teacher) per token.
+    """
+    targets = _flat_targets(response_ids, response_mask)
+    shape = response_ids.shape
+    s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
+    if teacher_hidden is None:
+        lp, ent = token_stats(s_h, student_weight, targets, temperature=temperature, backend=backend)
+        return ResponseStats(lp.view(shape), ent.view(shape), None, None, None)
+    t_h = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+    out = teacher_student_stats(s_h, student_weight, t_h, teacher_weight, targets, temperature=temperature,
+                                divergence="reverse_kl" if with_reverse_kl else None, backend=backend)
+    return ResponseStats(*(t.view(shape) if t is not None else None for t in out))
+
+
+def fire_policy_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    old_log_prob: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    **loss_kwargs,
+) -> tuple[torch.Tensor, dict]:
+    """`fire_policy_loss` straight from hidden states: one fused sweep gives the student's
+    log-prob (with gradient) and entropy and the teacher's log-prob and entropy.
+
+    old_log_prob: [B, T] from the sampler; None means fully on-policy (old = current, detached).
+    loss_kwargs: method, percentile, alpha, beta, clip_ratio, loss_agg_mode (see fire_policy_loss).
+    """
+    stats = response_token_stats(student_hidden, student_weight, response_ids, response_mask, teacher_hidden,
+                                 teacher_weight, temperature=temperature, backend=backend)
+    old = stats.student_logprob.detach() if old_log_prob is None else old_log_prob
+    return fire_policy_loss(stats.student_logprob, old, stats.teacher_logprob, stats.student_entropy.detach(),
+                            stats.teacher_entropy, response_mask, **loss_kwargs)
+
+
+class FireOPDLoss(nn.Module):
+    """Update-step loss from hidden states: advantages and the loss mask are precomputed for
+    the whole rollout batch (`compute_fire_advantages`); this computes log pi_theta through
+    `fire_kernels.token_stats` and the clipped surrogate. Only the student's hidden states
+    and lm_head weight receive gradient."""
+
+    def __init__(self, *, clip_ratio: float = 0.2, loss_agg_mode: str = "token-mean", temperature: float = 1.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.clip_ratio, self.loss_agg_mode = clip_ratio, loss_agg_mode
+        self.temperature, self.backend = temperature, backend
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        response_ids: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        normalizer: Optional[float] = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """Shapes: hidden [B, T, D]; weight [V, D]; ids, old_log_prob, advantages, loss_mask [B, T]."""
+        stats = response_token_stats(student_hidden, student_weight, response_ids, loss_mask,
+                                     temperature=self.temperature, backend=self.backend)
+        return clipped_surrogate(stats.student_logprob, old_log_prob, advantages, loss_mask,
+                                 clip_ratio=self.clip_ratio, loss_agg_mode=self.loss_agg_mode, normalizer=normalizer)
