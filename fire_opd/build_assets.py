@@ -1,0 +1,113 @@
+"""Build the demo's shipped assets: tokenizer, two tiny teachers and a weak student.
+
+    python -m fire_opd.build_assets [--out fire_opd/assets] [--quick]
+
+Everything is made here, on the CPU, from the built-in task suite (fire_opd/data.py):
+  tokenizer/        character-level tokenizer (`tokenizers` WordLevel, Hugging Face format)
+  teacher_arith/    LlamaForCausalLM trained to solve multi-step arithmetic
+  teacher_reverse/  LlamaForCausalLM trained to reverse digit strings
+  student_init/     a smaller LlamaForCausalLM with a short supervised warm-up on both tasks:
+                    it knows the answer format but is often wrong (the distillation starts here)
+Checkpoints are float32 safetensors. Training uses only the training split; the demo
+evaluates on the held-out split. Takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import TASK_ALPHABET, Problem, sample_problems
+from .evaluate import accuracy
+from .models import build_char_tokenizer, tiny_llama
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+# name: (tasks, hidden, layers, heads, sft steps, learning rate, seed)
+MODELS = {
+    "teacher_arith": (["arith"], 96, 3, 4, 1500, 3e-3, 1),
+    "teacher_reverse": (["reverse"], 96, 3, 4, 1200, 3e-3, 2),
+    "student_init": (["arith", "reverse"], 64, 2, 4, 220, 2e-3, 3),
+}
+
+
+def _sft_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + solution + <eos>; labels only on the solution and <eos>."""
+    rows, label_rows = [], []
+    for p in problems:
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        target = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + target)
+        label_rows.append([-100] * len(prompt) + target)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(r)] = 1
+    return ids, mask, labels
+
+
+def supervised_warmup(model, tokenizer, problems: list[Problem], *, steps: int, lr: float, batch_size: int = 256,
+                      seed: int = 0, log_every: int = 100) -> None:
+    """Plain next-token cross-entropy on worked solutions, AdamW with cosine decay."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(problems), (batch_size,), generator=gen)
+        ids, mask, labels = _sft_batch(tokenizer, [problems[i] for i in idx.tolist()])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"    step {step:5d}  loss {loss.item():.4f}", flush=True)
+    model.eval()
+
+
+def build(out_dir: Path, *, quick: bool = False) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer = build_char_tokenizer(TASK_ALPHABET, out_dir / "tokenizer")
+    tokenizer.padding_side = "left"
+    report = {}
+    for name, (tasks, hidden, layers, heads, steps, lr, seed) in MODELS.items():
+        steps = max(20, steps // 20) if quick else steps
+        t0 = time.time()
+        train = sample_problems(tasks, 20_000, seed=seed, held_out=False)
+        held_out = sample_problems(tasks, 400, seed=seed + 100, held_out=True)
+        model = tiny_llama(len(tokenizer), hidden, layers, heads, seed=seed, pad_id=tokenizer.pad_token_id,
+                           eos_id=tokenizer.eos_token_id)
+        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train)} training problems")
+        supervised_warmup(model, tokenizer, train, steps=steps, lr=lr, seed=seed)
+        scores = {task: accuracy(model, tokenizer, [p for p in held_out if p.teacher == task]) for task in tasks}
+        print(f"  held-out accuracy {scores} ({time.time() - t0:.0f}s)")
+        model.save_pretrained(str(out_dir / name), safe_serialization=True)
+        report[name] = {"tasks": tasks, "held_out_accuracy": scores, "sft_steps": steps, "seed": seed}
+    (out_dir / "MANIFEST.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR)
+    parser.add_argument("--quick", action="store_true", help="a few steps each (for tests of this script)")
+    args = parser.parse_args(argv)
+    build(args.out, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Trainer configuration: one documented dataclass, loadable from YAML, overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .loss import LOSS_AGG_MODES, METHODS
+
+
+@dataclass
+class TrainConfig:
+    """Everything a FiRe-OPD run needs. Field comments are the documentation."""
+
+    # --- models and data
+    student: str = ""  # path of the student (AutoModelForCausalLM, Hugging Face format)
+    teachers: dict[str, str] = field(default_factory=dict)  # name -> path; one entry for single-teacher
+    tokenizer: Optional[str] = None  # tokenizer path; defaults to the student's
+    prompts: str = ""  # JSONL training prompts: {"prompt", "answer", optional "teacher"}
+    eval_prompts: Optional[str] = None  # JSONL held-out prompts for periodic evaluation
+    default_teacher: Optional[str] = None  # teacher for prompts without a "teacher" key
+    output_dir: str = "runs/fire-opd"
+
+    # --- algorithm (DESIGN.md, "The algorithm")
+    method: str = "fire"  # opd | fire | filter_only | reweight_only | hard_token
+    percentile: float = 20.0  # rollout filter: drop scores below quantile(s, p / 100)
+    alpha: float = 1.0  # teacher-confidence strength
+    beta: float = 1.0  # student-confusion strength
+    clip_ratio: float = 0.2  # PPO epsilon
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    stats_scope: str = "batch"  # "batch": FiRe statistics over the whole rollout batch;
+    #                             "micro_batch": per micro-batch, as the authors' released code does
+    temperature: float = 1.0  # sampling temperature, also used for log-probs and entropies
+
+    # --- rollouts
+    steps: int = 100  # optimizer steps (one rollout batch each)
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 16
+    top_p: float = 1.0
+
+    # --- optimization
+    micro_batch_size: int = 32  # rollouts per forward/backward; gradients accumulate to one step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+    # --- evaluation, logging, checkpoints
+    eval_every: int = 20  # 0: only at the end
+    eval_size: int = 256
+    save_every: int = 0  # 0: only the final checkpoint
+    log_every: int = 1
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    progress: bool = True  # tqdm progress bar
+    resume_from: Optional[str] = None  # a checkpoint directory written by this trainer
+
+    # --- runtime
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16; bf16 autocast on CUDA when "bfloat16"
+    backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.stats_scope not in ("batch", "micro_batch"):
+            raise ValueError(f"stats_scope must be 'batch' or 'micro_batch', got {self.stats_scope!r}")
+        if not 0.0 <= self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.backend not in ("auto", "triton", "chunked", "reference"):
+            raise ValueError(f"backend must be auto, triton, chunked or reference, got {self.backend!r}")
+        if not isinstance(self.teachers, dict):
+            raise TypeError(f"teachers must be a mapping name -> path, got {type(self.teachers).__name__}")
+        if self.default_teacher is not None and self.teachers and self.default_teacher not in self.teachers:
+            raise ValueError(f"default_teacher {self.default_teacher!r} is not among teachers {sorted(self.teachers)}")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "TrainConfig":
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+        return cls.from_dict(data, overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: Optional[list[str]] = None) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        merged = dict(data)
+        for item in overrides or []:
+            key, value = parse_override(item, cls)
+            merged[key] = value
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in merged.items()})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["adam_betas"] = list(self.adam_betas)
+        return out
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """YAML 1.1 reads `3e-4` as a string and `1` where a float is meant: convert scalars to the
+    field's type, with an error that names the field."""
+    target = {float: float, int: int, Optional[float]: float, Optional[int]: int}.get(hint)
+    if target is None or value is None or isinstance(value, bool):
+        return value
+    try:
+        return target(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {key!r} expects {target.__name__}, got {value!r}") from None
+
+
+def parse_override(item: str, cls=TrainConfig) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML (numbers, booleans, lists, mappings)."""
+    import yaml
+
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise ValueError(f"unknown config field {key!r} in override {item!r}")
+    value = yaml.safe_load(raw)
+    hint = typing.get_type_hints(cls)[key]
+    if hint is str or hint == Optional[str]:
+        value = raw if value is not None or hint is str else None
+    return key, value

@@ -1,0 +1,60 @@
+"""On-policy sampling with `generate`: left-padded prompts, EOS-terminated responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled responses. input_ids = prompt_ids ++ response_ids."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    response_ids: torch.Tensor  # [B, T] (after the first EOS: padding)
+    response_mask: torch.Tensor  # [B, T] bool, True up to and including the first EOS
+    texts: list[str]  # decoded responses, EOS and padding removed
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_ids.shape[1]
+
+
+def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """True for every token up to and including the first EOS (all tokens if there is none).
+    Tokens after it are generate's padding, whatever their id."""
+    is_eos = response_ids == eos_token_id
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return eos_before == 0
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
+                      temperature: float = 1.0, top_p: float = 1.0) -> Rollouts:
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    was_training = model.training
+    model.eval()
+    sample_args = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else \
+        {"do_sample": False}
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sample_args)
+    model.train(was_training)
+    response_ids = out[:, prompt_ids.shape[1]:]
+    if response_ids.shape[1] == 0:  # max_new_tokens = 0 or generation stopped at once
+        response_ids = torch.full((len(prompts), 1), tokenizer.eos_token_id, device=device)
+    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+    texts = [tokenizer.decode(ids[mask & (ids != tokenizer.eos_token_id)].tolist())
+             for ids, mask in zip(response_ids, response_mask)]
+    return Rollouts(prompt_ids, prompt_mask, response_ids, response_mask, texts)

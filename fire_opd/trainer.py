@@ -1,0 +1,331 @@
+"""A thin FiRe-OPD trainer for Hugging Face causal LMs. Read `train_step` top to bottom:
+
+    1. sample      the student generates `samples_per_prompt` answers per prompt (on-policy)
+    2. score       no grad: one fused sweep per teacher gives old student log-prob and entropy,
+                   teacher log-prob and entropy for every response token (no logits)
+    3. filter and  FiRe statistics over the whole rollout batch -> advantages, loss mask
+       reweight
+    4. update      micro-batches: hidden states -> log pi_theta (fused) -> clipped surrogate,
+                   gradients accumulate to one AdamW step (clipped, warmup + cosine schedule)
+
+Every step re-seeds from (seed, step), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import TrainConfig
+from .data import Problem, is_correct, load_prompts
+from .evaluate import accuracy_by_teacher
+from .fused import FireOPDLoss, response_token_stats
+from .loss import compute_fire_advantages, loss_normalizer
+from .models import check_same_vocab, lm_head_weight, load_causal_lm, load_tokenizer, response_hidden_states
+from .routing import route_rows, scatter_rows
+from .sampling import Rollouts, generate_rollouts
+
+STATE_FILE = "trainer_state.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(config: TrainConfig) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warmup, then cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+    return factor
+
+
+class FireOPDTrainer:
+    """Train `student` by on-policy distillation from `teachers` with the FiRe-OPD loss.
+
+    Models, tokenizer and prompts are loaded from the config unless given directly (tests and
+    the demo pass them in). Teachers must share the student's vocabulary.
+    """
+
+    def __init__(self, config: TrainConfig, *, student=None, teachers: Optional[dict] = None, tokenizer=None,
+                 train_problems: Optional[list[Problem]] = None, eval_problems: Optional[list[Problem]] = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        if not config.teachers and teachers is None:
+            raise ValueError("no teacher: set config.teachers (name -> path) or pass teachers=")
+        self.student = student if student is not None else load_causal_lm(config.student, dtype=dtype,
+                                                                           device=self.device)
+        self.teachers = teachers if teachers is not None else {
+            name: load_causal_lm(path, dtype=dtype, device=self.device) for name, path in config.teachers.items()}
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.student)
+        check_same_vocab(self.student, self.teachers)
+        for teacher in self.teachers.values():
+            teacher.requires_grad_(False).eval()
+        self.student.to(self.device)
+        for teacher in self.teachers.values():
+            teacher.to(self.device)
+
+        self.train_problems = train_problems if train_problems is not None else load_prompts(config.prompts)
+        self.eval_problems = eval_problems if eval_problems is not None else (
+            load_prompts(config.eval_prompts) if config.eval_prompts else [])
+        self.eval_problems = self.eval_problems[: config.eval_size] if config.eval_size else []
+        self.default_teacher = config.default_teacher or (next(iter(self.teachers)) if len(self.teachers) == 1
+                                                          else None)
+        # Fail now, not mid-run, on a prompt that names no loaded teacher.
+        route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
+
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, betas=config.adam_betas,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
+        self.loss_fn = FireOPDLoss(clip_ratio=config.clip_ratio, loss_agg_mode=config.loss_agg_mode,
+                                   temperature=config.temperature, backend=config.backend)
+        self.step = 0
+        self.history: list[dict] = []
+        self.output_dir = Path(config.output_dir)
+        self._writer = None
+        if config.resume_from:
+            self.load_checkpoint(config.resume_from)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, until_step: Optional[int] = None) -> list[dict]:
+        """Run to `config.steps` (or stop after `until_step`, e.g. to checkpoint and resume)."""
+        from tqdm.auto import tqdm
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        stop = self.config.steps if until_step is None else min(until_step, self.config.steps)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.config.progress, desc="fire-opd")
+        while self.step < stop:
+            metrics = self.train_step()
+            self.step += 1
+            last = self.step == self.config.steps
+            if self.eval_problems and ((self.config.eval_every and self.step % self.config.eval_every == 0) or last):
+                metrics.update(self.evaluate())
+            self.log(metrics)
+            if (self.config.save_every and self.step % self.config.save_every == 0) or last:
+                self.save_checkpoint(self.output_dir / ("final" if last else f"step-{self.step:06d}"))
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items()
+                             if k in ("train/loss", "fire/keep_ratio", "eval/accuracy")})
+        bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        return self.history
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        self._seed_step()
+        t0 = time.perf_counter()
+
+        # 1. sample
+        problems = [p for p in self._prompt_batch() for _ in range(cfg.samples_per_prompt)]
+        rollouts = generate_rollouts(self.student, self.tokenizer, [p.prompt for p in problems],
+                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        t_sample = time.perf_counter()
+
+        # 2. score (no grad)
+        keys = [p.teacher for p in problems]
+        old_log_prob, student_entropy, teacher_log_prob, teacher_entropy, reverse_kl = self.score(rollouts, keys)
+        t_score = time.perf_counter()
+
+        # 3 + 4. FiRe statistics and the update
+        metrics = self.update(rollouts, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy)
+        t_update = time.perf_counter()
+
+        tokens = int(rollouts.response_mask.sum())
+        mask = rollouts.response_mask
+        metrics.update({
+            "train/step": self.step + 1,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/response_length": tokens / len(problems),
+            "train/full_vocab_reverse_kl": float(reverse_kl[mask].mean()) if tokens else 0.0,
+            "train/reward": sum(is_correct(t, p.answer) for p, t in zip(problems, rollouts.texts)) / len(problems),
+            "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
+            "train/tokens_per_s": tokens / max(t_update - t0, 1e-9),
+        })
+        return metrics
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, keys: list[Optional[str]]):
+        """Per-token [B, T] old log-prob, student entropy, teacher log-prob and entropy and the
+        full-vocab reverse KL, each rollout scored by its own teacher in one fused sweep."""
+        cfg = self.config
+        routes = route_rows(keys, self.teachers, default=self.default_teacher)
+        ids, attn, mask = rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
+        student_weight = lm_head_weight(self.student)
+        per_teacher = {}
+        for name, rows in routes.items():
+            teacher, teacher_weight = self.teachers[name], lm_head_weight(self.teachers[name])
+            parts = []
+            for chunk in rows.split(cfg.micro_batch_size):
+                chunk = chunk.to(self.device)
+                with self._autocast():
+                    s_h = response_hidden_states(self.student, ids[chunk], attn[chunk], rollouts.prompt_len)
+                    t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
+                stats = response_token_stats(s_h, student_weight.to(s_h.dtype), rollouts.response_ids[chunk],
+                                             mask[chunk], t_h, teacher_weight.to(t_h.dtype),
+                                             temperature=cfg.temperature, with_reverse_kl=True, backend=cfg.backend)
+                parts.append(stats)
+            per_teacher[name] = tuple(torch.cat(column) for column in zip(*parts))
+        return scatter_rows(per_teacher, routes, batch_size=len(keys))
+
+    def update(self, rollouts: Rollouts, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy) -> dict:
+        cfg = self.config
+        mask = rollouts.response_mask
+        fire_args = dict(method=cfg.method, percentile=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta)
+        micro_batches = list(torch.arange(mask.shape[0], device=mask.device).split(cfg.micro_batch_size))
+        metrics: dict = {}
+        if cfg.stats_scope == "batch":
+            fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask,
+                                           **fire_args)
+            normalizer = loss_normalizer(fire.loss_mask, cfg.loss_agg_mode)
+            metrics = dict(fire.metrics)
+
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, surrogate = 0.0, {}
+        for rows in micro_batches:
+            if cfg.stats_scope == "micro_batch":
+                # The released code's behaviour: statistics inside each micro-batch, each
+                # micro-batch's loss averaged over its own tokens, then over micro-batches.
+                fire_mb = compute_fire_advantages(old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows],
+                                                  teacher_entropy[rows], mask[rows], **fire_args)
+                advantages, loss_mask, scale, norm = fire_mb.advantages, fire_mb.loss_mask, 1 / len(micro_batches), None
+                metrics = _accumulate(metrics, fire_mb.metrics, len(micro_batches))
+            else:
+                advantages, loss_mask, scale, norm = fire.advantages[rows], fire.loss_mask[rows], 1.0, normalizer
+            with self._autocast():
+                hidden = response_hidden_states(self.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
+                                                rollouts.prompt_len)
+            weight = lm_head_weight(self.student)
+            loss, mb_metrics = self.loss_fn(hidden, weight.to(hidden.dtype), rollouts.response_ids[rows],
+                                            old_log_prob[rows], advantages, loss_mask, normalizer=norm)
+            (loss * scale).backward()
+            total_loss += float(loss.detach()) * scale
+            surrogate = _accumulate(surrogate, mb_metrics, len(micro_batches))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {**metrics, **surrogate, "train/loss": total_loss, "train/grad_norm": float(grad_norm)}
+
+    # ------------------------------------------------------------------ evaluation, logging, checkpoints
+
+    def evaluate(self) -> dict:
+        scores = accuracy_by_teacher(self.student, self.tokenizer, self.eval_problems,
+                                     max_new_tokens=self.config.max_new_tokens)
+        return {("eval/accuracy" if key == "all" else f"eval/accuracy_{key}"): value for key, value in scores.items()}
+
+    def log(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if self.config.log_every and (self.step % self.config.log_every == 0 or self.step == self.config.steps):
+            with (self.output_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            writer = self._tensorboard()
+            if writer is not None:
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value, self.step)
+
+    def _tensorboard(self):
+        if self._writer is None and self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSONL only
+                self.config.tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        return self._writer
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Hugging Face model + tokenizer (safetensors) and optimizer / scheduler / RNG / step state."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.student.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "history": self.history,
+                    "config": self.config.to_dict(), "rng": _rng_state()}, path / STATE_FILE)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not a fire-opd checkpoint (no {STATE_FILE})")
+        weights = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(str(shard), device=str(self.device)))
+        missing, unexpected = self.student.load_state_dict(weights, strict=False)
+        missing = [m for m in missing if m not in _tied_names(self.student)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
+        state = torch.load(state_file, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]
+        _set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _seed_step(self) -> None:
+        seed = (self.config.seed * 1_000_003 + self.step) % (2**31)
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _prompt_batch(self) -> list[Problem]:
+        """Prompts for this step: consecutive slices of per-epoch permutations (stateless)."""
+        n, per_step = len(self.train_problems), self.config.prompts_per_step
+        out = []
+        for k in range(self.step * per_step, (self.step + 1) * per_step):
+            epoch, offset = divmod(k, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+            out.append(self.train_problems[int(perm[offset])])
+        return out
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.dtype == "float32":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def _accumulate(total: dict, metrics: dict, count: int) -> dict:
+    """Running mean of metric dicts over `count` micro-batches."""
+    total = dict(total)
+    for key, value in metrics.items():
+        total[key] = total.get(key, 0.0) + value / count
+    return total
+
+
+def _tied_names(model) -> set:
+    return set(getattr(model, "_tied_weights_keys", None) or [])
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,162 @@
+"""The trainer on tiny random models: single and multi-teacher runs, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fire_opd.config import TrainConfig
+from fire_opd.data import TASK_ALPHABET, load_prompts, sample_problems, write_prompts
+from fire_opd.models import build_char_tokenizer, tiny_llama
+from fire_opd.trainer import FireOPDTrainer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer(TASK_ALPHABET)
+
+
+def _model(tokenizer, seed, hidden=32, vocab=None):
+    return tiny_llama(vocab or len(tokenizer), hidden, 1, 2, seed=seed, pad_id=tokenizer.pad_token_id,
+                      eos_id=tokenizer.eos_token_id)
+
+
+def _config(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "run"), steps=3, prompts_per_step=4, samples_per_prompt=2,
+                micro_batch_size=3, max_new_tokens=6, lr=1e-3, warmup_steps=1, eval_every=2, eval_size=8,
+                progress=False, tensorboard=False, seed=5, percentile=25.0)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _trainer(tokenizer, config, tasks=("arith",), teacher_names=("arith",), student_seed=0):
+    train = sample_problems(tasks, 40, seed=1, held_out=False)
+    held_out = sample_problems(tasks, 8, seed=2, held_out=True)
+    teachers = {name: _model(tokenizer, 10 + i, hidden=48) for i, name in enumerate(teacher_names)}
+    return FireOPDTrainer(config, student=_model(tokenizer, student_seed), teachers=teachers, tokenizer=tokenizer,
+                          train_problems=train, eval_problems=held_out)
+
+
+@pytest.mark.parametrize("method", ["fire", "opd", "hard_token"])
+def test_single_teacher_run(tmp_path, tokenizer, method):
+    trainer = _trainer(tokenizer, _config(tmp_path, method=method))
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    history = trainer.train()
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
+    assert "eval/accuracy" in history[1] and "eval/accuracy" in history[2]
+    for key in ("fire/keep_ratio", "fire/weight_mean", "fire/clip_frac", "fire/reverse_kl", "train/grad_norm"):
+        assert key in history[0], key
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["train/step"] == 1
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "trainer_state.pt").is_file()
+    assert (final / "tokenizer.json").is_file()
+
+
+def test_multi_teacher_run_routes_by_key(tmp_path, tokenizer):
+    trainer = _trainer(tokenizer, _config(tmp_path, stats_scope="micro_batch"), tasks=("arith", "reverse"),
+                       teacher_names=("arith", "reverse"))
+    history = trainer.train()
+    assert "eval/accuracy_arith" in history[-1] and "eval/accuracy_reverse" in history[-1]
+    # Each rollout is scored by its own teacher: re-score one batch and compare with a manual route.
+    from fire_opd.sampling import generate_rollouts
+
+    problems = trainer.train_problems[:4]
+    rollouts = generate_rollouts(trainer.student, tokenizer, [p.prompt for p in problems], max_new_tokens=4)
+    scored = trainer.score(rollouts, [p.teacher for p in problems])
+    for i, p in enumerate(problems):
+        alone = trainer.score(_subset(rollouts, i), [p.teacher])
+        torch.testing.assert_close(scored[2][i], alone[2][0], rtol=1e-5, atol=1e-5)
+
+
+def _subset(rollouts, i):
+    from fire_opd.sampling import Rollouts
+
+    return Rollouts(rollouts.prompt_ids[i:i + 1], rollouts.prompt_mask[i:i + 1], rollouts.response_ids[i:i + 1],
+                    rollouts.response_mask[i:i + 1], rollouts.texts[i:i + 1])
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, tokenizer):
+    full = _trainer(tokenizer, _config(tmp_path / "a", steps=4))
+    full_history = full.train()
+
+    first = _trainer(tokenizer, _config(tmp_path / "b", steps=4))
+    first.train(until_step=2)
+    ckpt = first.save_checkpoint(tmp_path / "b" / "interrupted")
+    del first
+    resumed = _trainer(tokenizer, _config(tmp_path / "b", steps=4, resume_from=str(ckpt)), student_seed=123)
+    assert resumed.step == 2
+    resumed_history = resumed.train()
+    assert len(resumed_history) == 4
+    for a, b in zip(full_history, resumed_history):
+        for key in ("train/loss", "fire/keep_ratio", "fire/weight_mean", "train/grad_norm"):
+            assert a[key] == b[key], (key, a[key], b[key])
+    for (name, p), q in zip(full.student.named_parameters(), resumed.student.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_vocab_mismatch_is_refused(tmp_path, tokenizer):
+    config = _config(tmp_path)
+    with pytest.raises(ValueError, match="vocab mismatch: teacher 'arith' has V=25"):
+        FireOPDTrainer(config, student=_model(tokenizer, 0), teachers={"arith": _model(tokenizer, 1, vocab=25)},
+                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, held_out=False))
+
+
+@pytest.mark.parametrize("head", ["bias", "softcap"])
+def test_unsupported_heads_are_refused(tmp_path, tokenizer, head):
+    student = _model(tokenizer, 0)
+    if head == "bias":
+        student.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+        match = "lm_head has a bias"
+    else:
+        student.config.final_logit_softcapping = 30.0
+        match = "soft-capping"
+    with pytest.raises(ValueError, match=match):
+        FireOPDTrainer(_config(tmp_path), student=student, teachers={"arith": _model(tokenizer, 1)},
+                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, held_out=False))
+
+
+def test_missing_teacher_key_in_multi_teacher_mode(tmp_path, tokenizer):
+    problems = sample_problems(["arith"], 4, seed=0, held_out=False)
+    problems[2] = type(problems[2])(problems[2].prompt, problems[2].answer, None)
+    with pytest.raises(KeyError, match="row 2 has no teacher key"):
+        FireOPDTrainer(_config(tmp_path), student=_model(tokenizer, 0),
+                       teachers={"arith": _model(tokenizer, 1), "reverse": _model(tokenizer, 2)},
+                       tokenizer=tokenizer, train_problems=problems)
+
+
+def test_malformed_prompt_files(tmp_path):
+    good = tmp_path / "good.jsonl"
+    write_prompts(sample_problems(["arith"], 3, seed=0, held_out=False), good)
+    assert len(load_prompts(good)) == 3
+    cases = {
+        '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n': ":2: not valid JSON",
+        '{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2="}\n': ":3: missing or non-string field 'answer'",
+        '[1, 2]\n': ":1: expected a JSON object",
+        '{"prompt": "1=", "answer": "1", "teacher": 3}\n': ":1: field 'teacher' must be a string",
+        '': "no prompts found",
+    }
+    for i, (text, match) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.jsonl"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_prompts(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("student: s\nteachers: {a: t}\nprompts: p.jsonl\nlr: 0.001\nadam_betas: [0.9, 0.95]\n")
+    config = TrainConfig.from_yaml(path, ["lr=3e-4", "method=opd", "teachers={a: t, b: u}", "tokenizer=tok"])
+    assert config.lr == 3e-4 and config.method == "opd" and config.teachers == {"a": "t", "b": "u"}
+    assert config.adam_betas == (0.9, 0.95) and config.tokenizer == "tok"
+    with pytest.raises(ValueError, match="unknown config field"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="ppo")
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
+        TrainConfig(micro_batch_size=0)
