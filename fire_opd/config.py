@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16; bf16 autocast on CUDA when "bfloat16"
     backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
+    fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):

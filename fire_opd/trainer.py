@@ -93,7 +93,8 @@ class FireOPDTrainer:
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
         self.loss_fn = FireOPDLoss(clip_ratio=config.clip_ratio, loss_agg_mode=config.loss_agg_mode,
-                                   temperature=config.temperature, backend=config.backend)
+                                   temperature=config.temperature, backend=config.backend,
+                                   fused_update=config.fused_update)
         self.step = 0
         self.history: list[dict] = []
         self.output_dir = Path(config.output_dir)

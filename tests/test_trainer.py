@@ -39,9 +39,9 @@ def _trainer(tokenizer, config, tasks=("arith",), teacher_names=("arith",), stud
                           train_problems=train, eval_problems=held_out)
 
 
-@pytest.mark.parametrize("method", ["fire", "opd", "hard_token"])
-def test_single_teacher_run(tmp_path, tokenizer, method):
-    trainer = _trainer(tokenizer, _config(tmp_path, method=method))
+@pytest.mark.parametrize("method,fused", [("fire", True), ("fire", False), ("opd", True), ("hard_token", True)])
+def test_single_teacher_run(tmp_path, tokenizer, method, fused):
+    trainer = _trainer(tokenizer, _config(tmp_path, method=method, fused_update=fused))
     before = [p.detach().clone() for p in trainer.student.parameters()]
     history = trainer.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)

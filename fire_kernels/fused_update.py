@@ -1,0 +1,101 @@
+"""Fused student update: log-prob, loss and gradients formed in the forward sweep.
+
+In a distillation step the teacher statistics and advantages are known before the update,
+so the derivative of the loss w.r.t. each token's log-prob, g_t = dL/d log p(y_t), depends
+only on log p(y_t) itself. The caller supplies it as `grad_fn`, and the gradients w.r.t.
+hidden states and lm_head weight are formed while the logits are on hand (as Liger's fused
+linear cross-entropy does):
+
+    z = h W^T / tau            lse = logsumexp(z)        lp = z_y - lse
+    loss, g = grad_fn(lp)      dz = g (onehot(y) - p) / tau
+    dh = dz W                  dW = dz^T h
+
+chunked: token chunks of whole vocabulary rows (lse must be known before dz), sized so that
+         chunk * V <= chunk_elements; 3 matrix products, one [chunk, V] fp32 buffer.
+triton:  the streaming forward kernel gives lse (1 product), then the one-recompute backward
+         kernel forms dz on-chip (1 + 2 products); no [N, V] or [chunk, V] buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import triton_token_stats
+from ._validation import validate_stats_inputs
+from .token_stats import resolve_backend
+
+# grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
+GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 logits per chunk
+
+
+class LogprobUpdate(NamedTuple):
+    logprob: torch.Tensor  # [N] float32, 0 on ignored rows
+    loss: torch.Tensor  # scalar, the sum of grad_fn's contributions
+    grad_hidden: torch.Tensor  # [N, D] in hidden's dtype
+    grad_weight: torch.Tensor  # [V, D] in weight's dtype
+
+
+def linear_logprob_update(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    grad_fn: GradFn,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> LogprobUpdate:
+    """Log-probs of `targets` under softmax(hidden @ weight.T / temperature) and the gradients
+    of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and weight [V, D], in one sweep.
+
+    `grad_fn` sees the log-probs of a chunk of rows (0 on ignored rows) and the slice of rows
+    they are; it returns that chunk's loss contribution and dL/dlogprob. Ignored rows get no
+    gradient whatever it returns.
+    """
+    problem = validate_stats_inputs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
+                                    backend=backend, student_prefix="")
+    backend = resolve_backend(backend, hidden.device)
+    valid = targets != ignore_index
+    if backend == "triton":
+        stats, _ = triton_token_stats.triton_forward(problem, hidden, weight, targets)
+        loss, grad_logprob = grad_fn(stats.student_logprob, slice(0, problem.num_tokens))
+        grad_logprob = torch.where(valid, grad_logprob.float(), 0.0)
+        grad_hidden, grad_weight = triton_token_stats.triton_backward(
+            problem, hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
+            grad_logprob, torch.zeros_like(grad_logprob), None)
+        return LogprobUpdate(stats.student_logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n, vocab = problem.num_tokens, problem.vocab_size
+    inv_t = problem.inv_temperature
+    rows_per_chunk = max(1, chunk_elements // max(vocab, 1))
+    logprob = torch.zeros(n, dtype=acc, device=hidden.device)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    weight_acc = weight.to(acc)  # a no-op for fp32 weights
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n))
+        h = hidden[rows].to(acc)
+        y, ok = targets[rows], valid[rows]
+        safe_y = torch.where(ok, y, torch.zeros_like(y)).long()
+        probs = (h @ weight_acc.t()).mul_(inv_t)  # [C, V] logits, becomes p, then dz in place
+        lse = torch.logsumexp(probs, dim=-1)
+        lp = torch.where(ok, probs.gather(1, safe_y[:, None]).squeeze(1) - lse, 0.0)
+        logprob[rows] = lp
+        chunk_loss, g = grad_fn(lp, rows)
+        loss = loss + chunk_loss.to(acc)
+        g = torch.where(ok, g.to(acc), 0.0)
+        if not bool((g != 0).any()):
+            continue
+        probs.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # dz = -g p
+        probs[torch.arange(probs.shape[0], device=probs.device), safe_y] += g  # + g onehot(y)
+        probs.mul_(inv_t)
+        grad_hidden[rows] = probs @ weight_acc
+        grad_weight.addmm_(probs.t(), h)
+    return LogprobUpdate(logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
