@@ -9,7 +9,7 @@ The verifier scores a completion as correct when its final answer (the text afte
 
 Built-in task families (the demo's default):
     arith    multi-step arithmetic with a worked answer:  "3+8-4="  ->  "11-4=7"
-    reverse  digit reversal:                              "R:4821=" ->  "1284"
+    reverse  digit reversal (5 to 7 digits):              "R:48213=" -> "31284"
 A fixed hash split keeps held-out problems out of every training set.
 """
 
@@ -54,7 +54,7 @@ def make_arith(rng: random.Random) -> Problem:
 
 
 def make_reverse(rng: random.Random) -> Problem:
-    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(5, 7)))
     return Problem(f"R:{digits}=", digits[::-1], "reverse", digits[::-1])
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from fire_kernels import teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_logprob_update
 
-from .loss import LOSS_AGG_MODES, clipped_surrogate, fire_policy_loss
+from .loss import clipped_surrogate, fire_policy_loss, token_loss_scale
 
 IGNORE_INDEX = -100
 
@@ -103,21 +103,6 @@ def fire_policy_loss_from_hidden(
                             stats.teacher_entropy, response_mask, **loss_kwargs)
 
 
-def surrogate_token_scale(loss_mask: torch.Tensor, loss_agg_mode: str, normalizer: Optional[float]) -> torch.Tensor:
-    """c [B, T] with loss = sum_t c_t * pg_t for each aggregation mode (see clipped_surrogate)."""
-    mask = loss_mask.float()
-    if loss_agg_mode == "token-mean":
-        den = float(mask.sum()) if normalizer is None else normalizer
-        return mask / max(den, 1.0)
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    den = float(loss_mask.any(dim=-1).sum()) if normalizer is None else normalizer
-    scale = mask / max(den, 1.0)
-    if loss_agg_mode == "seq-mean-token-mean":
-        scale = scale / mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    return scale
-
-
 class _FusedSurrogate(torch.autograd.Function):
     """Clipped surrogate whose hidden / weight gradients are formed in the forward sweep
     (`fire_kernels.fused_update`); backward only scales them by the upstream gradient."""
@@ -166,7 +151,7 @@ def fused_clipped_surrogate(
     forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob)."""
     targets = _flat_targets(response_ids, loss_mask)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
-    scale = surrogate_token_scale(loss_mask.bool(), loss_agg_mode, normalizer)
+    scale = token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer)
     loss, logprob = _FusedSurrogate.apply(hidden, student_weight, targets, old_log_prob.detach(), advantages.detach(),
                                           scale, clip_ratio, temperature, backend)
     return loss, logprob.view(response_ids.shape)

@@ -251,6 +251,26 @@ def loss_normalizer(loss_mask: torch.Tensor, loss_agg_mode: str, process_group=N
     return float(_all_reduce(count.float(), dist.ReduceOp.SUM, process_group))
 
 
+def token_loss_scale(loss_mask: torch.Tensor, loss_agg_mode: str, normalizer: Optional[float] = None) -> torch.Tensor:
+    """Per-token coefficients c [B, T] with aggregated loss = sum_t c_t * l_t:
+
+        token-mean            c = m / N_tokens
+        seq-mean-token-mean   c = m / (len_i * N_seqs)
+        seq-mean-token-sum    c = m / N_seqs
+
+    N_tokens / N_seqs (sequences with at least one loss token) are this batch's own unless
+    `normalizer` (from `loss_normalizer` over the whole batch) is given."""
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    mask = loss_mask.float()
+    if normalizer is None:
+        normalizer = float(mask.sum() if loss_agg_mode == "token-mean" else loss_mask.any(dim=-1).sum())
+    scale = mask / max(float(normalizer), 1.0)
+    if loss_agg_mode == "seq-mean-token-mean":
+        scale = scale / mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return scale
+
+
 def clipped_surrogate(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -276,8 +296,6 @@ def clipped_surrogate(
                             loss_mask)
     if not clip_ratio > 0:
         raise ValueError(f"clip_ratio must be > 0, got {clip_ratio!r}")
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     advantages = advantages.detach()
     # Mask before exp: garbage log-probs on padding must not become inf * 0 = nan in backward.
     log_ratio = torch.where(mask, log_prob - old_log_prob.detach(), torch.zeros_like(log_prob))
@@ -285,17 +303,7 @@ def clipped_surrogate(
     clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
     per_token = torch.maximum(-advantages * ratio, -advantages * clipped)
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    if loss_agg_mode == "token-mean":
-        total = per_token.sum()
-        default_den = mask.sum()
-    else:
-        per_seq = per_token.sum(dim=-1)
-        if loss_agg_mode == "seq-mean-token-mean":
-            per_seq = per_seq / mask.sum(dim=-1).clamp_min(1)
-        total = per_seq.sum()
-        default_den = mask.any(dim=-1).sum()
-    den = float(default_den) if normalizer is None else float(normalizer)
-    loss = total / max(den, 1.0)
+    loss = (per_token * token_loss_scale(mask, loss_agg_mode, normalizer)).sum()
     with torch.no_grad():
         clip_hit = (-advantages * clipped > -advantages * ratio) & mask
         n = max(int(mask.sum()), 1)

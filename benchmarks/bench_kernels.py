@@ -1,0 +1,405 @@
+"""Side-by-side kernel benchmark: fire-opd against the peers and against the matmul floor.
+
+    python benchmarks/bench_kernels.py                 # model-pair shapes + scaling sweeps
+    python benchmarks/bench_kernels.py --quick         # tiny shapes, seconds (used by `make test`)
+    python benchmarks/bench_kernels.py --shapes qwen3 --tokens 256 --repeats 5
+
+Workloads (forward + backward, same seeded inputs for every method):
+  stats    FiRe-OPD token statistics: student log-prob and entropy (with gradient), teacher
+           log-prob and entropy. Floor: both models' forward products, one recompute of the
+           student logits, the student's two backward products (5 products).
+  jsd      the same plus a generalized-JSD divergence with gradient (Liger's chunked JSD loss is
+           the peer here). Floor: two forward sweeps of both models, a backward recompute of
+           both, two backward products (8 products).
+  update   the fused student update (teacher statistics precomputed at scoring time; the
+           per-token loss gradient known in the forward pass). Floor: one forward product and
+           the two backward products (3 products).
+Every method runs in a fresh process; time is the median over repeats, memory the peak
+above the inputs (CPU: RSS; CUDA: allocator), both also as ratios to the floor. Results go
+to benchmarks/results/<device>-<date>.json and .md (and a PNG plot of the sweeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Model pairs (vocab, student D, teacher D): Qwen3 4B student / 8B teacher, Llama 3 8B, Gemma 2 2B.
+SHAPES = {
+    "qwen3": {"vocab": 151_936, "d_student": 2560, "d_teacher": 4096},
+    "llama3": {"vocab": 128_256, "d_student": 4096, "d_teacher": 4096},
+    "gemma2": {"vocab": 256_000, "d_student": 2304, "d_teacher": 2304},
+    "tiny": {"vocab": 1_031, "d_student": 48, "d_teacher": 64},
+}
+METHODS = {
+    "stats": ["floor", "reference", "reference_compiled", "chunked", "triton"],
+    "jsd": ["floor", "reference", "liger", "chunked", "triton"],
+    "update": ["floor", "reference", "chunked", "triton"],
+}
+PRODUCTS = {"stats": 5, "jsd": 8, "update": 3}
+VOCAB_CHUNK = 4096  # the floor's tile width: the same bounded tiles a memory-bounded method uses
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _make_inputs(shape: dict, tokens: int, device, dtype, seed: int = 0):
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v, ds, dt = shape["vocab"], shape["d_student"], shape["d_teacher"]
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    inputs = {
+        "s_h": rand(tokens, ds).requires_grad_(), "s_w": rand(v, ds, scale=ds ** -0.5).requires_grad_(),
+        "t_h": rand(tokens, dt), "t_w": rand(v, dt, scale=dt ** -0.5),
+        "targets": torch.randint(0, v, (tokens,), generator=gen).to(device),
+        "old": (-torch.rand(tokens, generator=gen) * 3).to(device), "adv": torch.randn(tokens, generator=gen).to(device),
+    }
+    return inputs
+
+
+def _floor_fn(workload: str, x: dict):
+    """Only the matrix products a memory-bounded implementation cannot avoid, on bounded tiles."""
+    import torch
+
+    s_h, s_w, t_h, t_w = x["s_h"].detach(), x["s_w"].detach(), x["t_h"], x["t_w"]
+    vocab = s_w.shape[0]
+    chunks = [slice(v, min(v + VOCAB_CHUNK, vocab)) for v in range(0, vocab, VOCAB_CHUNK)]
+
+    def run():
+        grad_h = torch.zeros_like(s_h)
+        grad_w = torch.empty_like(s_w)
+        if workload != "update":
+            for _ in range(2 if workload == "jsd" else 1):
+                for c in chunks:
+                    s_h @ s_w[c].t()
+                    t_h @ t_w[c].t()
+        for c in chunks:
+            dz = s_h @ s_w[c].t()  # recompute (update: the one forward product)
+            if workload == "jsd":
+                t_h @ t_w[c].t()
+            grad_h.addmm_(dz, s_w[c])
+            torch.mm(dz.t(), s_h, out=grad_w[c])
+        return grad_h, grad_w
+
+    return run
+
+
+def _method_fn(method: str, workload: str, x: dict, device):
+    import torch
+
+    import fire_kernels
+    from fire_kernels.fused_update import linear_logprob_update
+
+    s_h, s_w, t_h, t_w, y = x["s_h"], x["s_w"], x["t_h"], x["t_w"], x["targets"]
+    if method == "floor":
+        return _floor_fn(workload, x)
+    divergence = "jsd" if workload == "jsd" else None
+
+    if workload == "update":
+        old, adv = x["old"], x["adv"]
+        n = y.shape[0]
+
+        def ppo_grad(lp, rows):
+            ratio = torch.exp(lp - old[rows])
+            clipped = ratio.clamp(0.8, 1.2)
+            a = adv[rows]
+            pg = torch.maximum(-a * ratio, -a * clipped)
+            return pg.sum() / n, torch.where(-a * ratio >= -a * clipped, -a * ratio, 0.0) / n
+
+        if method == "reference":
+            def run():
+                logits = (s_h.float() @ s_w.float().t()).log_softmax(-1)
+                lp = logits.gather(1, y[:, None]).squeeze(1)
+                ratio = torch.exp(lp - old)
+                loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+                return torch.autograd.grad(loss, (s_h, s_w))
+            return run
+        backend = method
+
+        def run():
+            return linear_logprob_update(s_h.detach(), s_w.detach(), y, ppo_grad, backend=backend)
+        return run
+
+    if method == "liger":
+        from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction, \
+            _selective_logprob_forward
+        from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+
+        jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False,
+                                      chunk_size=1024)
+
+        def run():
+            lp = _ChunkedSelectiveLogProbFunction.apply(s_h, s_w, y, None, 1.0, 4096)
+            with torch.no_grad():
+                _selective_logprob_forward(t_h, t_w, y)
+            loss = lp.sum() + jsd(s_h, s_w, t_h, t_w, y)
+            return torch.autograd.grad(loss, (s_h, s_w))
+        return run
+
+    def stats_loss(backend):
+        out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence=divergence, backend=backend)
+        loss = out.student_logprob.sum() + out.student_entropy.sum()
+        return loss + out.divergence.sum() if divergence else loss
+
+    if method == "reference_compiled":
+        compiled = torch.compile(lambda: stats_loss("reference"))
+
+        def run():
+            return torch.autograd.grad(compiled(), (s_h, s_w))
+        return run
+    backend = method
+
+    def run():
+        return torch.autograd.grad(stats_loss(backend), (s_h, s_w))
+    return run
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = SHAPES[args.shape] if args.shape in SHAPES else json.loads(args.shape)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    x = _make_inputs(shape, args.tokens, device, dtype)
+    input_bytes = sum(t.numel() * t.element_size() for t in x.values())
+    grad_bytes = x["s_h"].numel() * x["s_h"].element_size() + x["s_w"].numel() * x["s_w"].element_size()
+    fn = _method_fn(args.method, args.workload, x, device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    times = []
+    for i in range(args.repeats + 1):  # the first run warms up (and compiles)
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+        del out
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"time_s": statistics.median(times), "times_s": times, "peak_above_inputs_bytes": max(0, peak - base),
+            "input_bytes": input_bytes, "grad_bytes": grad_bytes}
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--workload", workload, "--method", method, "--shape",
+           shape if shape in SHAPES else json.dumps(shape), "--tokens", str(tokens), "--device", device,
+           "--dtype", dtype, "--repeats", str(repeats)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def run_suite(args) -> dict:
+    device = args.device
+    shapes = args.shapes or (["tiny"] if args.quick else ["qwen3", "llama3", "gemma2"])
+    rows = []
+    for workload in args.workloads:
+        for shape in shapes:
+            for method in METHODS[workload]:
+                if method == "triton" and not device.startswith("cuda"):
+                    continue
+                if method == "reference_compiled" and args.quick:
+                    continue
+                res = run_one(workload, method, shape, args.tokens, device, args.dtype, args.repeats, args.timeout)
+                rows.append({"workload": workload, "shape": shape, "method": method, "tokens": args.tokens, **res})
+                _print_row(rows[-1])
+    _add_ratios(rows)
+    sweeps = [] if args.quick or args.no_sweeps else run_sweeps(args)
+    return {"device": device_name(device), "date": _dt.date.today().isoformat(), "dtype": args.dtype,
+            "torch_threads": os.cpu_count(), "rows": rows, "sweeps": sweeps}
+
+
+def run_sweeps(args) -> list[dict]:
+    """Peak memory and time as N grows (fixed V) and as V grows (fixed N): chunked vs reference."""
+    out = []
+    base = {"vocab": 65_536, "d_student": 1024, "d_teacher": 1024}
+    for tokens in (64, 128, 256, 512):
+        for method in ("reference", "chunked"):
+            res = run_one("stats", method, base, tokens, args.device, args.dtype, 2, args.timeout)
+            out.append({"sweep": "tokens", "tokens": tokens, "vocab": base["vocab"], "method": method, **res})
+            _print_row({"workload": "sweep-N", "shape": f"V={base['vocab']}", "method": method, "tokens": tokens,
+                        **res})
+    for vocab in (32_768, 65_536, 131_072, 262_144):
+        shape = dict(base, vocab=vocab)
+        for method in ("reference", "chunked"):
+            res = run_one("stats", method, shape, 128, args.device, args.dtype, 2, args.timeout)
+            out.append({"sweep": "vocab", "tokens": 128, "vocab": vocab, "method": method, **res})
+            _print_row({"workload": "sweep-V", "shape": f"V={vocab}", "method": method, "tokens": 128, **res})
+    return out
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    floors = {(r["workload"], r["shape"]): r for r in rows if r["method"] == "floor" and "error" not in r}
+    refs = {(r["workload"], r["shape"]): r for r in rows if r["method"] == "reference" and "error" not in r}
+    for r in rows:
+        if "error" not in r:
+            r["overhead_bytes"] = r["peak_above_inputs_bytes"] - r["grad_bytes"]
+            r["overhead_vs_inputs_and_grads"] = r["overhead_bytes"] / (r["input_bytes"] + r["grad_bytes"])
+    for r in rows:
+        if "error" in r:
+            continue
+        floor = floors.get((r["workload"], r["shape"]))
+        if floor:
+            r["time_vs_floor"] = r["time_s"] / floor["time_s"]
+            r["memory_vs_floor"] = r["peak_above_inputs_bytes"] / max(floor["peak_above_inputs_bytes"], 1)
+        ref = refs.get((r["workload"], r["shape"]))
+        if ref:
+            r["peak_vs_reference"] = r["peak_above_inputs_bytes"] / max(ref["peak_above_inputs_bytes"], 1)
+            r["overhead_vs_reference"] = max(r["overhead_bytes"], 1) / max(ref["overhead_bytes"], 1)
+
+
+def _print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} ERROR {r['error']}",
+              flush=True)
+    else:
+        print(f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} "
+              f"{r['time_s'] * 1e3:10.1f} ms  peak+{r['peak_above_inputs_bytes'] / 2**20:9.1f} MiB", flush=True)
+
+
+def markdown(result: dict) -> str:
+    mib = 2**20
+    lines = [f"## Kernel benchmark: {result['device']}, {result['date']}, {result['dtype']}", "",
+             "Time: median forward+backward. Peak: memory above the inputs (includes the gradient buffers). "
+             "Overhead: peak minus the gradient buffers, relative to inputs + gradients. "
+             "Ratios are to the matmul floor of the same workload and shape, measured in the same run.", "",
+             "| workload | shape | N | method | time (ms) | × floor | peak (MiB) | overhead | peak × reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | error: "
+                         f"{r['error'][:60]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | {r['time_s'] * 1e3:.1f} | "
+            f"{r.get('time_vs_floor', float('nan')):.2f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
+            f"{100 * r['overhead_vs_inputs_and_grads']:.1f}% | {r.get('peak_vs_reference', float('nan')):.2f} |")
+    if result["sweeps"]:
+        lines += ["", "### Scaling sweeps (stats workload, D = 1024)", "",
+                  "| sweep | N | V | method | time (ms) | peak above inputs (MiB) |", "|---|---|---|---|---|---|"]
+        for r in result["sweeps"]:
+            if "error" not in r:
+                lines.append(f"| {r['sweep']} | {r['tokens']} | {r['vocab']} | {r['method']} | "
+                             f"{r['time_s'] * 1e3:.1f} | {r['peak_above_inputs_bytes'] / mib:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, sweep, key in ((axes[0], "tokens", "tokens"), (axes[1], "vocab", "vocab")):
+        for method in ("reference", "chunked"):
+            pts = [(r[key], r["peak_above_inputs_bytes"] / 2**20) for r in result["sweeps"]
+                   if r["sweep"] == sweep and r["method"] == method and "error" not in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(xlabel=key, ylabel="peak above inputs (MiB)", xscale="log", title=f"peak memory vs {key}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fire-opd token statistics, {result['device']} ({result['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES))
+    parser.add_argument("--workloads", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tokens", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--no-sweeps", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
+                                                                  "--quick writes nothing unless given)")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.tokens = args.tokens or (32 if args.quick else (4096 if args.device.startswith("cuda") else 128))
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    result = run_suite(args)
+    failed = [r for r in result["rows"] if "error" in r and r["method"] != "reference_compiled"]
+    print()
+    print(markdown(result))
+    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{result['device']}-{result['date']}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        stem.with_suffix(".md").write_text(markdown(result))
+        if result["sweeps"]:
+            plot(result, stem.with_suffix(".png"))
+        print(f"results: {stem}.json / .md")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

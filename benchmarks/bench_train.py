@@ -1,0 +1,161 @@
+"""One FiRe-OPD trainer step (sample, score, update): fused path against the materialized path.
+
+    python benchmarks/bench_train.py [--quick] [--steps 3]
+
+Models: the demo's shipped tiny teacher and student (V = 18), and a random Llama-style pair
+with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates. Paths:
+  fused       backend chunked (auto on CPU), fused student update (fire-opd's default)
+  reference   backend reference: materialized [tokens, V] logits and autograd
+Each (model, path) runs in a fresh process: median step time over --steps after one warm-up
+step, the time split into sample / score / update, and peak RSS (CUDA: allocator peak)
+above the process after loading the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _random_pair(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fire_opd.data import Problem
+    from fire_opd.models import tiny_llama
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    core = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                  padding_side="left")
+    student = tiny_llama(vocab, 256, 2, 4, seed=0, pad_id=0, eos_id=1, max_positions=128)
+    teacher = tiny_llama(vocab, 384, 2, 4, seed=1, pad_id=0, eos_id=1, max_positions=128)
+    import random
+
+    rng = random.Random(0)
+    problems = [Problem(" ".join(f"t{rng.randrange(3, vocab)}" for _ in range(12)), "t3") for _ in range(64)]
+    return student, {"default": teacher}, tok, problems
+
+
+def _demo_pair():
+    from fire_opd.build_assets import ASSETS_DIR
+    from fire_opd.data import sample_problems
+    from fire_opd.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(ASSETS_DIR / "tokenizer")
+    return (load_causal_lm(ASSETS_DIR / "student_init"), {"arith": load_causal_lm(ASSETS_DIR / "teacher_arith")},
+            tok, sample_problems(["arith"], 512, seed=0, held_out=False))
+
+
+def worker(args) -> dict:
+    import time
+
+    import torch
+
+    from fire_opd.config import TrainConfig
+    from fire_opd.trainer import FireOPDTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    student, teachers, tok, problems = _demo_pair() if args.model == "demo" else _random_pair(151_936)
+    fused = args.path == "fused"
+    big = args.model != "demo"
+    config = TrainConfig(steps=args.steps + 1, prompts_per_step=8 if big else 32, samples_per_prompt=2 if big else 4,
+                         micro_batch_size=8 if big else 64, max_new_tokens=24 if big else 8, lr=1e-5,
+                         warmup_steps=0, eval_every=0, eval_size=0, progress=False, tensorboard=False,
+                         backend="auto" if fused else "reference", fused_update=fused, output_dir="/tmp/fire-bench",
+                         device=args.device)
+    trainer = FireOPDTrainer(config, student=student, teachers=teachers, tokenizer=tok, train_problems=problems,
+                             eval_problems=[])
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else _rss()
+    steps, parts, tokens = [], [], []
+    for i in range(args.steps + 1):
+        t0 = time.perf_counter()
+        metrics = trainer.train_step()
+        trainer.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            steps.append(time.perf_counter() - t0)
+            parts.append({k: metrics[f"time/{k}_s"] for k in ("sample", "score", "update")})
+            tokens.append(metrics["train/response_length"] * config.rollouts_per_step)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"step_s": statistics.median(steps), **{f"{k}_s": statistics.median(p[k] for p in parts)
+                                                   for k in ("sample", "score", "update")},
+            "response_tokens": statistics.median(tokens), "peak_above_models_bytes": max(0, peak - base),
+            "vocab": trainer.student.config.vocab_size}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="demo models only, one step")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    steps = 1 if args.quick else args.steps
+    rows = []
+    for model in (["demo"] if args.quick else ["demo", "random-152k"]):
+        for path in ("fused", "reference"):
+            cmd = [sys.executable, __file__, "--worker", "--model", model, "--path", path, "--steps", str(steps),
+                   "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+            if proc.returncode:
+                rows.append({"model": model, "path": path, "error": proc.stderr.strip().splitlines()[-1][:200]})
+            else:
+                rows.append({"model": model, "path": path, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            print(rows[-1], flush=True)
+    lines = ["| model | V | path | step (s) | sample | score | update | response tokens | peak above models (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | {r['path']} | error: {r['error'][:80]} | | | | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['vocab']} | {r['path']} | {r['step_s']:.3f} | {r['sample_s']:.3f} | "
+                         f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
+                         f"{r['peak_above_models_bytes'] / 2**20:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    if out is not None:
+        import platform
+
+        import torch
+
+        device = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else \
+            f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+        stem = out / f"train-{device}-{_dt.date.today().isoformat()}"
+        out.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        stem.with_suffix(".md").write_text(f"## Trainer step benchmark: {device}\n\n{table}\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
