@@ -26,6 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 	$(PY) benchmarks/bench_kernels.py --quick
+	$(PY) benchmarks/bench_train.py --quick
 
 compile-report: $(STAMP)
 	$(PY) -m fire_kernels.compile_report

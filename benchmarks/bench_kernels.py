@@ -26,7 +26,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _memory import reset_peak_rss, status_bytes  # noqa: E402
 
 # Model pairs (vocab, student D, teacher D): Qwen3 4B student / 8B teacher, Llama 3 8B, Gemma 2 2B.
 SHAPES = {
@@ -43,6 +44,8 @@ SHAPES = {
     "gemma2": {"vocab": 256_000, "d_student": 2304, "d_teacher": 2304},
     "tiny": {"vocab": 1_031, "d_student": 48, "d_teacher": 64},
 }
+# Which shapes each workload runs by default (the CPU budget of one run is ~15 minutes).
+DEFAULT_PLAN = {"stats": ["qwen3", "llama3", "gemma2"], "jsd": ["qwen3"], "update": ["qwen3", "gemma2"]}
 METHODS = {
     "stats": ["floor", "reference", "reference_compiled", "chunked", "triton"],
     "jsd": ["floor", "reference", "liger", "chunked", "triton"],
@@ -55,9 +58,6 @@ VOCAB_CHUNK = 4096  # the floor's tile width: the same bounded tiles a memory-bo
 # ----------------------------------------------------------------------------- worker side
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _make_inputs(shape: dict, tokens: int, device, dtype, seed: int = 0):
@@ -198,7 +198,11 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        import gc
+
+        gc.collect()
+        reset_peak_rss()  # the peak excludes the transients of input creation
+        base = status_bytes("VmRSS")
     times = []
     for i in range(args.repeats + 1):  # the first run warms up (and compiles)
         sync()
@@ -208,8 +212,7 @@ def worker(args) -> dict:
         if i:
             times.append(time.perf_counter() - t0)
         del out
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_bytes("VmHWM")
     return {"time_s": statistics.median(times), "times_s": times, "peak_above_inputs_bytes": max(0, peak - base),
             "input_bytes": input_bytes, "grad_bytes": grad_bytes}
 
@@ -218,8 +221,9 @@ def worker(args) -> dict:
 
 
 def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout) -> dict:
+    named = isinstance(shape, str)
     cmd = [sys.executable, __file__, "--worker", "--workload", workload, "--method", method, "--shape",
-           shape if shape in SHAPES else json.dumps(shape), "--tokens", str(tokens), "--device", device,
+           shape if named else json.dumps(shape), "--tokens", str(tokens), "--device", device,
            "--dtype", dtype, "--repeats", str(repeats)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
@@ -239,11 +243,16 @@ def device_name(device: str) -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
-def run_suite(args) -> dict:
+def run_suite(args, checkpoint=None) -> dict:
+    """All workloads, then the sweeps; `checkpoint(result)` is called after every row so that a
+    long run that fails late keeps what it measured."""
     device = args.device
-    shapes = args.shapes or (["tiny"] if args.quick else ["qwen3", "llama3", "gemma2"])
     rows = []
+    sweeps: list = []
+    result = {"device": device_name(device), "date": _dt.date.today().isoformat(), "dtype": args.dtype,
+              "torch_threads": os.cpu_count(), "rows": rows, "sweeps": sweeps}
     for workload in args.workloads:
+        shapes = args.shapes or (["tiny"] if args.quick else DEFAULT_PLAN[workload])
         for shape in shapes:
             for method in METHODS[workload]:
                 if method == "triton" and not device.startswith("cuda"):
@@ -253,20 +262,22 @@ def run_suite(args) -> dict:
                 res = run_one(workload, method, shape, args.tokens, device, args.dtype, args.repeats, args.timeout)
                 rows.append({"workload": workload, "shape": shape, "method": method, "tokens": args.tokens, **res})
                 _print_row(rows[-1])
+                if checkpoint:
+                    checkpoint(result)
     _add_ratios(rows)
-    sweeps = [] if args.quick or args.no_sweeps else run_sweeps(args)
-    return {"device": device_name(device), "date": _dt.date.today().isoformat(), "dtype": args.dtype,
-            "torch_threads": os.cpu_count(), "rows": rows, "sweeps": sweeps}
+    if not (args.quick or args.no_sweeps):
+        run_sweeps(args, sweeps, lambda: checkpoint(result) if checkpoint else None)
+    return result
 
 
-def run_sweeps(args) -> list[dict]:
+def run_sweeps(args, out: list, checkpoint) -> list[dict]:
     """Peak memory and time as N grows (fixed V) and as V grows (fixed N): chunked vs reference."""
-    out = []
     base = {"vocab": 65_536, "d_student": 1024, "d_teacher": 1024}
     for tokens in (64, 128, 256, 512):
         for method in ("reference", "chunked"):
             res = run_one("stats", method, base, tokens, args.device, args.dtype, 2, args.timeout)
             out.append({"sweep": "tokens", "tokens": tokens, "vocab": base["vocab"], "method": method, **res})
+            checkpoint()
             _print_row({"workload": "sweep-N", "shape": f"V={base['vocab']}", "method": method, "tokens": tokens,
                         **res})
     for vocab in (32_768, 65_536, 131_072, 262_144):
@@ -274,6 +285,7 @@ def run_sweeps(args) -> list[dict]:
         for method in ("reference", "chunked"):
             res = run_one("stats", method, shape, 128, args.device, args.dtype, 2, args.timeout)
             out.append({"sweep": "vocab", "tokens": 128, "vocab": vocab, "method": method, **res})
+            checkpoint()
             _print_row({"workload": "sweep-V", "shape": f"V={vocab}", "method": method, "tokens": 128, **res})
     return out
 
@@ -326,11 +338,13 @@ def markdown(result: dict) -> str:
             f"{100 * r['overhead_vs_inputs_and_grads']:.1f}% | {r.get('peak_vs_reference', float('nan')):.2f} |")
     if result["sweeps"]:
         lines += ["", "### Scaling sweeps (stats workload, D = 1024)", "",
-                  "| sweep | N | V | method | time (ms) | peak above inputs (MiB) |", "|---|---|---|---|---|---|"]
+                  "| sweep | N | V | method | time (ms) | peak above inputs (MiB) | beyond gradient buffers (MiB) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in result["sweeps"]:
             if "error" not in r:
                 lines.append(f"| {r['sweep']} | {r['tokens']} | {r['vocab']} | {r['method']} | "
-                             f"{r['time_s'] * 1e3:.1f} | {r['peak_above_inputs_bytes'] / mib:.0f} |")
+                             f"{r['time_s'] * 1e3:.1f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
+                             f"{(r['peak_above_inputs_bytes'] - r['grad_bytes']) / mib:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -343,11 +357,12 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, sweep, key in ((axes[0], "tokens", "tokens"), (axes[1], "vocab", "vocab")):
         for method in ("reference", "chunked"):
-            pts = [(r[key], r["peak_above_inputs_bytes"] / 2**20) for r in result["sweeps"]
+            pts = [(r[key], (r["peak_above_inputs_bytes"] - r["grad_bytes"]) / 2**20) for r in result["sweeps"]
                    if r["sweep"] == sweep and r["method"] == method and "error" not in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xlabel=key, ylabel="peak above inputs (MiB)", xscale="log", title=f"peak memory vs {key}")
+        ax.set(xlabel=key, ylabel="peak beyond inputs and gradients (MiB)", xscale="log",
+               title=f"extra memory vs {key} (D = 1024)")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(f"fire-opd token statistics, {result['device']} ({result['date']})")
@@ -385,19 +400,28 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.tokens = args.tokens or (32 if args.quick else (4096 if args.device.startswith("cuda") else 128))
     args.repeats = args.repeats or (1 if args.quick else 3)
-    result = run_suite(args)
+    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    stem = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{device_name(args.device)}-{_dt.date.today().isoformat()}"
+
+    def save(result: dict, final: bool = False) -> None:
+        if stem is None:
+            return
+        stem.with_suffix(".json").write_text(json.dumps({**result, "complete": final}, indent=1))
+        if final:
+            stem.with_suffix(".md").write_text(markdown(result))
+            if result["sweeps"]:
+                plot(result, stem.with_suffix(".png"))
+
+    result = run_suite(args, checkpoint=save)
+    save(result, final=True)
     failed = [r for r in result["rows"] if "error" in r and r["method"] != "reference_compiled"]
     print()
     print(markdown(result))
-    out = args.out if args.out is not None else (None if args.quick else RESULTS)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"{result['device']}-{result['date']}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        stem.with_suffix(".md").write_text(markdown(result))
-        if result["sweeps"]:
-            plot(result, stem.with_suffix(".png"))
-        print(f"results: {stem}.json / .md")
+    if stem is not None:
+        print(f"results: {stem}.json / .md / .png")
     return 1 if failed else 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,12 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _memory import reset_peak_rss, status_bytes  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _random_pair(vocab: int):
@@ -86,7 +82,9 @@ def worker(args) -> dict:
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else _rss()
+    if not cuda:
+        reset_peak_rss()  # the peak excludes model loading
+    base = torch.cuda.memory_allocated() if cuda else status_bytes("VmRSS")
     steps, parts, tokens = [], [], []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
@@ -98,7 +96,7 @@ def worker(args) -> dict:
             steps.append(time.perf_counter() - t0)
             parts.append({k: metrics[f"time/{k}_s"] for k in ("sample", "score", "update")})
             tokens.append(metrics["train/response_length"] * config.rollouts_per_step)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")
     return {"step_s": statistics.median(steps), **{f"{k}_s": statistics.median(p[k] for p in parts)
                                                    for k in ("sample", "score", "update")},
             "response_tokens": statistics.median(tokens), "peak_above_models_bytes": max(0, peak - base),

@@ -162,25 +162,32 @@ def grad_logits_tile(
     jsd_beta: float,
 ) -> torch.Tensor:
     """dL/dz for one [rows, cols] tile of student logits (before the 1/tau chain factor)."""
-    log_p = z - student_lse[:, None]
+    # z is a fresh tile owned by the caller: reuse it in place (log p, then the coefficient, then dz).
+    log_p = z.sub_(student_lse[:, None])
     p = log_p.exp()
-    # Row-wise coefficient of p: -g_lp - g_H (log p + H) + g_D * (divergence term).
-    coef = -(grad_logprob[:, None] + grad_entropy[:, None] * (log_p + student_entropy[:, None]))
     extra = None
     if divergence != DIV_NONE and grad_divergence is not None:
         g_div = grad_divergence[:, None]
-        log_q = u - teacher_lse[:, None]
-        if divergence == DIV_REVERSE_KL:
-            coef = coef + g_div * (log_p - log_q - div_aux[:, None])
-        elif divergence == DIV_FORWARD_KL:
-            coef = coef + g_div
-            extra = -g_div * log_q.exp()
-        else:
-            log_m = _jsd_log_mixture(log_p, log_q, jsd_beta)
-            coef = coef + g_div * (1.0 - jsd_beta) * (log_p - log_m - div_aux[:, None])
-    dz = p * coef
+        log_q = u.sub_(teacher_lse[:, None])
+        if divergence == DIV_REVERSE_KL:  # p (log p - log q - KL)
+            extra_coef = (log_p - log_q).sub_(div_aux[:, None]).mul_(g_div)
+        elif divergence == DIV_FORWARD_KL:  # p - q
+            extra_coef = None
+            extra = log_q.exp_().mul_(-g_div)
+        else:  # (1 - beta) p (log p - log M - KL(p||M))
+            extra_coef = (log_p - _jsd_log_mixture(log_p, log_q, jsd_beta)).sub_(div_aux[:, None])
+            extra_coef.mul_(g_div * (1.0 - jsd_beta))
+    else:
+        extra_coef, g_div = None, None
+    # Row-wise coefficient of p: -g_lp - g_H (log p + H) (+ g_D * divergence term).
+    coef = log_p.add_(student_entropy[:, None]).mul_(-grad_entropy[:, None]).sub_(grad_logprob[:, None])
+    if extra_coef is not None:
+        coef.add_(extra_coef)
+    elif divergence == DIV_FORWARD_KL and g_div is not None:
+        coef.add_(g_div)
+    dz = coef.mul_(p)
     if extra is not None:
-        dz = dz + extra
+        dz.add_(extra)
     local = targets - v0
     in_tile = (local >= 0) & (local < z.shape[1])
     rows = torch.nonzero(in_tile).squeeze(1)
@@ -218,7 +225,10 @@ def chunked_backward(
     inv_t = problem.inv_temperature
     use_teacher = problem.divergence != DIV_NONE and grad_divergence is not None
     grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device) if need_hidden_grad else None
-    grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_weight_grad else None
+    # dW is written (mm out=) by the first token chunk that has gradient and accumulated after:
+    # no zero-fill pass over a V x D buffer (1.5 GB at V = 152k, D = 2560).
+    grad_weight = torch.empty(student_weight.shape, dtype=acc, device=student_weight.device) if need_weight_grad else None
+    weight_written = False
     row_has_grad = (grad_logprob != 0) | (grad_entropy != 0)
     if grad_divergence is not None:
         row_has_grad |= grad_divergence != 0
@@ -244,5 +254,11 @@ def chunked_backward(
             if grad_hidden is not None:
                 grad_hidden[rows].addmm_(dz, w_c)
             if grad_weight is not None:
-                grad_weight[cols].addmm_(dz.t(), h_s)
+                if weight_written:
+                    grad_weight[cols].addmm_(dz.t(), h_s)
+                else:
+                    torch.mm(dz.t(), h_s, out=grad_weight[cols])
+        weight_written = True
+    if grad_weight is not None and not weight_written:
+        grad_weight.zero_()  # no row carried gradient
     return grad_hidden, grad_weight

@@ -60,7 +60,7 @@ def _sft_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.
 
 
 def supervised_warmup(model, tokenizer, problems: list[Problem], *, steps: int, lr: float, batch_size: int = 256,
-                      seed: int = 0, log_every: int = 100) -> None:
+                      seed: int = 0, log_every: int = 100) -> float:
     """Plain next-token cross-entropy on worked solutions, AdamW with cosine decay."""
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -79,6 +79,7 @@ def supervised_warmup(model, tokenizer, problems: list[Problem], *, steps: int, 
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"    step {step:5d}  loss {loss.item():.4f}", flush=True)
     model.eval()
+    return float(loss.detach())
 
 
 def build(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = None) -> dict:
@@ -91,10 +92,10 @@ def build(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = Non
     for name, (tasks, hidden, layers, heads, steps, lr, seed) in MODELS.items():
         if only and name not in only:
             continue
-        steps = max(20, steps // 20) if quick else steps
+        steps = 3 if quick else steps
         t0 = time.time()
-        train = sample_problems(tasks, 20_000, seed=seed, held_out=False)
-        held_out = sample_problems(tasks, 400, seed=seed + 100, held_out=True)
+        train = sample_problems(tasks, 500 if quick else 20_000, seed=seed, held_out=False)
+        held_out = sample_problems(tasks, 16 if quick else 400, seed=seed + 100, held_out=True)
         model = tiny_llama(len(tokenizer), hidden, layers, heads, seed=seed, pad_id=tokenizer.pad_token_id,
                            eos_id=tokenizer.eos_token_id)
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train)} training problems")
@@ -110,7 +111,7 @@ def build(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = Non
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
-    parser.add_argument("--quick", action="store_true", help="a few steps each (for tests of this script)")
+    parser.add_argument("--quick", action="store_true", help="three steps each (a smoke test of this script)")
     parser.add_argument("--only", nargs="+", choices=sorted(MODELS), help="rebuild only these models")
     args = parser.parse_args(argv)
     build(args.out, quick=args.quick, only=args.only)

@@ -12,6 +12,7 @@ ratio and weight statistics over steps) and `summary.json`.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,7 +62,7 @@ def run_demo(setting: str = "single", *, steps: Optional[int] = None, seed: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(assets / "tokenizer")
     teachers = {key: load_causal_lm(assets / name) for key, name in spec["teachers"].items()}
-    base = replace(DEMO_CONFIG, seed=seed, progress=progress, steps=steps or DEMO_CONFIG.steps,
+    base = replace(DEMO_CONFIG, seed=seed, progress=progress and sys.stderr.isatty(), steps=steps or DEMO_CONFIG.steps,
                    eval_size=eval_size or DEMO_CONFIG.eval_size)
     train = sample_problems(spec["tasks"], 4000, seed=1000 + seed, held_out=False)
     held_out = sample_problems(spec["tasks"], base.eval_size, seed=2000 + seed, held_out=True)
@@ -69,9 +70,11 @@ def run_demo(setting: str = "single", *, steps: Optional[int] = None, seed: int 
     rows = []
     for key, teacher in teachers.items():
         own = [p for p in held_out if p.teacher == key]
-        rows.append({"model": f"teacher {key}", "accuracy": {key: accuracy(teacher, tokenizer, own)}})
+        column = "all" if len(teachers) == 1 else key  # its own task's column
+        rows.append({"model": f"teacher {key}", "accuracy": {column: accuracy(teacher, tokenizer, own)}})
     initial = load_causal_lm(assets / "student_init")
-    rows.append({"model": "student (initial)", "accuracy": accuracy_by_teacher(initial, tokenizer, held_out)})
+    initial_accuracy = accuracy_by_teacher(initial, tokenizer, held_out)
+    rows.append({"model": "student (initial)", "accuracy": initial_accuracy})
 
     curves = {}
     for method in ("opd", "fire"):
@@ -92,7 +95,8 @@ def run_demo(setting: str = "single", *, steps: Optional[int] = None, seed: int 
     (out_dir / "summary.json").write_text(json.dumps({**summary, "curves": curves}, indent=1))
     print(format_table(summary))
     if plot:
-        path = plot_curves(curves, out_dir / "demo.png", title=f"FiRe-OPD demo ({setting}, seed {seed})")
+        path = plot_curves(curves, out_dir / "demo.png", title=f"FiRe-OPD demo ({setting}, seed {seed})",
+                           initial_accuracy=initial_accuracy["all"])
         print(f"plot: {path}")
     return summary
 
@@ -111,7 +115,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict, path: Path, title: str) -> Path:
+def plot_curves(curves: dict, path: Path, title: str, initial_accuracy: Optional[float] = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +124,8 @@ def plot_curves(curves: dict, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     names = {"opd": "OPD", "fire": "FiRe-OPD"}
     for method, history in curves.items():
-        evals = [(h["train/step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h]
+        evals = [(0, initial_accuracy)] if initial_accuracy is not None else []
+        evals += [(h["train/step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h]
         if evals:
             axes[0].plot(*zip(*evals), marker="o", label=names[method])
     axes[0].set(title="held-out accuracy", xlabel="step", ylabel="accuracy")
