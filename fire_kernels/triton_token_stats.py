@@ -19,7 +19,7 @@ nothing of size N * V or chunk * V.
 
 Half precision under the CPU interpreter: Triton 3.9's interpreter returns garbage from
 `tl.dot` on bf16 operands (fp16 and fp32 are right). With DOT_FP32 the kernels upcast both
-dot operands to fp32 first. Products of bf16 values are exact in fp32 and the GPU tensor-core
+dot operands to fp32 first (dz after rounding it to bf16, as the GPU path does). Products of bf16 values are exact in fp32 and the GPU tensor-core
 path accumulates in fp32 too, so the upcast path computes the same sums; the host sets the
 flag only for bf16 under TRITON_INTERPRET=1. The compiled kernels (compile_report) use the
 native bf16 dot.
@@ -312,11 +312,12 @@ def _token_stats_bwd_kernel(
                 log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
                 coef += g_div[:, None] * (1.0 - jsd_beta) * (log_p - log_m - aux[:, None])
         dz = tl.where(row_mask[:, None] & col_mask[None, :], (p * coef + extra) * inv_temp, 0.0)
-        # Tensor-core operands in the parameter dtype (fp32 accumulation), as in CCE.
+        # Tensor-core operands in the parameter dtype (fp32 accumulation), as in CCE. Under the
+        # interpreter's bf16 workaround dz is still rounded to bf16 first, then upcast: bf16
+        # products are exact in fp32, so the interpreted sums equal the GPU's.
+        dz_op = dz.to(S_WEIGHT.dtype.element_ty)
         if DOT_FP32:
-            dz_op = dz
-        else:
-            dz_op = dz.to(S_WEIGHT.dtype.element_ty)
+            dz_op = dz_op.to(tl.float32)
         offs_d = tl.arange(0, BLOCK_D)
         if COMPUTE_DH:
             w_base = S_WEIGHT + col_start.to(tl.int64) * s_stride_wv
