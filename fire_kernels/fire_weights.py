@@ -64,11 +64,24 @@ def _fire_weights_kernel(
     tl.store(ROW_TOKENS + row, n_tokens)
 
 
-def _inverse_max(entropy: torch.Tensor, valid: torch.Tensor) -> float:
-    if not bool(valid.any()):
-        return 0.0
-    top = float(entropy[valid].max())
-    return 1.0 / top if top > 0 else 0.0
+def inverse_max(maximum: float) -> float:
+    """1 / max, or 0 when max <= 0 (every valid entropy is 0, or there is no valid token):
+    then c = 1 and u = 0, the limits of the clamps, instead of a division by zero."""
+    return 1.0 / maximum if maximum > 0 else 0.0
+
+
+def confidence_and_confusion(
+    teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, inv_max_teacher_entropy: float,
+    inv_max_student_entropy: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """c = clamp(1 - H^T / max H^T, 0, 1) and u = clamp(H^S / max H^S, 0, 1), float32 [B, T]."""
+    confidence = (1.0 - teacher_entropy.float() * inv_max_teacher_entropy).clamp(0.0, 1.0)
+    confusion = (student_entropy.float() * inv_max_student_entropy).clamp(0.0, 1.0)
+    return confidence, confusion
+
+
+def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> float:
+    return float(x[valid].max()) if bool(valid.any()) else 0.0
 
 
 def fire_row_stats_torch(
@@ -77,8 +90,8 @@ def fire_row_stats_torch(
 ) -> FireRowStats:
     """PyTorch twin of `_fire_weights_kernel` (the CPU path and the kernel's test oracle)."""
     valid = mask > 0
-    confidence = (1.0 - teacher_entropy.float() * inv_max_teacher_entropy).clamp(0.0, 1.0)
-    confusion = (student_entropy.float() * inv_max_student_entropy).clamp(0.0, 1.0)
+    confidence, confusion = confidence_and_confusion(teacher_entropy, student_entropy, inv_max_teacher_entropy,
+                                                     inv_max_student_entropy)
     weights = torch.where(valid, (1.0 + alpha * confidence) * (1.0 + beta * confusion), 0.0)
     tokens = valid.float().sum(-1)
     score = torch.where(valid, teacher_logprob.float(), 0.0).sum(-1) / tokens.clamp_min(1.0)
@@ -114,8 +127,10 @@ def fire_row_stats(
         if t.dim() != 2 or t.shape != mask.shape:
             raise ValueError(f"{name} must be [batch, response_len] = {tuple(mask.shape)}, got {tuple(t.shape)}")
     valid = mask > 0
-    inv_t = 1.0 / max_teacher_entropy if max_teacher_entropy else _inverse_max(teacher_entropy, valid)
-    inv_s = 1.0 / max_student_entropy if max_student_entropy else _inverse_max(student_entropy, valid)
+    inv_t = inverse_max(max_teacher_entropy if max_teacher_entropy is not None
+                        else _masked_max(teacher_entropy, valid))
+    inv_s = inverse_max(max_student_entropy if max_student_entropy is not None
+                        else _masked_max(student_entropy, valid))
     if backend == "auto":
         backend = "triton" if mask.is_cuda else "torch"
     if backend == "torch":

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fire_kernels.fire_weights import fire_row_stats
+from fire_kernels.fire_weights import confidence_and_confusion, fire_row_stats, inverse_max
 
 METHODS = ("opd", "fire", "filter_only", "reweight_only", "hard_token")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -162,9 +162,9 @@ def compute_fire_advantages(
                             dist.ReduceOp.MAX, process_group)
         max_s = _all_reduce(torch.where(mask, student_entropy, neg_inf).amax() if mask.numel() else neg_inf,
                             dist.ReduceOp.MAX, process_group)
+        max_t, max_s = float(max_t), float(max_s)  # -inf when no rank has a valid token
         rows = fire_row_stats(teacher_log_prob, teacher_entropy, student_entropy, mask.float(), alpha=alpha,
-                              beta=beta, max_teacher_entropy=max(float(max_t), 0.0),
-                              max_student_entropy=max(float(max_s), 0.0), backend=backend)
+                              beta=beta, max_teacher_entropy=max_t, max_student_entropy=max_s, backend=backend)
         totals = _all_reduce(torch.stack([rows.row_weight_sum.sum(), rows.row_tokens.sum()]) if mask.numel()
                              else torch.zeros(2, device=mask.device), dist.ReduceOp.SUM, process_group)
         global_tokens = float(totals[1])
@@ -196,10 +196,8 @@ def compute_fire_advantages(
         advantage = teacher_log_prob - old_log_prob
         advantages = torch.where(loss_mask, weights * advantage, zero)
 
-        inv_t = 1.0 / float(max_t) if float(max_t) > 0 else 0.0
-        inv_s = 1.0 / float(max_s) if float(max_s) > 0 else 0.0
-        confidence = (1.0 - teacher_entropy * inv_t).clamp(0, 1)
-        confusion = (student_entropy * inv_s).clamp(0, 1)
+        confidence, confusion = confidence_and_confusion(teacher_entropy, student_entropy, inverse_max(max_t),
+                                                         inverse_max(max_s))
         metrics = {
             "fire/keep_ratio": _ratio(keep.sum(), has_tokens.sum(), process_group),
             "fire/token_keep_ratio": _ratio(loss_mask.sum(), mask.sum(), process_group),
