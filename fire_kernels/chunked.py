@@ -165,26 +165,23 @@ def grad_logits_tile(
     # z is a fresh tile owned by the caller: reuse it in place (log p, then the coefficient, then dz).
     log_p = z.sub_(student_lse[:, None])
     p = log_p.exp()
-    extra = None
+    # dz = p * (coef + div_coef) + extra, with div_coef / extra the divergence's share.
+    div_coef, extra = None, None
     if divergence != DIV_NONE and grad_divergence is not None:
         g_div = grad_divergence[:, None]
         log_q = u.sub_(teacher_lse[:, None])
         if divergence == DIV_REVERSE_KL:  # p (log p - log q - KL)
-            extra_coef = (log_p - log_q).sub_(div_aux[:, None]).mul_(g_div)
+            div_coef = (log_p - log_q).sub_(div_aux[:, None]).mul_(g_div)
         elif divergence == DIV_FORWARD_KL:  # p - q
-            extra_coef = None
+            div_coef = g_div
             extra = log_q.exp_().mul_(-g_div)
         else:  # (1 - beta) p (log p - log M - KL(p||M))
-            extra_coef = (log_p - _jsd_log_mixture(log_p, log_q, jsd_beta)).sub_(div_aux[:, None])
-            extra_coef.mul_(g_div * (1.0 - jsd_beta))
-    else:
-        extra_coef, g_div = None, None
-    # Row-wise coefficient of p: -g_lp - g_H (log p + H) (+ g_D * divergence term).
+            div_coef = (log_p - _jsd_log_mixture(log_p, log_q, jsd_beta)).sub_(div_aux[:, None])
+            div_coef.mul_(g_div * (1.0 - jsd_beta))
+    # Row-wise coefficient of p from the log-prob and entropy: -g_lp - g_H (log p + H).
     coef = log_p.add_(student_entropy[:, None]).mul_(-grad_entropy[:, None]).sub_(grad_logprob[:, None])
-    if extra_coef is not None:
-        coef.add_(extra_coef)
-    elif divergence == DIV_FORWARD_KL and g_div is not None:
-        coef.add_(g_div)
+    if div_coef is not None:
+        coef.add_(div_coef)
     dz = coef.mul_(p)
     if extra is not None:
         dz.add_(extra)
