@@ -19,16 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .data import TASK_ALPHABET, Problem, sample_problems
+from .data import CHAIN_ALPHABET, TASK_ALPHABET, Problem, chain_solution, chain_terms, sample_problems
 from .evaluate import accuracy
 from .models import build_char_tokenizer, tiny_llama
+from .sampling import generate_rollouts
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -40,12 +43,13 @@ MODELS = {
 }
 
 
-def _sft_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sft_batch(tokenizer, problems: list[Problem], solutions: list[str]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
     """Right-padded prompt + solution + <eos>; labels only on the solution and <eos>."""
     rows, label_rows = [], []
-    for p in problems:
+    for p, solution in zip(problems, solutions):
         prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        target = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         label_rows.append([-100] * len(prompt) + target)
     width = max(len(r) for r in rows)
@@ -60,16 +64,23 @@ def _sft_batch(tokenizer, problems: list[Problem]) -> tuple[torch.Tensor, torch.
 
 
 def supervised_warmup(model, tokenizer, problems: list[Problem], *, steps: int, lr: float, batch_size: int = 256,
-                      seed: int = 0, log_every: int = 100) -> float:
-    """Plain next-token cross-entropy on worked solutions, AdamW with cosine decay."""
+                      seed: int = 0, log_every: int = 100,
+                      solution_fn: Optional[Callable[[Problem, random.Random], str]] = None) -> float:
+    """Plain next-token cross-entropy on worked solutions, AdamW with cosine decay.
+
+    `solution_fn(problem, rng)` draws a fresh solution each time a problem is used (tasks with
+    several valid solutions); by default the problem's own `solution`."""
     gen = torch.Generator().manual_seed(seed)
+    solution_rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(0, len(problems), (batch_size,), generator=gen)
-        ids, mask, labels = _sft_batch(tokenizer, [problems[i] for i in idx.tolist()])
+        batch = [problems[i] for i in idx.tolist()]
+        solutions = [solution_fn(p, solution_rng) if solution_fn else p.solution for p in batch]
+        ids, mask, labels = _sft_batch(tokenizer, batch, solutions)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
@@ -108,13 +119,82 @@ def build(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = Non
     return report
 
 
+# The "chain" setting (the paper's regime, one model family): a teacher trained on all three
+# solution formats, and a smaller student of the same architecture trained on the teacher's own
+# sampled solutions (sequence-level distillation), so that it starts close to the teacher.
+# name: (hidden, layers, heads, sft steps, learning rate, seed)
+CHAIN_MODELS = {
+    "teacher": (96, 4, 4, 2500, 2e-3, 11),
+    "student_init": (64, 3, 4, 600, 2e-3, 12),
+}
+CHAIN_MAX_NEW_TOKENS = 48
+CHAIN_MAX_POSITIONS = 96
+
+
+def redraw_chain_solution(problem: Problem, rng: random.Random) -> str:
+    return chain_solution(chain_terms(problem.prompt), rng)
+
+
+@torch.no_grad()
+def teacher_samples(teacher, tokenizer, problems: list[Problem], *, seed: int, batch_size: int = 512) -> list[Problem]:
+    """The teacher's own temperature-1 completions of `problems` (those that end with EOS),
+    right or wrong, as solutions: what the student imitates before distillation starts."""
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        rollouts = generate_rollouts(teacher, tokenizer, [p.prompt for p in chunk],
+                                     max_new_tokens=CHAIN_MAX_NEW_TOKENS, temperature=1.0)
+        finished = (rollouts.response_ids == tokenizer.eos_token_id).any(dim=1)
+        out += [replace(p, solution=text) for p, text, ok in zip(chunk, rollouts.texts, finished.tolist()) if ok]
+    return out
+
+
+def build_chain(out_dir: Path, *, quick: bool = False) -> dict:
+    """Tokenizer, teacher and student of the "chain" setting under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_char_tokenizer(CHAIN_ALPHABET, out_dir / "tokenizer")
+    tokenizer.padding_side = "left"
+    train = sample_problems(["chain"], 500 if quick else 20_000, seed=11, held_out=False)
+    held_out = sample_problems(["chain"], 16 if quick else 400, seed=111, held_out=True)
+    report = {}
+    teacher = None
+    for name, (hidden, layers, heads, steps, lr, seed) in CHAIN_MODELS.items():
+        steps = 3 if quick else steps
+        t0 = time.time()
+        model = tiny_llama(len(tokenizer), hidden, layers, heads, seed=seed, pad_id=tokenizer.pad_token_id,
+                           eos_id=tokenizer.eos_token_id, max_positions=CHAIN_MAX_POSITIONS)
+        if teacher is None:
+            problems, solution_fn = train, redraw_chain_solution
+        else:
+            problems, solution_fn = teacher_samples(teacher, tokenizer, train, seed=seed), None
+        print(f"chain/{name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{len(problems)} training solutions")
+        supervised_warmup(model, tokenizer, problems, steps=steps, lr=lr, seed=seed, solution_fn=solution_fn,
+                          batch_size=128)
+        score = accuracy(model, tokenizer, held_out, max_new_tokens=CHAIN_MAX_NEW_TOKENS)
+        print(f"  held-out accuracy {score:.3f} ({time.time() - t0:.0f}s)")
+        model.save_pretrained(str(out_dir / name), safe_serialization=True)
+        report[name] = {"tasks": ["chain"], "held_out_accuracy": {"chain": score}, "sft_steps": steps, "seed": seed,
+                        "hidden": hidden, "layers": layers,
+                        "trained_on": "teacher samples" if teacher is not None else "all three formats"}
+        teacher = teacher or model
+    (out_dir / "MANIFEST.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     parser.add_argument("--quick", action="store_true", help="three steps each (a smoke test of this script)")
-    parser.add_argument("--only", nargs="+", choices=sorted(MODELS), help="rebuild only these models")
+    parser.add_argument("--only", nargs="+", choices=[*sorted(MODELS), "chain"],
+                        help="rebuild only these models (\"chain\": the chain setting's tokenizer and models)")
     args = parser.parse_args(argv)
-    build(args.out, quick=args.quick, only=args.only)
+    only = [name for name in args.only or [] if name != "chain"]
+    if not args.only or only:
+        build(args.out, quick=args.quick, only=only or None)
+    if not args.only or "chain" in args.only:
+        build_chain(args.out / "chain", quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,15 @@ Prompt files are JSONL, one object per line:
 The verifier scores a completion as correct when its final answer (the text after the last
 "=", stripped; the whole completion if it has none) equals the reference answer.
 
-Built-in task families (the demo's default):
-    arith    multi-step arithmetic with a worked answer:  "3+8-4="  ->  "11-4=7"
+Built-in task families:
+    arith    two-step arithmetic with a worked answer:    "3+8-4="  ->  "11-4=7"
     reverse  digit reversal (5 to 7 digits):              "R:48213=" -> "31284"
+    chain    six-term chains with a worked solution in one of three valid formats
+             (the "chain" demo setting, the paper's regime: long solutions, a teacher with
+             real entropy where several continuations are correct):
+               "3+8-4+2-5+7="  ->  "11-4+2-5+7=7+2-5+7=9-5+7=4+7=11"   (rewrite)
+                               ->  "3+8=11,11-4=7,7+2=9,9-5=4,4+7=11"  (steps)
+                               ->  "8+3+2+7=20,5+4=9,20-9=11"          (group, terms in any order)
 A fixed hash split keeps held-out problems out of every training set.
 """
 
@@ -17,13 +23,16 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-# Every character the built-in tasks use (the demo tokenizer is character-level).
-TASK_ALPHABET = "0123456789+-=R:"
+# Every character the built-in tasks use (the demo tokenizers are character-level).
+TASK_ALPHABET = "0123456789+-=R:"  # arith, reverse
+CHAIN_ALPHABET = "0123456789+-=,"  # chain
+CHAIN_TERMS = 6
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,66 @@ def make_reverse(rng: random.Random) -> Problem:
     return Problem(f"R:{digits}=", digits[::-1], "reverse", digits[::-1])
 
 
-TASKS: dict[str, Callable[[random.Random], Problem]] = {"arith": make_arith, "reverse": make_reverse}
+def chain_terms(prompt: str) -> list[int]:
+    """"3+8-4=" -> [3, 8, -4]."""
+    return [int(t) for t in re.findall(r"[+-]?\d", prompt.rstrip("="))]
+
+
+def _signed(value: int) -> str:
+    return f"+{value}" if value >= 0 else str(value)
+
+
+def chain_solution(terms: list[int], rng: random.Random) -> str:
+    """One valid worked solution of a chain, in a format (and term order) drawn from `rng`."""
+    layout = rng.randrange(3)
+    if layout == 0:  # rewrite: fold the first two terms, restate the rest
+        value, parts = terms[0], []
+        for k in range(1, len(terms)):
+            value += terms[k]
+            parts.append(str(value) + "".join(_signed(t) for t in terms[k + 1:]))
+        return "=".join(parts)
+    if layout == 1:  # steps: one binary operation per step
+        value, parts = terms[0], []
+        for t in terms[1:]:
+            parts.append(f"{value}{_signed(t)}={value + t}")
+            value += t
+        return ",".join(parts)
+    positives, negatives = [t for t in terms if t >= 0], [-t for t in terms if t < 0]
+    rng.shuffle(positives)
+    rng.shuffle(negatives)
+    pos, neg = sum(positives), sum(negatives)
+    parts = [f"{'+'.join(map(str, positives))}={pos}"] if len(positives) > 1 else []
+    if negatives:
+        if len(negatives) > 1:
+            parts.append(f"{'+'.join(map(str, negatives))}={neg}")
+        parts.append(f"{pos}-{neg}={pos - neg}")
+    return ",".join(parts) if parts else f"{pos}={pos}"
+
+
+def make_chain(rng: random.Random) -> Problem:
+    terms = [rng.randint(0, 9)] + [rng.choice((1, -1)) * rng.randint(0, 9) for _ in range(CHAIN_TERMS - 1)]
+    prompt = str(terms[0]) + "".join("+" + str(t) if t >= 0 else str(t) for t in terms[1:]) + "="
+    # -0 prints as "+0": the sign is drawn independently of the digit, so re-read the terms
+    terms = chain_terms(prompt)
+    return Problem(prompt, str(sum(terms)), "chain", chain_solution(terms, rng))
+
+
+TASKS: dict[str, Callable[[random.Random], Problem]] = {"arith": make_arith, "reverse": make_reverse,
+                                                        "chain": make_chain}
+
+# A well-formed completion of each task (EOS removed): anything else is format drift.
+_EXPR = r"-?\d+(?:[+-]\d+)*"
+ANSWER_FORMATS = {
+    "arith": re.compile(r"^-?\d+[+-]\d+=-?\d+$"),
+    "reverse": re.compile(r"^\d+$"),
+    "chain": re.compile(rf"^{_EXPR}(?:[=,]{_EXPR})*=-?\d+$"),
+}
+
+
+def is_well_formed(completion: str, task: Optional[str]) -> bool:
+    """Whether a completion follows its task's answer format (True for tasks without one)."""
+    pattern = ANSWER_FORMATS.get(task or "")
+    return pattern is None or bool(pattern.match(completion.strip()))
 
 
 def is_held_out(problem: Problem, every: int = 4) -> bool:
