@@ -146,6 +146,30 @@ def chunked_forward(
     return stats._replace(divergence=divergence), kl_p_m
 
 
+def full_row_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, divergence: int, jsd_beta: float
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-row divergence from whole rows of log-probabilities [rows, V] (student p, teacher q),
+    and the per-row `div_aux` that `grad_logits_tile` needs:
+
+        reverse KL   KL(p||q) = sum p (log p - log q)                 aux = KL(p||q)
+        forward KL   KL(q||p) = sum q (log q - log p)                 aux = None
+        JSD_beta     beta KL(q||M) + (1 - beta) KL(p||M),
+                     M = (1 - beta) p + beta q                        aux = KL(p||M)
+    """
+    if divergence == DIV_REVERSE_KL:
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        return kl, kl
+    if divergence == DIV_FORWARD_KL:
+        return (log_q.exp() * (log_q - log_p)).sum(dim=1), None
+    if divergence != DIV_JSD:
+        raise ValueError(f"full_row_divergence needs a divergence, got {divergence}")
+    log_m = _jsd_log_mixture(log_p, log_q, jsd_beta)
+    kl_p_m = (log_p.exp() * (log_p - log_m)).sum(dim=1)
+    kl_q_m = (log_q.exp() * (log_q - log_m)).sum(dim=1)
+    return jsd_beta * kl_q_m + (1.0 - jsd_beta) * kl_p_m, kl_p_m
+
+
 def grad_logits_tile(
     z: torch.Tensor,
     u: Optional[torch.Tensor],

@@ -1,4 +1,4 @@
-"""Fused student update: log-prob, loss and gradients formed in the forward sweep.
+"""Fused student update: per-token statistic, loss and gradients formed in the forward sweep.
 
 In a distillation step the teacher statistics and advantages are known before the update,
 so the derivative of the loss w.r.t. each token's log-prob, g_t = dL/d log p(y_t), depends
@@ -14,6 +14,18 @@ chunked: token chunks of whole vocabulary rows (lse must be known before dz), si
          chunk * V <= chunk_elements; 3 matrix products, one [chunk, V] fp32 buffer.
 triton:  the streaming forward kernel gives lse (1 product), then the one-recompute backward
          kernel forms dz on-chip (1 + 2 products); no [N, V] or [chunk, V] buffer.
+
+`linear_divergence_update` does the same for the dense objective, loss = sum_t c_t D_t(p || q)
+with per-token coefficients c known before the sweep (q the teacher, u = g U^T / tau):
+
+    dz = c * dD/dz / tau,   reverse KL: p (log p - log q - KL);  forward KL: p - q;
+                            JSD_beta: (1 - beta) p (log p - log M - KL(p||M))
+
+chunked: whole rows of z and u per token chunk (each D needs both final lse values and, for
+         KL / JSD, its own value before dz exists): 2 student + 1 teacher products against
+         5 + 2 for the autograd path (forward sweep, then backward recompute).
+triton:  the forward kernel (z and u tiles on-chip) then the backward kernel with upstream
+         gradient c on the divergence.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import torch
 
 from . import triton_token_stats
 from ._validation import validate_stats_inputs
+from .chunked import full_row_divergence, grad_logits_tile
 from .token_stats import resolve_backend
 
 # grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
@@ -108,3 +121,98 @@ def linear_logprob_update(
     if not weight_written:
         grad_weight.zero_()
     return LogprobUpdate(logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+
+
+class DivergenceUpdate(NamedTuple):
+    divergence: torch.Tensor  # [N] float32 D_t(p || q), 0 on ignored rows
+    loss: torch.Tensor  # scalar, sum_t c_t D_t
+    grad_hidden: torch.Tensor  # [N, D_s] in student_hidden's dtype
+    grad_weight: torch.Tensor  # [V, D_s] in student_weight's dtype
+
+
+def linear_divergence_update(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    targets: torch.Tensor,
+    coefficient: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> DivergenceUpdate:
+    """Per-token full-vocabulary divergence D_t between the student's softmax(h W^T / tau) and the
+    teacher's softmax(g U^T / tau), and the gradients of loss = sum_t coefficient_t * D_t w.r.t.
+    student_hidden [N, D_s] and student_weight [V, D_s], in one sweep.
+
+    `targets` [N] only marks rows: those equal to `ignore_index` give D = 0 and no gradient.
+    `coefficient` [N] is detached (the caller's aggregation and FiRe weights). `divergence` is
+    "reverse_kl" KL(student || teacher), "forward_kl" KL(teacher || student) or "jsd"
+    (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger).
+    """
+    if divergence is None:
+        raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
+    problem = validate_stats_inputs(student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
+                                    temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+                                    ignore_index=ignore_index, backend=backend, student_prefix="student_")
+    if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (problem.num_tokens,):
+        raise ValueError(f"coefficient must be a [{problem.num_tokens}] tensor, got "
+                         f"{getattr(coefficient, 'shape', type(coefficient).__name__)}")
+    backend = resolve_backend(backend, student_hidden.device)
+    valid = targets != ignore_index
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    kind, beta = problem.divergence, problem.jsd_beta
+    if backend == "triton":
+        stats, div_aux = triton_token_stats.triton_forward(problem, student_hidden, student_weight, targets,
+                                                           teacher_hidden, teacher_weight)
+        coef = torch.where(valid, coefficient.detach().float(), 0.0)
+        loss = (coef * stats.divergence).sum()
+        zeros = torch.zeros_like(coef)
+        grad_hidden, grad_weight = triton_token_stats.triton_backward(
+            problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
+            stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef)
+        return DivergenceUpdate(stats.divergence, loss, grad_hidden.to(student_hidden.dtype),
+                                grad_weight.to(student_weight.dtype))
+
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    n, vocab = problem.num_tokens, problem.vocab_size
+    inv_t = problem.inv_temperature
+    dev = student_hidden.device
+    # z, u, log p, log q and two row temporaries live together: about 1.5 chunk_elements floats
+    rows_per_chunk = max(1, chunk_elements // max(4 * vocab, 1))
+    coef_all = torch.where(valid, coefficient.detach().to(acc), 0.0)
+    values = torch.zeros(n, dtype=acc, device=dev)
+    grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=dev)
+    grad_weight = torch.empty(student_weight.shape, dtype=acc, device=dev)  # written by the first chunk (see above)
+    weight_written = False
+    student_w, teacher_w = student_weight.to(acc), teacher_weight.to(acc)
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n))
+        ok, coef = valid[rows], coef_all[rows]
+        if not bool(ok.any()):
+            continue
+        h = student_hidden[rows].to(acc)
+        z = (h @ student_w.t()).mul_(inv_t)
+        u = (teacher_hidden[rows].to(acc) @ teacher_w.t()).mul_(inv_t)
+        lse_z, lse_u = torch.logsumexp(z, dim=-1), torch.logsumexp(u, dim=-1)
+        value, aux = full_row_divergence(z - lse_z[:, None], u - lse_u[:, None], kind, beta)
+        values[rows] = torch.where(ok, value, 0.0)
+        if not bool((coef != 0).any()):
+            continue
+        zeros = torch.zeros_like(coef)
+        dz = grad_logits_tile(z, u, zeros.long(), 0, lse_z, zeros, lse_u, aux, zeros, zeros, coef, kind,
+                              beta).mul_(inv_t)
+        torch.mm(dz, student_w, out=grad_hidden[rows])
+        if weight_written:
+            grad_weight.addmm_(dz.t(), h)
+        else:
+            torch.mm(dz.t(), h, out=grad_weight)
+            weight_written = True
+    if not weight_written:
+        grad_weight.zero_()
+    loss = (coef_all * values).sum()
+    return DivergenceUpdate(values, loss, grad_hidden.to(student_hidden.dtype), grad_weight.to(student_weight.dtype))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .loss import LOSS_AGG_MODES, METHODS
+from .loss import DIVERGENCES, LOSS_AGG_MODES, METHODS, OBJECTIVES
 
 
 @dataclass
@@ -34,6 +34,10 @@ class TrainConfig:
     stats_scope: str = "batch"  # "batch": FiRe statistics over the whole rollout batch;
     #                             "micro_batch": per micro-batch, as the authors' released code does
     temperature: float = 1.0  # sampling temperature, also used for log-probs and entropies
+    objective: str = "sampled"  # "sampled": PPO surrogate on the sampled token's advantage (the paper, verl);
+    #                             "full_vocab": the exact per-token divergence (TRL's DistillationTrainer)
+    divergence: str = "reverse_kl"  # full_vocab only: reverse_kl | forward_kl | jsd
+    jsd_beta: float = 0.5  # full_vocab with divergence=jsd: 0 = forward KL, 1 = reverse KL (TRL / Liger)
 
     # --- rollouts
     steps: int = 100  # optimizer steps (one rollout batch each)
@@ -74,6 +78,12 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.stats_scope not in ("batch", "micro_batch"):
             raise ValueError(f"stats_scope must be 'batch' or 'micro_batch', got {self.stats_scope!r}")
         if not 0.0 <= self.percentile <= 100.0:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from fire_kernels import teacher_student_stats, token_stats
-from fire_kernels.fused_update import linear_logprob_update
+from fire_kernels.fused_update import linear_divergence_update, linear_logprob_update
 
-from .loss import clipped_surrogate, fire_policy_loss, token_loss_scale
+from .loss import OBJECTIVES, clipped_surrogate, dense_metrics, fire_dense_loss, fire_policy_loss, token_loss_scale
 
 IGNORE_INDEX = -100
 
@@ -27,7 +27,7 @@ class ResponseStats(NamedTuple):
     student_entropy: torch.Tensor
     teacher_logprob: Optional[torch.Tensor]
     teacher_entropy: Optional[torch.Tensor]
-    reverse_kl: Optional[torch.Tensor]
+    divergence: Optional[torch.Tensor]
 
 
 def _flat_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,8 @@ def response_token_stats(
     teacher_weight: Optional[torch.Tensor] = None,
     *,
     temperature: float = 1.0,
-    with_reverse_kl: bool = False,
+    divergence: Optional[str] = None,
+    jsd_beta: float = 0.5,
     backend: str = "auto",
 ) -> ResponseStats:
     """Per-token student (and teacher) log-prob and entropy for response tokens.
@@ -63,7 +64,8 @@ def response_token_stats(
         student_weight: [V, D_s] lm_head weight.
         response_ids, response_mask: [B, T].
         teacher_hidden, teacher_weight: [B, T, D_t] and [V, D_t], optional; scored in the same sweep.
-        with_reverse_kl: also return the full-vocab KL(student || teacher) per token.
+        divergence: also return this full-vocab divergence per token ("reverse_kl" is
+            KL(student || teacher); "forward_kl", "jsd" with `jsd_beta`), differentiable.
     """
     targets = _flat_targets(response_ids, response_mask)
     shape = response_ids.shape
@@ -73,7 +75,7 @@ def response_token_stats(
         return ResponseStats(lp.view(shape), ent.view(shape), None, None, None)
     t_h = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
     out = teacher_student_stats(s_h, student_weight, t_h, teacher_weight, targets, temperature=temperature,
-                                divergence="reverse_kl" if with_reverse_kl else None, backend=backend)
+                                divergence=divergence, jsd_beta=jsd_beta, backend=backend)
     return ResponseStats(*(t.view(shape) if t is not None else None for t in out))
 
 
@@ -87,50 +89,51 @@ def fire_policy_loss_from_hidden(
     old_log_prob: Optional[torch.Tensor] = None,
     *,
     temperature: float = 1.0,
+    objective: str = "sampled",
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
     backend: str = "auto",
     **loss_kwargs,
 ) -> tuple[torch.Tensor, dict]:
-    """`fire_policy_loss` straight from hidden states: one fused sweep gives the student's
-    log-prob (with gradient) and entropy and the teacher's log-prob and entropy.
+    """`fire_policy_loss` (objective "sampled") or `fire_dense_loss` (objective "full_vocab",
+    with `divergence` and `jsd_beta`) straight from hidden states: one fused sweep gives the
+    student's log-prob and entropy, the teacher's log-prob and entropy and, for the dense
+    objective, the divergence (with gradient).
 
     old_log_prob: [B, T] from the sampler; None means fully on-policy (old = current, detached).
-    loss_kwargs: method, percentile, alpha, beta, clip_ratio, loss_agg_mode (see fire_policy_loss).
+    loss_kwargs: method, percentile, alpha, beta, loss_agg_mode and, for "sampled", clip_ratio.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    dense = objective == "full_vocab"
     stats = response_token_stats(student_hidden, student_weight, response_ids, response_mask, teacher_hidden,
-                                 teacher_weight, temperature=temperature, backend=backend)
+                                 teacher_weight, temperature=temperature, divergence=divergence if dense else None,
+                                 jsd_beta=jsd_beta, backend=backend)
     old = stats.student_logprob.detach() if old_log_prob is None else old_log_prob
-    return fire_policy_loss(stats.student_logprob, old, stats.teacher_logprob, stats.student_entropy.detach(),
-                            stats.teacher_entropy, response_mask, **loss_kwargs)
+    per_token = (old, stats.teacher_logprob, stats.student_entropy.detach(), stats.teacher_entropy, response_mask)
+    if dense:
+        return fire_dense_loss(stats.divergence, *per_token, **loss_kwargs)
+    return fire_policy_loss(stats.student_logprob, *per_token, **loss_kwargs)
 
 
-class _FusedSurrogate(torch.autograd.Function):
-    """Clipped surrogate whose hidden / weight gradients are formed in the forward sweep
-    (`fire_kernels.fused_update`); backward only scales them by the upstream gradient."""
+class _GradientsFromForward(torch.autograd.Function):
+    """A loss whose hidden / weight gradients were formed in its forward sweep
+    (`fire_kernels.fused_update`); backward only scales them by the upstream gradient.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, old_log_prob, advantages, token_scale, clip_ratio, temperature,
-                backend):
-        old, adv, scale = old_log_prob.reshape(-1).float(), advantages.reshape(-1).float(), token_scale.reshape(-1)
-
-        def grad_fn(lp: torch.Tensor, rows: slice):
-            # pg = max(-A r, -A clip(r)); d pg / d lp = -A r where the unclipped branch is taken
-            ratio = torch.exp(torch.where(scale[rows] > 0, lp - old[rows], 0.0))
-            a = adv[rows]
-            clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-            pg = torch.maximum(-a * ratio, -a * clipped)
-            unclipped = (-a * ratio >= -a * clipped)
-            return (scale[rows] * pg).sum(), torch.where(unclipped, -a * ratio, 0.0) * scale[rows]
-
-        out = linear_logprob_update(hidden, weight, targets, grad_fn, temperature=temperature, backend=backend)
-        ctx.save_for_backward(out.grad_hidden, out.grad_weight)
-        ctx.mark_non_differentiable(out.logprob)
-        return out.loss.float(), out.logprob
+    `sweep()` returns (loss, per-token statistic [N], grad_hidden, grad_weight); the statistic
+    comes back as a second, non-differentiable output (log-probs or divergences for metrics)."""
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logprob):
+    def forward(ctx, hidden, weight, sweep):
+        loss, per_token, grad_hidden, grad_weight = sweep()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(per_token)
+        return loss.float(), per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                None, None, None, None, None, None, None)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None
 
 
 def fused_clipped_surrogate(
@@ -151,23 +154,103 @@ def fused_clipped_surrogate(
     forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob)."""
     targets = _flat_targets(response_ids, loss_mask)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
-    scale = token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer)
-    loss, logprob = _FusedSurrogate.apply(hidden, student_weight, targets, old_log_prob.detach(), advantages.detach(),
-                                          scale, clip_ratio, temperature, backend)
+    old = old_log_prob.detach().reshape(-1).float()
+    adv = advantages.detach().reshape(-1).float()
+    scale = token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer).reshape(-1)
+
+    def grad_fn(lp: torch.Tensor, rows: slice):
+        # pg = max(-A r, -A clip(r)); d pg / d lp = -A r where the unclipped branch is taken
+        ratio = torch.exp(torch.where(scale[rows] > 0, lp - old[rows], 0.0))
+        a = adv[rows]
+        clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+        pg = torch.maximum(-a * ratio, -a * clipped)
+        unclipped = -a * ratio >= -a * clipped
+        return (scale[rows] * pg).sum(), torch.where(unclipped, -a * ratio, 0.0) * scale[rows]
+
+    def sweep():
+        out = linear_logprob_update(hidden, student_weight, targets, grad_fn, temperature=temperature,
+                                    backend=backend)
+        return out.loss, out.logprob, out.grad_hidden, out.grad_weight
+
+    loss, logprob = _GradientsFromForward.apply(hidden, student_weight, sweep)
     return loss, logprob.view(response_ids.shape)
 
 
+def dense_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    response_ids: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    fused_update: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense objective sum_t coefficients_t * D_t(student || teacher) from hidden states,
+    with no [tokens, vocab] logits. Returns (loss, per-token divergence [B, T], detached).
+
+    Shapes: student_hidden [B, T, D_s], teacher_hidden [B, T, D_t], weights [V, D_*], response_ids
+    and coefficients [B, T] (from `dense_coefficients`; tokens with coefficient 0, off the loss
+    mask, are skipped and give D = 0). `fused_update` forms the gradients in the
+    forward sweep (`fire_kernels.fused_update.linear_divergence_update`); otherwise autograd runs
+    through `fire_kernels.teacher_student_stats`.
+    """
+    targets = _flat_targets(response_ids, coefficients != 0)
+    hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
+    t_hidden = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+    if not fused_update:
+        out = teacher_student_stats(hidden, student_weight, t_hidden, teacher_weight, targets,
+                                    temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
+                                    backend=backend)
+        loss = (out.divergence * coefficients.reshape(-1).detach().to(out.divergence.dtype)).sum()
+        return loss, out.divergence.detach().view(response_ids.shape)
+
+    def sweep():
+        out = linear_divergence_update(hidden, student_weight, t_hidden, teacher_weight, targets,
+                                       coefficients.reshape(-1).detach(), divergence=divergence, jsd_beta=jsd_beta,
+                                       temperature=temperature, backend=backend)
+        return out.loss, out.divergence, out.grad_hidden, out.grad_weight
+
+    loss, values = _GradientsFromForward.apply(hidden, student_weight, sweep)
+    return loss, values.view(response_ids.shape)
+
+
 class FireOPDLoss(nn.Module):
-    """Update-step loss from hidden states: advantages and the loss mask are precomputed for
-    the whole rollout batch (`compute_fire_advantages`); this computes log pi_theta through
-    `fire_kernels.token_stats` and the clipped surrogate. Only the student's hidden states
-    and lm_head weight receive gradient."""
+    """Update-step loss from hidden states: advantages, weights and the loss mask are
+    precomputed for the whole rollout batch (`compute_fire_advantages`). `forward` is the
+    sampled objective (log pi_theta through `fire_kernels`, then the clipped surrogate);
+    `dense` is the full-vocab objective. Only the student's hidden states and lm_head weight
+    receive gradient."""
 
     def __init__(self, *, clip_ratio: float = 0.2, loss_agg_mode: str = "token-mean", temperature: float = 1.0,
-                 backend: str = "auto", fused_update: bool = True):
+                 backend: str = "auto", fused_update: bool = True, divergence: str = "reverse_kl",
+                 jsd_beta: float = 0.5):
         super().__init__()
         self.clip_ratio, self.loss_agg_mode = clip_ratio, loss_agg_mode
         self.temperature, self.backend, self.fused_update = temperature, backend, fused_update
+        self.divergence, self.jsd_beta = divergence, jsd_beta
+
+    def dense(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        response_ids: torch.Tensor,
+        coefficients: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict]:
+        """sum_t coefficients_t D_t(student || teacher); coefficients [B, T] from `dense_coefficients`
+        over the whole batch, so micro-batches accumulate to the whole-batch gradient."""
+        loss, values = dense_divergence_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, response_ids, coefficients,
+            divergence=self.divergence, jsd_beta=self.jsd_beta, temperature=self.temperature, backend=self.backend,
+            fused_update=self.fused_update)
+        return loss, dense_metrics(values, loss_mask.bool(), loss)
 
     def forward(
         self,

@@ -15,6 +15,15 @@ All per-token tensors are `[batch, response_len]` (one row per rollout). The alg
 torch.distributed is initialized); `clipped_surrogate` does 4 and can run per micro-batch
 with a batch-global normalizer, so gradient accumulation reproduces the whole-batch loss.
 `fire_policy_loss` chains both for callers that hold the whole batch.
+
+Objectives. The above is `objective="sampled"` (the paper's and verl's signal: the sampled
+token stands for the per-token reverse KL). `objective="full_vocab"` trains on the exact
+per-token divergence D_t(pi_theta || pi_T) instead, with the same filter and weights:
+
+    loss = sum_t k_t * w_t * keep_i * D_t        (k_t: the loss_agg_mode coefficient)
+
+`dense_coefficients` gives k_t w_t keep_i; `fire_dense_loss` is the whole loss for one batch.
+E_{y ~ pi_theta}[sampled gradient] = gradient of the full-vocab reverse KL when the ratio is 1.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from fire_kernels.fire_weights import confidence_and_confusion, fire_row_stats, 
 
 METHODS = ("opd", "fire", "filter_only", "reweight_only", "hard_token")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+OBJECTIVES = ("sampled", "full_vocab")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 _FILTERS = {"fire", "filter_only"}
 _REWEIGHTS = {"fire", "reweight_only"}
 
@@ -339,3 +350,50 @@ def fire_policy_loss(
     loss, surrogate_metrics = clipped_surrogate(log_prob, old_log_prob, fire.advantages, fire.loss_mask,
                                                 clip_ratio=clip_ratio, loss_agg_mode=loss_agg_mode)
     return loss, {**fire.metrics, **surrogate_metrics}
+
+
+# ----------------------------------------------------------------------------- the dense objective
+
+
+def dense_coefficients(fire: FireAdvantages, loss_agg_mode: str = "token-mean",
+                       normalizer: Optional[float] = None) -> torch.Tensor:
+    """Per-token coefficients [B, T] of the dense objective, loss = sum_t coef_t * D_t:
+    the aggregation coefficient k_t (see `token_loss_scale`) times the FiRe weight w_t, zero off
+    the loss mask (dropped rollouts, hard_token's unselected tokens, padding). Detached."""
+    return token_loss_scale(fire.loss_mask, loss_agg_mode, normalizer) * fire.token_weights
+
+
+def fire_dense_loss(
+    divergence: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    teacher_log_prob: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    method: str = "fire",
+    percentile: float = 20.0,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    loss_agg_mode: str = "token-mean",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """FiRe-OPD with the dense objective for one rollout batch, all inputs `[batch, response_len]`.
+
+    `divergence` is the per-token full-vocab D_t(pi_theta || pi_T) (from
+    `fire_kernels.teacher_student_stats(..., divergence=...)`), the only input with gradient.
+    The filter and weights are those of `fire_policy_loss` (they use `old_log_prob` only for the
+    `fire/reverse_kl` metric). Returns (loss, metrics).
+    """
+    _check_per_token({"divergence": divergence}, response_mask)
+    fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, response_mask,
+                                   method=method, percentile=percentile, alpha=alpha, beta=beta, backend=backend)
+    coefficients = dense_coefficients(fire, loss_agg_mode)
+    loss = (torch.where(fire.loss_mask, divergence, torch.zeros_like(divergence)) * coefficients).sum()
+    return loss, {**fire.metrics, **dense_metrics(divergence, fire.loss_mask, loss)}
+
+
+def dense_metrics(divergence: torch.Tensor, loss_mask: torch.Tensor, loss: torch.Tensor) -> dict:
+    n = max(int(loss_mask.sum()), 1)
+    return {"fire/divergence": float(torch.where(loss_mask, divergence.detach(), 0.0).sum()) / n,
+            "fire/dense_loss": float(loss.detach())}

@@ -5,8 +5,10 @@
                    teacher log-prob and entropy for every response token (no logits)
     3. filter and  FiRe statistics over the whole rollout batch -> advantages, loss mask
        reweight
-    4. update      micro-batches: hidden states -> log pi_theta (fused) -> clipped surrogate,
-                   gradients accumulate to one AdamW step (clipped, warmup + cosine schedule)
+    4. update      micro-batches: hidden states -> log pi_theta (fused) -> clipped surrogate
+                   (objective "sampled"), or -> the exact per-token divergence to the teacher
+                   (objective "full_vocab"); gradients accumulate to one AdamW step (clipped,
+                   warmup + cosine schedule)
 
 Every step re-seeds from (seed, step), so a resumed run continues exactly.
 """
@@ -27,7 +29,7 @@ from .config import TrainConfig
 from .data import Problem, is_correct, load_prompts
 from .evaluate import accuracy_by_teacher
 from .fused import FireOPDLoss, response_token_stats
-from .loss import compute_fire_advantages, loss_normalizer
+from .loss import FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
 from .models import check_same_vocab, lm_head_weight, load_causal_lm, load_tokenizer, response_hidden_states
 from .routing import route_rows, scatter_rows
 from .sampling import Rollouts, generate_rollouts
@@ -94,7 +96,8 @@ class FireOPDTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
         self.loss_fn = FireOPDLoss(clip_ratio=config.clip_ratio, loss_agg_mode=config.loss_agg_mode,
                                    temperature=config.temperature, backend=config.backend,
-                                   fused_update=config.fused_update)
+                                   fused_update=config.fused_update, divergence=config.divergence,
+                                   jsd_beta=config.jsd_beta)
         self.step = 0
         self.history: list[dict] = []
         self.output_dir = Path(config.output_dir)
@@ -146,7 +149,7 @@ class FireOPDTrainer:
         t_score = time.perf_counter()
 
         # 3 + 4. FiRe statistics and the update
-        metrics = self.update(rollouts, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy)
+        metrics = self.update(rollouts, keys, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy)
         t_update = time.perf_counter()
 
         tokens = int(rollouts.response_mask.sum())
@@ -181,16 +184,28 @@ class FireOPDTrainer:
                     t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
                 stats = response_token_stats(s_h, student_weight.to(s_h.dtype), rollouts.response_ids[chunk],
                                              mask[chunk], t_h, teacher_weight.to(t_h.dtype),
-                                             temperature=cfg.temperature, with_reverse_kl=True, backend=cfg.backend)
+                                             temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend)
                 parts.append(stats)
             per_teacher[name] = tuple(torch.cat(column) for column in zip(*parts))
         return scatter_rows(per_teacher, routes, batch_size=len(keys))
 
-    def update(self, rollouts: Rollouts, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy) -> dict:
+    def update(self, rollouts: Rollouts, keys: list[Optional[str]], old_log_prob, student_entropy, teacher_log_prob,
+               teacher_entropy) -> dict:
         cfg = self.config
+        dense = cfg.objective == "full_vocab"
         mask = rollouts.response_mask
         fire_args = dict(method=cfg.method, percentile=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta)
-        micro_batches = list(torch.arange(mask.shape[0], device=mask.device).split(cfg.micro_batch_size))
+        if dense:
+            # The dense loss needs each rollout's teacher hidden states again; they are recomputed
+            # per micro-batch (one no-grad teacher forward) rather than kept from scoring, which
+            # would hold [rollouts, response_len, D_t] activations through the whole update.
+            # Micro-batches therefore hold rows of one teacher each.
+            routes = route_rows(keys, self.teachers, default=self.default_teacher)
+            micro_batches = [(name, chunk.to(mask.device)) for name, rows in routes.items()
+                             for chunk in rows.split(cfg.micro_batch_size)]
+        else:
+            micro_batches = [(None, rows) for rows in
+                             torch.arange(mask.shape[0], device=mask.device).split(cfg.micro_batch_size)]
         metrics: dict = {}
         if cfg.stats_scope == "batch":
             fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask,
@@ -200,30 +215,39 @@ class FireOPDTrainer:
 
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, surrogate = 0.0, {}
-        for rows in micro_batches:
+        total_loss, loss_metrics = 0.0, {}
+        for teacher_name, rows in micro_batches:
             if cfg.stats_scope == "micro_batch":
                 # The released code's behaviour: statistics inside each micro-batch, each
                 # micro-batch's loss averaged over its own tokens, then over micro-batches.
-                fire_mb = compute_fire_advantages(old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows],
-                                                  teacher_entropy[rows], mask[rows], **fire_args)
-                advantages, loss_mask, scale, norm = fire_mb.advantages, fire_mb.loss_mask, 1 / len(micro_batches), None
-                metrics = _accumulate(metrics, fire_mb.metrics, len(micro_batches))
+                part = compute_fire_advantages(old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows],
+                                               teacher_entropy[rows], mask[rows], **fire_args)
+                part_normalizer, scale = None, 1 / len(micro_batches)
+                metrics = _accumulate(metrics, part.metrics, len(micro_batches))
             else:
-                advantages, loss_mask, scale, norm = fire.advantages[rows], fire.loss_mask[rows], 1.0, normalizer
+                part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
+            ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
             with self._autocast():
-                hidden = response_hidden_states(self.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-                                                rollouts.prompt_len)
-            weight = lm_head_weight(self.student)
-            loss, mb_metrics = self.loss_fn(hidden, weight.to(hidden.dtype), rollouts.response_ids[rows],
-                                            old_log_prob[rows], advantages, loss_mask, normalizer=norm)
+                hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
+            weight = lm_head_weight(self.student).to(hidden.dtype)
+            if dense:
+                teacher = self.teachers[teacher_name]
+                with torch.no_grad(), self._autocast():
+                    teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
+                loss, mb_metrics = self.loss_fn.dense(
+                    hidden, weight, teacher_hidden, lm_head_weight(teacher).to(teacher_hidden.dtype),
+                    rollouts.response_ids[rows], dense_coefficients(part, cfg.loss_agg_mode, part_normalizer),
+                    part.loss_mask)
+            else:
+                loss, mb_metrics = self.loss_fn(hidden, weight, rollouts.response_ids[rows], old_log_prob[rows],
+                                                part.advantages, part.loss_mask, normalizer=part_normalizer)
             (loss * scale).backward()
             total_loss += float(loss.detach()) * scale
-            surrogate = _accumulate(surrogate, mb_metrics, len(micro_batches))
+            loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return {**metrics, **surrogate, "train/loss": total_loss, "train/grad_norm": float(grad_norm)}
+        return {**metrics, **loss_metrics, "train/loss": total_loss, "train/grad_norm": float(grad_norm)}
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
 
@@ -304,6 +328,12 @@ class FireOPDTrainer:
         if self.device.type == "cuda" and self.config.dtype == "float32":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+
+def _select_rows(fire: FireAdvantages, rows: torch.Tensor) -> FireAdvantages:
+    """The rows of a batch-level FiRe result that one micro-batch trains on."""
+    return FireAdvantages(fire.advantages[rows], fire.loss_mask[rows], fire.keep[rows], fire.token_weights[rows],
+                          fire.threshold)
 
 
 def _accumulate(total: dict, metrics: dict, count: int) -> dict:
