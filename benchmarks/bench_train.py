@@ -57,7 +57,7 @@ def _demo_pair():
 
     tok = load_tokenizer(ASSETS_DIR / "tokenizer")
     return (load_causal_lm(ASSETS_DIR / "student_init"), {"arith": load_causal_lm(ASSETS_DIR / "teacher_arith")},
-            tok, sample_problems(["arith"], 512, seed=0, held_out=False))
+            tok, sample_problems(["arith"], 512, seed=0, split="train"))
 
 
 def worker(args) -> dict:

@@ -105,8 +105,8 @@ def build(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = Non
             continue
         steps = 3 if quick else steps
         t0 = time.time()
-        train = sample_problems(tasks, 500 if quick else 20_000, seed=seed, held_out=False)
-        held_out = sample_problems(tasks, 16 if quick else 400, seed=seed + 100, held_out=True)
+        train = sample_problems(tasks, 500 if quick else 20_000, seed=seed, split="train")
+        held_out = sample_problems(tasks, 16 if quick else 400, seed=seed + 100, split="test")
         model = tiny_llama(len(tokenizer), hidden, layers, heads, seed=seed, pad_id=tokenizer.pad_token_id,
                            eos_id=tokenizer.eos_token_id)
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(train)} training problems")
@@ -155,8 +155,8 @@ def build_chain(out_dir: Path, *, quick: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer(CHAIN_ALPHABET, out_dir / "tokenizer")
     tokenizer.padding_side = "left"
-    train = sample_problems(["chain"], 500 if quick else 20_000, seed=11, held_out=False)
-    held_out = sample_problems(["chain"], 16 if quick else 400, seed=111, held_out=True)
+    train = sample_problems(["chain"], 500 if quick else 20_000, seed=11, split="train")
+    held_out = sample_problems(["chain"], 16 if quick else 400, seed=111, split="test")
     report = {}
     teacher = None
     for name, (hidden, layers, heads, steps, lr, seed) in CHAIN_MODELS.items():

@@ -3,7 +3,8 @@
     fire-opd train --student PATH --teacher PATH --prompts train.jsonl [--config cfg.yaml] [--set key=value ...]
     fire-opd train --student PATH --teacher math=PATH --teacher code=PATH --prompts train.jsonl
     fire-opd eval  --model PATH --prompts held_out.jsonl
-    fire-opd demo  [--setting single|multi-teacher] [--steps N] [--seed S] [--out DIR]
+    fire-opd demo  [--setting chain|single|multi-teacher] [--objective sampled|full_vocab] [--steps N] [--seed S]
+    fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/study.py)
 """
 
 from __future__ import annotations
@@ -51,16 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=32)
 
     demo = sub.add_parser("demo", help="OPD vs FiRe-OPD on the built-in tasks and tiny models")
-    demo.add_argument("--setting", choices=["single", "multi-teacher"], default="single")
+    demo.add_argument("--setting", choices=["chain", "single", "multi-teacher"], default="chain")
+    demo.add_argument("--objective", choices=["sampled", "full_vocab"],
+                      help="training signal (default: the setting's recipe)")
     demo.add_argument("--steps", type=int, help="training steps per method (default: the demo recipe)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-size", type=int, help="held-out problems (default 400)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--no-plot", action="store_true")
+    sub.add_parser("study", help="every method x objective x seed on the demo settings (fire-opd study --help)",
+                   add_help=False)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "study":  # its own parser: python -m fire_opd study --help
+        from .study import main as study_main
+
+        return study_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         from .trainer import FireOPDTrainer
@@ -96,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .demo import run_demo
 
         run_demo(args.setting, steps=args.steps, seed=args.seed, out_dir=args.out, eval_size=args.eval_size,
-                 plot=not args.no_plot)
+                 objective=args.objective, plot=not args.no_plot)
     return 0
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .loss import DIVERGENCES, LOSS_AGG_MODES, METHODS, OBJECTIVES
+from .loss import DIVERGENCES, FILTER_SCOPES, LOSS_AGG_MODES, METHODS, OBJECTIVES
 
 
 @dataclass
@@ -27,6 +27,8 @@ class TrainConfig:
     # --- algorithm (DESIGN.md, "The algorithm")
     method: str = "fire"  # opd | fire | filter_only | reweight_only | hard_token
     percentile: float = 20.0  # rollout filter: drop scores below quantile(s, p / 100)
+    filter_scope: str = "batch"  # "batch": one quantile over the rollout batch (the paper); "group": over each
+    #                              prompt's own rollouts (beyond the paper; needs samples_per_prompt > 1)
     alpha: float = 1.0  # teacher-confidence strength
     beta: float = 1.0  # student-confusion strength
     clip_ratio: float = 0.2  # PPO epsilon
@@ -70,6 +72,8 @@ class TrainConfig:
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16; bf16 autocast on CUDA when "bfloat16"
     backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
     fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
+    threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
+    #                   on it: fix it to reproduce a seed
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.filter_scope not in FILTER_SCOPES:
+            raise ValueError(f"filter_scope must be one of {FILTER_SCOPES}, got {self.filter_scope!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.divergence not in DIVERGENCES:
@@ -91,7 +97,7 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:

@@ -129,13 +129,24 @@ def is_well_formed(completion: str, task: Optional[str]) -> bool:
     return pattern is None or bool(pattern.match(completion.strip()))
 
 
-def is_held_out(problem: Problem, every: int = 4) -> bool:
-    """Deterministic split: one problem in `every` (by a hash of its prompt) is held out."""
-    return zlib.crc32(problem.prompt.encode()) % every == 0
+SPLITS = ("train", "validation", "test")
 
 
-def sample_problems(tasks: Iterable[str], count: int, *, seed: int, held_out: bool) -> list[Problem]:
+def split_of(problem: Problem) -> str:
+    """Deterministic split by a hash of the prompt: 1/4 "test" (held-out problems, reported),
+    1/8 "validation" (recipes are chosen here), the rest "train"."""
+    bucket = zlib.crc32(problem.prompt.encode()) % 8
+    return "test" if bucket in (0, 4) else "validation" if bucket == 1 else "train"
+
+
+def is_held_out(problem: Problem) -> bool:
+    return split_of(problem) == "test"
+
+
+def sample_problems(tasks: Iterable[str], count: int, *, seed: int, split: str) -> list[Problem]:
     """`count` distinct problems (as far as the task has them) cycling over `tasks`, from one split."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     tasks = list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -146,7 +157,7 @@ def sample_problems(tasks: Iterable[str], count: int, *, seed: int, held_out: bo
     fruitless = 0  # consecutive draws that found nothing new: the split is exhausted
     while len(out) < count and fruitless < 20_000:
         problem = TASKS[tasks[len(out) % len(tasks)]](rng)
-        if is_held_out(problem) != held_out or problem.prompt in seen:
+        if split_of(problem) != split or problem.prompt in seen:
             fruitless += 1
             continue
         fruitless = 0

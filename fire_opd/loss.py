@@ -40,8 +40,10 @@ from fire_kernels.fire_weights import confidence_and_confusion, fire_row_stats, 
 METHODS = ("opd", "fire", "filter_only", "reweight_only", "hard_token")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 OBJECTIVES = ("sampled", "full_vocab")
+FILTER_SCOPES = ("batch", "group")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-_FILTERS = {"fire", "filter_only"}
+FILTER_METHODS = ("fire", "filter_only")
+_FILTERS = set(FILTER_METHODS)
 _REWEIGHTS = {"fire", "reweight_only"}
 
 
@@ -144,6 +146,8 @@ def compute_fire_advantages(
     beta: float = 1.0,
     backend: str = "auto",
     process_group=None,
+    filter_scope: str = "batch",
+    group_ids: Optional[torch.Tensor] = None,
 ) -> FireAdvantages:
     """Filter and reweight a rollout batch; returns detached advantages and the loss mask.
 
@@ -159,11 +163,21 @@ def compute_fire_advantages(
         backend: where the weights are computed ("auto": Triton kernel on CUDA, else torch).
         process_group: maxima, means and quantiles span this data-parallel group when
             torch.distributed is initialized (default group when None).
+        filter_scope: "batch" (the paper: one quantile over the whole rollout batch) or "group"
+            (beyond the paper: the quantile of each prompt's own rollouts, so that the rollouts of
+            hard prompts are not dropped wholesale). Weights stay batch-normalized either way.
+        group_ids: [B] integer prompt id of each rollout, required for filter_scope="group"; a
+            group's rollouts must sit on one rank.
     """
     mask = _check_per_token({"old_log_prob": old_log_prob, "teacher_log_prob": teacher_log_prob,
                              "student_entropy": student_entropy, "teacher_entropy": teacher_entropy},
                             response_mask)
     _check_options(method, percentile, alpha, beta)
+    if filter_scope not in FILTER_SCOPES:
+        raise ValueError(f"filter_scope must be one of {FILTER_SCOPES}, got {filter_scope!r}")
+    if filter_scope == "group" and (not isinstance(group_ids, torch.Tensor) or group_ids.shape != mask.shape[:1]):
+        raise ValueError(f"filter_scope='group' needs group_ids, a [{mask.shape[0]}] tensor of prompt ids, got "
+                         f"{getattr(group_ids, 'shape', group_ids)}")
     with torch.no_grad():
         old_log_prob, teacher_log_prob = old_log_prob.detach().float(), teacher_log_prob.detach().float()
         student_entropy, teacher_entropy = student_entropy.detach().float(), teacher_entropy.detach().float()
@@ -185,7 +199,16 @@ def compute_fire_advantages(
         # 1. rollout filter
         keep = has_tokens.clone()
         threshold = float("-inf")
-        if method in _FILTERS:
+        if method in _FILTERS and filter_scope == "group":
+            group_thresholds = []  # one per prompt; fire/threshold reports their mean
+            for group in torch.unique(group_ids):
+                members = (group_ids == group).to(mask.device) & has_tokens
+                if bool(members.any()):
+                    tau = _quantile(rows.sequence_score[members], percentile / 100.0)
+                    keep &= ~members | (rows.sequence_score >= tau)
+                    group_thresholds.append(tau)
+            threshold = sum(group_thresholds) / len(group_thresholds) if group_thresholds else float("-inf")
+        elif method in _FILTERS:
             threshold = _quantile(_all_gather_varlen(rows.sequence_score[has_tokens], process_group),
                                   percentile / 100.0)
             keep &= rows.sequence_score >= threshold

@@ -26,11 +26,12 @@ from typing import Callable, Optional
 import torch
 
 from .config import TrainConfig
-from .data import Problem, is_correct, load_prompts
+from .data import Problem, load_prompts
 from .evaluate import accuracy_by_teacher
 from .fused import FireOPDLoss, response_token_stats
-from .loss import FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
+from .loss import FILTER_METHODS, FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
 from .models import check_same_vocab, lm_head_weight, load_causal_lm, load_tokenizer, response_hidden_states
+from .regime import filter_diagnostics, health_metrics, rollout_health
 from .routing import route_rows, scatter_rows
 from .sampling import Rollouts, generate_rollouts
 
@@ -66,6 +67,8 @@ class FireOPDTrainer:
     def __init__(self, config: TrainConfig, *, student=None, teachers: Optional[dict] = None, tokenizer=None,
                  train_problems: Optional[list[Problem]] = None, eval_problems: Optional[list[Problem]] = None):
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
         if not config.teachers and teachers is None:
@@ -149,17 +152,20 @@ class FireOPDTrainer:
         t_score = time.perf_counter()
 
         # 3 + 4. FiRe statistics and the update
-        metrics = self.update(rollouts, keys, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy)
+        health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id)
+        metrics = self.update(rollouts, keys, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy,
+                              health)
         t_update = time.perf_counter()
 
         tokens = int(rollouts.response_mask.sum())
         mask = rollouts.response_mask
+        metrics.update(health_metrics(health))
         metrics.update({
             "train/step": self.step + 1,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/response_length": tokens / len(problems),
             "train/full_vocab_reverse_kl": float(reverse_kl[mask].mean()) if tokens else 0.0,
-            "train/reward": sum(is_correct(t, p.answer) for p, t in zip(problems, rollouts.texts)) / len(problems),
+            "train/reward": float(health["correct"].float().mean()),
             "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
             "train/tokens_per_s": tokens / max(t_update - t0, 1e-9),
         })
@@ -190,11 +196,14 @@ class FireOPDTrainer:
         return scatter_rows(per_teacher, routes, batch_size=len(keys))
 
     def update(self, rollouts: Rollouts, keys: list[Optional[str]], old_log_prob, student_entropy, teacher_log_prob,
-               teacher_entropy) -> dict:
+               teacher_entropy, health: Optional[dict] = None) -> dict:
         cfg = self.config
         dense = cfg.objective == "full_vocab"
         mask = rollouts.response_mask
-        fire_args = dict(method=cfg.method, percentile=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta)
+        fire_args = dict(method=cfg.method, percentile=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta,
+                         filter_scope=cfg.filter_scope)
+        # rollouts of one prompt are adjacent: prompt index of each row, for filter_scope="group"
+        group_ids = torch.arange(mask.shape[0], device=mask.device) // cfg.samples_per_prompt
         if dense:
             # The dense loss needs each rollout's teacher hidden states again; they are recomputed
             # per micro-batch (one no-grad teacher forward) rather than kept from scoring, which
@@ -209,9 +218,12 @@ class FireOPDTrainer:
         metrics: dict = {}
         if cfg.stats_scope == "batch":
             fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask,
-                                           **fire_args)
+                                           group_ids=group_ids, **fire_args)
             normalizer = loss_normalizer(fire.loss_mask, cfg.loss_agg_mode)
             metrics = dict(fire.metrics)
+            if health is not None and cfg.method in FILTER_METHODS:
+                metrics.update(filter_diagnostics(fire.keep, health, mask, teacher_log_prob, old_log_prob,
+                                                  cfg.samples_per_prompt))
 
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -221,7 +233,8 @@ class FireOPDTrainer:
                 # The released code's behaviour: statistics inside each micro-batch, each
                 # micro-batch's loss averaged over its own tokens, then over micro-batches.
                 part = compute_fire_advantages(old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows],
-                                               teacher_entropy[rows], mask[rows], **fire_args)
+                                               teacher_entropy[rows], mask[rows], group_ids=group_ids[rows],
+                                               **fire_args)
                 part_normalizer, scale = None, 1 / len(micro_batches)
                 metrics = _accumulate(metrics, part.metrics, len(micro_batches))
             else:

@@ -29,7 +29,7 @@ def test_shipped_teachers_solve_their_tasks():
     tokenizer = load_tokenizer(ASSETS_DIR / "tokenizer")
     for task in TASKS:
         teacher = load_causal_lm(ASSETS_DIR / f"teacher_{task}")
-        assert accuracy(teacher, tokenizer, sample_problems([task], 64, seed=9, held_out=True)) >= 0.9
+        assert accuracy(teacher, tokenizer, sample_problems([task], 64, seed=9, split="test")) >= 0.9
 
 
 def test_asset_builder_quick(tmp_path):
@@ -42,8 +42,8 @@ def test_asset_builder_quick(tmp_path):
 
 def test_tasks_and_verifier():
     for task in TASKS:
-        for p in sample_problems([task], 20, seed=0, held_out=False):
+        for p in sample_problems([task], 20, seed=0, split="train"):
             assert is_correct(p.solution, p.answer)
-    assert not set(p.prompt for p in sample_problems(["arith"], 200, seed=0, held_out=True)) & \
-        set(p.prompt for p in sample_problems(["arith"], 2000, seed=0, held_out=False))
+    assert not set(p.prompt for p in sample_problems(["arith"], 200, seed=0, split="test")) & \
+        set(p.prompt for p in sample_problems(["arith"], 2000, seed=0, split="train"))
     assert is_correct(" 11-4=7 ", "7") and not is_correct("11-4=6", "7") and is_correct("31284", "31284")

@@ -32,8 +32,8 @@ def _config(tmp_path, **overrides):
 
 
 def _trainer(tokenizer, config, tasks=("arith",), teacher_names=("arith",), student_seed=0):
-    train = sample_problems(tasks, 40, seed=1, held_out=False)
-    held_out = sample_problems(tasks, 8, seed=2, held_out=True)
+    train = sample_problems(tasks, 40, seed=1, split="train")
+    held_out = sample_problems(tasks, 8, seed=2, split="test")
     teachers = {name: _model(tokenizer, 10 + i, hidden=48) for i, name in enumerate(teacher_names)}
     return FireOPDTrainer(config, student=_model(tokenizer, student_seed), teachers=teachers, tokenizer=tokenizer,
                           train_problems=train, eval_problems=held_out)
@@ -102,7 +102,7 @@ def test_vocab_mismatch_is_refused(tmp_path, tokenizer):
     config = _config(tmp_path)
     with pytest.raises(ValueError, match="vocab mismatch: teacher 'arith' has V=25"):
         FireOPDTrainer(config, student=_model(tokenizer, 0), teachers={"arith": _model(tokenizer, 1, vocab=25)},
-                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, held_out=False))
+                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
 
 
 @pytest.mark.parametrize("head", ["bias", "softcap"])
@@ -116,11 +116,11 @@ def test_unsupported_heads_are_refused(tmp_path, tokenizer, head):
         match = "soft-capping"
     with pytest.raises(ValueError, match=match):
         FireOPDTrainer(_config(tmp_path), student=student, teachers={"arith": _model(tokenizer, 1)},
-                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, held_out=False))
+                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
 
 
 def test_missing_teacher_key_in_multi_teacher_mode(tmp_path, tokenizer):
-    problems = sample_problems(["arith"], 4, seed=0, held_out=False)
+    problems = sample_problems(["arith"], 4, seed=0, split="train")
     problems[2] = type(problems[2])(problems[2].prompt, problems[2].answer, None)
     with pytest.raises(KeyError, match="row 2 has no teacher key"):
         FireOPDTrainer(_config(tmp_path), student=_model(tokenizer, 0),
@@ -130,7 +130,7 @@ def test_missing_teacher_key_in_multi_teacher_mode(tmp_path, tokenizer):
 
 def test_malformed_prompt_files(tmp_path):
     good = tmp_path / "good.jsonl"
-    write_prompts(sample_problems(["arith"], 3, seed=0, held_out=False), good)
+    write_prompts(sample_problems(["arith"], 3, seed=0, split="train"), good)
     assert len(load_prompts(good)) == 3
     cases = {
         '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n': ":2: not valid JSON",
@@ -189,3 +189,80 @@ def test_objective_options_are_validated():
         TrainConfig(divergence="kl")
     with pytest.raises(ValueError, match="jsd_beta must be in"):
         TrainConfig(jsd_beta=1.5)
+
+
+def _released_fire(old_lp, teacher_lp, student_entropy, teacher_entropy, mask, percentile, alpha=1.0, beta=1.0):
+    """The released FiRe-OPD formula, written again in numpy from the paper's code (DESIGN.md,
+    steps 1-4): batch-wide np.percentile filter on the mean teacher log-prob, confidence and
+    confusion normalized by the batch maxima, weights divided by their mean over valid tokens."""
+    import numpy as np
+
+    lp_t, lp_old = teacher_lp.double().numpy(), old_lp.double().numpy()
+    h_s, h_t, m = student_entropy.double().numpy(), teacher_entropy.double().numpy(), mask.numpy().astype(bool)
+    score = (lp_t * m).sum(1) / np.maximum(m.sum(1), 1)
+    keep = score >= np.percentile(score[m.any(1)], percentile)
+    confidence = np.clip(1 - h_t / h_t[m].max(), 0, 1)
+    confusion = np.clip(h_s / h_s[m].max(), 0, 1)
+    weights = (1 + alpha * confidence) * (1 + beta * confusion)
+    weights = weights / weights[m].mean()
+    advantages = (lp_t - lp_old) * weights * keep[:, None] * m
+    return keep, weights, advantages
+
+
+def test_fire_on_the_trainers_own_batches_equals_the_released_formula(tmp_path, tokenizer, monkeypatch):
+    """Rule out defects on real batches: rows in the order the trainer holds them, two teachers
+    routed by key. Keep decisions, weights and advantages equal the released formula, and the
+    trainer's loss equals `fire_policy_loss` on the same batch."""
+    import fire_opd.trainer as trainer_module
+    from fire_opd.loss import compute_fire_advantages, fire_policy_loss
+
+    captured = []
+
+    def spy(*args, **kwargs):
+        result = compute_fire_advantages(*args, **kwargs)
+        captured.append((args, kwargs, result))
+        return result
+
+    monkeypatch.setattr(trainer_module, "compute_fire_advantages", spy)
+    config = _config(tmp_path, steps=2, method="fire", percentile=30.0, micro_batch_size=64, eval_every=0,
+                     eval_size=0, prompts_per_step=6, samples_per_prompt=3)
+    trainer = _trainer(tokenizer, config, tasks=("arith", "reverse"), teacher_names=("arith", "reverse"))
+    history = trainer.train()
+    assert len(captured) == 2
+    for (old_lp, teacher_lp, student_entropy, teacher_entropy, mask), kwargs, fire in captured:
+        keep, weights, advantages = _released_fire(old_lp, teacher_lp, student_entropy, teacher_entropy, mask, 30.0)
+        assert fire.keep.tolist() == keep.tolist()
+        assert 0 < int(fire.keep.sum()) < len(keep)
+        loss_mask = fire.loss_mask.numpy()
+        torch.testing.assert_close(fire.token_weights[fire.loss_mask], torch.tensor(weights[loss_mask]).float(),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fire.advantages, torch.tensor(advantages).float(), rtol=1e-5, atol=1e-6)
+    # the first step's update starts from the sampler's parameters: ratio 1, so the loss is -mean(A)
+    (old_lp, teacher_lp, student_entropy, teacher_entropy, mask), _, _ = captured[0]
+    loss, _ = fire_policy_loss(old_lp, old_lp, teacher_lp, student_entropy, teacher_entropy, mask, method="fire",
+                               percentile=30.0)
+    assert history[0]["train/loss"] == pytest.approx(float(loss), rel=1e-4, abs=1e-6)
+
+
+def test_reweighting_changes_the_update(tmp_path, tokenizer):
+    """reweight_only must not be OPD in disguise: its weights vary over the loss tokens and its
+    gradient differs from OPD's on the same rollouts."""
+    from fire_opd.build_assets import ASSETS_DIR
+    from fire_opd.models import load_causal_lm, load_tokenizer
+
+    shipped_tokenizer = load_tokenizer(ASSETS_DIR / "tokenizer")
+    teachers = {"arith": load_causal_lm(ASSETS_DIR / "teacher_arith")}
+    grads, weights = {}, {}
+    for method in ("opd", "reweight_only"):
+        config = _config(tmp_path / method, steps=1, method=method, eval_every=0, eval_size=0, max_grad_norm=1e9,
+                         max_new_tokens=8, micro_batch_size=64)
+        trainer = FireOPDTrainer(config, student=load_causal_lm(ASSETS_DIR / "student_init"), teachers=teachers,
+                                 tokenizer=shipped_tokenizer,
+                                 train_problems=sample_problems(["arith"], 40, seed=1, split="train"))
+        history = trainer.train()
+        grads[method] = torch.cat([p.grad.flatten() for p in trainer.student.parameters()])
+        weights[method] = (history[0]["fire/weight_min"], history[0]["fire/weight_max"])
+    assert weights["opd"] == (1.0, 1.0)
+    low, high = weights["reweight_only"]
+    assert high - low > 0.1
+    assert not torch.allclose(grads["opd"], grads["reweight_only"], rtol=1e-3)

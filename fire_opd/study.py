@@ -1,0 +1,298 @@
+"""`fire-opd study`: when does FiRe-OPD beat OPD? Every method, objective and seed on the demo
+settings, reported as mean ± std of held-out accuracy, with the regime statistics.
+
+    fire-opd study [--settings chain single] [--seeds 0 1 2] [--objectives sampled full_vocab]
+                   [--variants ...] [--jobs 2] [--out benchmarks/results/study] [--select] [--quick]
+
+Protocol (issue 7 / 13):
+  1. `--select` runs the learning-rate sweep of plain OPD on each setting's *validation* split,
+     once per objective, and prints the best; the demo recipes (fire_opd/demo.py) hold the
+     result. Held-out (test) problems are never used to choose anything.
+  2. The grid: each setting x objective x variant x seed with that setting's recipe and the
+     objective's learning rate, unchanged across variants; accuracy on the held-out split.
+  3. Aggregation: `study.json` (every run), `study.md` (tables), `study.png` (curves).
+
+Every run is one job in a process pool (one torch thread each, so a seed reproduces), cached as
+`runs/<name>.json` under the output folder: a study that is stopped resumes where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+OUT_DIR = Path("benchmarks/results/study")
+
+# name -> TrainConfig overrides. fire at percentile 0 keeps every rollout, so it *is* reweight_only
+# (bit for bit); the percentile sweep reports that row for p = 0.
+VARIANTS = {
+    "opd": {"method": "opd"},
+    "fire": {"method": "fire"},
+    "filter_only": {"method": "filter_only"},
+    "reweight_only": {"method": "reweight_only"},
+    "hard_token": {"method": "hard_token"},
+    "fire_p10": {"method": "fire", "percentile": 10.0},
+    "fire_p30": {"method": "fire", "percentile": 30.0},
+    "fire_group": {"method": "fire", "filter_scope": "group"},
+}
+PERCENTILE_SWEEP = {0: "reweight_only", 10: "fire_p10", 20: "fire", 30: "fire_p30"}
+SELECT_LRS = (1e-4, 3e-4, 1e-3)
+CURVE_KEYS = ("train/reward", "train/response_length", "train/full_vocab_reverse_kl", "fire/keep_ratio",
+              "train/degenerate_fraction", "train/truncated_fraction")
+
+
+def run_name(job: dict) -> str:
+    lr = f"-lr{job['lr']:.0e}" if job.get("lr") else ""
+    return f"{job['kind']}-{job['setting']}-{job.get('objective', 'na')}-{job.get('variant', 'na')}{lr}-s{job['seed']}"
+
+
+def _config(job: dict, quick: bool):
+    from .demo import get_setting
+
+    setting = get_setting(job["setting"])
+    recipe = setting.recipe
+    overrides = dict(VARIANTS.get(job.get("variant"), {}))
+    config = replace(recipe, seed=job["seed"], objective=job.get("objective", recipe.objective),
+                     lr=job.get("lr") or setting_lr(job["setting"], job.get("objective", recipe.objective)),
+                     progress=False, threads=1, output_dir=f"/tmp/fire-opd-study/{run_name(job)}", **overrides)
+    if quick:
+        config = replace(config, steps=2, eval_every=1, eval_size=8, prompts_per_step=4)
+    return config
+
+
+def setting_lr(setting: str, objective: str) -> float:
+    from .demo import RECIPE_LR
+
+    return RECIPE_LR[setting][objective]
+
+
+def run_job(job: dict) -> dict:
+    """One study job, in its own process: "initial" (teacher and initial student accuracy and the
+    regime statistics) or "train" (one training run)."""
+    import torch
+
+    from .demo import REGIME_ROLLOUTS, load_setting, problem_sets, train_student
+    from .evaluate import accuracy
+    from .regime import measure_regime
+    from .trainer import FireOPDTrainer
+    from .models import load_causal_lm
+
+    torch.set_num_threads(1)
+    quick = job.get("quick", False)
+    config = _config(job, quick)
+    loaded = load_setting(job["setting"])
+    setting, tokenizer, teachers = loaded
+    train, evaluation = problem_sets(setting, job["seed"], config.eval_size, eval_split=job["split"])
+    t0 = time.perf_counter()
+    if job["kind"] == "initial":
+        trainer = FireOPDTrainer(config, student=load_causal_lm(_assets() / setting.student), teachers=teachers,
+                                 tokenizer=tokenizer, train_problems=train)
+        result = {"initial_accuracy": accuracy(trainer.student, tokenizer, evaluation,
+                                               max_new_tokens=config.max_new_tokens),
+                  "teacher_accuracy": {k: accuracy(t, tokenizer, [p for p in evaluation if p.teacher == k],
+                                                   max_new_tokens=config.max_new_tokens) for k, t in teachers.items()},
+                  "regime": measure_regime(trainer, train[: 8 if quick else REGIME_ROLLOUTS], seed=job["seed"])}
+    else:
+        run = train_student(job["setting"], config, loaded=loaded, problems=(train, evaluation))
+        history = run["history"]
+        diag_keys = sorted({k for h in history for k in h if k.startswith("diag/")})
+        result = {"accuracy": history[-1]["eval/accuracy"],
+                  "diagnostics": {k: _nanmean([h.get(k, float("nan")) for h in history]) for k in diag_keys},
+                  "eval_curve": [(h["train/step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h],
+                  "train_curves": {key: [h.get(key) for h in history] for key in CURVE_KEYS}}
+    return {**job, **result, "lr": config.lr, "steps": config.steps, "seconds": time.perf_counter() - t0}
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _assets() -> Path:
+    from .build_assets import ASSETS_DIR
+
+    return ASSETS_DIR
+
+
+def _run_cached(args: tuple[dict, Path]) -> dict:
+    job, runs_dir = args
+    path = runs_dir / f"{run_name(job)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = run_job(job)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def run_jobs(jobs: list[dict], out_dir: Path, workers: int) -> list[dict]:
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    done, results = 0, []
+    t0 = time.perf_counter()
+    context = mp.get_context("spawn")
+    with context.Pool(workers, maxtasksperchild=1) as pool:
+        for result in pool.imap_unordered(_run_cached, [(job, runs_dir) for job in jobs]):
+            done += 1
+            results.append(result)
+            score = result.get("accuracy", result.get("initial_accuracy"))
+            print(f"[{done}/{len(jobs)} {time.perf_counter() - t0:.0f}s] {run_name(result)}: {score:.3f}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean, std = mean_std(values)
+    return f"{mean:.3f} ± {std:.3f} ({len(values)})"
+
+
+def aggregate(results: list[dict]) -> dict:
+    """{setting: {"initial", "teacher", "regime", "train": {objective: {variant: [acc per seed]}}}}."""
+    out: dict = {}
+    for r in sorted(results, key=lambda r: (r["setting"], r["seed"])):
+        entry = out.setdefault(r["setting"], {"initial": [], "teacher": {}, "regime": [], "train": {}, "curves": {}})
+        if r["kind"] == "initial":
+            entry["initial"].append(r["initial_accuracy"])
+            for key, value in r["teacher_accuracy"].items():
+                entry["teacher"].setdefault(key, []).append(value)
+            entry["regime"].append(r["regime"])
+        else:
+            entry["train"].setdefault(r["objective"], {}).setdefault(r["variant"], []).append(r["accuracy"])
+            entry["curves"].setdefault(r["objective"], {}).setdefault(r["variant"], []).append(r["eval_curve"])
+    return out
+
+
+def format_markdown(summary: dict, selection: Optional[list[dict]] = None) -> str:
+    lines = []
+    for setting, entry in summary.items():
+        objectives = sorted(entry["train"], key=lambda o: o != "sampled")
+        lines += [f"### Setting `{setting}`", ""]
+        regime = entry["regime"]
+        if regime:
+            keys = ("initial_reverse_kl_per_token", "mean_response_tokens", "degenerate_rollout_fraction",
+                    "teacher_entropy_mean", "truncated_rollout_fraction", "looping_rollout_fraction",
+                    "malformed_rollout_fraction", "sampled_reward")
+            lines += ["| regime statistic (initial student) | mean ± std over seeds |", "|---|---|"]
+            lines += [f"| {k} | {_cell([r[k] for r in regime])} |" for k in keys]
+            lines.append("")
+        lines += ["| held-out accuracy | " + " | ".join(f"objective `{o}`" for o in objectives) + " |",
+                  "|---|" + "---|" * len(objectives)]
+        for key, values in entry["teacher"].items():
+            lines.append(f"| teacher {key} | " + " | ".join(_cell(values) for _ in objectives) + " |")
+        lines.append("| student (initial) | " + " | ".join(_cell(entry["initial"]) for _ in objectives) + " |")
+        variants = [v for v in VARIANTS if any(v in entry["train"][o] for o in objectives)]
+        for variant in variants:
+            lines.append(f"| {variant} | " + " | ".join(_cell(entry["train"][o].get(variant, [])) for o in objectives)
+                         + " |")
+        lines.append("")
+        for objective in objectives:
+            runs = entry["train"][objective]
+            if all(v in runs for v in PERCENTILE_SWEEP.values()):
+                cells = " | ".join(f"p={p}: {_cell(runs[v])}" for p, v in PERCENTILE_SWEEP.items())
+                lines.append(f"Percentile sweep, `fire`, objective `{objective}` (p=0 is reweight_only): {cells}")
+        lines.append("")
+    if selection:
+        lines += ["### Learning-rate selection (plain OPD, validation split)", "",
+                  "| setting | objective | lr | validation accuracy |", "|---|---|---|---|"]
+        for row in sorted(selection, key=lambda r: (r["setting"], r["objective"], r["lr"])):
+            lines.append(f"| {row['setting']} | {row['objective']} | {row['lr']:.0e} | {_cell(row['accuracy'])} |")
+    return "\n".join(lines)
+
+
+def plot_study(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(s, o) for s, entry in summary.items() for o in sorted(entry["curves"], key=lambda o: o != "sampled")]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (setting, objective) in zip(axes[0], panels):
+        initial = summary[setting]["initial"]
+        for variant in ("opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_group"):
+            curves = summary[setting]["curves"][objective].get(variant)
+            if not curves:
+                continue
+            steps = [0] + [s for s, _ in curves[0]]
+            per_step = list(zip(*[[sum(initial) / len(initial)] + [a for _, a in c] for c in curves]))
+            means = [sum(v) / len(v) for v in per_step]
+            stds = [mean_std(list(v))[1] for v in per_step]
+            ax.plot(steps, means, marker="o", label=variant)
+            ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            alpha=0.15)
+        ax.set(title=f"{setting}, objective {objective}", xlabel="step", ylabel="held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def build_jobs(settings, objectives, variants, seeds, quick: bool) -> list[dict]:
+    jobs = [{"kind": "initial", "setting": s, "seed": seed, "split": "test", "quick": quick}
+            for s in settings for seed in seeds]
+    jobs += [{"kind": "train", "setting": s, "objective": o, "variant": v, "seed": seed, "split": "test",
+              "quick": quick} for seed in seeds for s in settings for o in objectives for v in variants]
+    return jobs
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .demo import SETTINGS
+
+    parser = argparse.ArgumentParser(prog="fire-opd study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["chain", "single"], choices=sorted(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"],
+                        choices=["sampled", "full_vocab"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--select", action="store_true",
+                        help="the learning-rate sweep of plain OPD on the validation split, instead of the grid")
+    parser.add_argument("--quick", action="store_true", help="two steps per run on 8 problems (a smoke test)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.select:
+        jobs = [{"kind": "train", "setting": s, "objective": o, "variant": "opd", "seed": seed, "split": "validation",
+                 "lr": lr, "quick": args.quick}
+                for seed in args.seeds for s in args.settings for o in args.objectives for lr in SELECT_LRS]
+        results = run_jobs(jobs, args.out, args.jobs)
+        rows: dict = {}
+        for r in results:
+            rows.setdefault((r["setting"], r["objective"], r["lr"]), []).append(r["accuracy"])
+        selection = [{"setting": s, "objective": o, "lr": lr, "accuracy": accs} for (s, o, lr), accs in rows.items()]
+        (args.out / "selection.json").write_text(json.dumps(selection, indent=1))
+        print(format_markdown({}, selection))
+        return 0
+    results = run_jobs(build_jobs(args.settings, args.objectives, args.variants, args.seeds, args.quick), args.out,
+                       args.jobs)
+    summary = aggregate(results)
+    selection_path = args.out / "selection.json"
+    selection = json.loads(selection_path.read_text()) if selection_path.is_file() else None
+    (args.out / "study.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    markdown = format_markdown(summary, selection)
+    (args.out / "study.md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"plot: {plot_study(summary, args.out / 'study.png')}")
+    return 0
