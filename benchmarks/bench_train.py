@@ -9,6 +9,10 @@ with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates. Paths:
 Each (model, path) runs in a fresh process: median step time over --steps after one warm-up
 step, the time split into sample / score / update, and peak RSS (CUDA: allocator peak)
 above the process after loading the models.
+
+Each path runs with both training objectives (`--objectives`): "sampled" (the PPO surrogate on
+the sampled token) and "full_vocab" (the exact per-token reverse KL; its update also recomputes
+the teacher's hidden states, one no-grad teacher forward per micro-batch).
 """
 
 from __future__ import annotations
@@ -72,11 +76,12 @@ def worker(args) -> dict:
     student, teachers, tok, problems = _demo_pair() if args.model == "demo" else _random_pair(151_936)
     fused = args.path == "fused"
     big = args.model != "demo"
+    objective = args.objective
     config = TrainConfig(steps=args.steps + 1, prompts_per_step=8 if big else 32, samples_per_prompt=2 if big else 4,
                          micro_batch_size=8 if big else 64, max_new_tokens=24 if big else 8, lr=1e-5,
                          warmup_steps=0, eval_every=0, eval_size=0, progress=False, tensorboard=False,
                          backend="auto" if fused else "reference", fused_update=fused, output_dir="/tmp/fire-bench",
-                         device=args.device)
+                         device=args.device, objective=objective)
     trainer = FireOPDTrainer(config, student=student, teachers=teachers, tokenizer=tok, train_problems=problems,
                              eval_problems=[])
     cuda = trainer.device.type == "cuda"
@@ -112,30 +117,36 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--objective", default="sampled", help=argparse.SUPPRESS)
+    parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"],
+                        choices=["sampled", "full_vocab"])
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
     steps = 1 if args.quick else args.steps
     rows = []
-    for model in (["demo"] if args.quick else ["demo", "random-152k"]):
-        for path in ("fused", "reference"):
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--path", path, "--steps", str(steps),
-                   "--device", args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-            if proc.returncode:
-                rows.append({"model": model, "path": path, "error": proc.stderr.strip().splitlines()[-1][:200]})
-            else:
-                rows.append({"model": model, "path": path, **json.loads(proc.stdout.strip().splitlines()[-1])})
-            print(rows[-1], flush=True)
-    lines = ["| model | V | path | step (s) | sample | score | update | response tokens | peak above models (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    runs = [(m, o, p) for m in (["demo"] if args.quick else ["demo", "random-152k"]) for o in args.objectives
+            for p in ("fused", "reference")]
+    for model, objective, path in runs:
+        cmd = [sys.executable, __file__, "--worker", "--model", model, "--path", path, "--steps", str(steps),
+               "--device", args.device, "--objective", objective]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+        row = {"model": model, "objective": objective, "path": path}
+        if proc.returncode:
+            rows.append({**row, "error": proc.stderr.strip().splitlines()[-1][:200]})
+        else:
+            rows.append({**row, **json.loads(proc.stdout.strip().splitlines()[-1])})
+        print(rows[-1], flush=True)
+    lines = ["| model | V | objective | path | step (s) | sample | score | update | response tokens | "
+             "peak above models (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['path']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['model']} | | {r['objective']} | {r['path']} | error: {r['error'][:80]} | | | | | |")
         else:
-            lines.append(f"| {r['model']} | {r['vocab']} | {r['path']} | {r['step_s']:.3f} | {r['sample_s']:.3f} | "
+            lines.append(f"| {r['model']} | {r['vocab']} | {r['objective']} | {r['path']} | {r['step_s']:.3f} | "
+                         f"{r['sample_s']:.3f} | "
                          f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
                          f"{r['peak_above_models_bytes'] / 2**20:.0f} |")
     table = "\n".join(lines)

@@ -50,19 +50,20 @@ class DemoSetting:
 # learning-rate sweep that `fire-opd study --select` runs for plain OPD (benchmarks/results/study/),
 # and is used unchanged for every method. `threads` is fixed so that a seed reproduces its numbers.
 SINGLE_RECIPE = TrainConfig(
-    steps=300, prompts_per_step=64, samples_per_prompt=4, micro_batch_size=256, max_new_tokens=8, lr=3e-4,
-    warmup_steps=40, min_lr_ratio=0.1, eval_every=25, eval_size=400, percentile=20.0, tensorboard=False,
+    steps=150, prompts_per_step=32, samples_per_prompt=4, micro_batch_size=128, max_new_tokens=8, lr=3e-4,
+    warmup_steps=20, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
 )
 CHAIN_RECIPE = TrainConfig(
-    steps=150, prompts_per_step=64, samples_per_prompt=1, micro_batch_size=64, max_new_tokens=48, lr=3e-4,
+    steps=100, prompts_per_step=64, samples_per_prompt=1, micro_batch_size=64, max_new_tokens=48, lr=3e-4,
     warmup_steps=10, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
 )
 
-# Learning rate per setting and objective, chosen by `fire-opd study --select` (plain OPD, validation split).
+# Learning rate per setting and objective, chosen by `fire-opd study --select` (plain OPD, validation
+# split); "trl_distillation" is TRL's DistillationTrainer's, chosen the same way.
 RECIPE_LR = {
-    "chain": {"sampled": 3e-4, "full_vocab": 3e-4},
-    "single": {"sampled": 3e-4, "full_vocab": 3e-4},
-    "multi-teacher": {"sampled": 3e-4, "full_vocab": 3e-4},
+    "chain": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 3e-4},
+    "single": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 3e-4},
+    "multi-teacher": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 3e-4},
 }
 
 SETTINGS = {

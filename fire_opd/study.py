@@ -41,7 +41,17 @@ VARIANTS = {
     "fire_p30": {"method": "fire", "percentile": 30.0},
     "fire_group": {"method": "fire", "filter_scope": "group"},
 }
+ROW_ORDER = [*VARIANTS, "trl_distillation"]
+# The grid's variants per setting. With one rollout per prompt (chain) the group filter keeps
+# everything, i.e. it is reweight_only, so it runs only where prompts have several rollouts.
+STUDY_VARIANTS = {
+    "chain": ["opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_p10", "fire_p30"],
+    "single": ["opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_group"],
+}
 PERCENTILE_SWEEP = {0: "reweight_only", 10: "fire_p10", 20: "fire", 30: "fire_p30"}
+# What a user would run instead: TRL 1.16's on-policy DistillationTrainer (exact full-vocabulary
+# generalized JSD, beta = 1: reverse KL), same rollouts per step, steps, schedule and clipping.
+TRL = "trl_distillation"
 SELECT_LRS = (1e-4, 3e-4, 1e-3)
 CURVE_KEYS = ("train/reward", "train/response_length", "train/full_vocab_reverse_kl", "fire/keep_ratio",
               "train/degenerate_fraction", "train/truncated_fraction")
@@ -59,7 +69,8 @@ def _config(job: dict, quick: bool):
     recipe = setting.recipe
     overrides = dict(VARIANTS.get(job.get("variant"), {}))
     config = replace(recipe, seed=job["seed"], objective=job.get("objective", recipe.objective),
-                     lr=job.get("lr") or setting_lr(job["setting"], job.get("objective", recipe.objective)),
+                     lr=job.get("lr") or setting_lr(job["setting"], TRL if job.get("variant") == TRL
+                                                    else job.get("objective", recipe.objective)),
                      progress=False, threads=1, output_dir=f"/tmp/fire-opd-study/{run_name(job)}", **overrides)
     if quick:
         config = replace(config, steps=2, eval_every=1, eval_size=8, prompts_per_step=4)
@@ -98,6 +109,10 @@ def run_job(job: dict) -> dict:
                   "teacher_accuracy": {k: accuracy(t, tokenizer, [p for p in evaluation if p.teacher == k],
                                                    max_new_tokens=config.max_new_tokens) for k, t in teachers.items()},
                   "regime": measure_regime(trainer, train[: 8 if quick else REGIME_ROLLOUTS], seed=job["seed"])}
+    elif job["kind"] == "trl":
+        student = train_with_trl(config, loaded, train)
+        curve_accuracy = accuracy(student, tokenizer, evaluation, max_new_tokens=config.max_new_tokens)
+        result = {"accuracy": curve_accuracy, "eval_curve": [(config.steps, curve_accuracy)], "train_curves": {}}
     else:
         run = train_student(job["setting"], config, loaded=loaded, problems=(train, evaluation))
         history = run["history"]
@@ -107,6 +122,38 @@ def run_job(job: dict) -> dict:
                   "eval_curve": [(h["train/step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h],
                   "train_curves": {key: [h.get(key) for h in history] for key in CURVE_KEYS}}
     return {**job, **result, "lr": config.lr, "steps": config.steps, "seconds": time.perf_counter() - t0}
+
+
+def train_with_trl(config, loaded, train: list) -> "torch.nn.Module":
+    """Train the setting's initial student with TRL's DistillationTrainer under `config`'s budget:
+    `rollouts_per_step` on-policy completions per step (prompts drawn from the same training
+    problems), `steps` steps, warmup + cosine to `min_lr_ratio`, the same clipping, temperature and
+    token limit. Single-teacher settings only (TRL's trainer takes one teacher)."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    from .models import load_causal_lm
+
+    setting, tokenizer, teachers = loaded
+    if len(teachers) != 1:
+        raise ValueError("TRL's DistillationTrainer takes one teacher; pick a single-teacher setting")
+    (teacher,) = teachers.values()
+    tokenizer.padding_side = "left"
+    dataset = Dataset.from_list([{"prompt": p.prompt} for p in train])
+    args = DistillationConfig(
+        output_dir=config.output_dir, per_device_train_batch_size=config.rollouts_per_step,
+        gradient_accumulation_steps=1, max_steps=config.steps, learning_rate=config.lr,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
+        warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
+        adam_beta1=config.adam_betas[0], adam_beta2=config.adam_betas[1], max_completion_length=config.max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=0, beta=1.0, bf16=False, fp16=False,
+        gradient_checkpointing=False, save_strategy="no", report_to=[], logging_steps=max(config.steps // 10, 1),
+        seed=config.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    student = load_causal_lm(_assets() / setting.student)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                  processing_class=tokenizer)
+    trainer.train()
+    return trainer.model.eval()
 
 
 def _nanmean(values: list[float]) -> float:
@@ -196,7 +243,7 @@ def format_markdown(summary: dict, selection: Optional[list[dict]] = None) -> st
         for key, values in entry["teacher"].items():
             lines.append(f"| teacher {key} | " + " | ".join(_cell(values) for _ in objectives) + " |")
         lines.append("| student (initial) | " + " | ".join(_cell(entry["initial"]) for _ in objectives) + " |")
-        variants = [v for v in VARIANTS if any(v in entry["train"][o] for o in objectives)]
+        variants = [v for v in ROW_ORDER if any(v in entry["train"][o] for o in objectives)]
         for variant in variants:
             lines.append(f"| {variant} | " + " | ".join(_cell(entry["train"][o].get(variant, [])) for o in objectives)
                          + " |")
@@ -248,11 +295,17 @@ def plot_study(summary: dict, path: Path) -> Path:
 # ----------------------------------------------------------------------------- the command
 
 
-def build_jobs(settings, objectives, variants, seeds, quick: bool) -> list[dict]:
+def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = True) -> list[dict]:
+    from .demo import get_setting
+
     jobs = [{"kind": "initial", "setting": s, "seed": seed, "split": "test", "quick": quick}
             for s in settings for seed in seeds]
     jobs += [{"kind": "train", "setting": s, "objective": o, "variant": v, "seed": seed, "split": "test",
-              "quick": quick} for seed in seeds for s in settings for o in objectives for v in variants]
+              "quick": quick} for seed in seeds for s in settings for o in objectives
+             for v in (variants or STUDY_VARIANTS.get(s, list(VARIANTS)))]
+    if trl:
+        jobs += [{"kind": "trl", "setting": s, "objective": "full_vocab", "variant": TRL, "seed": seed, "split": "test",
+                  "quick": quick} for seed in seeds for s in settings if len(get_setting(s).teachers) == 1]
     return jobs
 
 
@@ -265,28 +318,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"],
                         choices=["sampled", "full_vocab"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="default: STUDY_VARIANTS of each setting")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--select", action="store_true",
                         help="the learning-rate sweep of plain OPD on the validation split, instead of the grid")
     parser.add_argument("--quick", action="store_true", help="two steps per run on 8 problems (a smoke test)")
+    parser.add_argument("--no-trl", action="store_true", help="leave out TRL's DistillationTrainer")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.select:
         jobs = [{"kind": "train", "setting": s, "objective": o, "variant": "opd", "seed": seed, "split": "validation",
                  "lr": lr, "quick": args.quick}
                 for seed in args.seeds for s in args.settings for o in args.objectives for lr in SELECT_LRS]
-        results = run_jobs(jobs, args.out, args.jobs)
+        if not args.no_trl:
+            jobs += [{"kind": "trl", "setting": s, "objective": "full_vocab", "variant": TRL, "seed": seed,
+                      "split": "validation", "lr": lr, "quick": args.quick}
+                     for seed in args.seeds for s in args.settings for lr in SELECT_LRS]
+        run_jobs(jobs, args.out, args.jobs)
         rows: dict = {}
-        for r in results:
-            rows.setdefault((r["setting"], r["objective"], r["lr"]), []).append(r["accuracy"])
+        for r in (json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json"))):
+            if r["split"] == "validation" and r.get("quick", False) == args.quick:
+                name = TRL if r["variant"] == TRL else r["objective"]
+                rows.setdefault((r["setting"], name, r["lr"]), []).append(r["accuracy"])
         selection = [{"setting": s, "objective": o, "lr": lr, "accuracy": accs} for (s, o, lr), accs in rows.items()]
         (args.out / "selection.json").write_text(json.dumps(selection, indent=1))
         print(format_markdown({}, selection))
         return 0
-    results = run_jobs(build_jobs(args.settings, args.objectives, args.variants, args.seeds, args.quick), args.out,
-                       args.jobs)
+    run_jobs(build_jobs(args.settings, args.objectives, args.variants, args.seeds, args.quick, trl=not args.no_trl),
+             args.out, args.jobs)
+    # every held-out run cached under the output folder, so that separate invocations add up
+    results = [r for r in (json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json")))
+               if r["split"] == "test" and r.get("quick", False) == args.quick]
     summary = aggregate(results)
     selection_path = args.out / "selection.json"
     selection = json.loads(selection_path.read_text()) if selection_path.is_file() else None
