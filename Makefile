@@ -9,13 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fire-opd-installed
 
-.PHONY: demo test test-fast compile-report bench bench-quick clean
+.PHONY: demo test test-fast compile-report bench bench-quick study clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,demo]"
+	$(PY) -m pip install -q -e ".[test,bench,demo,study]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +27,12 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 	$(PY) benchmarks/bench_kernels.py --quick
 	$(PY) benchmarks/bench_train.py --quick
+
+# When does FiRe-OPD beat OPD: every method x objective x seed, plus TRL's DistillationTrainer
+# (fire_opd/study.py; results under benchmarks/results/study/, cached per run).
+study: $(STAMP)
+	$(PY) -m fire_opd study --select
+	$(PY) -m fire_opd study
 
 compile-report: $(STAMP)
 	$(PY) -m fire_kernels.compile_report

@@ -326,6 +326,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="the learning-rate sweep of plain OPD on the validation split, instead of the grid")
     parser.add_argument("--quick", action="store_true", help="two steps per run on 8 problems (a smoke test)")
     parser.add_argument("--no-trl", action="store_true", help="leave out TRL's DistillationTrainer")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="only aggregate the runs already cached under --out (run nothing)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.select:
@@ -346,8 +348,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         (args.out / "selection.json").write_text(json.dumps(selection, indent=1))
         print(format_markdown({}, selection))
         return 0
-    run_jobs(build_jobs(args.settings, args.objectives, args.variants, args.seeds, args.quick, trl=not args.no_trl),
-             args.out, args.jobs)
+    if not args.aggregate_only:
+        run_jobs(build_jobs(args.settings, args.objectives, args.variants, args.seeds, args.quick,
+                            trl=not args.no_trl), args.out, args.jobs)
     # every held-out run cached under the output folder, so that separate invocations add up
     results = [r for r in (json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json")))
                if r["split"] == "test" and r.get("quick", False) == args.quick]

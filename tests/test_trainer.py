@@ -26,7 +26,7 @@ def _model(tokenizer, seed, hidden=32, vocab=None):
 def _config(tmp_path, **overrides):
     base = dict(output_dir=str(tmp_path / "run"), steps=3, prompts_per_step=4, samples_per_prompt=2,
                 micro_batch_size=3, max_new_tokens=6, lr=1e-3, warmup_steps=1, eval_every=2, eval_size=8,
-                progress=False, tensorboard=False, seed=5, percentile=25.0)
+                progress=False, tensorboard=False, seed=5, percentile=25.0, objective="sampled")
     base.update(overrides)
     return TrainConfig(**base)
 
