@@ -147,10 +147,10 @@ def chunked_forward(
 
 
 def full_row_divergence(
-    log_p: torch.Tensor, log_q: torch.Tensor, divergence: int, jsd_beta: float
+    log_p: torch.Tensor, p: torch.Tensor, log_q: torch.Tensor, divergence: int, jsd_beta: float
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-row divergence from whole rows of log-probabilities [rows, V] (student p, teacher q),
-    and the per-row `div_aux` that `grad_logits_tile` needs:
+    """Per-row divergence from whole rows of log-probabilities [rows, V] (student p = exp(log p),
+    teacher q), and the per-row `div_aux` that `divergence_grad_terms` needs:
 
         reverse KL   KL(p||q) = sum p (log p - log q)                 aux = KL(p||q)
         forward KL   KL(q||p) = sum q (log q - log p)                 aux = None
@@ -158,16 +158,42 @@ def full_row_divergence(
                      M = (1 - beta) p + beta q                        aux = KL(p||M)
     """
     if divergence == DIV_REVERSE_KL:
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        kl = (p * (log_p - log_q)).sum(dim=1)
         return kl, kl
     if divergence == DIV_FORWARD_KL:
         return (log_q.exp() * (log_q - log_p)).sum(dim=1), None
     if divergence != DIV_JSD:
         raise ValueError(f"full_row_divergence needs a divergence, got {divergence}")
     log_m = _jsd_log_mixture(log_p, log_q, jsd_beta)
-    kl_p_m = (log_p.exp() * (log_p - log_m)).sum(dim=1)
+    kl_p_m = (p * (log_p - log_m)).sum(dim=1)
     kl_q_m = (log_q.exp() * (log_q - log_m)).sum(dim=1)
     return jsd_beta * kl_q_m + (1.0 - jsd_beta) * kl_p_m, kl_p_m
+
+
+def divergence_grad_terms(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    div_aux: Optional[torch.Tensor],
+    grad_divergence: torch.Tensor,
+    divergence: int,
+    jsd_beta: float,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The divergence's share of dL/dz as (coef, extra) with dL/dz = p * coef + extra, for the
+    per-row upstream gradient g (before the 1/tau chain factor):
+
+        reverse KL   coef = g (log p - log q - KL(p||q))                  extra = None
+        forward KL   coef = g                                             extra = -g q
+        JSD_beta     coef = g (1 - beta) (log p - log M - KL(p||M))       extra = None
+
+    `coef` is [rows, V] or, for forward KL, [rows, 1]. Forward KL turns `log_q` into -g q in place.
+    """
+    g = grad_divergence[:, None]
+    if divergence == DIV_REVERSE_KL:
+        return (log_p - log_q).sub_(div_aux[:, None]).mul_(g), None
+    if divergence == DIV_FORWARD_KL:
+        return g, log_q.exp_().mul_(-g)
+    coef = (log_p - _jsd_log_mixture(log_p, log_q, jsd_beta)).sub_(div_aux[:, None])
+    return coef.mul_(g * (1.0 - jsd_beta)), None
 
 
 def grad_logits_tile(
@@ -192,16 +218,8 @@ def grad_logits_tile(
     # dz = p * (coef + div_coef) + extra, with div_coef / extra the divergence's share.
     div_coef, extra = None, None
     if divergence != DIV_NONE and grad_divergence is not None:
-        g_div = grad_divergence[:, None]
-        log_q = u.sub_(teacher_lse[:, None])
-        if divergence == DIV_REVERSE_KL:  # p (log p - log q - KL)
-            div_coef = (log_p - log_q).sub_(div_aux[:, None]).mul_(g_div)
-        elif divergence == DIV_FORWARD_KL:  # p - q
-            div_coef = g_div
-            extra = log_q.exp_().mul_(-g_div)
-        else:  # (1 - beta) p (log p - log M - KL(p||M))
-            div_coef = (log_p - _jsd_log_mixture(log_p, log_q, jsd_beta)).sub_(div_aux[:, None])
-            div_coef.mul_(g_div * (1.0 - jsd_beta))
+        div_coef, extra = divergence_grad_terms(log_p, u.sub_(teacher_lse[:, None]), div_aux, grad_divergence,
+                                                divergence, jsd_beta)
     # Row-wise coefficient of p from the log-prob and entropy: -g_lp - g_H (log p + H).
     coef = log_p.add_(student_entropy[:, None]).mul_(-grad_entropy[:, None]).sub_(grad_logprob[:, None])
     if div_coef is not None:

@@ -36,7 +36,7 @@ import torch
 
 from . import triton_token_stats
 from ._validation import validate_stats_inputs
-from .chunked import full_row_divergence, grad_logits_tile
+from .chunked import divergence_grad_terms, full_row_divergence
 from .token_stats import resolve_backend
 
 # grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
@@ -182,7 +182,7 @@ def linear_divergence_update(
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
     dev = student_hidden.device
-    # z, u, log p, log q and two row temporaries live together: about 1.5 chunk_elements floats
+    # log p (in z), log q (in u), p and two [rows, V] temporaries live together: 1.25 chunk_elements floats
     rows_per_chunk = max(1, chunk_elements // max(4 * vocab, 1))
     coef_all = torch.where(valid, coefficient.detach().to(acc), 0.0)
     values = torch.zeros(n, dtype=acc, device=dev)
@@ -198,14 +198,18 @@ def linear_divergence_update(
         h = student_hidden[rows].to(acc)
         z = (h @ student_w.t()).mul_(inv_t)
         u = (teacher_hidden[rows].to(acc) @ teacher_w.t()).mul_(inv_t)
-        lse_z, lse_u = torch.logsumexp(z, dim=-1), torch.logsumexp(u, dim=-1)
-        value, aux = full_row_divergence(z - lse_z[:, None], u - lse_u[:, None], kind, beta)
+        log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+        log_q = u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))
+        p = log_p.exp()
+        value, aux = full_row_divergence(log_p, p, log_q, kind, beta)
         values[rows] = torch.where(ok, value, 0.0)
         if not bool((coef != 0).any()):
             continue
-        zeros = torch.zeros_like(coef)
-        dz = grad_logits_tile(z, u, zeros.long(), 0, lse_z, zeros, lse_u, aux, zeros, zeros, coef, kind,
-                              beta).mul_(inv_t)
+        coef_p, extra = divergence_grad_terms(log_p, log_q, aux, coef, kind, beta)
+        dz = p.mul_(coef_p)  # dz = (p * coef + extra) / tau, formed in p's buffer
+        if extra is not None:
+            dz.add_(extra)
+        dz.mul_(inv_t)
         torch.mm(dz, student_w, out=grad_hidden[rows])
         if weight_written:
             grad_weight.addmm_(dz.t(), h)

@@ -63,24 +63,17 @@ def run_name(job: dict) -> str:
 
 
 def _config(job: dict, quick: bool):
-    from .demo import get_setting
+    from .demo import RECIPE_LR, get_setting
 
-    setting = get_setting(job["setting"])
-    recipe = setting.recipe
+    recipe = get_setting(job["setting"]).recipe
+    objective = job.get("objective", recipe.objective)
     overrides = dict(VARIANTS.get(job.get("variant"), {}))
-    config = replace(recipe, seed=job["seed"], objective=job.get("objective", recipe.objective),
-                     lr=job.get("lr") or setting_lr(job["setting"], TRL if job.get("variant") == TRL
-                                                    else job.get("objective", recipe.objective)),
+    config = replace(recipe, seed=job["seed"], objective=objective,
+                     lr=job.get("lr") or RECIPE_LR[job["setting"]][TRL if job.get("variant") == TRL else objective],
                      progress=False, threads=1, output_dir=f"/tmp/fire-opd-study/{run_name(job)}", **overrides)
     if quick:
         config = replace(config, steps=2, eval_every=1, eval_size=8, prompts_per_step=4)
     return config
-
-
-def setting_lr(setting: str, objective: str) -> float:
-    from .demo import RECIPE_LR
-
-    return RECIPE_LR[setting][objective]
 
 
 def run_job(job: dict) -> dict:
