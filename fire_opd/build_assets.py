@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .data import CHAIN_ALPHABET, TASK_ALPHABET, Problem, chain_solution, chain_terms, sample_problems
 from .evaluate import accuracy
-from .models import build_char_tokenizer, tiny_llama
+from .models import build_char_tokenizer, load_causal_lm, load_tokenizer, tiny_llama
 from .sampling import generate_rollouts
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -125,7 +125,7 @@ def build(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = Non
 # name: (hidden, layers, heads, sft steps, learning rate, seed)
 CHAIN_MODELS = {
     "teacher": (96, 4, 4, 2500, 2e-3, 11),
-    "student_init": (64, 3, 4, 600, 2e-3, 12),
+    "student_init": (64, 3, 4, 1000, 2e-3, 12),
 }
 CHAIN_MAX_NEW_TOKENS = 48
 CHAIN_MAX_POSITIONS = 96
@@ -150,16 +150,24 @@ def teacher_samples(teacher, tokenizer, problems: list[Problem], *, seed: int, b
     return out
 
 
-def build_chain(out_dir: Path, *, quick: bool = False) -> dict:
-    """Tokenizer, teacher and student of the "chain" setting under `out_dir`."""
+def build_chain(out_dir: Path, *, quick: bool = False, student_only: bool = False) -> dict:
+    """Tokenizer, teacher and student of the "chain" setting under `out_dir` (`student_only`:
+    keep the tokenizer and teacher already there, rebuild the student from the teacher's samples)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_char_tokenizer(CHAIN_ALPHABET, out_dir / "tokenizer")
+    manifest = out_dir / "MANIFEST.json"
+    if student_only:
+        tokenizer = load_tokenizer(out_dir / "tokenizer")
+        teacher = load_causal_lm(out_dir / "teacher")
+        report = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    else:
+        tokenizer = build_char_tokenizer(CHAIN_ALPHABET, out_dir / "tokenizer")
+        teacher, report = None, {}
     tokenizer.padding_side = "left"
     train = sample_problems(["chain"], 500 if quick else 20_000, seed=11, split="train")
     held_out = sample_problems(["chain"], 16 if quick else 400, seed=111, split="test")
-    report = {}
-    teacher = None
     for name, (hidden, layers, heads, steps, lr, seed) in CHAIN_MODELS.items():
+        if student_only and name == "teacher":
+            continue
         steps = 3 if quick else steps
         t0 = time.time()
         model = tiny_llama(len(tokenizer), hidden, layers, heads, seed=seed, pad_id=tokenizer.pad_token_id,
@@ -179,7 +187,7 @@ def build_chain(out_dir: Path, *, quick: bool = False) -> dict:
                         "hidden": hidden, "layers": layers,
                         "trained_on": "teacher samples" if teacher is not None else "all three formats"}
         teacher = teacher or model
-    (out_dir / "MANIFEST.json").write_text(json.dumps(report, indent=1) + "\n")
+    manifest.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -187,14 +195,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     parser.add_argument("--quick", action="store_true", help="three steps each (a smoke test of this script)")
-    parser.add_argument("--only", nargs="+", choices=[*sorted(MODELS), "chain"],
-                        help="rebuild only these models (\"chain\": the chain setting's tokenizer and models)")
+    parser.add_argument("--only", nargs="+", choices=[*sorted(MODELS), "chain", "chain_student"],
+                        help="rebuild only these models (\"chain\": the chain setting's tokenizer and models; "
+                             "\"chain_student\": its student, from the teacher already built)")
     args = parser.parse_args(argv)
-    only = [name for name in args.only or [] if name != "chain"]
+    only = [name for name in args.only or [] if not name.startswith("chain")]
     if not args.only or only:
         build(args.out, quick=args.quick, only=only or None)
-    if not args.only or "chain" in args.only:
-        build_chain(args.out / "chain", quick=args.quick)
+    if not args.only or {"chain", "chain_student"} & set(args.only):
+        build_chain(args.out / "chain", quick=args.quick, student_only="chain" not in (args.only or ["chain"]))
 
 
 if __name__ == "__main__":
