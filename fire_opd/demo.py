@@ -61,7 +61,7 @@ CHAIN_RECIPE = TrainConfig(
 # Learning rate per setting and objective, chosen by `fire-opd study --select` (plain OPD, validation
 # split); "trl_distillation" is TRL's DistillationTrainer's, chosen the same way.
 RECIPE_LR = {
-    "chain": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-4},
+    "chain": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 3e-4},
     "single": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},
     "multi-teacher": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},  # single's (not swept)
 }

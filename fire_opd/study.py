@@ -40,37 +40,55 @@ VARIANTS = {
     "fire_p10": {"method": "fire", "percentile": 10.0},
     "fire_p30": {"method": "fire", "percentile": 30.0},
     "fire_group": {"method": "fire", "filter_scope": "group"},
+    # plain OPD with TRL's rollout layout and learning rate: the same rollouts per step, but every
+    # one from a different prompt (TRL's trainer samples one completion per prompt)
+    "opd_trl_layout": lambda setting, recipe: {
+        "method": "opd", "prompts_per_step": recipe.rollouts_per_step, "samples_per_prompt": 1,
+        "micro_batch_size": recipe.rollouts_per_step, "lr": _recipe_lr(setting, TRL)},
 }
 ROW_ORDER = [*VARIANTS, "trl_distillation"]
 # The grid's variants per setting. With one rollout per prompt (chain) the group filter keeps
 # everything, i.e. it is reweight_only, so it runs only where prompts have several rollouts.
 STUDY_VARIANTS = {
     "chain": ["opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_p10", "fire_p30"],
-    "single": ["opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_group"],
+    "single": ["opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_p10", "fire_p30", "fire_group",
+               "opd_trl_layout"],
 }
+DENSE_ONLY_VARIANTS = {"opd_trl_layout"}  # a comparison with TRL, whose objective is the dense one
 PERCENTILE_SWEEP = {0: "reweight_only", 10: "fire_p10", 20: "fire", 30: "fire_p30"}
 # What a user would run instead: TRL 1.16's on-policy DistillationTrainer (exact full-vocabulary
 # generalized JSD, beta = 1: reverse KL), same rollouts per step, steps, schedule and clipping.
 TRL = "trl_distillation"
-SELECT_LRS = (1e-4, 3e-4, 1e-3)
+SELECT_LRS = {"chain": (3e-5, 1e-4, 3e-4, 1e-3), "single": (1e-4, 3e-4, 1e-3)}  # chain: every lr of the first
+#                                  sweep (1e-4..1e-3) ended below the initial student, so it also tries 3e-5
 CURVE_KEYS = ("train/reward", "train/response_length", "train/full_vocab_reverse_kl", "fire/keep_ratio",
               "train/degenerate_fraction", "train/truncated_fraction")
 
 
 def run_name(job: dict) -> str:
     lr = f"-lr{job['lr']:.0e}" if job.get("lr") else ""
-    return f"{job['kind']}-{job['setting']}-{job.get('objective', 'na')}-{job.get('variant', 'na')}{lr}-s{job['seed']}"
+    split = "" if job["split"] == "test" else f"-{job['split']}"
+    return (f"{job['kind']}-{job['setting']}-{job.get('objective', 'na')}-{job.get('variant', 'na')}{lr}"
+            f"-s{job['seed']}{split}")
+
+
+def _recipe_lr(setting: str, objective: str) -> float:
+    from .demo import RECIPE_LR
+
+    return RECIPE_LR[setting][objective]
 
 
 def _config(job: dict, quick: bool):
-    from .demo import RECIPE_LR, get_setting
+    from .demo import get_setting
 
     recipe = get_setting(job["setting"]).recipe
     objective = job.get("objective", recipe.objective)
-    overrides = dict(VARIANTS.get(job.get("variant"), {}))
-    config = replace(recipe, seed=job["seed"], objective=objective,
-                     lr=job.get("lr") or RECIPE_LR[job["setting"]][TRL if job.get("variant") == TRL else objective],
-                     progress=False, threads=1, output_dir=f"/tmp/fire-opd-study/{run_name(job)}", **overrides)
+    variant = VARIANTS.get(job.get("variant"), {})
+    fields = {"seed": job["seed"], "objective": objective,
+              "lr": job.get("lr") or _recipe_lr(job["setting"], TRL if job.get("variant") == TRL else objective),
+              "progress": False, "threads": 1, "output_dir": f"/tmp/fire-opd-study/{run_name(job)}"}
+    fields.update(variant(job["setting"], recipe) if callable(variant) else variant)
+    config = replace(recipe, **fields)
     if quick:
         config = replace(config, steps=2, eval_every=1, eval_size=8, prompts_per_step=4)
     return config
@@ -251,7 +269,37 @@ def format_markdown(summary: dict, selection: Optional[list[dict]] = None) -> st
         lines += ["### Learning-rate selection (plain OPD, validation split)", "",
                   "| setting | objective | lr | validation accuracy |", "|---|---|---|---|"]
         for row in sorted(selection, key=lambda r: (r["setting"], r["objective"], r["lr"])):
-            lines.append(f"| {row['setting']} | {row['objective']} | {row['lr']:.0e} | {_cell(row['accuracy'])} |")
+            lr = f"{row['lr']:.0e}" if row["lr"] else ""
+            lines.append(f"| {row['setting']} | {row['objective']} | {lr} | {_cell(row['accuracy'])} |")
+    return "\n".join(lines)
+
+
+DIAGNOSTICS = ("correct", "length", "truncated", "advantage_per_token", "with_rejected_token",
+               "first_rejected_position", "prompt_group_reward")
+
+
+def format_diagnostics(results: list[dict]) -> str:
+    """What the rollout filter drops against what it keeps (the trainer's `diag/*` metrics, mean
+    over each run's steps, then over seeds), for every run that filters."""
+    groups: dict = {}
+    for r in results:
+        if r.get("diagnostics"):
+            groups.setdefault((r["setting"], r["objective"], r["variant"]), []).append(r["diagnostics"])
+    if not groups:
+        return ""
+    lines = ["### What the filter drops (`diag/*` metrics, mean over steps, then seeds: kept | dropped)", "",
+             "| setting | objective | variant | " + " | ".join(DIAGNOSTICS) + " |",
+             "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
+    for (setting, objective, variant), runs in sorted(groups.items()):
+        cells = []
+        for key in DIAGNOSTICS:
+            pair = []
+            for side in ("kept", "dropped"):
+                values = [d[f"diag/{side}_{key}"] for d in runs if d.get(f"diag/{side}_{key}", float("nan")) == d.get(
+                    f"diag/{side}_{key}")]
+                pair.append(f"{mean_std(values)[0]:.3f}" if values else "")
+            cells.append(" \\| ".join(pair) if any(pair) else "")
+        lines.append(f"| {setting} | {objective} | {variant} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -295,7 +343,8 @@ def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = T
             for s in settings for seed in seeds]
     jobs += [{"kind": "train", "setting": s, "objective": o, "variant": v, "seed": seed, "split": "test",
               "quick": quick} for seed in seeds for s in settings for o in objectives
-             for v in (variants or STUDY_VARIANTS.get(s, list(VARIANTS)))]
+             for v in (variants or STUDY_VARIANTS.get(s, list(VARIANTS)))
+             if o == "full_vocab" or v not in DENSE_ONLY_VARIANTS]
     if trl:
         jobs += [{"kind": "trl", "setting": s, "objective": "full_vocab", "variant": TRL, "seed": seed, "split": "test",
                   "quick": quick} for seed in seeds for s in settings if len(get_setting(s).teachers) == 1]
@@ -324,17 +373,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.select:
-        jobs = [{"kind": "train", "setting": s, "objective": o, "variant": "opd", "seed": seed, "split": "validation",
-                 "lr": lr, "quick": args.quick}
-                for seed in args.seeds for s in args.settings for o in args.objectives for lr in SELECT_LRS]
+        lrs = {s: SELECT_LRS.get(s, SELECT_LRS["single"]) for s in args.settings}
+        jobs = [{"kind": "initial", "setting": s, "seed": seed, "split": "validation", "quick": args.quick}
+                for seed in args.seeds for s in args.settings]
+        jobs += [{"kind": "train", "setting": s, "objective": o, "variant": "opd", "seed": seed, "split": "validation",
+                  "lr": lr, "quick": args.quick}
+                 for seed in args.seeds for s in args.settings for o in args.objectives for lr in lrs[s]]
         if not args.no_trl:
             jobs += [{"kind": "trl", "setting": s, "objective": "full_vocab", "variant": TRL, "seed": seed,
                       "split": "validation", "lr": lr, "quick": args.quick}
-                     for seed in args.seeds for s in args.settings for lr in SELECT_LRS]
+                     for seed in args.seeds for s in args.settings for lr in lrs[s]]
         run_jobs(jobs, args.out, args.jobs)
         rows: dict = {}
         for r in (json.loads(f.read_text()) for f in sorted((args.out / "runs").glob("*.json"))):
-            if r["split"] == "validation" and r.get("quick", False) == args.quick:
+            if r["split"] == "validation" and r.get("quick", False) == args.quick and r["kind"] == "initial":
+                rows.setdefault((r["setting"], "initial student (no training)", 0.0), []).append(r["initial_accuracy"])
+            elif r["split"] == "validation" and r.get("quick", False) == args.quick:
                 name = TRL if r["variant"] == TRL else r["objective"]
                 rows.setdefault((r["setting"], name, r["lr"]), []).append(r["accuracy"])
         selection = [{"setting": s, "objective": o, "lr": lr, "accuracy": accs} for (s, o, lr), accs in rows.items()]
@@ -351,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     selection_path = args.out / "selection.json"
     selection = json.loads(selection_path.read_text()) if selection_path.is_file() else None
     (args.out / "study.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
-    markdown = format_markdown(summary, selection)
+    markdown = format_markdown(summary, selection) + "\n\n" + format_diagnostics(results)
     (args.out / "study.md").write_text(markdown + "\n")
     print(markdown)
     print(f"plot: {plot_study(summary, args.out / 'study.png')}")

@@ -36,8 +36,7 @@ def test_chain_demo_in_the_papers_regime(tmp_path):
     names = [row["model"] for row in summary["rows"]]
     assert names == ["teacher chain", "student (initial)", "student + OPD", "student + FiRe-OPD"]
     regime = summary["regime"]
-    # measured 1.27 nats/token for the shipped pair: same family, but above issue 7's target of 1
-    assert regime["initial_reverse_kl_per_token"] <= 1.5
+    assert regime["initial_reverse_kl_per_token"] <= 1.0  # measured 0.31 nats/token for the shipped pair
     assert regime["mean_response_tokens"] >= 24
     assert regime["teacher_entropy_mean"] > 0.05
     assert 0 < regime["degenerate_rollout_fraction"] < 0.5

@@ -1,0 +1,57 @@
+"""Which solution format a model picks on the chain setting, and how often it is right in each.
+
+    python benchmarks/chain_formats.py [CHECKPOINT ...]
+
+Greedy completions of the validation split (seed 0, 400 problems) by the teacher, the initial
+student and each checkpoint given (e.g. `/tmp/fire-opd-study/<run>/final`, written by the study),
+classified as "rewrite" (no comma), "steps" (one binary operation per step) or "group" (sums of
+positive and negative terms first). Prints, per model, {format: (count, accuracy)} and accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fire_opd.build_assets import ASSETS_DIR  # noqa: E402
+from fire_opd.data import is_correct  # noqa: E402
+from fire_opd.demo import load_setting, problem_sets  # noqa: E402
+from fire_opd.models import load_causal_lm  # noqa: E402
+from fire_opd.sampling import generate_rollouts  # noqa: E402
+
+
+def layout(text: str) -> str:
+    if "," not in text:
+        return "rewrite"
+    return "steps" if text.count("=") >= 4 else "group"
+
+
+def format_mix(model, tokenizer, problems) -> tuple[dict, float]:
+    rollouts = generate_rollouts(model, tokenizer, [p.prompt for p in problems], max_new_tokens=48, do_sample=False)
+    count, correct = collections.Counter(), collections.Counter()
+    for text, problem in zip(rollouts.texts, problems):
+        count[layout(text)] += 1
+        correct[layout(text)] += is_correct(text, problem.answer)
+    mix = {name: (count[name], round(correct[name] / count[name], 3)) for name in sorted(count)}
+    return mix, sum(correct.values()) / len(problems)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="*")
+    args = parser.parse_args()
+    setting, tokenizer, teachers = load_setting("chain")
+    _, validation = problem_sets(setting, 0, 400, eval_split="validation")
+    models = {"teacher": teachers["chain"], "initial student": load_causal_lm(ASSETS_DIR / setting.student)}
+    models.update({path: load_causal_lm(path) for path in args.checkpoints})
+    for name, model in models.items():
+        mix, accuracy = format_mix(model, tokenizer, validation)
+        print(f"{name}: {mix} accuracy {accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    main()
