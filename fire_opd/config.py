@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .loss import DIVERGENCES, FILTER_SCOPES, LOSS_AGG_MODES, METHODS, OBJECTIVES
+from .loss import DIVERGENCES, FILTER_SCOPES, FILTER_SCORES, LOSS_AGG_MODES, METHODS, OBJECTIVES
 
 
 @dataclass
@@ -29,6 +29,10 @@ class TrainConfig:
     percentile: float = 20.0  # rollout filter: drop scores below quantile(s, p / 100)
     filter_scope: str = "batch"  # "batch": one quantile over the rollout batch (the paper); "group": over each
     #                              prompt's own rollouts (beyond the paper; needs samples_per_prompt > 1)
+    filter_score: str = "teacher_mean"  # what the filter ranks: "teacher_mean" (the paper), "teacher_sum" (no
+    #                                     length normalization), "advantage_mean" (mean log pi_T - log pi_old)
+    teacher_confidence_gate: float = 0.0  # beyond the paper: tokens with teacher confidence
+    #                                       c = 1 - H_T / max H_T below this leave the loss (0: off)
     alpha: float = 1.0  # teacher-confidence strength
     beta: float = 1.0  # student-confusion strength
     clip_ratio: float = 0.2  # PPO epsilon
@@ -85,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.filter_scope not in FILTER_SCOPES:
             raise ValueError(f"filter_scope must be one of {FILTER_SCOPES}, got {self.filter_scope!r}")
+        if self.filter_score not in FILTER_SCORES:
+            raise ValueError(f"filter_score must be one of {FILTER_SCORES}, got {self.filter_score!r}")
+        if not 0.0 <= self.teacher_confidence_gate <= 1.0:
+            raise ValueError(f"teacher_confidence_gate must be in [0, 1], got {self.teacher_confidence_gate}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.divergence not in DIVERGENCES:

@@ -41,6 +41,7 @@ METHODS = ("opd", "fire", "filter_only", "reweight_only", "hard_token")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 OBJECTIVES = ("sampled", "full_vocab")
 FILTER_SCOPES = ("batch", "group")
+FILTER_SCORES = ("teacher_mean", "teacher_sum", "advantage_mean")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 FILTER_METHODS = ("fire", "filter_only")
 _FILTERS = set(FILTER_METHODS)
@@ -148,6 +149,8 @@ def compute_fire_advantages(
     process_group=None,
     filter_scope: str = "batch",
     group_ids: Optional[torch.Tensor] = None,
+    filter_score: str = "teacher_mean",
+    teacher_confidence_gate: float = 0.0,
 ) -> FireAdvantages:
     """Filter and reweight a rollout batch; returns detached advantages and the loss mask.
 
@@ -168,11 +171,24 @@ def compute_fire_advantages(
             hard prompts are not dropped wholesale). Weights stay batch-normalized either way.
         group_ids: [B] integer prompt id of each rollout, required for filter_scope="group"; a
             group's rollouts must sit on one rank.
+        filter_score: the trajectory score the filter ranks (beyond the paper except the default):
+            "teacher_mean"   s_i = mean_t log pi_T(y_t)                  (the paper)
+            "teacher_sum"    s_i = sum_t log pi_T(y_t)                   (no length normalization)
+            "advantage_mean" s_i = mean_t (log pi_T(y_t) - log pi_old(y_t)), minus the sampled
+                             reverse KL per token: a token that is unlikely under the student too
+                             does not count against its rollout.
+        teacher_confidence_gate: g in [0, 1] (beyond the paper; 0 disables): tokens whose teacher
+            confidence c_t = 1 - H^T_t / max H^T is below g leave the loss (teacher-reliability
+            gating), for every method. Weights keep their normalization over all valid tokens.
     """
     mask = _check_per_token({"old_log_prob": old_log_prob, "teacher_log_prob": teacher_log_prob,
                              "student_entropy": student_entropy, "teacher_entropy": teacher_entropy},
                             response_mask)
     _check_options(method, percentile, alpha, beta)
+    if filter_score not in FILTER_SCORES:
+        raise ValueError(f"filter_score must be one of {FILTER_SCORES}, got {filter_score!r}")
+    if not 0.0 <= float(teacher_confidence_gate) <= 1.0:
+        raise ValueError(f"teacher_confidence_gate must be in [0, 1], got {teacher_confidence_gate!r}")
     if filter_scope not in FILTER_SCOPES:
         raise ValueError(f"filter_scope must be one of {FILTER_SCOPES}, got {filter_scope!r}")
     if filter_scope == "group" and (not isinstance(group_ids, torch.Tensor) or group_ids.shape != mask.shape[:1]):
@@ -195,6 +211,7 @@ def compute_fire_advantages(
         global_tokens = float(totals[1])
         weight_mean = float(totals[0]) / global_tokens if global_tokens > 0 else 1.0
         has_tokens = rows.row_tokens > 0
+        score = _trajectory_score(filter_score, rows.sequence_score, teacher_log_prob, old_log_prob, mask)
 
         # 1. rollout filter
         keep = has_tokens.clone()
@@ -204,15 +221,18 @@ def compute_fire_advantages(
             for group in torch.unique(group_ids):
                 members = (group_ids == group).to(mask.device) & has_tokens
                 if bool(members.any()):
-                    tau = _quantile(rows.sequence_score[members], percentile / 100.0)
-                    keep &= ~members | (rows.sequence_score >= tau)
+                    tau = _quantile(score[members], percentile / 100.0)
+                    keep &= ~members | (score >= tau)
                     group_thresholds.append(tau)
             threshold = sum(group_thresholds) / len(group_thresholds) if group_thresholds else float("-inf")
         elif method in _FILTERS:
-            threshold = _quantile(_all_gather_varlen(rows.sequence_score[has_tokens], process_group),
-                                  percentile / 100.0)
-            keep &= rows.sequence_score >= threshold
+            threshold = _quantile(_all_gather_varlen(score[has_tokens], process_group), percentile / 100.0)
+            keep &= score >= threshold
         loss_mask = mask & keep[:, None]
+        confidence, confusion = confidence_and_confusion(teacher_entropy, student_entropy, inverse_max(max_t),
+                                                         inverse_max(max_s))
+        if teacher_confidence_gate > 0:
+            loss_mask &= confidence >= teacher_confidence_gate
 
         # 2. token weights
         if method in _REWEIGHTS:
@@ -230,8 +250,6 @@ def compute_fire_advantages(
         advantage = teacher_log_prob - old_log_prob
         advantages = torch.where(loss_mask, weights * advantage, zero)
 
-        confidence, confusion = confidence_and_confusion(teacher_entropy, student_entropy, inverse_max(max_t),
-                                                         inverse_max(max_s))
         metrics = {
             "fire/keep_ratio": _ratio(keep.sum(), has_tokens.sum(), process_group),
             "fire/token_keep_ratio": _ratio(loss_mask.sum(), mask.sum(), process_group),
@@ -246,6 +264,18 @@ def compute_fire_advantages(
             "fire/response_tokens": global_tokens,
         }
     return FireAdvantages(advantages, loss_mask, keep, weights, threshold, metrics)
+
+
+def _trajectory_score(kind: str, teacher_mean: torch.Tensor, teacher_log_prob: torch.Tensor,
+                      old_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] score of each rollout that the filter ranks (see `filter_score`); `teacher_mean` is
+    the kernel's own row statistic."""
+    if kind == "teacher_mean":
+        return teacher_mean
+    if kind == "teacher_sum":
+        return torch.where(mask, teacher_log_prob, 0.0).sum(dim=-1)
+    tokens = mask.sum(dim=-1).clamp_min(1)
+    return torch.where(mask, teacher_log_prob - old_log_prob, 0.0).sum(dim=-1) / tokens
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, group) -> float:
@@ -360,6 +390,8 @@ def fire_policy_loss(
     clip_ratio: float = 0.2,
     loss_agg_mode: str = "token-mean",
     backend: str = "auto",
+    filter_score: str = "teacher_mean",
+    teacher_confidence_gate: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """The FiRe-OPD loss for one rollout batch, all inputs `[batch, response_len]`.
 
@@ -369,7 +401,8 @@ def fire_policy_loss(
     `fire/clip_frac`, ...).
     """
     fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, response_mask,
-                                   method=method, percentile=percentile, alpha=alpha, beta=beta, backend=backend)
+                                   method=method, percentile=percentile, alpha=alpha, beta=beta, backend=backend,
+                                   filter_score=filter_score, teacher_confidence_gate=teacher_confidence_gate)
     loss, surrogate_metrics = clipped_surrogate(log_prob, old_log_prob, fire.advantages, fire.loss_mask,
                                                 clip_ratio=clip_ratio, loss_agg_mode=loss_agg_mode)
     return loss, {**fire.metrics, **surrogate_metrics}
@@ -400,6 +433,8 @@ def fire_dense_loss(
     beta: float = 1.0,
     loss_agg_mode: str = "token-mean",
     backend: str = "auto",
+    filter_score: str = "teacher_mean",
+    teacher_confidence_gate: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """FiRe-OPD with the dense objective for one rollout batch, all inputs `[batch, response_len]`.
 
@@ -410,7 +445,8 @@ def fire_dense_loss(
     """
     _check_per_token({"divergence": divergence}, response_mask)
     fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, response_mask,
-                                   method=method, percentile=percentile, alpha=alpha, beta=beta, backend=backend)
+                                   method=method, percentile=percentile, alpha=alpha, beta=beta, backend=backend,
+                                   filter_score=filter_score, teacher_confidence_gate=teacher_confidence_gate)
     coefficients = dense_coefficients(fire, loss_agg_mode)
     loss = (torch.where(fire.loss_mask, divergence, torch.zeros_like(divergence)) * coefficients).sum()
     return loss, {**fire.metrics, **dense_metrics(divergence, fire.loss_mask, loss)}

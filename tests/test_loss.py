@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from fire_kernels.fire_weights import fire_row_stats
 from fire_opd import (
-    FireOPDLoss, clipped_surrogate, compute_fire_advantages, fire_policy_loss, fire_policy_loss_from_hidden,
+    FireOPDLoss, clipped_surrogate, compute_fire_advantages, fire_dense_loss, fire_policy_loss,
+    fire_policy_loss_from_hidden,
     loss_normalizer, route_rows, scatter_rows,
 )
 from fire_opd.fused import response_token_stats
@@ -347,3 +348,57 @@ def test_fused_update_equals_autograd_surrogate(backend, mode):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for a, b_ in zip(*grads):
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- options beyond the paper
+
+
+def test_filter_scores_rank_by_their_own_trajectory_score():
+    # Mean teacher log-probs -0.5, -0.6, -0.1 (row 1 has two tokens), sums -1.5, -1.2, -0.3: at the
+    # median the paper's score keeps rows 0 and 2, the unnormalized sum keeps rows 1 and 2.
+    teacher = torch.tensor([[-0.5, -0.5, -0.5], [-0.6, -0.6, 0.0], [-0.1, -0.1, -0.1]])
+    keep = {score: compute_fire_advantages(OLD_LP, teacher, STUDENT_ENT, TEACHER_ENT, MASK, method="filter_only",
+                                           percentile=50.0, filter_score=score).keep.tolist()
+            for score in ("teacher_mean", "teacher_sum")}
+    assert keep == {"teacher_mean": [True, False, True], "teacher_sum": [False, True, True]}
+    # advantage_mean ranks mean(log pi_T - log pi_old): 0, 0, -0.5 here, so row 2 goes although
+    # the teacher likes it best (the student was even more sure of it).
+    old = torch.tensor([[-0.5, -0.5, -0.5], [-0.6, -0.6, 0.0], [0.4, 0.4, 0.4]])
+    fire = compute_fire_advantages(old, teacher, STUDENT_ENT, TEACHER_ENT, MASK, method="fire", percentile=50.0,
+                                   filter_score="advantage_mean")
+    assert fire.keep.tolist() == [True, True, False]
+    assert fire.threshold == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("method", ["opd", "reweight_only"])
+def test_teacher_confidence_gate_drops_unreliable_tokens(method):
+    # teacher confidence c = 1 - H^T / 4 on valid tokens: [1, .75, .5], [0, .5, -], [.75, .75, .75]
+    gated = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    log_prob = OLD_LP.clone().requires_grad_()
+    loss, metrics = fire_policy_loss(log_prob, OLD_LP, TEACHER_LP, STUDENT_ENT, TEACHER_ENT, MASK, method=method,
+                                     teacher_confidence_gate=0.6)
+    weights = [[(RAW_W[i][t] / W_MEAN if method == "reweight_only" else 1.0) if gated[i, t] else 0.0
+                for t in range(3)] for i in range(3)]
+    expected = sum(-w * float(TEACHER_LP[i, t]) for i, row in enumerate(weights) for t, w in enumerate(row)) / 5
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["fire/token_keep_ratio"] == pytest.approx(5 / 8)
+    loss.backward()
+    assert torch.all(log_prob.grad[~gated] == 0) and torch.all(log_prob.grad[gated] != 0)
+    # the dense objective gates the same tokens
+    divergence = torch.rand(3, 3, requires_grad=True)
+    dense, _ = fire_dense_loss(divergence, OLD_LP, TEACHER_LP, STUDENT_ENT, TEACHER_ENT, MASK, method=method,
+                               teacher_confidence_gate=0.6)
+    dense.backward()
+    assert torch.all(divergence.grad[~gated] == 0) and torch.all(divergence.grad[gated] > 0)
+    # gate 0 is the paper's method, bit for bit
+    plain, _ = fire_policy_loss(OLD_LP, OLD_LP, TEACHER_LP, STUDENT_ENT, TEACHER_ENT, MASK, method=method)
+    off, _ = fire_policy_loss(OLD_LP, OLD_LP, TEACHER_LP, STUDENT_ENT, TEACHER_ENT, MASK, method=method,
+                              teacher_confidence_gate=0.0)
+    assert torch.equal(plain, off)
+
+
+def test_bad_filter_options():
+    with pytest.raises(ValueError, match="filter_score must be one of"):
+        compute_fire_advantages(OLD_LP, TEACHER_LP, STUDENT_ENT, TEACHER_ENT, MASK, filter_score="median")
+    with pytest.raises(ValueError, match=r"teacher_confidence_gate must be in \[0, 1\]"):
+        compute_fire_advantages(OLD_LP, TEACHER_LP, STUDENT_ENT, TEACHER_ENT, MASK, teacher_confidence_gate=1.5)
