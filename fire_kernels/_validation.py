@@ -20,6 +20,26 @@ BACKENDS = ("auto", "triton", "chunked", "reference")
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """What one model's head does after h W^T (DESIGN.md, "Heads"):
+
+        z = softcap * tanh(((h W^T + b) * scale) / softcap) / tau     (softcap 0: no tanh)
+
+    The bias tensor itself travels next to the weight; this records only whether it exists."""
+
+    has_bias: bool = False
+    scale: float = 1.0
+    softcap: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        return not self.has_bias and self.scale == 1.0 and self.softcap == 0.0
+
+
+PLAIN_HEAD = HeadSpec()
+
+
+@dataclass(frozen=True)
 class StatsProblem:
     """Validated, normalized description of one token-statistics call."""
 
@@ -30,6 +50,8 @@ class StatsProblem:
     jsd_beta: float
     inv_temperature: float
     ignore_index: int
+    student_head: HeadSpec = PLAIN_HEAD
+    teacher_head: HeadSpec = PLAIN_HEAD
 
 
 def _check_matrix(name: str, tensor: object) -> torch.Tensor:
@@ -60,6 +82,30 @@ def _check_model(prefix: str, hidden: object, weight: object) -> tuple[torch.Ten
     return hidden, weight
 
 
+def _check_head(prefix: str, weight_name: str, weight: torch.Tensor, bias: object, logit_scale: object,
+                logit_softcap: object) -> HeadSpec:
+    """`prefix` names the head's arguments: "" for the student's (bias, logit_scale,
+    logit_softcap), "teacher_" for the teacher's."""
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{prefix}bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must have shape [{weight.shape[0]}] (one per vocab row of "
+                             f"{weight_name}), got {tuple(bias.shape)}")
+        if bias.dtype not in SUPPORTED_FLOAT_DTYPES:
+            raise TypeError(f"{prefix}bias has dtype {bias.dtype}; expected a floating-point dtype")
+        if bias.device != weight.device:
+            raise ValueError(f"{prefix}bias is on {bias.device} but {weight_name} is on {weight.device}")
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or \
+            not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"{prefix}logit_scale must be a finite number > 0, got {logit_scale!r} (Granite divides "
+                         "by logits_scaling: pass its reciprocal)")
+    if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
+                                      or not math.isfinite(logit_softcap) or logit_softcap <= 0):
+        raise ValueError(f"{prefix}logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    return HeadSpec(has_bias=bias is not None, scale=float(logit_scale), softcap=float(logit_softcap or 0.0))
+
+
 def validate_stats_inputs(
     student_hidden: object,
     student_weight: object,
@@ -73,6 +119,12 @@ def validate_stats_inputs(
     ignore_index: int = -100,
     backend: str = "auto",
     student_prefix: str = "student_",
+    student_bias: object = None,
+    student_logit_scale: object = 1.0,
+    student_logit_softcap: object = None,
+    teacher_bias: object = None,
+    teacher_logit_scale: object = 1.0,
+    teacher_logit_softcap: object = None,
 ) -> StatsProblem:
     """Check shapes, dtypes, devices and target range; raise ValueError/TypeError naming the argument."""
     if backend not in BACKENDS:
@@ -81,6 +133,9 @@ def validate_stats_inputs(
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     if vocab_size == 0:
         raise ValueError(f"{student_prefix}weight has an empty vocabulary (shape {tuple(weight.shape)})")
+    student_head = _check_head("", f"{student_prefix}weight", weight, student_bias, student_logit_scale,
+                               student_logit_softcap)
+    teacher_head = PLAIN_HEAD
 
     has_teacher = teacher_hidden is not None or teacher_weight is not None
     devices = {"targets": None, f"{student_prefix}hidden": hidden.device, f"{student_prefix}weight": weight.device}
@@ -100,6 +155,10 @@ def validate_stats_inputs(
             )
         devices["teacher_hidden"] = t_hidden.device
         devices["teacher_weight"] = t_weight.device
+        teacher_head = _check_head("teacher_", "teacher_weight", t_weight, teacher_bias, teacher_logit_scale,
+                                   teacher_logit_softcap)
+    elif teacher_bias is not None or teacher_logit_scale != 1.0 or teacher_logit_softcap is not None:
+        raise ValueError("teacher_bias, teacher_logit_scale and teacher_logit_softcap need a teacher")
 
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -143,4 +202,6 @@ def validate_stats_inputs(
         jsd_beta=float(jsd_beta),
         inv_temperature=1.0 / float(temperature),
         ignore_index=int(ignore_index),
+        student_head=student_head,
+        teacher_head=teacher_head,
     )

@@ -19,6 +19,10 @@ gradients g_lp, g_H, g_D per row, all multiplied by 1/tau for z = W h / tau):
     d KL(q||p)   = p - q
     d JSD_beta   = (1 - beta) * p * (log p - log M - KL(p||M)),   M = (1 - beta) p + beta q
 
+Heads (DESIGN.md, "Heads"): with r = h W^T + b, z = softcap tanh(r scale / softcap) / tau, so
+dz/dr = (scale / tau) (1 - t^2) with t = tanh(.) = z tau / softcap, read off the recomputed z;
+without a soft-cap dz/dr = scale / tau. dL/db = sum over rows of dL/dr.
+
 Extra memory beyond inputs and gradients: a few tiles of token_chunk * vocab_chunk floats
 plus O(N) row state; float32 accumulation (float64 for float64 inputs).
 """
@@ -30,8 +34,9 @@ from typing import Optional
 
 import torch
 
+from . import tile_fold
 from ._row_stats import RowStats, finalize
-from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, StatsProblem
+from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, PLAIN_HEAD, HeadSpec, StatsProblem
 
 # Tile shape. Read at call time, so tests can shrink them to force many tiles on small shapes.
 DEFAULT_TOKEN_CHUNK = 1024
@@ -42,11 +47,34 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, acc: torch.dtype) -> torch.Tensor:
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, acc: torch.dtype,
+            head: HeadSpec = PLAIN_HEAD, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     # Upcast before the product so half-precision logits are not rounded (same as the fp32
     # accumulator of the Triton kernel); the upcast copy is one bounded weight chunk.
-    z = hidden.to(acc) @ weight.to(acc).t()
-    return z.mul_(inv_temperature)
+    return apply_head_(hidden.to(acc) @ weight.to(acc).t(), head, bias, inv_temperature)
+
+
+def apply_head_(r: torch.Tensor, head: HeadSpec, bias: Optional[torch.Tensor], inv_temperature: float) -> torch.Tensor:
+    """In place on a fresh [rows, cols] tile r = h W_c^T: z = softcap tanh((r + b_c) scale / softcap) / tau.
+    `bias` is the tile's slice of columns (None when the head has none)."""
+    if bias is not None:
+        r.add_(bias.to(r.dtype))
+    if head.softcap:
+        return r.mul_(head.scale / head.softcap).tanh_().mul_(head.softcap * inv_temperature)
+    return r.mul_(head.scale * inv_temperature)
+
+
+def head_jacobian(z: torch.Tensor, head: HeadSpec, inv_temperature: float):
+    """dz/dr of `apply_head_`, from the finished logits z: a [rows, cols] tensor with a soft-cap,
+    else the scalar scale / tau."""
+    if head.softcap:
+        t = z * (1.0 / (head.softcap * inv_temperature))
+        return t.mul_(t).neg_().add_(1.0).mul_(head.scale * inv_temperature)
+    return head.scale * inv_temperature
+
+
+def _columns(bias: Optional[torch.Tensor], cols: slice) -> Optional[torch.Tensor]:
+    return None if bias is None else bias[cols]
 
 
 def _online_update(m, s, a, z):
@@ -79,11 +107,17 @@ def chunked_forward(
     teacher_hidden: Optional[torch.Tensor] = None,
     teacher_weight: Optional[torch.Tensor] = None,
     *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
     token_chunk: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
 ) -> tuple[RowStats, Optional[torch.Tensor]]:
     """Streaming forward. Returns the row statistics and `div_aux`, the per-row scalar the
-    divergence backward needs (KL(p||q) for reverse KL, KL(p||M) for JSD, else None)."""
+    divergence backward needs (KL(p||q) for reverse KL, KL(p||M) for JSD, else None).
+    On CUDA the tiles are folded by Triton kernels (`tile_fold`), here by torch ops."""
+    if tile_fold.enabled(student_hidden.device) and student_hidden.dtype != torch.float64:
+        return tile_fold.fold_forward(problem, student_hidden, student_weight, targets, teacher_hidden,
+                                      teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
     token_chunk = token_chunk or DEFAULT_TOKEN_CHUNK
     vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, vocab = problem.num_tokens, problem.vocab_size
@@ -92,6 +126,7 @@ def chunked_forward(
     inv_t = problem.inv_temperature
     teacher = problem.has_teacher
     kind = problem.divergence
+    s_head, t_head = problem.student_head, problem.teacher_head
     lowest = torch.finfo(acc).min  # finite "-inf": (m - m_new) * S stays 0 * finite
 
     def new_state():
@@ -108,12 +143,12 @@ def chunked_forward(
         h_t = teacher_hidden[rows] if teacher else None
         for v0 in range(0, vocab, vocab_chunk):
             cols = slice(v0, min(v0 + vocab_chunk, vocab))
-            z = _logits(h_s, student_weight[cols], inv_t, acc)
+            z = _logits(h_s, student_weight[cols], inv_t, acc, s_head, _columns(student_bias, cols))
             zy[rows] += _target_logit(z, y, v0)
             m_s[rows], s_s[rows], a_s[rows], e_s, scale_s = _online_update(m_s[rows], s_s[rows], a_s[rows], z)
             if not teacher:
                 continue
-            u = _logits(h_t, teacher_weight[cols], inv_t, acc)
+            u = _logits(h_t, teacher_weight[cols], inv_t, acc, t_head, _columns(teacher_bias, cols))
             uy[rows] += _target_logit(u, y, v0)
             m_t[rows], s_t[rows], a_t[rows], e_t, scale_t = _online_update(m_t[rows], s_t[rows], a_t[rows], u)
             if kind == DIV_REVERSE_KL:
@@ -136,8 +171,10 @@ def chunked_forward(
         rows = slice(n0, min(n0 + token_chunk, n))
         for v0 in range(0, vocab, vocab_chunk):
             cols = slice(v0, min(v0 + vocab_chunk, vocab))
-            log_p = _logits(student_hidden[rows], student_weight[cols], inv_t, acc) - stats.student_lse[rows, None]
-            log_q = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc) - stats.teacher_lse[rows, None]
+            log_p = _logits(student_hidden[rows], student_weight[cols], inv_t, acc, s_head,
+                            _columns(student_bias, cols)) - stats.student_lse[rows, None]
+            log_q = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc, t_head,
+                            _columns(teacher_bias, cols)) - stats.teacher_lse[rows, None]
             log_m = _jsd_log_mixture(log_p, log_q, beta)
             kl_p_m[rows] += (log_p.exp() * (log_p - log_m)).sum(dim=1)
             kl_q_m[rows] += (log_q.exp() * (log_q - log_m)).sum(dim=1)
@@ -249,21 +286,32 @@ def chunked_backward(
     grad_entropy: torch.Tensor,
     grad_divergence: Optional[torch.Tensor],
     *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
+    need_bias_grad: bool = False,
     token_chunk: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Recompute tiles and accumulate (grad_student_hidden, grad_student_weight) in the
-    accumulation dtype; the caller casts to the parameter dtype. Ignored rows must arrive
-    with zero upstream gradients."""
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Recompute tiles and accumulate (grad_student_hidden, grad_student_weight,
+    grad_student_bias) in the accumulation dtype; the caller casts to the parameter dtype.
+    Ignored rows must arrive with zero upstream gradients. On CUDA: `tile_fold`."""
+    if tile_fold.enabled(student_hidden.device) and student_hidden.dtype != torch.float64:
+        return tile_fold.fold_backward(
+            problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight, student_lse,
+            student_entropy, teacher_lse, div_aux, grad_logprob, grad_entropy, grad_divergence,
+            student_bias=student_bias, teacher_bias=teacher_bias, need_hidden_grad=need_hidden_grad,
+            need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad)
     token_chunk = token_chunk or DEFAULT_TOKEN_CHUNK
     vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, vocab = problem.num_tokens, problem.vocab_size
     acc = _acc_dtype(student_hidden)
     inv_t = problem.inv_temperature
     use_teacher = problem.divergence != DIV_NONE and grad_divergence is not None
+    s_head, t_head = problem.student_head, problem.teacher_head
     grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device) if need_hidden_grad else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=student_hidden.device) if need_bias_grad else None
     # dW is written (mm out=) by the first token chunk that has gradient and accumulated after:
     # no zero-fill pass over a V x D buffer (1.5 GB at V = 152k, D = 2560).
     grad_weight = torch.empty(student_weight.shape, dtype=acc, device=student_weight.device) if need_weight_grad else None
@@ -280,8 +328,10 @@ def chunked_backward(
         for v0 in range(0, vocab, vocab_chunk):
             cols = slice(v0, min(v0 + vocab_chunk, vocab))
             w_c = student_weight[cols].to(acc)
-            z = (h_s @ w_c.t()).mul_(inv_t)
-            u = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc) if use_teacher else None
+            z = apply_head_(h_s @ w_c.t(), s_head, _columns(student_bias, cols), inv_t)
+            u = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc, t_head,
+                        _columns(teacher_bias, cols)) if use_teacher else None
+            jacobian = head_jacobian(z, s_head, inv_t)  # before grad_logits_tile reuses z
             dz = grad_logits_tile(
                 z, u, targets[rows], v0, student_lse[rows], student_entropy[rows],
                 teacher_lse[rows] if use_teacher else None,
@@ -289,7 +339,9 @@ def chunked_backward(
                 grad_logprob[rows], grad_entropy[rows],
                 grad_divergence[rows] if use_teacher else None,
                 problem.divergence, problem.jsd_beta,
-            ).mul_(inv_t)
+            ).mul_(jacobian)  # dL/dr, r = h W^T + b
+            if grad_bias is not None:
+                grad_bias[cols] += dz.sum(dim=0)
             if grad_hidden is not None:
                 grad_hidden[rows].addmm_(dz, w_c)
             if grad_weight is not None:
@@ -300,4 +352,4 @@ def chunked_backward(
         weight_written = True
     if grad_weight is not None and not weight_written:
         grad_weight.zero_()  # no row carried gradient
-    return grad_hidden, grad_weight
+    return grad_hidden, grad_weight, grad_bias

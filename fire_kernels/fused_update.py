@@ -14,6 +14,8 @@ chunked: token chunks of whole vocabulary rows (lse must be known before dz), si
          chunk * V <= chunk_elements; 3 matrix products, one [chunk, V] fp32 buffer.
 triton:  the streaming forward kernel gives lse (1 product), then the one-recompute backward
          kernel forms dz on-chip (1 + 2 products); no [N, V] or [chunk, V] buffer.
+chunked on CUDA: the same two passes on cuBLAS tiles with Triton folds (`tile_fold`): whole
+         vocabulary rows would mean chains of elementwise ops over [chunk, V] in HBM.
 
 `linear_divergence_update` does the same for the dense objective, loss = sum_t c_t D_t(p || q)
 with per-token coefficients c known before the sweep (q the teacher, u = g U^T / tau):
@@ -30,13 +32,13 @@ triton:  the forward kernel (z and u tiles on-chip) then the backward kernel wit
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import triton_token_stats
+from . import tile_fold, triton_token_stats
 from ._validation import validate_stats_inputs
-from .chunked import divergence_grad_terms, full_row_divergence
+from .chunked import apply_head_, divergence_grad_terms, full_row_divergence, head_jacobian
 from .token_stats import resolve_backend
 
 # grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
@@ -50,6 +52,7 @@ class LogprobUpdate(NamedTuple):
     loss: torch.Tensor  # scalar, the sum of grad_fn's contributions
     grad_hidden: torch.Tensor  # [N, D] in hidden's dtype
     grad_weight: torch.Tensor  # [V, D] in weight's dtype
+    grad_bias: Optional[torch.Tensor] = None  # [V] in bias's dtype, when a bias was given
 
 
 def linear_logprob_update(
@@ -62,31 +65,41 @@ def linear_logprob_update(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> LogprobUpdate:
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature) and the gradients
-    of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and weight [V, D], in one sweep.
+    of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and weight [V, D] (and `bias` [V] when
+    given), in one sweep. The head (bias, logit_scale, logit_softcap) is that of `token_stats`.
 
     `grad_fn` sees the log-probs of a chunk of rows (0 on ignored rows) and the slice of rows
     they are; it returns that chunk's loss contribution and dL/dlogprob. Ignored rows get no
     gradient whatever it returns.
     """
     problem = validate_stats_inputs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
-                                    backend=backend, student_prefix="")
+                                    backend=backend, student_prefix="", student_bias=bias,
+                                    student_logit_scale=logit_scale, student_logit_softcap=logit_softcap)
     backend = resolve_backend(backend, hidden.device)
     valid = targets != ignore_index
-    if backend == "triton":
-        stats, _ = triton_token_stats.triton_forward(problem, hidden, weight, targets)
+    bias = bias.detach() if bias is not None else None
+    two_pass = _two_pass(backend, hidden.device)
+    if two_pass is not None:
+        forward, backward = two_pass
+        stats, _ = forward(problem, hidden, weight, targets, student_bias=bias)
         loss, grad_logprob = grad_fn(stats.student_logprob, slice(0, problem.num_tokens))
         grad_logprob = torch.where(valid, grad_logprob.float(), 0.0)
-        grad_hidden, grad_weight = triton_token_stats.triton_backward(
+        grad_hidden, grad_weight, grad_bias = backward(
             problem, hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
-            grad_logprob, torch.zeros_like(grad_logprob), None)
-        return LogprobUpdate(stats.student_logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+            grad_logprob, torch.zeros_like(grad_logprob), None, student_bias=bias, need_bias_grad=bias is not None)
+        return LogprobUpdate(stats.student_logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+                             _cast(grad_bias, bias))
 
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
-    rows_per_chunk = max(1, chunk_elements // max(vocab, 1))
+    # the logits tile (and under a soft-cap its Jacobian) per chunk
+    rows_per_chunk = max(1, chunk_elements // max(vocab * (2 if problem.student_head.softcap else 1), 1))
     logprob = torch.zeros(n, dtype=acc, device=hidden.device)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     # Written by the first chunk with gradient (mm out=), accumulated after: no zero-fill pass
@@ -94,13 +107,16 @@ def linear_logprob_update(
     grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
     weight_written = False
     weight_acc = weight.to(acc)  # a no-op for fp32 weights
+    head = problem.student_head
+    grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if bias is not None else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, n))
         h = hidden[rows].to(acc)
         y, ok = targets[rows], valid[rows]
         safe_y = torch.where(ok, y, torch.zeros_like(y)).long()
-        probs = (h @ weight_acc.t()).mul_(inv_t)  # [C, V] logits, becomes p, then dz in place
+        probs = apply_head_(h @ weight_acc.t(), head, bias, inv_t)  # [C, V] logits, becomes p, then dz in place
+        jacobian = head_jacobian(probs, head, inv_t)  # dz/dr: scale / tau, or a [C, V] tile under a soft-cap
         lse = torch.logsumexp(probs, dim=-1)
         lp = torch.where(ok, probs.gather(1, safe_y[:, None]).squeeze(1) - lse, 0.0)
         logprob[rows] = lp
@@ -111,7 +127,9 @@ def linear_logprob_update(
             continue
         probs.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # dz = -g p
         probs[torch.arange(probs.shape[0], device=probs.device), safe_y] += g  # + g onehot(y)
-        probs.mul_(inv_t)
+        probs.mul_(jacobian)  # dL/dr, r = h W^T + b
+        if grad_bias is not None:
+            grad_bias += probs.sum(dim=0)
         torch.mm(probs, weight_acc, out=grad_hidden[rows])
         if weight_written:
             grad_weight.addmm_(probs.t(), h)
@@ -120,7 +138,22 @@ def linear_logprob_update(
             weight_written = True
     if not weight_written:
         grad_weight.zero_()
-    return LogprobUpdate(logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+    return LogprobUpdate(logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+                         _cast(grad_bias, bias))
+
+
+def _two_pass(backend: str, device: torch.device):
+    """(forward, backward) of the streaming path for `backend` on `device`, or None for the
+    whole-row torch path (chunked on the CPU)."""
+    if backend == "triton":
+        return triton_token_stats.triton_forward, triton_token_stats.triton_backward
+    if tile_fold.enabled(device):
+        return tile_fold.fold_forward, tile_fold.fold_backward
+    return None
+
+
+def _cast(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if grad is None else grad.to(like.dtype)
 
 
 class DivergenceUpdate(NamedTuple):
@@ -128,6 +161,7 @@ class DivergenceUpdate(NamedTuple):
     loss: torch.Tensor  # scalar, sum_t c_t D_t
     grad_hidden: torch.Tensor  # [N, D_s] in student_hidden's dtype
     grad_weight: torch.Tensor  # [V, D_s] in student_weight's dtype
+    grad_bias: Optional[torch.Tensor] = None  # [V] in bias's dtype, when a student bias was given
 
 
 def linear_divergence_update(
@@ -144,6 +178,12 @@ def linear_divergence_update(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_logit_softcap: Optional[float] = None,
 ) -> DivergenceUpdate:
     """Per-token full-vocabulary divergence D_t between the student's softmax(h W^T / tau) and the
     teacher's softmax(g U^T / tau), and the gradients of loss = sum_t coefficient_t * D_t w.r.t.
@@ -152,52 +192,65 @@ def linear_divergence_update(
     `targets` [N] only marks rows: those equal to `ignore_index` give D = 0 and no gradient.
     `coefficient` [N] is detached (the caller's aggregation and FiRe weights). `divergence` is
     "reverse_kl" KL(student || teacher), "forward_kl" KL(teacher || student) or "jsd"
-    (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger).
+    (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger). The heads are
+    those of `teacher_student_stats`; the student's `bias` gets a gradient (`grad_bias`).
     """
     if divergence is None:
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
     problem = validate_stats_inputs(student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
                                     temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
-                                    ignore_index=ignore_index, backend=backend, student_prefix="student_")
+                                    ignore_index=ignore_index, backend=backend, student_prefix="student_",
+                                    student_bias=bias, student_logit_scale=logit_scale,
+                                    student_logit_softcap=logit_softcap, teacher_bias=teacher_bias,
+                                    teacher_logit_scale=teacher_logit_scale,
+                                    teacher_logit_softcap=teacher_logit_softcap)
     if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (problem.num_tokens,):
         raise ValueError(f"coefficient must be a [{problem.num_tokens}] tensor, got "
                          f"{getattr(coefficient, 'shape', type(coefficient).__name__)}")
     backend = resolve_backend(backend, student_hidden.device)
     valid = targets != ignore_index
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    bias = bias.detach() if bias is not None else None
+    teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     kind, beta = problem.divergence, problem.jsd_beta
-    if backend == "triton":
-        stats, div_aux = triton_token_stats.triton_forward(problem, student_hidden, student_weight, targets,
-                                                           teacher_hidden, teacher_weight)
+    two_pass = _two_pass(backend, student_hidden.device)
+    if two_pass is not None:
+        forward, backward = two_pass
+        stats, div_aux = forward(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
+                                 student_bias=bias, teacher_bias=teacher_bias)
         coef = torch.where(valid, coefficient.detach().float(), 0.0)
         loss = (coef * stats.divergence).sum()
         zeros = torch.zeros_like(coef)
-        grad_hidden, grad_weight = triton_token_stats.triton_backward(
+        grad_hidden, grad_weight, grad_bias = backward(
             problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
-            stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef)
+            stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef, student_bias=bias,
+            teacher_bias=teacher_bias, need_bias_grad=bias is not None)
         return DivergenceUpdate(stats.divergence, loss, grad_hidden.to(student_hidden.dtype),
-                                grad_weight.to(student_weight.dtype))
+                                grad_weight.to(student_weight.dtype), _cast(grad_bias, bias))
 
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
     dev = student_hidden.device
     # log p (in z), log q (in u), p and two [rows, V] temporaries live together: 1.25 chunk_elements floats
-    rows_per_chunk = max(1, chunk_elements // max(4 * vocab, 1))
+    rows_per_chunk = max(1, chunk_elements // max((5 if problem.student_head.softcap else 4) * vocab, 1))
     coef_all = torch.where(valid, coefficient.detach().to(acc), 0.0)
     values = torch.zeros(n, dtype=acc, device=dev)
     grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=dev)
     grad_weight = torch.empty(student_weight.shape, dtype=acc, device=dev)  # written by the first chunk (see above)
     weight_written = False
     student_w, teacher_w = student_weight.to(acc), teacher_weight.to(acc)
+    s_head, t_head = problem.student_head, problem.teacher_head
+    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if bias is not None else None
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, n))
         ok, coef = valid[rows], coef_all[rows]
         if not bool(ok.any()):
             continue
         h = student_hidden[rows].to(acc)
-        z = (h @ student_w.t()).mul_(inv_t)
-        u = (teacher_hidden[rows].to(acc) @ teacher_w.t()).mul_(inv_t)
+        z = apply_head_(h @ student_w.t(), s_head, bias, inv_t)
+        u = apply_head_(teacher_hidden[rows].to(acc) @ teacher_w.t(), t_head, teacher_bias, inv_t)
+        jacobian = head_jacobian(z, s_head, inv_t)  # before z becomes log p
         log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
         log_q = u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))
         p = log_p.exp()
@@ -209,7 +262,9 @@ def linear_divergence_update(
         dz = p.mul_(coef_p)  # dz = (p * coef + extra) / tau, formed in p's buffer
         if extra is not None:
             dz.add_(extra)
-        dz.mul_(inv_t)
+        dz.mul_(jacobian)  # dL/dr, r = h W^T + b
+        if grad_bias is not None:
+            grad_bias += dz.sum(dim=0)
         torch.mm(dz, student_w, out=grad_hidden[rows])
         if weight_written:
             grad_weight.addmm_(dz.t(), h)
@@ -219,4 +274,5 @@ def linear_divergence_update(
     if not weight_written:
         grad_weight.zero_()
     loss = (coef_all * values).sum()
-    return DivergenceUpdate(values, loss, grad_hidden.to(student_hidden.dtype), grad_weight.to(student_weight.dtype))
+    return DivergenceUpdate(values, loss, grad_hidden.to(student_hidden.dtype), grad_weight.to(student_weight.dtype),
+                            _cast(grad_bias, bias))

@@ -14,17 +14,31 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_REVERSE_KL, StatsProblem
+from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_REVERSE_KL, PLAIN_HEAD, HeadSpec, StatsProblem
 
 
 def _accumulate_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def materialized_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """log_softmax(hidden @ weight.T / tau) in float32 (float64 for float64 inputs): [N, V]."""
+def materialized_logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float,
+                        head: HeadSpec = PLAIN_HEAD, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, V] logits in float32 (float64 for float64 inputs), the head's order of operations:
+    softcap * tanh(((h W^T + b) * scale) / softcap) / tau."""
     acc = _accumulate_dtype(hidden)
-    return torch.log_softmax((hidden.to(acc) @ weight.to(acc).t()) * inv_temperature, dim=-1)
+    logits = hidden.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    logits = logits * head.scale
+    if head.softcap:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    return logits * inv_temperature
+
+
+def materialized_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float,
+                             head: HeadSpec = PLAIN_HEAD, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log_softmax of `materialized_logits`: [N, V]."""
+    return torch.log_softmax(materialized_logits(hidden, weight, inv_temperature, head, bias), dim=-1)
 
 
 def divergence_from_log_probs(
@@ -55,12 +69,15 @@ def reference_stats(
     targets: torch.Tensor,
     teacher_hidden: Optional[torch.Tensor] = None,
     teacher_weight: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
 ):
     """Returns (student_logprob, student_entropy, teacher_logprob, teacher_entropy, divergence), [N] each;
     teacher entries and divergence are None when not asked. Differentiable through autograd."""
     valid = targets != problem.ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    log_p = materialized_log_softmax(student_hidden, student_weight, problem.inv_temperature)
+    log_p = materialized_log_softmax(student_hidden, student_weight, problem.inv_temperature, problem.student_head,
+                                     student_bias)
     zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
 
     def per_row(log_probs: torch.Tensor):
@@ -72,7 +89,8 @@ def reference_stats(
     if not problem.has_teacher:
         return student_logprob, student_entropy, None, None, None
     with torch.no_grad():
-        log_q = materialized_log_softmax(teacher_hidden, teacher_weight, problem.inv_temperature)
+        log_q = materialized_log_softmax(teacher_hidden, teacher_weight, problem.inv_temperature,
+                                         problem.teacher_head, teacher_bias)
         teacher_logprob, teacher_entropy = per_row(log_q)
     divergence = None
     if problem.divergence:

@@ -6,8 +6,9 @@
 
 Both are differentiable w.r.t. the student hidden states and lm_head weight through the
 student log-prob, the student entropy and the divergence; teacher outputs carry no gradient.
-Backends: "triton" (fused, CUDA or the CPU interpreter), "chunked" (PyTorch tiles, any
-device), "reference" (materialized logits, the oracle), "auto" (triton on CUDA, else chunked).
+Backends: "triton" (fused, CUDA or the CPU interpreter), "chunked" (bounded tiles: on CUDA
+cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "reference"
+(materialized logits, the oracle), "auto" (chunked; see `resolve_backend`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,16 @@ class TeacherStudentStats(NamedTuple):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend and refuse triton where it cannot run."""
+    """Map "auto" to a concrete backend and refuse triton where it cannot run.
+
+    The rule (csrc_notes/tile_fold.md): "auto" is "chunked" on every device. On CUDA that is
+    cuBLAS on bounded tiles plus one Triton fold per tile, whose products run at cuBLAS speed
+    with no tile tuning. The cost model puts the fused kernels' backward atomics,
+    N V D 4 (1 / BLOCK_N + 1 / BLOCK_V) bytes, at 7-14x the fold path's tile traffic for every
+    model pair we target (Qwen3, Llama 3, Gemma 2 at N = 8192), so "triton" is chosen only
+    explicitly until a GPU measurement says otherwise."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "chunked"
+        return "chunked"
     if backend == "triton" and device.type != "cuda" and not triton_token_stats.interpreter_active():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got device {device}); use backend='chunked' on the CPU, "
@@ -55,15 +63,18 @@ class FusedTokenStatsFunction(torch.autograd.Function):
     autograd sees a fixed output arity)."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, targets, problem, backend):
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                targets, problem, backend):
         forward_impl = _FORWARD[backend]
-        stats, div_aux = forward_impl(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+        stats, div_aux = forward_impl(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
+                                      student_bias=student_bias, teacher_bias=teacher_bias)
         empty = stats.student_logprob.new_empty(0)
         ctx.problem, ctx.backend = problem, backend
+        div = bool(problem.divergence)
         ctx.save_for_backward(
-            student_hidden, student_weight, teacher_hidden if problem.divergence else None,
-            teacher_weight if problem.divergence else None, targets, stats.student_lse, stats.student_entropy,
-            stats.teacher_lse if problem.divergence else None, div_aux,
+            student_hidden, student_weight, student_bias, teacher_hidden if div else None,
+            teacher_weight if div else None, teacher_bias if div else None, targets, stats.student_lse,
+            stats.student_entropy, stats.teacher_lse if div else None, div_aux,
         )
         outputs = (
             stats.student_logprob,
@@ -77,7 +88,7 @@ class FusedTokenStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logprob, g_entropy, _g_t_logprob, _g_t_entropy, g_divergence):
-        (student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets,
          student_lse, student_entropy, teacher_lse, div_aux) = ctx.saved_tensors
         problem: StatsProblem = ctx.problem
         acc = student_lse.dtype
@@ -90,36 +101,43 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             return torch.where(valid, g.to(acc), torch.zeros((), dtype=acc, device=g.device))
 
         grad_divergence = upstream(g_divergence) if (problem.divergence != DIV_NONE and g_divergence is not None) else None
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden, grad_weight = _BACKWARD[ctx.backend](
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden, grad_weight, grad_bias = _BACKWARD[ctx.backend](
             problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
             student_lse, student_entropy, teacher_lse, div_aux,
             upstream(g_logprob), upstream(g_entropy), grad_divergence,
-            need_hidden_grad=need_h, need_weight_grad=need_w,
+            student_bias=student_bias, teacher_bias=teacher_bias,
+            need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
         )
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(student_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(student_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(student_bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _stats(
     student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
-    temperature, divergence, jsd_beta, ignore_index, backend, student_prefix,
+    temperature, divergence, jsd_beta, ignore_index, backend, student_prefix, heads,
 ):
     problem = validate_stats_inputs(
         student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
         temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
-        backend=backend, student_prefix=student_prefix,
+        backend=backend, student_prefix=student_prefix, **heads,
     )
     backend = resolve_backend(backend, student_hidden.device)
+    student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
     if backend == "reference":
-        return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight)
+        return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
+                               student_bias=student_bias, teacher_bias=teacher_bias)
     if teacher_hidden is not None:
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+        teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     outputs = FusedTokenStatsFunction.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, problem, backend
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets, problem,
+        backend,
     )
     return tuple(outputs[:2]) + tuple(
         outputs[i] if ok else None
@@ -135,13 +153,21 @@ def token_stats(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of the target token and full-vocab entropy of softmax(hidden @ weight.T / temperature).
+    """Log-prob of the target token and full-vocab entropy of softmax(z), with logits
+    z = logit_softcap * tanh(((hidden @ weight.T + bias) * logit_scale) / logit_softcap) / temperature.
 
     Args:
         hidden: [N, D] hidden states (fp16 / bf16 / fp32; fp64 on chunked and reference).
         weight: [V, D] lm_head weight, same dtype as `hidden`.
         targets: [N] integer token ids in [0, V), or `ignore_index` (those rows give 0, get 0 gradient).
+        bias: [V] lm_head bias or None; it gets a gradient when it requires one.
+        logit_scale: multiplies the logits (Cohere's `logit_scale`; Granite divides by
+            `logits_scaling`: pass its reciprocal).
+        logit_softcap: None, or Gemma 2/3's `final_logit_softcapping`.
     Returns:
         (logprob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
         w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").
@@ -149,6 +175,7 @@ def token_stats(
     logprob, entropy, *_ = _stats(
         hidden, weight, targets, None, None, temperature=temperature, divergence=None, jsd_beta=0.5,
         ignore_index=ignore_index, backend=backend, student_prefix="",
+        heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap),
     )
     return logprob, entropy
 
@@ -165,6 +192,12 @@ def teacher_student_stats(
     jsd_beta: float = 0.5,
     ignore_index: int = -100,
     backend: str = "auto",
+    bias: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_logit_softcap: Optional[float] = None,
 ) -> TeacherStudentStats:
     """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
 
@@ -174,6 +207,8 @@ def teacher_student_stats(
         targets: [N] sampled token ids, or `ignore_index`.
         divergence: None, "reverse_kl" (KL(student || teacher)), "forward_kl" (KL(teacher || student))
             or "jsd" (generalized JSD; `jsd_beta` 0 is forward KL, 1 is reverse KL, as in TRL / Liger).
+        bias, logit_scale, logit_softcap: the student's head, as in `token_stats`; the
+            `teacher_` ones are the teacher's (its bias gets no gradient).
     Returns:
         TeacherStudentStats of [N] tensors. Student outputs and the divergence are differentiable
         w.r.t. the student hidden states and weight; teacher outputs carry no gradient.
@@ -184,5 +219,8 @@ def teacher_student_stats(
         student_hidden, student_weight, targets, teacher_hidden, teacher_weight, temperature=temperature,
         divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index, backend=backend,
         student_prefix="student_",
+        heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
+                   teacher_bias=teacher_bias, teacher_logit_scale=teacher_logit_scale,
+                   teacher_logit_softcap=teacher_logit_softcap),
     )
     return TeacherStudentStats(*outputs)

@@ -39,7 +39,7 @@ import triton.language as tl
 from ._row_stats import (
     F_A_S, F_A_T, F_CROSS, F_M_S, F_M_T, F_S_S, F_S_T, F_UY, F_ZY, NUM_FIELDS, RowStats, finalize, merge_splits,
 )
-from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, StatsProblem
+from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, PLAIN_HEAD, HeadSpec, StatsProblem
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -57,6 +57,7 @@ class TritonTileConfig:
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    jsd_num_warps: int = 8  # the JSD second sweep
     bwd_block_n: int = 64
     bwd_block_v: int = 64
     bwd_block_d: int = 32
@@ -64,7 +65,7 @@ class TritonTileConfig:
 
 
 # fp32 operands (exact "ieee" products on the FMA path) need twice the registers per element.
-FP32_CONFIG = TritonTileConfig(block_d=16, num_stages=1)
+FP32_CONFIG = TritonTileConfig(block_d=16, num_stages=1, jsd_num_warps=4)
 
 
 def default_config(dtype: torch.dtype) -> TritonTileConfig:
@@ -83,12 +84,22 @@ INTERPRETER_CONFIG = TritonTileConfig(block_n=16, block_v=32, block_d=16, bwd_bl
 
 
 @triton.jit
+def _tanh(x):
+    # sign(x) (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: never overflows, no libdevice call.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _logits_tile(
-    HIDDEN, WEIGHT, row_start, col_start, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
+    HIDDEN, WEIGHT, BIAS, row_start, col_start, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp,
+    logit_scale, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """z[BLOCK_N, BLOCK_V] = HIDDEN[rows] @ WEIGHT[cols]^T * inv_temp, fp32 accumulation.
+    """z[BLOCK_N, BLOCK_V] = softcap tanh(((HIDDEN[rows] @ WEIGHT[cols]^T + BIAS[cols]) * scale) / softcap)
+    * inv_temp, fp32 accumulation (DESIGN.md, "Heads"; plain heads compile to r * inv_temp).
 
     Addresses are a 64-bit scalar base (int64 row offset: N*D and V*D may pass 2^31) plus
     int32 in-tile offsets recomputed each step, so no [BLOCK, BLOCK_D] pointer tensor is
@@ -113,7 +124,20 @@ def _logits_tile(
             h = h.to(tl.float32)
             w_t = w_t.to(tl.float32)
         acc = tl.dot(h, w_t, acc, input_precision=INPUT_PRECISION)
-    return acc * inv_temp
+    return _apply_head(acc, BIAS, col_start + offs_c, col_mask, inv_temp, logit_scale, softcap, HAS_BIAS,
+                       HAS_SOFTCAP)
+
+
+@triton.jit
+def _apply_head(r, BIAS, cols, col_mask, inv_temp, logit_scale, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap tanh(((r + BIAS[cols]) * scale) / softcap) * inv_temp for a [rows, cols] tile of
+    raw products r = h W^T (plain heads: r * inv_temp); `cols` are vocabulary ids."""
+    if HAS_BIAS:
+        r += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        return _tanh(r * (logit_scale / softcap)) * (softcap * inv_temp)
+    return r * (logit_scale * inv_temp)
 
 
 @triton.jit
@@ -142,15 +166,50 @@ def _log_mixture(log_p, log_q, log_one_minus_beta, log_beta):
 
 
 @triton.jit
+def _fold_tile(z, u, is_target, col_mask, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross,
+               HAS_TEACHER: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """Fold one tile of finished student (and teacher) logits into the row state: target logit,
+    online softmax state, and the KL cross term of the divergence (see csrc_notes)."""
+    zy += tl.sum(tl.where(is_target, z, 0.0), 1)
+    m_s, s_s, a_s, e_s, scale_s = _online_softmax_tile(z, col_mask, m_s, s_s, a_s)
+    if HAS_TEACHER:
+        uy += tl.sum(tl.where(is_target, u, 0.0), 1)
+        m_t, s_t, a_t, e_t, scale_t = _online_softmax_tile(u, col_mask, m_t, s_t, a_t)
+        if DIVERGENCE == 1:  # reverse KL cross term: sum e^{z-m} (z - u)
+            cross = scale_s * cross + tl.sum(e_s * (z - u), 1)
+        if DIVERGENCE == 2:  # forward KL cross term: sum e^{u-m_u} (u - z)
+            cross = scale_t * cross + tl.sum(e_t * (u - z), 1)
+    return m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross
+
+
+@triton.jit
+def _store_state(base, N, row_mask, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross,
+                 HAS_TEACHER: tl.constexpr, STORE_CROSS: tl.constexpr):
+    """Write the row state as fields [9, N] from `base` (the layout of `_row_stats`)."""
+    tl.store(base + 0 * N, m_s, mask=row_mask)
+    tl.store(base + 1 * N, s_s, mask=row_mask)
+    tl.store(base + 2 * N, a_s, mask=row_mask)
+    tl.store(base + 3 * N, zy, mask=row_mask)
+    if HAS_TEACHER:
+        tl.store(base + 4 * N, m_t, mask=row_mask)
+        tl.store(base + 5 * N, s_t, mask=row_mask)
+        tl.store(base + 6 * N, a_t, mask=row_mask)
+        tl.store(base + 7 * N, uy, mask=row_mask)
+        if STORE_CROSS:
+            tl.store(base + 8 * N, cross, mask=row_mask)
+
+
+@triton.jit
 def _token_stats_fwd_kernel(
-    S_HIDDEN, S_WEIGHT, T_HIDDEN, T_WEIGHT, TARGETS, PARTIALS,
+    S_HIDDEN, S_WEIGHT, S_BIAS, T_HIDDEN, T_WEIGHT, T_BIAS, TARGETS, PARTIALS,
     N, V, D_S, D_T,
     s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd,
     t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd,
-    inv_temp, tiles_per_split,
+    inv_temp, tiles_per_split, s_scale, s_softcap, t_scale, t_softcap,
     HAS_TEACHER: tl.constexpr, DIVERGENCE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    S_HAS_BIAS: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -178,45 +237,31 @@ def _token_stats_fwd_kernel(
         col_start = tile * BLOCK_V
         col_mask = (col_start + tl.arange(0, BLOCK_V)) < V
         is_target = tl.arange(0, BLOCK_V)[None, :] == (y - col_start)[:, None]
-        z = _logits_tile(S_HIDDEN, S_WEIGHT, row_start, col_start, N, V, D_S,
-                         s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        zy += tl.sum(tl.where(is_target, z, 0.0), 1)
-        m_s, s_s, a_s, e_s, scale_s = _online_softmax_tile(z, col_mask, m_s, s_s, a_s)
+        z = _logits_tile(S_HIDDEN, S_WEIGHT, S_BIAS, row_start, col_start, N, V, D_S,
+                         s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp, s_scale, s_softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, S_HAS_BIAS, S_HAS_SOFTCAP)
+        u = z
         if HAS_TEACHER:
-            u = _logits_tile(T_HIDDEN, T_WEIGHT, row_start, col_start, N, V, D_T,
-                             t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp,
-                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-            uy += tl.sum(tl.where(is_target, u, 0.0), 1)
-            m_t, s_t, a_t, e_t, scale_t = _online_softmax_tile(u, col_mask, m_t, s_t, a_t)
-            if DIVERGENCE == 1:  # reverse KL cross term: sum e^{z-m} (z - u)
-                cross = scale_s * cross + tl.sum(e_s * (z - u), 1)
-            if DIVERGENCE == 2:  # forward KL cross term: sum e^{u-m_u} (u - z)
-                cross = scale_t * cross + tl.sum(e_t * (u - z), 1)
+            u = _logits_tile(T_HIDDEN, T_WEIGHT, T_BIAS, row_start, col_start, N, V, D_T,
+                             t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp, t_scale, t_softcap,
+                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, T_HAS_BIAS, T_HAS_SOFTCAP)
+        m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross = _fold_tile(
+            z, u, is_target, col_mask, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, HAS_TEACHER, DIVERGENCE)
 
-    base = PARTIALS + split.to(tl.int64) * 9 * N + rows
-    tl.store(base + 0 * N, m_s, mask=row_mask)
-    tl.store(base + 1 * N, s_s, mask=row_mask)
-    tl.store(base + 2 * N, a_s, mask=row_mask)
-    tl.store(base + 3 * N, zy, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(base + 4 * N, m_t, mask=row_mask)
-        tl.store(base + 5 * N, s_t, mask=row_mask)
-        tl.store(base + 6 * N, a_t, mask=row_mask)
-        tl.store(base + 7 * N, uy, mask=row_mask)
-        if DIVERGENCE == 1 or DIVERGENCE == 2:
-            tl.store(base + 8 * N, cross, mask=row_mask)
+    _store_state(PARTIALS + split.to(tl.int64) * 9 * N + rows, N, row_mask, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy,
+                 cross, HAS_TEACHER, DIVERGENCE == 1 or DIVERGENCE == 2)
 
 
 @triton.jit
 def _jsd_fwd_kernel(
-    S_HIDDEN, S_WEIGHT, T_HIDDEN, T_WEIGHT, S_LSE, T_LSE, PARTIALS,
+    S_HIDDEN, S_WEIGHT, S_BIAS, T_HIDDEN, T_WEIGHT, T_BIAS, S_LSE, T_LSE, PARTIALS,
     N, V, D_S, D_T,
     s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd,
     t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd,
-    inv_temp, tiles_per_split, log_one_minus_beta, log_beta,
+    inv_temp, tiles_per_split, log_one_minus_beta, log_beta, s_scale, s_softcap, t_scale, t_softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    S_HAS_BIAS: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_SOFTCAP: tl.constexpr,
 ):
     """Per split: KL(q || M) and KL(p || M) partial sums, M = (1 - beta) p + beta q."""
     pid_n = tl.program_id(0)
@@ -234,12 +279,12 @@ def _jsd_fwd_kernel(
     for tile in range(tile_begin, tile_end):
         col_start = tile * BLOCK_V
         col_mask = (col_start + tl.arange(0, BLOCK_V)) < V
-        z = _logits_tile(S_HIDDEN, S_WEIGHT, row_start, col_start, N, V, D_S,
-                         s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        u = _logits_tile(T_HIDDEN, T_WEIGHT, row_start, col_start, N, V, D_T,
-                         t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+        z = _logits_tile(S_HIDDEN, S_WEIGHT, S_BIAS, row_start, col_start, N, V, D_S,
+                         s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp, s_scale, s_softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, S_HAS_BIAS, S_HAS_SOFTCAP)
+        u = _logits_tile(T_HIDDEN, T_WEIGHT, T_BIAS, row_start, col_start, N, V, D_T,
+                         t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp, t_scale, t_softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, T_HAS_BIAS, T_HAS_SOFTCAP)
         log_p = z - lse_s[:, None]
         log_q = u - lse_t[:, None]
         log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
@@ -257,19 +302,21 @@ def _jsd_fwd_kernel(
 
 @triton.jit
 def _token_stats_bwd_kernel(
-    S_HIDDEN, S_WEIGHT, T_HIDDEN, T_WEIGHT, TARGETS,
+    S_HIDDEN, S_WEIGHT, S_BIAS, T_HIDDEN, T_WEIGHT, T_BIAS, TARGETS,
     S_LSE, S_ENT, T_LSE, DIV_AUX, G_LOGPROB, G_ENTROPY, G_DIVERGENCE,
-    GRAD_HIDDEN, GRAD_WEIGHT,
+    GRAD_HIDDEN, GRAD_WEIGHT, GRAD_BIAS,
     N, V, D_S, D_T,
     s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd,
     t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd,
-    inv_temp, jsd_beta, log_one_minus_beta, log_beta,
-    DIVERGENCE: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    inv_temp, jsd_beta, log_one_minus_beta, log_beta, s_scale, s_softcap, t_scale, t_softcap,
+    DIVERGENCE: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    S_HAS_BIAS: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_SOFTCAP: tl.constexpr,
 ):
-    """dz = g_lp (onehot - p) - g_H p (log p + H) + g_D dDiv/dz, times 1/tau; then
-    dh[rows] += dz @ W[cols] and dW[cols] += dz^T @ h[rows] by fp32 atomics."""
+    """dz = g_lp (onehot - p) - g_H p (log p + H) + g_D dDiv/dz; dr = dz dz/dr (the head's
+    Jacobian: scale / tau, times 1 - t^2 under a soft-cap, t = z tau / softcap); then
+    dh[rows] += dr @ W[cols], dW[cols] += dr^T @ h[rows] and db[cols] += sum_rows dr by fp32 atomics."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     row_start = pid_n * BLOCK_N
@@ -289,9 +336,9 @@ def _token_stats_bwd_kernel(
         y_local = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int32) - col_start
         lse_s = tl.load(S_LSE + rows, mask=row_mask, other=0.0)
         ent_s = tl.load(S_ENT + rows, mask=row_mask, other=0.0)
-        z = _logits_tile(S_HIDDEN, S_WEIGHT, row_start, col_start, N, V, D_S,
-                         s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+        z = _logits_tile(S_HIDDEN, S_WEIGHT, S_BIAS, row_start, col_start, N, V, D_S,
+                         s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp, s_scale, s_softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, S_HAS_BIAS, S_HAS_SOFTCAP)
         log_p = z - lse_s[:, None]
         p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
         coef = -(g_lp[:, None] + g_ent[:, None] * (log_p + ent_s[:, None]))
@@ -299,9 +346,9 @@ def _token_stats_bwd_kernel(
         if DIVERGENCE != 0:
             lse_t = tl.load(T_LSE + rows, mask=row_mask, other=0.0)
             aux = tl.load(DIV_AUX + rows, mask=row_mask, other=0.0)
-            u = _logits_tile(T_HIDDEN, T_WEIGHT, row_start, col_start, N, V, D_T,
-                             t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp,
-                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+            u = _logits_tile(T_HIDDEN, T_WEIGHT, T_BIAS, row_start, col_start, N, V, D_T,
+                             t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp, t_scale, t_softcap,
+                             BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, T_HAS_BIAS, T_HAS_SOFTCAP)
             log_q = u - lse_t[:, None]
             if DIVERGENCE == 1:  # d KL(p||q) = p (log p - log q - KL)
                 coef += g_div[:, None] * (log_p - log_q - aux[:, None])
@@ -311,7 +358,13 @@ def _token_stats_bwd_kernel(
             if DIVERGENCE == 3:  # d JSD = (1 - beta) p (log p - log M - KL(p||M))
                 log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
                 coef += g_div[:, None] * (1.0 - jsd_beta) * (log_p - log_m - aux[:, None])
-        dz = tl.where(row_mask[:, None] & col_mask[None, :], (p * coef + extra) * inv_temp, 0.0)
+        jacobian = s_scale * inv_temp
+        if S_HAS_SOFTCAP:
+            t = z * (1.0 / (s_softcap * inv_temp))
+            jacobian = (1.0 - t * t) * jacobian
+        dz = tl.where(row_mask[:, None] & col_mask[None, :], (p * coef + extra) * jacobian, 0.0)
+        if COMPUTE_DB:
+            tl.atomic_add(GRAD_BIAS + col_start + offs_c, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
         # Tensor-core operands in the parameter dtype (fp32 accumulation), as in CCE. Under the
         # interpreter's bf16 workaround dz is still rounded to bf16 first, then upcast: bf16
         # products are exact in fp32, so the interpreted sums equal the GPU's.
@@ -369,6 +422,12 @@ def _num_splits(num_row_blocks: int, num_tiles: int, device: torch.device) -> in
     return max(1, min(num_tiles, triton.cdiv(target_programs, max(num_row_blocks, 1))))
 
 
+def _head_args(head: HeadSpec, bias: Optional[torch.Tensor], fallback: torch.Tensor) -> tuple:
+    """(bias pointer, scale, softcap) runtime arguments and (HAS_BIAS, HAS_SOFTCAP) constexprs."""
+    return ((bias.contiguous() if bias is not None else fallback), head.scale, head.softcap or 1.0), \
+        (bias is not None, bool(head.softcap))
+
+
 def _strides(hidden: Optional[torch.Tensor], weight: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
     if hidden is None:
         return 0, 0, 0, 0
@@ -383,6 +442,8 @@ def triton_forward(
     teacher_hidden: Optional[torch.Tensor] = None,
     teacher_weight: Optional[torch.Tensor] = None,
     *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
     config: Optional[TritonTileConfig] = None,
     num_splits: Optional[int] = None,
 ) -> tuple[RowStats, Optional[torch.Tensor]]:
@@ -397,6 +458,10 @@ def triton_forward(
     t_hidden = teacher_hidden if teacher else student_hidden  # dummy pointers when absent
     t_weight = teacher_weight if teacher else student_weight
     dot_fp32, precision = _dot_options(student_hidden.dtype, t_hidden.dtype)
+    (s_bias, s_scale, s_cap), (s_has_bias, s_has_cap) = _head_args(problem.student_head, student_bias, student_weight)
+    (t_bias, t_scale, t_cap), (t_has_bias, t_has_cap) = _head_args(
+        problem.teacher_head if teacher else PLAIN_HEAD, teacher_bias if teacher else None, t_weight)
+    heads = dict(S_HAS_BIAS=s_has_bias, S_HAS_SOFTCAP=s_has_cap, T_HAS_BIAS=t_has_bias, T_HAS_SOFTCAP=t_has_cap)
     num_row_blocks = triton.cdiv(n, cfg.block_n)
     num_tiles = triton.cdiv(vocab, cfg.block_v)
     splits = num_splits or _num_splits(num_row_blocks, num_tiles, dev)
@@ -407,13 +472,13 @@ def triton_forward(
     fwd_kind = kind if kind in (DIV_REVERSE_KL, DIV_FORWARD_KL) else DIV_NONE
     if n > 0:
         _token_stats_fwd_kernel[(num_row_blocks, splits)](
-            student_hidden, student_weight, t_hidden, t_weight, targets, partials,
+            student_hidden, student_weight, s_bias, t_hidden, t_weight, t_bias, targets, partials,
             n, vocab, student_hidden.shape[1], t_hidden.shape[1],
             *_strides(student_hidden, student_weight), *_strides(t_hidden, t_weight),
-            problem.inv_temperature, tiles_per_split,
+            problem.inv_temperature, tiles_per_split, s_scale, s_cap, t_scale, t_cap,
             HAS_TEACHER=teacher, DIVERGENCE=fwd_kind,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision, **heads,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     valid = targets != problem.ignore_index
@@ -439,14 +504,15 @@ def triton_forward(
     jsd_partials = torch.zeros((splits, 2, n), dtype=torch.float32, device=dev)
     if n > 0:
         _jsd_fwd_kernel[(num_row_blocks, splits)](
-            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            student_hidden, student_weight, s_bias, teacher_hidden, teacher_weight, t_bias,
             stats.student_lse.contiguous(), stats.teacher_lse.contiguous(), jsd_partials,
             n, vocab, student_hidden.shape[1], teacher_hidden.shape[1],
             *_strides(student_hidden, student_weight), *_strides(teacher_hidden, teacher_weight),
             problem.inv_temperature, tiles_per_split, math.log(1.0 - beta), math.log(beta),
+            s_scale, s_cap, t_scale, t_cap,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision, **heads,
+            num_warps=cfg.jsd_num_warps, num_stages=cfg.num_stages,
         )
     kl_q_m, kl_p_m = jsd_partials.sum(0)
     divergence = torch.where(valid, beta * kl_q_m + (1.0 - beta) * kl_p_m, torch.zeros_like(kl_p_m))
@@ -468,28 +534,35 @@ def triton_backward(
     grad_entropy: torch.Tensor,
     grad_divergence: Optional[torch.Tensor],
     *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
+    need_bias_grad: bool = False,
     config: Optional[TritonTileConfig] = None,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One recompute per (row block, vocab block) tile; fp32 (grad_hidden, grad_weight)."""
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One recompute per (row block, vocab block) tile; fp32 (grad_hidden, grad_weight, grad_bias)."""
     cfg = config or default_config(student_hidden.dtype)
     n, vocab = problem.num_tokens, problem.vocab_size
     d_s = student_hidden.shape[1]
     dev = student_hidden.device
     grad_hidden = torch.zeros((n, d_s), dtype=torch.float32, device=dev) if need_hidden_grad else None
     grad_weight = torch.zeros((vocab, d_s), dtype=torch.float32, device=dev) if need_weight_grad else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias_grad else None
     kind = problem.divergence if grad_divergence is not None else DIV_NONE
-    if n == 0 or not (need_hidden_grad or need_weight_grad):
-        return grad_hidden, grad_weight
+    if n == 0 or not (need_hidden_grad or need_weight_grad or need_bias_grad):
+        return grad_hidden, grad_weight, grad_bias
     t_hidden = teacher_hidden if kind != DIV_NONE else student_hidden
     t_weight = teacher_weight if kind != DIV_NONE else student_weight
     dot_fp32, precision = _dot_options(student_hidden.dtype, t_hidden.dtype)
+    (s_bias, s_scale, s_cap), (s_has_bias, s_has_cap) = _head_args(problem.student_head, student_bias, student_weight)
+    (t_bias, t_scale, t_cap), (t_has_bias, t_has_cap) = _head_args(
+        problem.teacher_head if kind != DIV_NONE else PLAIN_HEAD, teacher_bias if kind != DIV_NONE else None, t_weight)
     dummy = student_lse
     beta = problem.jsd_beta
     grid = (triton.cdiv(n, cfg.bwd_block_n), triton.cdiv(vocab, cfg.bwd_block_v))
     _token_stats_bwd_kernel[grid](
-        student_hidden, student_weight, t_hidden, t_weight, targets.contiguous(),
+        student_hidden, student_weight, s_bias, t_hidden, t_weight, t_bias, targets.contiguous(),
         student_lse.contiguous(), student_entropy.contiguous(),
         teacher_lse.contiguous() if kind != DIV_NONE else dummy,
         div_aux.contiguous() if (div_aux is not None and kind != DIV_NONE) else dummy,
@@ -497,13 +570,16 @@ def triton_backward(
         grad_divergence.contiguous() if kind != DIV_NONE else dummy,
         grad_hidden if grad_hidden is not None else dummy,
         grad_weight if grad_weight is not None else dummy,
+        grad_bias if grad_bias is not None else dummy,
         n, vocab, d_s, t_hidden.shape[1],
         *_strides(student_hidden, student_weight), *_strides(t_hidden, t_weight),
         problem.inv_temperature, beta,
         math.log(1.0 - beta) if 0.0 < beta < 1.0 else 0.0, math.log(beta) if 0.0 < beta < 1.0 else 0.0,
-        DIVERGENCE=kind, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad,
+        s_scale, s_cap, t_scale, t_cap,
+        DIVERGENCE=kind, COMPUTE_DH=need_hidden_grad, COMPUTE_DW=need_weight_grad, COMPUTE_DB=need_bias_grad,
         BLOCK_N=cfg.bwd_block_n, BLOCK_V=cfg.bwd_block_v, BLOCK_D=cfg.bwd_block_d,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        S_HAS_BIAS=s_has_bias, S_HAS_SOFTCAP=s_has_cap, T_HAS_BIAS=t_has_bias, T_HAS_SOFTCAP=t_has_cap,
         num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages,
     )
-    return grad_hidden, grad_weight
+    return grad_hidden, grad_weight, grad_bias

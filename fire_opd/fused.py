@@ -1,5 +1,8 @@
 """From hidden states and lm_head weights to the FiRe-OPD loss, with no [tokens, vocab] logits.
 
+Every `*_weight` argument is the [V, D] lm_head weight or an `LMHead` (`fire_opd.models.lm_head(model)`:
+the weight with the model's bias, logit scale and soft-cap).
+
 `response_token_stats` flattens `[batch, response_len, D]` hidden states, marks padding with
 `ignore_index` and calls `fire_kernels`; `fire_policy_loss_from_hidden` is the whole loss for
 one batch; `FireOPDLoss` is the update-step module the trainer calls per micro-batch.
@@ -16,6 +19,7 @@ from fire_kernels import teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_divergence_update, linear_logprob_update
 
 from .loss import OBJECTIVES, clipped_surrogate, dense_metrics, fire_dense_loss, fire_policy_loss, token_loss_scale
+from .models import WeightOrHead, as_head
 
 IGNORE_INDEX = -100
 
@@ -46,11 +50,11 @@ def _flat_hidden(name: str, hidden: torch.Tensor, response_ids: torch.Tensor) ->
 
 def response_token_stats(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: WeightOrHead,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[WeightOrHead] = None,
     *,
     temperature: float = 1.0,
     divergence: Optional[str] = None,
@@ -70,20 +74,24 @@ def response_token_stats(
     targets = _flat_targets(response_ids, response_mask)
     shape = response_ids.shape
     s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
+    student = as_head(student_weight)
     if teacher_hidden is None:
-        lp, ent = token_stats(s_h, student_weight, targets, temperature=temperature, backend=backend)
+        lp, ent = token_stats(s_h, student.weight, targets, temperature=temperature, backend=backend,
+                              **student.kernel_kwargs())
         return ResponseStats(lp.view(shape), ent.view(shape), None, None, None)
     t_h = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
-    out = teacher_student_stats(s_h, student_weight, t_h, teacher_weight, targets, temperature=temperature,
-                                divergence=divergence, jsd_beta=jsd_beta, backend=backend)
+    teacher = as_head(teacher_weight)
+    out = teacher_student_stats(s_h, student.weight, t_h, teacher.weight, targets, temperature=temperature,
+                                divergence=divergence, jsd_beta=jsd_beta, backend=backend, **student.kernel_kwargs(),
+                                **teacher.kernel_kwargs("teacher_"))
     return ResponseStats(*(t.view(shape) if t is not None else None for t in out))
 
 
 def fire_policy_loss_from_hidden(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: WeightOrHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: WeightOrHead,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     old_log_prob: Optional[torch.Tensor] = None,
@@ -101,7 +109,8 @@ def fire_policy_loss_from_hidden(
     objective, the divergence (with gradient).
 
     old_log_prob: [B, T] from the sampler; None means fully on-policy (old = current, detached).
-    loss_kwargs: method, percentile, alpha, beta, loss_agg_mode and, for "sampled", clip_ratio.
+    loss_kwargs: method, percentile, alpha, beta, loss_agg_mode, filter_score, teacher_confidence_gate
+        and, for "sampled", clip_ratio.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -117,28 +126,29 @@ def fire_policy_loss_from_hidden(
 
 
 class _GradientsFromForward(torch.autograd.Function):
-    """A loss whose hidden / weight gradients were formed in its forward sweep
+    """A loss whose hidden / weight / bias gradients were formed in its forward sweep
     (`fire_kernels.fused_update`); backward only scales them by the upstream gradient.
 
-    `sweep()` returns (loss, per-token statistic [N], grad_hidden, grad_weight); the statistic
-    comes back as a second, non-differentiable output (log-probs or divergences for metrics)."""
+    `sweep()` returns the update (loss, per-token statistic [N], grad_hidden, grad_weight,
+    grad_bias); the statistic comes back as a second, non-differentiable output (log-probs or
+    divergences for metrics). `bias` is None for bias-free heads."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, sweep):
-        loss, per_token, grad_hidden, grad_weight = sweep()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+    def forward(ctx, hidden, weight, bias, sweep):
+        loss, per_token, grad_hidden, grad_weight, grad_bias = sweep()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(per_token)
         return loss.float(), per_token
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None
+        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None)
 
 
 def fused_clipped_surrogate(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: WeightOrHead,
     response_ids: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -167,20 +177,22 @@ def fused_clipped_surrogate(
         unclipped = -a * ratio >= -a * clipped
         return (scale[rows] * pg).sum(), torch.where(unclipped, -a * ratio, 0.0) * scale[rows]
 
-    def sweep():
-        out = linear_logprob_update(hidden, student_weight, targets, grad_fn, temperature=temperature,
-                                    backend=backend)
-        return out.loss, out.logprob, out.grad_hidden, out.grad_weight
+    student = as_head(student_weight)
 
-    loss, logprob = _GradientsFromForward.apply(hidden, student_weight, sweep)
+    def sweep():
+        out = linear_logprob_update(hidden, student.weight, targets, grad_fn, temperature=temperature,
+                                    backend=backend, **student.kernel_kwargs())
+        return out.loss, out.logprob, out.grad_hidden, out.grad_weight, out.grad_bias
+
+    loss, logprob = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
     return loss, logprob.view(response_ids.shape)
 
 
 def dense_divergence_loss(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: WeightOrHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: WeightOrHead,
     response_ids: torch.Tensor,
     coefficients: torch.Tensor,
     *,
@@ -202,20 +214,22 @@ def dense_divergence_loss(
     targets = _flat_targets(response_ids, coefficients != 0)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
     t_hidden = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+    student, teacher = as_head(student_weight), as_head(teacher_weight)
+    heads = {**student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_")}
     if not fused_update:
-        out = teacher_student_stats(hidden, student_weight, t_hidden, teacher_weight, targets,
+        out = teacher_student_stats(hidden, student.weight, t_hidden, teacher.weight, targets,
                                     temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
-                                    backend=backend)
+                                    backend=backend, **heads)
         loss = (out.divergence * coefficients.reshape(-1).detach().to(out.divergence.dtype)).sum()
         return loss, out.divergence.detach().view(response_ids.shape)
 
     def sweep():
-        out = linear_divergence_update(hidden, student_weight, t_hidden, teacher_weight, targets,
+        out = linear_divergence_update(hidden, student.weight, t_hidden, teacher.weight, targets,
                                        coefficients.reshape(-1).detach(), divergence=divergence, jsd_beta=jsd_beta,
-                                       temperature=temperature, backend=backend)
-        return out.loss, out.divergence, out.grad_hidden, out.grad_weight
+                                       temperature=temperature, backend=backend, **heads)
+        return out.loss, out.divergence, out.grad_hidden, out.grad_weight, out.grad_bias
 
-    loss, values = _GradientsFromForward.apply(hidden, student_weight, sweep)
+    loss, values = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
     return loss, values.view(response_ids.shape)
 
 
@@ -237,9 +251,9 @@ class FireOPDLoss(nn.Module):
     def dense(
         self,
         student_hidden: torch.Tensor,
-        student_weight: torch.Tensor,
+        student_weight: WeightOrHead,
         teacher_hidden: torch.Tensor,
-        teacher_weight: torch.Tensor,
+        teacher_weight: WeightOrHead,
         response_ids: torch.Tensor,
         coefficients: torch.Tensor,
         loss_mask: torch.Tensor,
@@ -255,7 +269,7 @@ class FireOPDLoss(nn.Module):
     def forward(
         self,
         student_hidden: torch.Tensor,
-        student_weight: torch.Tensor,
+        student_weight: WeightOrHead,
         response_ids: torch.Tensor,
         old_log_prob: torch.Tensor,
         advantages: torch.Tensor,

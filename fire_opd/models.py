@@ -1,43 +1,87 @@
-"""Model plumbing: load causal LMs, check the heads we support, get hidden states without logits.
+"""Model plumbing: load causal LMs, read their output heads, get hidden states without logits.
 
-The fused loss needs `hidden @ lm_head.weight.T` to be the whole head. Heads that add a
-bias, soft-cap or scale the logits are refused with a clear error rather than silently
-trained on the wrong logits.
+The fused loss computes the logits from the final hidden states and the head
+(DESIGN.md, "Heads"): softcap * tanh(((h W^T + b) * scale) / softcap). `lm_head` reads W, the
+bias and the scale / soft-cap from the Hugging Face config of each family that has one;
+anything else that changes the logits is refused with a clear error rather than trained on the
+wrong logits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-# Config attributes that change the logits beyond hidden @ W^T (model families that use them).
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output head as the kernels take it:
+    logits = logit_softcap * tanh(((h @ weight.T + bias) * logit_scale) / logit_softcap).
+
+    Every fire_opd function that takes a `*_weight` also takes an LMHead in its place."""
+
+    weight: torch.Tensor  # [V, D]
+    bias: Optional[torch.Tensor] = None  # [V]
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
+
+    def to(self, dtype: torch.dtype) -> "LMHead":
+        """Weight and bias in `dtype` (differentiable casts: gradients reach the parameters)."""
+        return LMHead(self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype), self.logit_scale,
+                      self.logit_softcap)
+
+    def kernel_kwargs(self, prefix: str = "") -> dict:
+        """The head's keyword arguments of `fire_kernels` (`prefix="teacher_"` for a teacher)."""
+        return {f"{prefix}bias": self.bias, f"{prefix}logit_scale": self.logit_scale,
+                f"{prefix}logit_softcap": self.logit_softcap}
+
+
+WeightOrHead = Union[torch.Tensor, LMHead]
+
+
+def as_head(weight_or_head: WeightOrHead) -> LMHead:
+    return weight_or_head if isinstance(weight_or_head, LMHead) else LMHead(weight_or_head)
+
+
+# Config attributes that change the logits beyond the head above (model families that use them).
 _UNSUPPORTED_HEAD_ATTRS = {
-    "final_logit_softcapping": "final logit soft-capping (Gemma 2 / 3)",
-    "logit_scale": "a logit scale (Cohere)",
-    "logits_scaling": "logit scaling (Granite)",
     "output_mult": "an output multiplier (muP-style heads)",
 }
 
 
-def lm_head_weight(model: nn.Module, name: str = "model") -> torch.Tensor:
-    """The [V, D] output projection, after checking that it is a plain bias-free linear head."""
+def _config_value(config, attr: str):
+    value = getattr(config, attr, None)
+    return value if value is not None else getattr(getattr(config, "text_config", None), attr, None)
+
+
+def lm_head(model: nn.Module, name: str = "model") -> LMHead:
+    """The output head of a Hugging Face causal LM: weight [V, D], bias, and the logit scale /
+    soft-cap of the families that have one (Gemma 2 / 3 `final_logit_softcapping`, Cohere
+    `logit_scale`, Granite `logits_scaling`, which divides)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{name} has no output embedding (lm_head) weight; expected a causal LM")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{name}'s lm_head has a bias; fire-opd's fused loss supports bias-free heads only")
     config = getattr(model, "config", None)
     for attr, what in _UNSUPPORTED_HEAD_ATTRS.items():
-        value = getattr(config, attr, None)
-        text_config = getattr(config, "text_config", None)
-        value = value if value is not None else getattr(text_config, attr, None)
+        value = _config_value(config, attr)
         if value not in (None, 0, 1, 1.0, False):
-            raise ValueError(f"{name} uses {what} ({attr}={value}); the fused loss computes plain "
-                             "hidden @ lm_head.weight.T logits and does not support it")
-    return head.weight
+            raise ValueError(f"{name} uses {what} ({attr}={value}); fire-opd's fused loss supports a bias, a logit "
+                             "scale and a final soft-cap, not this")
+    scale = 1.0
+    if _config_value(config, "logit_scale") not in (None, False):  # Cohere: logits * logit_scale
+        scale *= float(_config_value(config, "logit_scale"))
+    if _config_value(config, "logits_scaling") not in (None, False):  # Granite: logits / logits_scaling
+        scale /= float(_config_value(config, "logits_scaling"))
+    softcap = _config_value(config, "final_logit_softcapping")
+    return LMHead(head.weight, getattr(head, "bias", None), scale, float(softcap) if softcap else None)
+
+
+def lm_head_weight(model: nn.Module, name: str = "model") -> torch.Tensor:
+    """The [V, D] output projection (see `lm_head` for the whole head)."""
+    return lm_head(model, name).weight
 
 
 def check_same_vocab(student: nn.Module, teachers: dict[str, nn.Module]) -> None:

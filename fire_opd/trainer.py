@@ -30,7 +30,7 @@ from .data import Problem, load_prompts
 from .evaluate import accuracy_by_teacher
 from .fused import FireOPDLoss, response_token_stats
 from .loss import FILTER_METHODS, FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
-from .models import check_same_vocab, lm_head_weight, load_causal_lm, load_tokenizer, response_hidden_states
+from .models import check_same_vocab, lm_head, load_causal_lm, load_tokenizer, response_hidden_states
 from .regime import filter_diagnostics, health_metrics, rollout_health
 from .routing import route_rows, scatter_rows
 from .sampling import Rollouts, generate_rollouts
@@ -178,18 +178,18 @@ class FireOPDTrainer:
         cfg = self.config
         routes = route_rows(keys, self.teachers, default=self.default_teacher)
         ids, attn, mask = rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
-        student_weight = lm_head_weight(self.student)
+        student_head = lm_head(self.student)
         per_teacher = {}
         for name, rows in routes.items():
-            teacher, teacher_weight = self.teachers[name], lm_head_weight(self.teachers[name])
+            teacher, teacher_head = self.teachers[name], lm_head(self.teachers[name])
             parts = []
             for chunk in rows.split(cfg.micro_batch_size):
                 chunk = chunk.to(self.device)
                 with self._autocast():
                     s_h = response_hidden_states(self.student, ids[chunk], attn[chunk], rollouts.prompt_len)
                     t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
-                stats = response_token_stats(s_h, student_weight.to(s_h.dtype), rollouts.response_ids[chunk],
-                                             mask[chunk], t_h, teacher_weight.to(t_h.dtype),
+                stats = response_token_stats(s_h, student_head.to(s_h.dtype), rollouts.response_ids[chunk],
+                                             mask[chunk], t_h, teacher_head.to(t_h.dtype),
                                              temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend)
                 parts.append(stats)
             per_teacher[name] = tuple(torch.cat(column) for column in zip(*parts))
@@ -201,7 +201,8 @@ class FireOPDTrainer:
         dense = cfg.objective == "full_vocab"
         mask = rollouts.response_mask
         fire_args = dict(method=cfg.method, percentile=cfg.percentile, alpha=cfg.alpha, beta=cfg.beta,
-                         filter_scope=cfg.filter_scope)
+                         filter_scope=cfg.filter_scope, filter_score=cfg.filter_score,
+                         teacher_confidence_gate=cfg.teacher_confidence_gate)
         # rollouts of one prompt are adjacent: prompt index of each row, for filter_scope="group"
         group_ids = torch.arange(mask.shape[0], device=mask.device) // cfg.samples_per_prompt
         if dense:
@@ -242,17 +243,17 @@ class FireOPDTrainer:
             ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
             with self._autocast():
                 hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
-            weight = lm_head_weight(self.student).to(hidden.dtype)
+            head = lm_head(self.student).to(hidden.dtype)
             if dense:
                 teacher = self.teachers[teacher_name]
                 with torch.no_grad(), self._autocast():
                     teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
                 loss, mb_metrics = self.loss_fn.dense(
-                    hidden, weight, teacher_hidden, lm_head_weight(teacher).to(teacher_hidden.dtype),
+                    hidden, head, teacher_hidden, lm_head(teacher).to(teacher_hidden.dtype),
                     rollouts.response_ids[rows], dense_coefficients(part, cfg.loss_agg_mode, part_normalizer),
                     part.loss_mask)
             else:
-                loss, mb_metrics = self.loss_fn(hidden, weight, rollouts.response_ids[rows], old_log_prob[rows],
+                loss, mb_metrics = self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows],
                                                 part.advantages, part.loss_mask, normalizer=part_normalizer)
             (loss * scale).backward()
             total_loss += float(loss.detach()) * scale

@@ -163,8 +163,11 @@ def test_teacher_gets_no_gradient_and_frozen_weight_skips_its_gradient(backend):
     assert s_h.grad is not None and torch.count_nonzero(s_h.grad) > 0
 
 
-def test_auto_backend_is_chunked_on_cpu():
+def test_auto_backend_is_chunked_everywhere():
+    """The documented rule (csrc_notes/tile_fold.md): chunked, which on CUDA is cuBLAS + Triton folds."""
+    from fire_kernels import tile_fold
     from fire_kernels.token_stats import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "chunked"
-    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "chunked"
+    assert tile_fold.enabled(torch.device("cuda", 0)) and not tile_fold.enabled(torch.device("cpu"))

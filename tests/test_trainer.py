@@ -105,16 +105,65 @@ def test_vocab_mismatch_is_refused(tmp_path, tokenizer):
                        tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
 
 
-@pytest.mark.parametrize("head", ["bias", "softcap"])
-def test_unsupported_heads_are_refused(tmp_path, tokenizer, head):
+def _head_family(name: str, tokenizer, seed: int):
+    """A tiny random model of a family whose head is more than h @ W^T."""
+    import transformers
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if name == "gemma2":  # final_logit_softcapping
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=16,
+                                                                        final_logit_softcapping=3.0))
+    if name == "cohere":  # logits * logit_scale
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.5))
+    if name == "granite":  # logits / logits_scaling
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=4.0))
+    model = _model(tokenizer, seed)  # llama with an lm_head bias
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(len(tokenizer)))
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "bias"])
+def test_heads_equal_the_models_own_logits_and_train(tmp_path, tokenizer, family):
+    """The trainer's hidden-state log-probs and entropies equal each model's own logits (scale,
+    soft-cap and bias read from its config), and such models train: the bias gets gradient."""
+    from fire_opd.fused import response_token_stats
+    from fire_opd.models import lm_head, response_hidden_states
+
+    model = _head_family(family, tokenizer, 0).eval()
+    ids = torch.randint(3, len(tokenizer), (3, 9))
+    attn = torch.ones_like(ids)
+    prompt_len = 4
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, prompt_len - 1 : -1] / 0.7
+        hidden = response_hidden_states(model, ids, attn, prompt_len)
+        stats = response_token_stats(hidden, lm_head(model), ids[:, prompt_len:], torch.ones(3, 5, dtype=torch.bool),
+                                     temperature=0.7, backend="chunked")
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    torch.testing.assert_close(stats.student_logprob, log_p.gather(-1, ids[:, prompt_len:, None]).squeeze(-1),
+                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.student_entropy, -(log_p.exp() * log_p).sum(-1), atol=2e-5, rtol=1e-5)
+
+    student = _head_family(family, tokenizer, 0)
+    teacher = _head_family(family, tokenizer, 1)
+    for objective in ("full_vocab", "sampled"):
+        config = _config(tmp_path / objective, steps=2, eval_every=0, eval_size=4, objective=objective)
+        trainer = FireOPDTrainer(config, student=student, teachers={"arith": teacher}, tokenizer=tokenizer,
+                                 train_problems=sample_problems(["arith"], 16, seed=0, split="train"))
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        history = trainer.train()
+        assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
+        assert not torch.equal(before["lm_head.weight"], student.lm_head.weight)
+        if family == "bias":
+            assert not torch.equal(before["lm_head.bias"], student.lm_head.bias)
+
+
+def test_unsupported_heads_are_refused(tmp_path, tokenizer):
     student = _model(tokenizer, 0)
-    if head == "bias":
-        student.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
-        match = "lm_head has a bias"
-    else:
-        student.config.final_logit_softcapping = 30.0
-        match = "soft-capping"
-    with pytest.raises(ValueError, match=match):
+    student.config.output_mult = 2.0
+    with pytest.raises(ValueError, match=r"output multiplier \(muP-style heads\) \(output_mult=2.0\)"):
         FireOPDTrainer(_config(tmp_path), student=student, teachers={"arith": _model(tokenizer, 1)},
                        tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
 
