@@ -5,6 +5,11 @@
     python benchmarks/bench_kernels.py --shapes qwen3 --tokens 256 --repeats 5
 
 Workloads (forward + backward, same seeded inputs for every method):
+  logprob  the student's log-prob and entropy, both with gradient (TRL 1.16's
+           ChunkedLogProbFunction is the peer). Floor: forward, recompute, two backward products (4).
+  kl       reverse KL(student || teacher) with gradient, and the student's entropy (TRL 1.16's
+           ChunkedDivergenceFunction at beta = 1 and Liger's chunked JSD loss at beta = 1 are the
+           peers). Floor: both models' forward and recompute, two backward products (6).
   stats    FiRe-OPD token statistics: student log-prob and entropy (with gradient), teacher
            log-prob and entropy. Floor: both models' forward products, one recompute of the
            student logits, the student's two backward products (5 products).
@@ -15,7 +20,8 @@ Workloads (forward + backward, same seeded inputs for every method):
            per-token loss gradient known in the forward pass). Floor: one forward product and
            the two backward products (3 products).
 Every method runs in a fresh process; time is the median over repeats, memory the peak
-above the inputs (CPU: RSS; CUDA: allocator), both also as ratios to the floor. Results go
+above the inputs: tensor allocations (CPU: profiler allocation events, one extra run; CUDA:
+allocator), with the process RSS as a second column. Ratios are to the floor of the same run. Results go
 to benchmarks/results/<device>-<date>.json and .md (and a PNG plot of the sweeps).
 """
 
@@ -35,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _memory import reset_peak_rss, status_bytes  # noqa: E402
+from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E402
 
 # Model pairs (vocab, student D, teacher D): Qwen3 4B student / 8B teacher, Llama 3 8B, Gemma 2 2B.
 SHAPES = {
@@ -43,15 +49,20 @@ SHAPES = {
     "llama3": {"vocab": 128_256, "d_student": 4096, "d_teacher": 4096},
     "gemma2": {"vocab": 256_000, "d_student": 2304, "d_teacher": 2304},
     "tiny": {"vocab": 1_031, "d_student": 48, "d_teacher": 64},
+    # the Qwen3 vocabulary with small hidden sizes: the vocabulary-bound regime, and CPU-sized
+    "qwen3-narrow": {"vocab": 151_936, "d_student": 256, "d_teacher": 384},
 }
 # Which shapes each workload runs by default (the CPU budget of one run is ~15 minutes).
-DEFAULT_PLAN = {"stats": ["qwen3", "llama3", "gemma2"], "jsd": ["qwen3"], "update": ["qwen3", "gemma2"]}
+DEFAULT_PLAN = {"logprob": ["qwen3-narrow"], "kl": ["qwen3-narrow"], "stats": ["qwen3", "llama3", "gemma2"],
+                "jsd": ["qwen3"], "update": ["qwen3", "gemma2"]}
 METHODS = {
+    "logprob": ["floor", "reference", "trl", "chunked", "triton"],
+    "kl": ["floor", "reference", "liger", "trl", "chunked", "triton"],
     "stats": ["floor", "reference", "reference_compiled", "chunked", "triton"],
     "jsd": ["floor", "reference", "liger", "chunked", "triton"],
     "update": ["floor", "reference", "chunked", "triton"],
 }
-PRODUCTS = {"stats": 5, "jsd": 8, "update": 3}
+PRODUCTS = {"logprob": 4, "kl": 6, "stats": 5, "jsd": 8, "update": 3}
 VOCAB_CHUNK = 4096  # the floor's tile width: the same bounded tiles a memory-bounded method uses
 
 
@@ -86,6 +97,8 @@ def _floor_fn(workload: str, x: dict):
     vocab = s_w.shape[0]
     chunks = [slice(v, min(v + VOCAB_CHUNK, vocab)) for v in range(0, vocab, VOCAB_CHUNK)]
 
+    teacher = workload in ("stats", "jsd", "kl")
+
     def run():
         grad_h = torch.zeros_like(s_h)
         grad_w = torch.empty_like(s_w)
@@ -93,10 +106,11 @@ def _floor_fn(workload: str, x: dict):
             for _ in range(2 if workload == "jsd" else 1):
                 for c in chunks:
                     s_h @ s_w[c].t()
-                    t_h @ t_w[c].t()
+                    if teacher:
+                        t_h @ t_w[c].t()
         for c in chunks:
             dz = s_h @ s_w[c].t()  # recompute (update: the one forward product)
-            if workload == "jsd":
+            if workload in ("jsd", "kl"):
                 t_h @ t_w[c].t()
             grad_h.addmm_(dz, s_w[c])
             torch.mm(dz.t(), s_h, out=grad_w[c])
@@ -139,6 +153,47 @@ def _method_fn(method: str, workload: str, x: dict, device):
 
         def run():
             return linear_logprob_update(s_h.detach(), s_w.detach(), y, ppo_grad, backend=backend)
+        return run
+
+    if workload == "logprob":
+        if method == "trl":
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+            def run():  # TRL's own call (trl/trainer/utils.py), entropy with gradient
+                lp, ent, *_ = ChunkedLogProbFunction.apply(s_h, s_w, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                           1.0, ("entropy",))
+                return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
+            return run
+        backend = method
+
+        def run():
+            lp, ent = fire_kernels.token_stats(s_h, s_w, y, backend=backend)
+            return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
+        return run
+
+    if workload == "kl":
+        if method == "trl":
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            def run():  # beta = 1: KL(student || teacher); TRL's entropy carries no gradient
+                div, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, 1.0, 1.0)
+                return torch.autograd.grad(div.sum(), (s_h, s_w))
+            return run
+        if method == "liger":
+            from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+
+            kl = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False,
+                                         chunk_size=1024)
+
+            def run():  # Liger's loss is the batch mean; no entropy
+                return torch.autograd.grad(kl(s_h, s_w, t_h, t_w, y), (s_h, s_w))
+            return run
+        backend = method
+
+        def run():
+            out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend=backend)
+            return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
         return run
 
     if method == "liger":
@@ -212,9 +267,16 @@ def worker(args) -> dict:
         if i:
             times.append(time.perf_counter() - t0)
         del out
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_bytes("VmHWM")
-    return {"time_s": statistics.median(times), "times_s": times, "peak_above_inputs_bytes": max(0, peak - base),
-            "input_bytes": input_bytes, "grad_bytes": grad_bytes}
+    if device.type == "cuda":
+        tensor_peak = torch.cuda.max_memory_allocated() - base
+        working_set = tensor_peak - grad_bytes  # the allocator keeps no timeline: the gradients' share
+        rss_peak = None
+    else:
+        rss_peak = max(0, status_bytes("VmHWM") - base)
+        tensor_peak, working_set = tensor_peak_bytes(fn)  # one more run, under the profiler (not timed)
+    return {"time_s": statistics.median(times), "times_s": times, "peak_above_inputs_bytes": max(0, tensor_peak),
+            "working_set_bytes": working_set, "rss_peak_above_inputs_bytes": rss_peak, "input_bytes": input_bytes,
+            "grad_bytes": grad_bytes}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -295,7 +357,7 @@ def _add_ratios(rows: list[dict]) -> None:
     refs = {(r["workload"], r["shape"]): r for r in rows if r["method"] == "reference" and "error" not in r}
     for r in rows:
         if "error" not in r:
-            r["overhead_bytes"] = r["peak_above_inputs_bytes"] - r["grad_bytes"]
+            r["overhead_bytes"] = r.get("working_set_bytes", r["peak_above_inputs_bytes"] - r["grad_bytes"])
             r["overhead_vs_inputs_and_grads"] = r["overhead_bytes"] / (r["input_bytes"] + r["grad_bytes"])
     for r in rows:
         if "error" in r:
@@ -315,36 +377,45 @@ def _print_row(r: dict) -> None:
         print(f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} ERROR {r['error']}",
               flush=True)
     else:
+        rss = r.get("rss_peak_above_inputs_bytes")
         print(f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} "
-              f"{r['time_s'] * 1e3:10.1f} ms  peak+{r['peak_above_inputs_bytes'] / 2**20:9.1f} MiB", flush=True)
+              f"{r['time_s'] * 1e3:10.1f} ms  peak+{r['peak_above_inputs_bytes'] / 2**20:9.1f} MiB "
+              f"(working set {r.get('working_set_bytes', 0) / 2**20:7.1f} MiB"
+              + (f", RSS +{rss / 2**20:.0f} MiB)" if rss is not None else ")"), flush=True)
 
 
 def markdown(result: dict) -> str:
     mib = 2**20
     lines = [f"## Kernel benchmark: {result['device']}, {result['date']}, {result['dtype']}", "",
-             "Time: median forward+backward. Peak: memory above the inputs (includes the gradient buffers). "
-             "Overhead: peak minus the gradient buffers, relative to inputs + gradients. "
+             "Time: median forward+backward. Peak: tensor memory allocated above the inputs (CPU: the "
+             "profiler's allocation events; CUDA: the allocator), including the gradient buffers. Working set: "
+             "the most bytes live at once leaving out the returned gradient buffers (CPU: tracked over the "
+             "whole run; CUDA: peak minus gradients). RSS: the "
+             "process's resident-set peak above the inputs, a second opinion (+-100 MiB with allocator reuse). "
              "Ratios are to the matmul floor of the same workload and shape, measured in the same run.", "",
-             "| workload | shape | N | method | time (ms) | × floor | peak (MiB) | overhead | peak × reference |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| workload | shape | N | method | time (ms) | × floor | peak (MiB) | working set (MiB) | "
+             "RSS peak (MiB) | peak × reference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | error: "
-                         f"{r['error'][:60]} | | | | |")
+                         f"{r['error'][:60]} | | | | | |")
             continue
+        rss = r.get("rss_peak_above_inputs_bytes")
         lines.append(
             f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | {r['time_s'] * 1e3:.1f} | "
             f"{r.get('time_vs_floor', float('nan')):.2f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
-            f"{100 * r['overhead_vs_inputs_and_grads']:.1f}% | {r.get('peak_vs_reference', float('nan')):.2f} |")
+            f"{r['overhead_bytes'] / mib:.0f} | {'' if rss is None else f'{rss / mib:.0f}'} | "
+            f"{r.get('peak_vs_reference', float('nan')):.2f} |")
     if result["sweeps"]:
         lines += ["", "### Scaling sweeps (stats workload, D = 1024)", "",
-                  "| sweep | N | V | method | time (ms) | peak above inputs (MiB) | beyond gradient buffers (MiB) |",
+                  "| sweep | N | V | method | time (ms) | peak above inputs (MiB) | working set (MiB) |",
                   "|---|---|---|---|---|---|---|"]
         for r in result["sweeps"]:
             if "error" not in r:
                 lines.append(f"| {r['sweep']} | {r['tokens']} | {r['vocab']} | {r['method']} | "
                              f"{r['time_s'] * 1e3:.1f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
-                             f"{(r['peak_above_inputs_bytes'] - r['grad_bytes']) / mib:.0f} |")
+                             f"{r.get('working_set_bytes', r['peak_above_inputs_bytes'] - r['grad_bytes']) / mib:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,11 +428,12 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, sweep, key in ((axes[0], "tokens", "tokens"), (axes[1], "vocab", "vocab")):
         for method in ("reference", "chunked"):
-            pts = [(r[key], (r["peak_above_inputs_bytes"] - r["grad_bytes"]) / 2**20) for r in result["sweeps"]
+            pts = [(r[key], r.get("working_set_bytes", r["peak_above_inputs_bytes"] - r["grad_bytes"]) / 2**20)
+                   for r in result["sweeps"]
                    if r["sweep"] == sweep and r["method"] == method and "error" not in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xlabel=key, ylabel="peak beyond inputs and gradients (MiB)", xscale="log",
+        ax.set(xlabel=key, ylabel="working set beyond inputs and gradients (MiB)", xscale="log",
                title=f"extra memory vs {key} (D = 1024)")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -382,6 +454,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--no-sweeps", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the results files (several runs on one day)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
                                                                   "--quick writes nothing unless given)")
     # worker mode (internal)
@@ -404,7 +477,7 @@ def main(argv=None) -> int:
     stem = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"{device_name(args.device)}-{_dt.date.today().isoformat()}"
+        stem = out / f"{device_name(args.device)}-{_dt.date.today().isoformat()}{'-' + args.tag if args.tag else ''}"
 
     def save(result: dict, final: bool = False) -> None:
         if stem is None:

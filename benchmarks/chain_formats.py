@@ -2,7 +2,7 @@
 
     python benchmarks/chain_formats.py [CHECKPOINT ...]
 
-Greedy completions of the validation split (seed 0, 400 problems) by the teacher, the initial
+Greedy completions (the recipe's token limit) of the validation split (seed 0, 400 problems) by the teacher, the initial
 student and each checkpoint given (e.g. `/tmp/fire-opd-study/<run>/final`, written by the study),
 classified as "rewrite" (no comma), "steps" (one binary operation per step) or "group" (sums of
 positive and negative terms first). Prints, per model, {format: (count, accuracy)} and accuracy.
@@ -30,8 +30,9 @@ def layout(text: str) -> str:
     return "steps" if text.count("=") >= 4 else "group"
 
 
-def format_mix(model, tokenizer, problems) -> tuple[dict, float]:
-    rollouts = generate_rollouts(model, tokenizer, [p.prompt for p in problems], max_new_tokens=48, do_sample=False)
+def format_mix(model, tokenizer, problems, max_new_tokens: int) -> tuple[dict, float]:
+    rollouts = generate_rollouts(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
+                                 do_sample=False)
     count, correct = collections.Counter(), collections.Counter()
     for text, problem in zip(rollouts.texts, problems):
         count[layout(text)] += 1
@@ -49,7 +50,7 @@ def main() -> None:
     models = {"teacher": teachers["chain"], "initial student": load_causal_lm(ASSETS_DIR / setting.student)}
     models.update({path: load_causal_lm(path) for path in args.checkpoints})
     for name, model in models.items():
-        mix, accuracy = format_mix(model, tokenizer, validation)
+        mix, accuracy = format_mix(model, tokenizer, validation, setting.recipe.max_new_tokens)
         print(f"{name}: {mix} accuracy {accuracy:.3f}")
 
 

@@ -77,13 +77,18 @@ def _columns(bias: Optional[torch.Tensor], cols: slice) -> Optional[torch.Tensor
     return None if bias is None else bias[cols]
 
 
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_j x_ij y_ij per row as a batched GEMV: no [rows, cols] temporary for x * y."""
+    return (x.unsqueeze(1) @ y.unsqueeze(2)).view(-1)
+
+
 def _online_update(m, s, a, z):
     """One tile of the streaming softmax state (see _row_stats.py). Returns (m, s, a, e, scale)."""
     m_new = torch.maximum(m, z.amax(dim=1))
     scale = torch.exp(m - m_new)
     shifted = z - m_new[:, None]
     e = torch.exp(shifted)
-    a = scale * (a + (m - m_new) * s) + (e * shifted).sum(dim=1)
+    a = scale * (a + (m - m_new) * s) + _row_dot(e, shifted)
     s = scale * s + e.sum(dim=1)
     return m_new, s, a, e, scale
 
@@ -96,7 +101,9 @@ def _target_logit(z: torch.Tensor, targets: torch.Tensor, v0: int) -> torch.Tens
 
 
 def _jsd_log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    return torch.logaddexp(log_p + math.log(1.0 - beta), log_q + math.log(beta))
+    """log M = log((1 - beta) p + beta q), with one tile temporary besides the result."""
+    out = log_p + math.log(1.0 - beta)
+    return torch.logaddexp(out, log_q + math.log(beta), out=out)
 
 
 def chunked_forward(
@@ -142,19 +149,29 @@ def chunked_forward(
         h_s, y = student_hidden[rows], targets[rows]
         h_t = teacher_hidden[rows] if teacher else None
         for v0 in range(0, vocab, vocab_chunk):
+            # Tiles are released as soon as they are done with (at most 4 [rows, cols] tiles live:
+            # the forward-KL step), so the working set does not grow with N or V.
             cols = slice(v0, min(v0 + vocab_chunk, vocab))
             z = _logits(h_s, student_weight[cols], inv_t, acc, s_head, _columns(student_bias, cols))
             zy[rows] += _target_logit(z, y, v0)
             m_s[rows], s_s[rows], a_s[rows], e_s, scale_s = _online_update(m_s[rows], s_s[rows], a_s[rows], z)
+            if kind != DIV_REVERSE_KL:
+                del e_s
             if not teacher:
+                del z
                 continue
             u = _logits(h_t, teacher_weight[cols], inv_t, acc, t_head, _columns(teacher_bias, cols))
             uy[rows] += _target_logit(u, y, v0)
+            if kind == DIV_REVERSE_KL:  # sum e^{z - m} (z - u), before the teacher's update
+                cross[rows] = scale_s * cross[rows] + _row_dot(e_s, z.sub_(u))
+                del e_s
+            if kind != DIV_FORWARD_KL:
+                del z
             m_t[rows], s_t[rows], a_t[rows], e_t, scale_t = _online_update(m_t[rows], s_t[rows], a_t[rows], u)
-            if kind == DIV_REVERSE_KL:
-                cross[rows] = scale_s * cross[rows] + (e_s * (z - u)).sum(dim=1)
-            elif kind == DIV_FORWARD_KL:
-                cross[rows] = scale_t * cross[rows] + (e_t * (u - z)).sum(dim=1)
+            if kind == DIV_FORWARD_KL:  # sum e^{u - m_u} (u - z)
+                cross[rows] = scale_t * cross[rows] + _row_dot(e_t, u.sub_(z))
+                del z
+            del u, e_t
 
     valid = targets != problem.ignore_index
     stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind)
@@ -163,21 +180,28 @@ def chunked_forward(
     if kind != DIV_JSD:
         return stats, None
 
-    # Generalized JSD: log M needs both final lse values, hence a second sweep.
+    # Generalized JSD: log M needs both final lse values, hence a second sweep. Its tiles are half
+    # as tall: log p, log q, log M and the mixture's temporaries live together.
+    jsd_rows = max(1, token_chunk // 2)
     beta = problem.jsd_beta
     kl_q_m = torch.zeros(n, dtype=acc, device=dev)
     kl_p_m = torch.zeros(n, dtype=acc, device=dev)
-    for n0 in range(0, n, token_chunk):
-        rows = slice(n0, min(n0 + token_chunk, n))
+    for n0 in range(0, n, jsd_rows):
+        rows = slice(n0, min(n0 + jsd_rows, n))
         for v0 in range(0, vocab, vocab_chunk):
             cols = slice(v0, min(v0 + vocab_chunk, vocab))
             log_p = _logits(student_hidden[rows], student_weight[cols], inv_t, acc, s_head,
-                            _columns(student_bias, cols)) - stats.student_lse[rows, None]
+                            _columns(student_bias, cols)).sub_(stats.student_lse[rows, None])
             log_q = _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc, t_head,
-                            _columns(teacher_bias, cols)) - stats.teacher_lse[rows, None]
+                            _columns(teacher_bias, cols)).sub_(stats.teacher_lse[rows, None])
             log_m = _jsd_log_mixture(log_p, log_q, beta)
-            kl_p_m[rows] += (log_p.exp() * (log_p - log_m)).sum(dim=1)
-            kl_q_m[rows] += (log_q.exp() * (log_q - log_m)).sum(dim=1)
+            # in place: q (log q - log M), then p (log p - log M), each difference reusing a tile
+            diff = log_q - log_m
+            kl_q_m[rows] += _row_dot(log_q.exp_(), diff)
+            del log_q, diff
+            diff = log_m.neg_().add_(log_p)
+            kl_p_m[rows] += _row_dot(log_p.exp_(), diff)
+            del log_p, log_m, diff
     zero = torch.zeros((), dtype=acc, device=dev)
     divergence = torch.where(valid, beta * kl_q_m + (1.0 - beta) * kl_p_m, zero)
     return stats._replace(divergence=divergence), kl_p_m
@@ -222,14 +246,15 @@ def divergence_grad_terms(
         forward KL   coef = g                                             extra = -g q
         JSD_beta     coef = g (1 - beta) (log p - log M - KL(p||M))       extra = None
 
-    `coef` is [rows, V] or, for forward KL, [rows, 1]. Forward KL turns `log_q` into -g q in place.
+    `coef` is [rows, V] or, for forward KL, [rows, 1]. `log_q` is consumed: reverse KL and
+    forward KL overwrite it (with coef, and with -g q) to save a tile.
     """
     g = grad_divergence[:, None]
     if divergence == DIV_REVERSE_KL:
-        return (log_p - log_q).sub_(div_aux[:, None]).mul_(g), None
+        return log_q.neg_().add_(log_p).sub_(div_aux[:, None]).mul_(g), None
     if divergence == DIV_FORWARD_KL:
         return g, log_q.exp_().mul_(-g)
-    coef = (log_p - _jsd_log_mixture(log_p, log_q, jsd_beta)).sub_(div_aux[:, None])
+    coef = _jsd_log_mixture(log_p, log_q, jsd_beta).neg_().add_(log_p).sub_(div_aux[:, None])
     return coef.mul_(g * (1.0 - jsd_beta)), None
 
 
@@ -319,6 +344,8 @@ def chunked_backward(
     row_has_grad = (grad_logprob != 0) | (grad_entropy != 0)
     if grad_divergence is not None:
         row_has_grad |= grad_divergence != 0
+    if use_teacher and problem.divergence == DIV_JSD:
+        token_chunk = max(1, token_chunk // 2)  # the JSD gradient holds ~6 tiles (log M and its temporaries)
 
     for n0 in range(0, n, token_chunk):
         rows = slice(n0, min(n0 + token_chunk, n))
