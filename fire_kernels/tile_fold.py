@@ -30,7 +30,7 @@ import triton.language as tl
 from ._row_stats import F_A_S, F_A_T, F_CROSS, F_M_S, F_M_T, F_S_S, F_S_T, F_UY, F_ZY, NUM_FIELDS, finalize
 from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, PLAIN_HEAD, StatsProblem
 from .triton_token_stats import (
-    _apply_head, _fold_tile, _head_args, _log_mixture, _store_state, interpreter_active,
+    _apply_head, _fold_tile, _grad_tile, _head_args, _jsd_tile, _store_state, interpreter_active,
 )
 
 # Tiles: cuBLAS products of [TOKEN_CHUNK, VOCAB_CHUNK] (fp32 buffers: 2 x 64 MiB at most, with the
@@ -119,13 +119,9 @@ def _fold_jsd_kernel(
                         col_mask, inv_temp, s_scale, s_softcap, S_HAS_BIAS, S_HAS_SOFTCAP)
         u = _apply_head(_load_tile(U, offs_r, offs_c, row_mask, col_mask, tile_stride), T_BIAS, col_start + offs_c,
                         col_mask, inv_temp, t_scale, t_softcap, T_HAS_BIAS, T_HAS_SOFTCAP)
-        log_p = z - lse_s[:, None]
-        log_q = u - lse_t[:, None]
-        log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
-        p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-        q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-        kl_p_m += tl.sum(p * (log_p - log_m), 1)
-        kl_q_m += tl.sum(q * (log_q - log_m), 1)
+        tile_p_m, tile_q_m = _jsd_tile(z, u, lse_s, lse_t, col_mask, log_one_minus_beta, log_beta)
+        kl_p_m += tile_p_m
+        kl_q_m += tile_q_m
     kl = KL + row0 + offs_r
     tl.store(kl, tl.load(kl, mask=row_mask, other=0.0) + kl_q_m, mask=row_mask)
     tl.store(kl + N, tl.load(kl + N, mask=row_mask, other=0.0) + kl_p_m, mask=row_mask)
@@ -151,6 +147,9 @@ def _fold_grad_kernel(
     y = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int32) - col_start
     lse_s = tl.load(S_LSE + rows, mask=row_mask, other=0.0)
     ent_s = tl.load(S_ENT + rows, mask=row_mask, other=0.0)
+    g_div = g_lp
+    lse_t = lse_s
+    aux = lse_s
     if DIVERGENCE != 0:
         g_div = tl.load(G_DIVERGENCE + rows, mask=row_mask, other=0.0)
         lse_t = tl.load(T_LSE + rows, mask=row_mask, other=0.0)
@@ -160,27 +159,13 @@ def _fold_grad_kernel(
         col_mask = offs_c < C
         z = _apply_head(_load_tile(Z, offs_r, offs_c, row_mask, col_mask, tile_stride), S_BIAS, col_start + offs_c,
                         col_mask, inv_temp, s_scale, s_softcap, S_HAS_BIAS, S_HAS_SOFTCAP)
-        log_p = z - lse_s[:, None]
-        p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-        coef = -(g_lp[:, None] + g_ent[:, None] * (log_p + ent_s[:, None]))
-        extra = tl.where(offs_c[None, :] == y[:, None], g_lp[:, None], 0.0)
+        u = z
         if DIVERGENCE != 0:
             u = _apply_head(_load_tile(U, offs_r, offs_c, row_mask, col_mask, tile_stride), T_BIAS,
                             col_start + offs_c, col_mask, inv_temp, t_scale, t_softcap, T_HAS_BIAS, T_HAS_SOFTCAP)
-            log_q = u - lse_t[:, None]
-            if DIVERGENCE == 1:
-                coef += g_div[:, None] * (log_p - log_q - aux[:, None])
-            if DIVERGENCE == 2:
-                coef += g_div[:, None]
-                extra -= g_div[:, None] * tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-            if DIVERGENCE == 3:
-                log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
-                coef += g_div[:, None] * (1.0 - jsd_beta) * (log_p - log_m - aux[:, None])
-        jacobian = s_scale * inv_temp
-        if S_HAS_SOFTCAP:
-            t = z * (1.0 / (s_softcap * inv_temp))
-            jacobian = (1.0 - t * t) * jacobian
-        dr = tl.where(row_mask[:, None] & col_mask[None, :], (p * coef + extra) * jacobian, 0.0)
+        dr = _grad_tile(z, u, y, offs_c, row_mask, col_mask, lse_s, ent_s, lse_t, aux, g_lp, g_ent, g_div,
+                        inv_temp, s_scale, s_softcap, jsd_beta, log_one_minus_beta, log_beta, DIVERGENCE,
+                        S_HAS_SOFTCAP)
         tl.store(DR + offs_r[:, None].to(tl.int64) * tile_stride + offs_c[None, :], dr.to(DR.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
         if COMPUTE_DB:

@@ -253,6 +253,18 @@ def _token_stats_fwd_kernel(
 
 
 @triton.jit
+def _jsd_tile(z, u, lse_s, lse_t, col_mask, log_one_minus_beta, log_beta):
+    """One tile's share of KL(p || M) and KL(q || M), M = (1 - beta) p + beta q: per-row sums of
+    p (log p - log M) and q (log q - log M)."""
+    log_p = z - lse_s[:, None]
+    log_q = u - lse_t[:, None]
+    log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
+    p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+    q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+    return tl.sum(p * (log_p - log_m), 1), tl.sum(q * (log_q - log_m), 1)
+
+
+@triton.jit
 def _jsd_fwd_kernel(
     S_HIDDEN, S_WEIGHT, S_BIAS, T_HIDDEN, T_WEIGHT, T_BIAS, S_LSE, T_LSE, PARTIALS,
     N, V, D_S, D_T,
@@ -285,19 +297,42 @@ def _jsd_fwd_kernel(
         u = _logits_tile(T_HIDDEN, T_WEIGHT, T_BIAS, row_start, col_start, N, V, D_T,
                          t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp, t_scale, t_softcap,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, T_HAS_BIAS, T_HAS_SOFTCAP)
-        log_p = z - lse_s[:, None]
-        log_q = u - lse_t[:, None]
-        log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
-        p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-        q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-        kl_p_m += tl.sum(p * (log_p - log_m), 1)
-        kl_q_m += tl.sum(q * (log_q - log_m), 1)
+        tile_p_m, tile_q_m = _jsd_tile(z, u, lse_s, lse_t, col_mask, log_one_minus_beta, log_beta)
+        kl_p_m += tile_p_m
+        kl_q_m += tile_q_m
     base = PARTIALS + split.to(tl.int64) * 2 * N + rows
     tl.store(base, kl_q_m, mask=row_mask)
     tl.store(base + N, kl_p_m, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _grad_tile(z, u, y_local, offs_c, row_mask, col_mask, lse_s, ent_s, lse_t, aux, g_lp, g_ent, g_div,
+               inv_temp, s_scale, s_softcap, jsd_beta, log_one_minus_beta, log_beta,
+               DIVERGENCE: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr):
+    """dL/dr of one tile of finished student logits z (teacher u): dz = g_lp (onehot - p)
+    - g_H p (log p + H) + g_D dDiv/dz, times the head's Jacobian dz/dr; 0 off the tile."""
+    log_p = z - lse_s[:, None]
+    p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+    coef = -(g_lp[:, None] + g_ent[:, None] * (log_p + ent_s[:, None]))
+    extra = tl.where(offs_c[None, :] == y_local[:, None], g_lp[:, None], 0.0)
+    if DIVERGENCE != 0:
+        log_q = u - lse_t[:, None]
+        if DIVERGENCE == 1:  # d KL(p||q) = p (log p - log q - KL)
+            coef += g_div[:, None] * (log_p - log_q - aux[:, None])
+        if DIVERGENCE == 2:  # d KL(q||p) = p - q
+            coef += g_div[:, None]
+            extra -= g_div[:, None] * tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+        if DIVERGENCE == 3:  # d JSD = (1 - beta) p (log p - log M - KL(p||M))
+            log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
+            coef += g_div[:, None] * (1.0 - jsd_beta) * (log_p - log_m - aux[:, None])
+    jacobian = s_scale * inv_temp
+    if S_HAS_SOFTCAP:
+        t = z * (1.0 / (s_softcap * inv_temp))
+        jacobian = (1.0 - t * t) * jacobian
+    return tl.where(row_mask[:, None] & col_mask[None, :], (p * coef + extra) * jacobian, 0.0)
 
 
 @triton.jit
@@ -339,30 +374,18 @@ def _token_stats_bwd_kernel(
         z = _logits_tile(S_HIDDEN, S_WEIGHT, S_BIAS, row_start, col_start, N, V, D_S,
                          s_stride_hn, s_stride_hd, s_stride_wv, s_stride_wd, inv_temp, s_scale, s_softcap,
                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, S_HAS_BIAS, S_HAS_SOFTCAP)
-        log_p = z - lse_s[:, None]
-        p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-        coef = -(g_lp[:, None] + g_ent[:, None] * (log_p + ent_s[:, None]))
-        extra = tl.where(offs_c[None, :] == y_local[:, None], g_lp[:, None], 0.0)
+        u = z
+        lse_t = lse_s
+        aux = lse_s
         if DIVERGENCE != 0:
             lse_t = tl.load(T_LSE + rows, mask=row_mask, other=0.0)
             aux = tl.load(DIV_AUX + rows, mask=row_mask, other=0.0)
             u = _logits_tile(T_HIDDEN, T_WEIGHT, T_BIAS, row_start, col_start, N, V, D_T,
                              t_stride_hn, t_stride_hd, t_stride_wv, t_stride_wd, inv_temp, t_scale, t_softcap,
                              BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, INPUT_PRECISION, T_HAS_BIAS, T_HAS_SOFTCAP)
-            log_q = u - lse_t[:, None]
-            if DIVERGENCE == 1:  # d KL(p||q) = p (log p - log q - KL)
-                coef += g_div[:, None] * (log_p - log_q - aux[:, None])
-            if DIVERGENCE == 2:  # d KL(q||p) = p - q
-                coef += g_div[:, None]
-                extra -= g_div[:, None] * tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-            if DIVERGENCE == 3:  # d JSD = (1 - beta) p (log p - log M - KL(p||M))
-                log_m = _log_mixture(log_p, log_q, log_one_minus_beta, log_beta)
-                coef += g_div[:, None] * (1.0 - jsd_beta) * (log_p - log_m - aux[:, None])
-        jacobian = s_scale * inv_temp
-        if S_HAS_SOFTCAP:
-            t = z * (1.0 / (s_softcap * inv_temp))
-            jacobian = (1.0 - t * t) * jacobian
-        dz = tl.where(row_mask[:, None] & col_mask[None, :], (p * coef + extra) * jacobian, 0.0)
+        dz = _grad_tile(z, u, y_local, offs_c, row_mask, col_mask, lse_s, ent_s, lse_t, aux, g_lp, g_ent, g_div,
+                        inv_temp, s_scale, s_softcap, jsd_beta, log_one_minus_beta, log_beta, DIVERGENCE,
+                        S_HAS_SOFTCAP)
         if COMPUTE_DB:
             tl.atomic_add(GRAD_BIAS + col_start + offs_c, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
         # Tensor-core operands in the parameter dtype (fp32 accumulation), as in CCE. Under the
