@@ -238,6 +238,27 @@ def test_objective_options_are_validated():
         TrainConfig(divergence="kl")
     with pytest.raises(ValueError, match="jsd_beta must be in"):
         TrainConfig(jsd_beta=1.5)
+    with pytest.raises(ValueError, match="filter_score must be one of"):
+        TrainConfig(filter_score="median")
+    with pytest.raises(ValueError, match=r"teacher_confidence_gate must be in \[0, 1\]"):
+        TrainConfig(teacher_confidence_gate=-0.1)
+
+
+def test_trainer_passes_the_hypothesis_options_to_the_loss(tmp_path, tokenizer, monkeypatch):
+    """filter_score and teacher_confidence_gate reach compute_fire_advantages from TrainConfig."""
+    import fire_opd.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.compute_fire_advantages
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("filter_score"), kwargs.get("teacher_confidence_gate")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_fire_advantages", spy)
+    config = _config(tmp_path, steps=1, eval_every=0, filter_score="advantage_mean", teacher_confidence_gate=0.3)
+    _trainer(tokenizer, config).train()
+    assert seen and all(s == ("advantage_mean", 0.3) for s in seen)
 
 
 def _released_fire(old_lp, teacher_lp, student_entropy, teacher_entropy, mask, percentile, alpha=1.0, beta=1.0):
