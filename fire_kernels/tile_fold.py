@@ -60,6 +60,23 @@ def _load_tile(TILE, rows, cols, row_mask, col_mask, stride):
 
 
 @triton.jit
+def _load_logit_tiles(Z, U, S_BIAS, T_BIAS, offs_r, offs_c, row_mask, col_mask, tile_stride, col_start, inv_temp,
+                      s_scale, s_softcap, t_scale, t_softcap, WITH_TEACHER: tl.constexpr,
+                      S_HAS_BIAS: tl.constexpr, S_HAS_SOFTCAP: tl.constexpr, T_HAS_BIAS: tl.constexpr,
+                      T_HAS_SOFTCAP: tl.constexpr):
+    """One block of finished student logits z (and teacher logits u when WITH_TEACHER, else z)
+    from the raw product tiles, their heads applied."""
+    cols = col_start + offs_c
+    z = _apply_head(_load_tile(Z, offs_r, offs_c, row_mask, col_mask, tile_stride), S_BIAS, cols, col_mask, inv_temp,
+                    s_scale, s_softcap, S_HAS_BIAS, S_HAS_SOFTCAP)
+    u = z
+    if WITH_TEACHER:
+        u = _apply_head(_load_tile(U, offs_r, offs_c, row_mask, col_mask, tile_stride), T_BIAS, cols, col_mask,
+                        inv_temp, t_scale, t_softcap, T_HAS_BIAS, T_HAS_SOFTCAP)
+    return z, u
+
+
+@triton.jit
 def _fold_stats_kernel(
     Z, U, S_BIAS, T_BIAS, TARGETS, STATE,
     R, C, N, row0, col_start, tile_stride,
@@ -85,12 +102,9 @@ def _fold_stats_kernel(
     for c0 in range(0, C, BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
         col_mask = offs_c < C
-        z = _apply_head(_load_tile(Z, offs_r, offs_c, row_mask, col_mask, tile_stride), S_BIAS, col_start + offs_c,
-                        col_mask, inv_temp, s_scale, s_softcap, S_HAS_BIAS, S_HAS_SOFTCAP)
-        u = z
-        if HAS_TEACHER:
-            u = _apply_head(_load_tile(U, offs_r, offs_c, row_mask, col_mask, tile_stride), T_BIAS,
-                            col_start + offs_c, col_mask, inv_temp, t_scale, t_softcap, T_HAS_BIAS, T_HAS_SOFTCAP)
+        z, u = _load_logit_tiles(Z, U, S_BIAS, T_BIAS, offs_r, offs_c, row_mask, col_mask, tile_stride, col_start,
+                                 inv_temp, s_scale, s_softcap, t_scale, t_softcap, HAS_TEACHER, S_HAS_BIAS,
+                                 S_HAS_SOFTCAP, T_HAS_BIAS, T_HAS_SOFTCAP)
         m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross = _fold_tile(
             z, u, offs_c[None, :] == y[:, None], col_mask, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, HAS_TEACHER,
             DIVERGENCE)
@@ -115,10 +129,9 @@ def _fold_jsd_kernel(
     for c0 in range(0, C, BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
         col_mask = offs_c < C
-        z = _apply_head(_load_tile(Z, offs_r, offs_c, row_mask, col_mask, tile_stride), S_BIAS, col_start + offs_c,
-                        col_mask, inv_temp, s_scale, s_softcap, S_HAS_BIAS, S_HAS_SOFTCAP)
-        u = _apply_head(_load_tile(U, offs_r, offs_c, row_mask, col_mask, tile_stride), T_BIAS, col_start + offs_c,
-                        col_mask, inv_temp, t_scale, t_softcap, T_HAS_BIAS, T_HAS_SOFTCAP)
+        z, u = _load_logit_tiles(Z, U, S_BIAS, T_BIAS, offs_r, offs_c, row_mask, col_mask, tile_stride, col_start,
+                                 inv_temp, s_scale, s_softcap, t_scale, t_softcap, True, S_HAS_BIAS, S_HAS_SOFTCAP,
+                                 T_HAS_BIAS, T_HAS_SOFTCAP)
         tile_p_m, tile_q_m = _jsd_tile(z, u, lse_s, lse_t, col_mask, log_one_minus_beta, log_beta)
         kl_p_m += tile_p_m
         kl_q_m += tile_q_m
@@ -157,12 +170,9 @@ def _fold_grad_kernel(
     for c0 in range(0, C, BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
         col_mask = offs_c < C
-        z = _apply_head(_load_tile(Z, offs_r, offs_c, row_mask, col_mask, tile_stride), S_BIAS, col_start + offs_c,
-                        col_mask, inv_temp, s_scale, s_softcap, S_HAS_BIAS, S_HAS_SOFTCAP)
-        u = z
-        if DIVERGENCE != 0:
-            u = _apply_head(_load_tile(U, offs_r, offs_c, row_mask, col_mask, tile_stride), T_BIAS,
-                            col_start + offs_c, col_mask, inv_temp, t_scale, t_softcap, T_HAS_BIAS, T_HAS_SOFTCAP)
+        z, u = _load_logit_tiles(Z, U, S_BIAS, T_BIAS, offs_r, offs_c, row_mask, col_mask, tile_stride, col_start,
+                                 inv_temp, s_scale, s_softcap, t_scale, t_softcap, DIVERGENCE != 0, S_HAS_BIAS,
+                                 S_HAS_SOFTCAP, T_HAS_BIAS, T_HAS_SOFTCAP)
         dr = _grad_tile(z, u, y, offs_c, row_mask, col_mask, lse_s, ent_s, lse_t, aux, g_lp, g_ent, g_div,
                         inv_temp, s_scale, s_softcap, jsd_beta, log_one_minus_beta, log_beta, DIVERGENCE,
                         S_HAS_SOFTCAP)
