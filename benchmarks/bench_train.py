@@ -7,8 +7,9 @@ with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates. Paths:
   fused       backend chunked (auto on CPU), fused student update (fire-opd's default)
   reference   backend reference: materialized [tokens, V] logits and autograd
 Each (model, path) runs in a fresh process: median step time over --steps after one warm-up
-step, the time split into sample / score / update, and peak RSS (CUDA: allocator peak)
-above the process after loading the models.
+step, the time split into sample / score / update, and memory above the process after loading the
+models: the peak of tensor memory allocated during one more (untimed) step under the profiler
+(CUDA: the allocator's peak), with peak RSS as a second opinion.
 
 Each path runs with both training objectives (`--objectives`): "sampled" (the PPO surrogate on
 the sampled token) and "full_vocab" (the exact per-token reverse KL; its update also recomputes
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _memory import reset_peak_rss, status_bytes  # noqa: E402
+from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -101,11 +102,21 @@ def worker(args) -> dict:
             steps.append(time.perf_counter() - t0)
             parts.append({k: metrics[f"time/{k}_s"] for k in ("sample", "score", "update")})
             tokens.append(metrics["train/response_length"] * config.rollouts_per_step)
-    peak = torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")
+    if cuda:
+        tensor_peak = torch.cuda.max_memory_allocated() - base
+        rss_peak = None
+    else:
+        rss_peak = max(0, status_bytes("VmHWM") - base)
+
+        def one_step():
+            trainer.train_step()
+            trainer.step += 1
+
+        tensor_peak, _ = tensor_peak_bytes(one_step)  # one more step under the profiler (not timed)
     return {"step_s": statistics.median(steps), **{f"{k}_s": statistics.median(p[k] for p in parts)
                                                    for k in ("sample", "score", "update")},
-            "response_tokens": statistics.median(tokens), "peak_above_models_bytes": max(0, peak - base),
-            "vocab": trainer.student.config.vocab_size}
+            "response_tokens": statistics.median(tokens), "peak_above_models_bytes": max(0, tensor_peak),
+            "rss_peak_above_models_bytes": rss_peak, "vocab": trainer.student.config.vocab_size}
 
 
 def main(argv=None) -> int:
@@ -140,15 +151,16 @@ def main(argv=None) -> int:
             rows.append({**row, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
     lines = ["| model | V | objective | path | step (s) | sample | score | update | response tokens | "
-             "peak above models (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "tensor peak above models (MiB) | RSS peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['objective']} | {r['path']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['model']} | | {r['objective']} | {r['path']} | error: {r['error'][:80]} | | | | | | |")
         else:
+            rss = r.get("rss_peak_above_models_bytes")
             lines.append(f"| {r['model']} | {r['vocab']} | {r['objective']} | {r['path']} | {r['step_s']:.3f} | "
                          f"{r['sample_s']:.3f} | "
                          f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
-                         f"{r['peak_above_models_bytes'] / 2**20:.0f} |")
+                         f"{r['peak_above_models_bytes'] / 2**20:.0f} | {'' if rss is None else f'{rss / 2**20:.0f}'} |")
     table = "\n".join(lines)
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
