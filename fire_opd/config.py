@@ -61,6 +61,8 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warmup, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    max_skipped_steps: int = 10  # a step whose loss or gradient norm is not finite changes no weight or optimizer
+    #                              state and is counted (train/skipped_steps); this many in a row stop the run
 
     # --- evaluation, logging, checkpoints
     eval_every: int = 20  # 0: only at the end
@@ -103,7 +105,8 @@ class TrainConfig:
             raise ValueError(f"stats_scope must be 'batch' or 'micro_batch', got {self.stats_scope!r}")
         if not 0.0 <= self.percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
-        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size"):
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch_size",
+                     "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every", "threads"):

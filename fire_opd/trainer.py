@@ -16,6 +16,7 @@ Every step re-seeds from (seed, step), so a resumed run continues exactly.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -34,6 +35,8 @@ from .models import check_same_vocab, lm_head, load_causal_lm, load_tokenizer, r
 from .regime import filter_diagnostics, health_metrics, rollout_health
 from .routing import route_rows, scatter_rows
 from .sampling import Rollouts, generate_rollouts
+
+logger = logging.getLogger("fire_opd")
 
 STATE_FILE = "trainer_state.pt"
 
@@ -102,6 +105,7 @@ class FireOPDTrainer:
                                    fused_update=config.fused_update, divergence=config.divergence,
                                    jsd_beta=config.jsd_beta)
         self.step = 0
+        self.skipped_steps, self._skipped_in_a_row = 0, 0
         self.history: list[dict] = []
         self.output_dir = Path(config.output_dir)
         self._writer = None
@@ -258,10 +262,33 @@ class FireOPDTrainer:
             (loss * scale).backward()
             total_loss += float(loss.detach()) * scale
             loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        return {**metrics, **loss_metrics, "train/loss": total_loss, "train/grad_norm": float(grad_norm)}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
+        skipped = self._skip_if_not_finite(total_loss, grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # the schedule follows the step count either way
+        return {**metrics, **loss_metrics, "train/loss": total_loss, "train/grad_norm": grad_norm,
+                "train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_steps)}
+
+    def _skip_if_not_finite(self, loss: float, grad_norm: float) -> bool:
+        """A step whose loss or gradient norm is not finite leaves the weights and the optimizer
+        state as they are: its gradients are dropped, it is counted and logged with its cause, and
+        `max_skipped_steps` such steps in a row stop the run with an error."""
+        cause = (f"loss {loss}" if not math.isfinite(loss) else
+                 f"gradient norm {grad_norm}" if not math.isfinite(grad_norm) else None)
+        if cause is None:
+            self._skipped_in_a_row = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        logger.warning("step %d skipped: %s is not finite (weights and optimizer state unchanged)", self.step + 1,
+                       cause)
+        if self._skipped_in_a_row >= self.config.max_skipped_steps:
+            raise RuntimeError(f"{self._skipped_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                               f"(last: {cause}, step {self.step + 1}); stopping. Lower lr, check the data, or raise "
+                               "max_skipped_steps")
+        return True
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
 
@@ -298,6 +325,7 @@ class FireOPDTrainer:
         self.tokenizer.save_pretrained(str(path))
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "history": self.history,
+                    "skipped_steps": self.skipped_steps,
                     "config": self.config.to_dict(), "rng": _rng_state()}, path / STATE_FILE)
         return path
 
@@ -319,6 +347,7 @@ class FireOPDTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         _set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ helpers

@@ -336,3 +336,37 @@ def test_reweighting_changes_the_update(tmp_path, tokenizer):
     low, high = weights["reweight_only"]
     assert high - low > 0.1
     assert not torch.allclose(grads["opd"], grads["reweight_only"], rtol=1e-3)
+
+
+def test_non_finite_steps_change_nothing_and_stop_the_run(tmp_path, tokenizer):
+    """An injected NaN loss: the step leaves weights and AdamW state as they were, is counted and
+    flagged; `max_skipped_steps` of them in a row stop the run with a clear error."""
+    import copy
+
+    trainer = _trainer(tokenizer, _config(tmp_path, steps=5, eval_every=0, max_skipped_steps=2))
+    trainer.train(until_step=1)
+    params = [p.detach().clone() for p in trainer.student.parameters()]
+    optimizer_state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+    finite_forward = trainer.loss_fn.forward
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = finite_forward(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    trainer.loss_fn.forward = poisoned
+    trainer.train(until_step=2)
+    last = trainer.history[-1]
+    assert last["train/step_skipped"] == 1.0 and last["train/skipped_steps"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(params, trainer.student.parameters()))
+    for index, state in trainer.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(value, optimizer_state[index][key]) for key, value in state.items())
+
+    trainer.loss_fn.forward = finite_forward  # a finite step resets the run of skipped steps
+    trainer.train(until_step=3)
+    assert trainer.history[-1]["train/step_skipped"] == 0.0 and trainer.history[-1]["train/skipped_steps"] == 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(params, trainer.student.parameters()))
+
+    trainer.loss_fn.forward = poisoned
+    with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss or gradient norm"):
+        trainer.train()
+    assert trainer.skipped_steps == 3
