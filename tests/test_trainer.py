@@ -370,3 +370,19 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tmp_path, tokenizer):
     with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss or gradient norm"):
         trainer.train()
     assert trainer.skipped_steps == 3
+
+
+def test_tensorboard_event_files_are_readable(tmp_path, tokenizer):
+    """With `tensorboard: true` a run writes event files that TensorBoard's own reader loads, one
+    scalar per metric and step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tokenizer, _config(tmp_path, steps=2, eval_every=0, tensorboard=True))
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "fire/keep_ratio", "train/grad_norm", "eval/accuracy"} <= tags
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([h["train/loss"] for h in trainer.history])
