@@ -81,7 +81,7 @@ def worker(args) -> dict:
     config = TrainConfig(steps=args.steps + 1, prompts_per_step=8 if big else 32, samples_per_prompt=2 if big else 4,
                          micro_batch_size=8 if big else 64, max_new_tokens=24 if big else 8, lr=1e-5,
                          warmup_steps=0, eval_every=0, eval_size=0, progress=False, tensorboard=False,
-                         backend="auto" if fused else "reference", fused_update=fused, output_dir="/tmp/fire-bench",
+                         backend="auto" if fused else "reference", fused_update=fused, output_dir="/tmp/fire-bench", overwrite=True,
                          device=args.device, objective=objective)
     trainer = FireOPDTrainer(config, student=student, teachers=teachers, tokenizer=tok, train_problems=problems,
                              eval_problems=[])

@@ -8,7 +8,7 @@ Loss API for other trainers:
     fire_policy_loss_from_hidden(..., objective=)    either, from hidden states (no logits)
 """
 
-from .fused import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
+from .loss_from_hidden import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
 from .loss import (
     LOSS_AGG_MODES, METHODS, OBJECTIVES, FireAdvantages, clipped_surrogate, compute_fire_advantages,
     dense_coefficients, fire_dense_loss, fire_policy_loss, loss_normalizer,

@@ -1,8 +1,11 @@
 """`fire-opd` command line: train, eval, demo.
 
+A mistake in the command line, the YAML or the files they name is one line on stderr and exit
+status 2 (fire_opd/preflight.py checks it before any model is loaded); `--debug` shows the traceback.
+
     fire-opd train --student PATH --teacher PATH --prompts train.jsonl [--config cfg.yaml] [--set key=value ...]
     fire-opd train --student PATH --teacher math=PATH --teacher code=PATH --prompts train.jsonl
-    fire-opd eval  --model PATH --prompts held_out.jsonl
+    fire-opd eval  --model PATH --prompts held_out.jsonl [--samples N --temperature T --top-p P --output F]
     fire-opd demo  [--setting chain|single|multi-teacher] [--objective sampled|full_vocab] [--steps N] [--seed S]
     fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/study.py)
 """
@@ -11,10 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
-from .config import TrainConfig
+from .errors import TrainingStopped, UsageError
+from .preflight import check_model, check_prompts, check_tokenizer, check_train, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error format (one line, exit 2) and no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _teachers(values: list[str]) -> dict[str, str]:
@@ -23,33 +36,51 @@ def _teachers(values: list[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep:  # a bare path: the single, default teacher
             name, path = "default", item
+        if not name or not path:
+            raise UsageError(f"--teacher {item!r}: expected PATH or NAME=PATH")
         if name in teachers:
-            raise SystemExit(f"--teacher {name!r} given twice")
+            raise UsageError(f"--teacher {name!r} given twice")
         teachers[name] = path
     return teachers
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fire-opd", description="FiRe-OPD on-policy distillation")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fire-opd", description="FiRe-OPD on-policy distillation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-    train = sub.add_parser("train", help="distill a student from one or more teachers")
+    train = sub.add_parser("train", parents=[debug], help="distill a student from one or more teachers")
     train.add_argument("--config", help="YAML file with TrainConfig fields")
     train.add_argument("--student", help="student model path (Hugging Face format)")
     train.add_argument("--teacher", action="append", default=[], metavar="[NAME=]PATH",
                        help="teacher path; repeat as NAME=PATH for several teachers routed by the prompts' "
                             "'teacher' key")
+    train.add_argument("--tokenizer", help="tokenizer path (default: the student's folder)")
     train.add_argument("--prompts", help="JSONL training prompts")
     train.add_argument("--eval-prompts", help="JSONL held-out prompts")
     train.add_argument("--output-dir")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any TrainConfig field, e.g. --set method=opd --set lr=1e-5")
+                       help="override any TrainConfig field, e.g. --set method=opd --set resume_from=latest")
 
-    ev = sub.add_parser("eval", help="greedy pass@1 accuracy of a model on a prompt file")
+    ev = sub.add_parser("eval", parents=[debug], help="avg@N and pass@k of a model on a prompt file")
     ev.add_argument("--model", required=True)
     ev.add_argument("--prompts", required=True)
-    ev.add_argument("--tokenizer")
+    ev.add_argument("--tokenizer", help="tokenizer path (default: the model's folder)")
     ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--samples", type=int, default=1, help="completions per problem (N of avg@N, pass@k)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy (needs --samples 1)")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--verifier", default="final_answer",
+                    help="final_answer | last_number | boxed | package.module:function")
+    ev.add_argument("--chat-template-kwargs", default="{}", metavar="JSON",
+                    help='for "messages" rows, e.g. \'{"enable_thinking": false}\'')
+    ev.add_argument("--batch-size", type=int, default=64, help="completions per generate call")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--output", help="also write the JSON to this file")
+    ev.add_argument("--no-progress", action="store_true")
 
     demo = sub.add_parser("demo", help="OPD vs FiRe-OPD on the built-in tasks and tiny models")
     demo.add_argument("--setting", choices=["chain", "single", "multi-teacher"], default="chain")
@@ -65,6 +96,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, {
+        "student": args.student, "tokenizer": args.tokenizer, "prompts": args.prompts,
+        "eval_prompts": args.eval_prompts, "output_dir": args.output_dir,
+        "teachers": _teachers(args.teacher) if args.teacher else None,
+        "overwrite": True if args.overwrite else None}, args.set)
+    check_train(config)
+    from .trainer import FireOPDTrainer
+
+    trainer = FireOPDTrainer(config)
+    history = trainer.train()
+    print(json.dumps(history[-1] if history else {}, indent=1))
+    if trainer.stopped_by_signal:
+        print(f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step}; resume with "
+              "--set resume_from=latest", file=sys.stderr)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_by_teacher
+    from .verifiers import resolve_verifier
+
+    try:
+        kwargs = json.loads(args.chat_template_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--chat-template-kwargs {args.chat_template_kwargs!r}: not valid JSON ({exc.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
+    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--samples, --batch-size and --max-new-tokens must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.samples > 1 and args.temperature == 0:
+        raise UsageError(f"--samples {args.samples} needs --temperature > 0 (greedy decoding repeats one completion)")
+    try:
+        verifier = resolve_verifier(args.verifier)
+    except ValueError as exc:
+        raise UsageError(f"--verifier: {exc}") from None
+    check_model(args.model, "--model")
+    tokenizer = check_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model",
+                                "pass --tokenizer PATH")
+    problems = check_prompts(args.prompts, "--prompts", tokenizer, kwargs)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise UsageError(f"--output {args.output}: its folder does not exist")
+
+    from .models import load_causal_lm
+    from .trainer import resolve_device
+
+    model = load_causal_lm(args.model, device=resolve_device(args.device))
+    results = evaluate_by_teacher(model, tokenizer, problems, samples=args.samples, temperature=args.temperature,
+                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, verifier=verifier,
+                                  batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "study":  # its own parser: python -m fire_opd study --help
@@ -72,42 +162,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return study_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        from .trainer import FireOPDTrainer
-
-        data = {}
-        if args.config:
-            import yaml
-            from pathlib import Path
-
-            data = yaml.safe_load(Path(args.config).read_text()) or {}
-        for key, value in (("student", args.student), ("prompts", args.prompts),
-                           ("eval_prompts", args.eval_prompts), ("output_dir", args.output_dir)):
-            if value is not None:
-                data[key] = value
-        if args.teacher:
-            data["teachers"] = _teachers(args.teacher)
-        config = TrainConfig.from_dict(data, args.set)
-        for key in ("student", "prompts"):
-            if not getattr(config, key):
-                raise SystemExit(f"fire-opd train: --{key} (or '{key}' in --config) is required")
-        history = FireOPDTrainer(config).train()
-        print(json.dumps(history[-1] if history else {}, indent=1))
-    elif args.command == "eval":
-        from .data import load_prompts
-        from .evaluate import accuracy_by_teacher
-        from .models import load_causal_lm, load_tokenizer
-
-        model = load_causal_lm(args.model)
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-        scores = accuracy_by_teacher(model, tokenizer, load_prompts(args.prompts), max_new_tokens=args.max_new_tokens)
-        print(json.dumps(scores, indent=1))
-    else:
+    if args.command == "demo":
         from .demo import run_demo
 
         run_demo(args.setting, steps=args.steps, seed=args.seed, out_dir=args.out, eval_size=args.eval_size,
                  objective=args.objective, plot=not args.no_plot)
-    return 0
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return train(args) if args.command == "train" else evaluate(args)
+    except (UsageError, TrainingStopped) as exc:
+        if args.debug:
+            raise
+        print(f"fire-opd {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":

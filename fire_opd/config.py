@@ -19,8 +19,12 @@ class TrainConfig:
     student: str = ""  # path of the student (AutoModelForCausalLM, Hugging Face format)
     teachers: dict[str, str] = field(default_factory=dict)  # name -> path; one entry for single-teacher
     tokenizer: Optional[str] = None  # tokenizer path; defaults to the student's
-    prompts: str = ""  # JSONL training prompts: {"prompt", "answer", optional "teacher"}
+    prompts: str = ""  # JSONL training prompts: {"prompt" or "messages", "answer", optional "teacher", ...}
     eval_prompts: Optional[str] = None  # JSONL held-out prompts for periodic evaluation
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to apply_chat_template for "messages" rows,
+    #                                                           e.g. {enable_thinking: false} for Qwen3
+    verifier: str = "final_answer"  # scores completions for train/reward and evaluation (never the loss): a
+    #                                 built-in (final_answer | last_number | boxed) or "package.module:function"
     default_teacher: Optional[str] = None  # teacher for prompts without a "teacher" key
     output_dir: str = "runs/fire-opd"
 
@@ -67,16 +71,25 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints
     eval_every: int = 20  # 0: only at the end
     eval_size: int = 256
+    eval_samples: int = 1  # completions per held-out problem: eval/accuracy is avg@N, plus eval/pass@k
+    eval_temperature: float = 0.0  # 0: greedy (then eval_samples must be 1)
+    eval_top_p: float = 1.0
     save_every: int = 0  # 0: only the final checkpoint
+    keep_last: int = 0  # keep only the newest N step-* checkpoints ("final" is always kept); 0: keep all
     log_every: int = 1
     tensorboard: bool = True  # also log to TensorBoard when it is installed
     progress: bool = True  # tqdm progress bar
-    resume_from: Optional[str] = None  # a checkpoint directory written by this trainer
+    resume_from: Optional[str] = None  # "latest" (the newest complete checkpoint in output_dir) or a checkpoint
+    #                                    directory written by this trainer
+    overwrite: bool = False  # replace a run already in output_dir (otherwise a new run there is refused)
 
     # --- runtime
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16; bf16 autocast on CUDA when "bfloat16"
+    dtype: str = "float32"  # student parameter dtype: float32 | bfloat16; on CUDA float32 runs under bf16 autocast
+    teacher_dtype: Optional[str] = None  # teachers' parameter dtype (default: dtype), e.g. bfloat16 teachers
+    #                                      for a float32 student: half the teacher memory
+    gradient_checkpointing: bool = False  # the student's own activation checkpointing (recompute in backward)
     backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
     fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
     threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
@@ -109,7 +122,7 @@ class TrainConfig:
                      "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every", "threads"):
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every", "threads", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -118,6 +131,16 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+        if self.eval_samples < 1 or self.eval_temperature < 0 or not 0 < self.eval_top_p <= 1:
+            raise ValueError(f"eval_samples must be >= 1, eval_temperature >= 0 and eval_top_p in (0, 1], got "
+                             f"{self.eval_samples}, {self.eval_temperature}, {self.eval_top_p}")
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise ValueError(f"eval_samples={self.eval_samples} needs eval_temperature > 0 (greedy decoding would "
+                             "repeat one completion)")
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a mapping, got {type(self.chat_template_kwargs).__name__}")
         if self.backend not in ("auto", "triton", "chunked", "reference"):
             raise ValueError(f"backend must be auto, triton, chunked or reference, got {self.backend!r}")
         if not isinstance(self.teachers, dict):

@@ -1,11 +1,13 @@
 """Prompts, answers and the verifier; the built-in verifiable task suite.
 
-Prompt files are JSONL, one object per line:
+Prompt files are JSONL, one object per line, with a raw prompt or chat messages:
 
     {"prompt": "3+8-4=", "answer": "7", "teacher": "arith"}     # "teacher" optional
+    {"messages": [{"role": "user", "content": "What is 3+8-4?"}], "answer": "7"}
 
-The verifier scores a completion as correct when its final answer (the text after the last
-"=", stripped; the whole completion if it has none) equals the reference answer.
+`messages` rows are rendered with the tokenizer's chat template (`render_prompts`). Other
+fields are kept in `Problem.row` for verifiers (fire_opd/verifiers.py); the built-in tasks'
+verifier scores a completion as correct when the text after the last "=" equals the answer.
 
 Built-in task families:
     arith    two-step arithmetic with a worked answer:    "3+8-4="  ->  "11-4=7"
@@ -25,9 +27,11 @@ import json
 import random
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
+
+from .verifiers import final_answer
 
 # Every character the built-in tasks use (the demo tokenizers are character-level).
 TASK_ALPHABET = "0123456789+-=R:"  # arith, reverse
@@ -41,14 +45,13 @@ class Problem:
     answer: str
     teacher: Optional[str] = None  # routing key in multi-teacher training
     solution: Optional[str] = None  # worked completion, for supervised warm-up of the demo models
-
-
-def final_answer(completion: str) -> str:
-    return completion.rsplit("=", 1)[-1].strip()
+    messages: Optional[tuple] = None  # chat messages ({"role", "content"} dicts); `prompt` is their rendering
+    row: Optional[Mapping] = field(default=None, compare=False, hash=False)  # the JSONL object, for verifiers
 
 
 def is_correct(completion: str, answer: str) -> bool:
-    return final_answer(completion) == answer.strip()
+    """The built-in tasks' rule (`verifiers.final_answer`)."""
+    return final_answer(completion, answer) == 1.0
 
 
 # ----------------------------------------------------------------------------- task families
@@ -170,7 +173,8 @@ def sample_problems(tasks: Iterable[str], count: int, *, seed: int, split: str) 
 
 
 def load_prompts(path: str | Path) -> list[Problem]:
-    """Read a JSONL prompt file; errors name the file and the line number."""
+    """Read a JSONL prompt file; errors name the file and the line number. `messages` rows get
+    an empty `prompt` until `render_prompts` applies the chat template."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
@@ -179,22 +183,57 @@ def load_prompts(path: str | Path) -> list[Problem]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            for key in ("prompt", "answer"):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: missing or non-string field {key!r}")
-            teacher = record.get("teacher")
-            if teacher is not None and not isinstance(teacher, str):
-                raise ValueError(f"{path}:{lineno}: field 'teacher' must be a string")
-            problems.append(Problem(record["prompt"], record["answer"], teacher, record.get("solution")))
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            problems.append(problem_from_row(record, where))
     if not problems:
         raise ValueError(f"{path}: no prompts found")
     return problems
+
+
+def problem_from_row(record, where: str) -> Problem:
+    """One prompt row: {"prompt" | "messages", "answer", optional "teacher", any other fields}."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has_prompt, has_messages = "prompt" in record, "messages" in record
+    if has_prompt == has_messages:
+        raise ValueError(f"{where}: give exactly one of 'prompt' (a string) or 'messages' (a list of "
+                         "{'role', 'content'} objects)")
+    messages = None
+    if has_messages:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}} objects")
+        messages = tuple(dict(m) for m in messages)
+    elif not isinstance(record["prompt"], str):
+        raise ValueError(f"{where}: missing or non-string field 'prompt'")
+    if not isinstance(record.get("answer"), str):
+        raise ValueError(f"{where}: missing or non-string field 'answer'")
+    teacher = record.get("teacher")
+    if teacher is not None and not isinstance(teacher, str):
+        raise ValueError(f"{where}: field 'teacher' must be a string")
+    return Problem(record.get("prompt", ""), record["answer"], teacher, record.get("solution"), messages, record)
+
+
+def render_prompts(problems: list[Problem], tokenizer, chat_template_kwargs: Optional[Mapping] = None,
+                   *, source: str = "prompts") -> list[Problem]:
+    """Problems whose `messages` are rendered into `prompt` with the tokenizer's chat template
+    (`add_generation_prompt=True` plus `chat_template_kwargs`, e.g. {"enable_thinking": False}).
+    The rendered text is tokenized later without adding special tokens: the template has them."""
+    if not any(p.messages for p in problems):
+        return list(problems)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{source} has 'messages' rows but the tokenizer has no chat template; use 'prompt' rows "
+                         "or a tokenizer whose tokenizer_config.json has a chat_template")
+    kwargs = dict(chat_template_kwargs or {})
+    return [replace(p, prompt=tokenizer.apply_chat_template(list(p.messages), tokenize=False,
+                                                            add_generation_prompt=True, **kwargs))
+            if p.messages else p for p in problems]
 
 
 def write_prompts(problems: Iterable[Problem], path: str | Path) -> None:

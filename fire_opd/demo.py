@@ -52,6 +52,7 @@ class DemoSetting:
 SINGLE_RECIPE = TrainConfig(
     steps=150, prompts_per_step=32, samples_per_prompt=4, micro_batch_size=128, max_new_tokens=8, lr=3e-4,
     warmup_steps=20, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
+    overwrite=True,  # a demo run replaces the previous one in its folder
 )
 # chain's 40-token limit sits below its longest solutions (up to 46 tokens, "steps" format with
 # negative numbers), so about 3.5% of the initial student's rollouts run to the limit without EOS, as
@@ -59,6 +60,7 @@ SINGLE_RECIPE = TrainConfig(
 CHAIN_RECIPE = TrainConfig(
     steps=100, prompts_per_step=64, samples_per_prompt=1, micro_batch_size=64, max_new_tokens=40, lr=3e-4,
     warmup_steps=10, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
+    overwrite=True,
 )
 
 # Learning rate per setting and objective, chosen by `fire-opd study --select` (plain OPD, validation

@@ -137,9 +137,15 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+# The shipped tokenizers' chat template: the messages' contents, concatenated. The tiny demo
+# models know only their task alphabet (no role tokens), so a "messages" row
+# [{"role": "user", "content": "3+8-4="}] renders to the raw prompt "3+8-4=".
+CHAR_CHAT_TEMPLATE = "{%- for message in messages -%}{{ message['content'] }}{%- endfor -%}"
+
+
 def build_char_tokenizer(alphabet: str, save_dir: Optional[str | Path] = None):
     """A character-level Hugging Face tokenizer (`tokenizers` WordLevel model): one token per
-    character of `alphabet` plus <pad>, <eos>, <unk>."""
+    character of `alphabet` plus <pad>, <eos>, <unk>, with `CHAR_CHAT_TEMPLATE`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -150,6 +156,7 @@ def build_char_tokenizer(alphabet: str, save_dir: Optional[str | Path] = None):
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
                                         unk_token="<unk>", padding_side="left")
+    tokenizer.chat_template = CHAR_CHAT_TEMPLATE
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer

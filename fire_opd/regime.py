@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from .data import Problem, is_correct, is_well_formed
+from .data import Problem, is_well_formed
 from .sampling import Rollouts, generate_rollouts
+from .verifiers import Verifier, final_answer, score
 
 
 def is_looping(text: str, *, span: int = 12, max_period: int = 6) -> bool:
@@ -32,17 +33,18 @@ def is_looping(text: str, *, span: int = 12, max_period: int = 6) -> bool:
     return any(all(tail[i] == tail[i + period] for i in range(span - period)) for period in range(1, max_period + 1))
 
 
-def rollout_health(rollouts: Rollouts, problems: list[Problem], eos_token_id: int) -> dict[str, torch.Tensor]:
+def rollout_health(rollouts: Rollouts, problems: list[Problem], eos_token_id: int,
+                   verifier: Verifier = final_answer) -> dict[str, torch.Tensor]:
     """Per-rollout bool tensors [B]: `truncated` (no EOS within the token limit), `looping`
     (truncated with a periodic tail), `malformed` (breaks its task's answer format),
-    `degenerate` (any of them) and `correct`."""
+    `degenerate` (any of them); and `correct`, the float verifier score in [0, 1]."""
     truncated = ~(rollouts.response_ids == eos_token_id).any(dim=1).cpu()
     looping = torch.tensor([bool(t) and is_looping(text) for t, text in zip(truncated.tolist(), rollouts.texts)],
                            dtype=torch.bool)
     malformed = torch.tensor([not is_well_formed(text, p.teacher) for p, text in zip(problems, rollouts.texts)],
                              dtype=torch.bool)
-    correct = torch.tensor([is_correct(text, p.answer) for p, text in zip(problems, rollouts.texts)],
-                           dtype=torch.bool)
+    correct = torch.tensor([score(verifier, text, p.answer, p.row or {}) for p, text in zip(problems, rollouts.texts)],
+                           dtype=torch.float32)
     return {"truncated": truncated, "looping": looping, "malformed": malformed,
             "degenerate": truncated | looping | malformed, "correct": correct}
 

@@ -19,26 +19,32 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from . import checkpoint
 from .config import TrainConfig
-from .data import Problem, load_prompts
-from .evaluate import accuracy_by_teacher
-from .fused import FireOPDLoss, response_token_stats
+from .data import Problem, load_prompts, render_prompts
+from .errors import TrainingStopped
+from .evaluate import evaluate_by_teacher
 from .loss import FILTER_METHODS, FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
+from .loss_from_hidden import FireOPDLoss, response_token_stats
 from .models import check_same_vocab, lm_head, load_causal_lm, load_tokenizer, response_hidden_states
 from .regime import filter_diagnostics, health_metrics, rollout_health
 from .routing import route_rows, scatter_rows
+from .run_log import RunLog
 from .sampling import Rollouts, generate_rollouts
+from .verifiers import resolve_verifier
 
 logger = logging.getLogger("fire_opd")
 
-STATE_FILE = "trainer_state.pt"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,13 +79,17 @@ class FireOPDTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        self.output_dir = Path(config.output_dir)
+        checkpoint.check_output_dir(self.output_dir, resume=bool(config.resume_from), overwrite=config.overwrite)
         if not config.teachers and teachers is None:
             raise ValueError("no teacher: set config.teachers (name -> path) or pass teachers=")
+        dtype = DTYPES[config.dtype]
+        teacher_dtype = DTYPES[config.teacher_dtype or config.dtype]
         self.student = student if student is not None else load_causal_lm(config.student, dtype=dtype,
                                                                            device=self.device)
         self.teachers = teachers if teachers is not None else {
-            name: load_causal_lm(path, dtype=dtype, device=self.device) for name, path in config.teachers.items()}
+            name: load_causal_lm(path, dtype=teacher_dtype, device=self.device)
+            for name, path in config.teachers.items()}
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.student)
         check_same_vocab(self.student, self.teachers)
         for teacher in self.teachers.values():
@@ -87,11 +97,19 @@ class FireOPDTrainer:
         self.student.to(self.device)
         for teacher in self.teachers.values():
             teacher.to(self.device)
+        if config.gradient_checkpointing:
+            # the model's own activation checkpointing; non-reentrant, so the fused update's
+            # autograd Functions see ordinary tensors
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        self.train_problems = train_problems if train_problems is not None else load_prompts(config.prompts)
-        self.eval_problems = eval_problems if eval_problems is not None else (
+        self.verifier = resolve_verifier(config.verifier)
+        train_problems = train_problems if train_problems is not None else load_prompts(config.prompts)
+        eval_problems = eval_problems if eval_problems is not None else (
             load_prompts(config.eval_prompts) if config.eval_prompts else [])
-        self.eval_problems = self.eval_problems[: config.eval_size] if config.eval_size else []
+        self.train_problems = render_prompts(train_problems, self.tokenizer, config.chat_template_kwargs,
+                                             source="prompts")
+        self.eval_problems = render_prompts(eval_problems[: config.eval_size] if config.eval_size else [],
+                                            self.tokenizer, config.chat_template_kwargs, source="eval_prompts")
         self.default_teacher = config.default_teacher or (next(iter(self.teachers)) if len(self.teachers) == 1
                                                           else None)
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
@@ -107,36 +125,58 @@ class FireOPDTrainer:
         self.step = 0
         self.skipped_steps, self._skipped_in_a_row = 0, 0
         self.history: list[dict] = []
-        self.output_dir = Path(config.output_dir)
-        self._writer = None
+        self.run_log = RunLog(self.output_dir, tensorboard=config.tensorboard)
+        self.stopped_by_signal: Optional[str] = None
         if config.resume_from:
-            self.load_checkpoint(config.resume_from)
+            path = (checkpoint.latest_checkpoint(self.output_dir) if config.resume_from == "latest"
+                    else Path(config.resume_from))
+            if path is None:
+                logger.warning("resume_from: latest found no complete checkpoint in %s; starting at step 0",
+                               self.output_dir)
+            else:
+                self.load_checkpoint(path)
+                logger.warning("resuming from %s (step %d)", path, self.step)
 
     # ------------------------------------------------------------------ the loop
 
     def train(self, until_step: Optional[int] = None) -> list[dict]:
-        """Run to `config.steps` (or stop after `until_step`, e.g. to checkpoint and resume)."""
+        """Run to `config.steps` (or stop after `until_step`, e.g. to checkpoint and resume).
+
+        SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) ends the run at the next step
+        boundary with a checkpoint; `resume_from: latest` continues it."""
         from tqdm.auto import tqdm
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
-        stop = self.config.steps if until_step is None else min(until_step, self.config.steps)
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.config.progress, desc="fire-opd")
-        while self.step < stop:
-            metrics = self.train_step()
-            self.step += 1
-            last = self.step == self.config.steps
-            if self.eval_problems and ((self.config.eval_every and self.step % self.config.eval_every == 0) or last):
-                metrics.update(self.evaluate())
-            self.log(metrics)
-            if (self.config.save_every and self.step % self.config.save_every == 0) or last:
-                self.save_checkpoint(self.output_dir / ("final" if last else f"step-{self.step:06d}"))
-            bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items()
-                             if k in ("train/loss", "fire/keep_ratio", "eval/accuracy")})
+        cfg = self.config
+        if cfg.overwrite and not cfg.resume_from:
+            checkpoint.clear_run(self.output_dir)
+        self.run_log.start(self.step)
+        (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="fire-opd")
+        with _stop_signals() as received:
+            while self.step < stop:
+                metrics = self.train_step()
+                self.step += 1
+                last = self.step == cfg.steps
+                if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                    metrics.update(self.evaluate())
+                self.log(metrics)
+                saved = (cfg.save_every and self.step % cfg.save_every == 0) or last
+                if saved:
+                    self.save_checkpoint(self.output_dir / ("final" if last else f"step-{self.step:06d}"))
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items()
+                                 if k in ("train/loss", "fire/keep_ratio", "eval/accuracy")})
+                if received and not last:
+                    self.stopped_by_signal = received[0]
+                    path = self.output_dir / f"step-{self.step:06d}"
+                    if not saved:
+                        self.save_checkpoint(path)
+                    logger.warning("%s received: stopped after step %d with checkpoint %s; resume with "
+                                   "resume_from: latest", received[0], self.step, path)
+                    break
         bar.close()
-        if self._writer is not None:
-            self._writer.close()
+        self.run_log.close()
         return self.history
 
     def train_step(self) -> dict:
@@ -156,7 +196,7 @@ class FireOPDTrainer:
         t_score = time.perf_counter()
 
         # 3 + 4. FiRe statistics and the update
-        health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id)
+        health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier)
         metrics = self.update(rollouts, keys, old_log_prob, student_entropy, teacher_log_prob, teacher_entropy,
                               health)
         t_update = time.perf_counter()
@@ -169,7 +209,7 @@ class FireOPDTrainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/response_length": tokens / len(problems),
             "train/full_vocab_reverse_kl": float(reverse_kl[mask].mean()) if tokens else 0.0,
-            "train/reward": float(health["correct"].float().mean()),
+            "train/reward": float(health["correct"].mean()),
             "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
             "train/tokens_per_s": tokens / max(t_update - t0, 1e-9),
         })
@@ -285,7 +325,7 @@ class FireOPDTrainer:
         logger.warning("step %d skipped: %s is not finite (weights and optimizer state unchanged)", self.step + 1,
                        cause)
         if self._skipped_in_a_row >= self.config.max_skipped_steps:
-            raise RuntimeError(f"{self._skipped_in_a_row} steps in a row had a non-finite loss or gradient norm "
+            raise TrainingStopped(f"{self._skipped_in_a_row} steps in a row had a non-finite loss or gradient norm "
                                f"(last: {cause}, step {self.step + 1}); stopping. Lower lr, check the data, or raise "
                                "max_skipped_steps")
         return True
@@ -293,62 +333,45 @@ class FireOPDTrainer:
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
 
     def evaluate(self) -> dict:
-        scores = accuracy_by_teacher(self.student, self.tokenizer, self.eval_problems,
-                                     max_new_tokens=self.config.max_new_tokens)
-        return {("eval/accuracy" if key == "all" else f"eval/accuracy_{key}"): value for key, value in scores.items()}
+        """Held-out avg@N as `eval/accuracy` (greedy pass@1 by default), pass@k for k > 1, and the
+        same per teacher key (`eval/accuracy_<key>`)."""
+        cfg = self.config
+        results = evaluate_by_teacher(self.student, self.tokenizer, self.eval_problems, samples=cfg.eval_samples,
+                                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                      max_new_tokens=cfg.max_new_tokens, verifier=self.verifier,
+                                      seed=cfg.seed * 1_000_003 + self.step)
+        out = {}
+        for key, summary in results.items():
+            suffix = "" if key == "all" else f"_{key}"
+            out[f"eval/accuracy{suffix}"] = summary[f"avg@{cfg.eval_samples}"]
+            out.update({f"eval/{name}{suffix}": value for name, value in summary.items()
+                        if name.startswith("pass@") and name != "pass@1"})
+        return out
 
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
         if self.config.log_every and (self.step % self.config.log_every == 0 or self.step == self.config.steps):
-            with (self.output_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            writer = self._tensorboard()
-            if writer is not None:
-                for key, value in metrics.items():
-                    writer.add_scalar(key, value, self.step)
-
-    def _tensorboard(self):
-        if self._writer is None and self.config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: JSONL only
-                self.config.tensorboard = False
-                return None
-            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        return self._writer
+            self.run_log.write(self.step, metrics)
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Hugging Face model + tokenizer (safetensors) and optimizer / scheduler / RNG / step state."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.student.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(path))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "history": self.history,
-                    "skipped_steps": self.skipped_steps,
-                    "config": self.config.to_dict(), "rng": _rng_state()}, path / STATE_FILE)
+        """The student and tokenizer in Hugging Face format plus the trainer's state, written
+        atomically (fire_opd/checkpoint.py); then prunes step checkpoints beyond `keep_last`."""
+        python_rng, tensor_rng = checkpoint.rng_state()
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history,
+                 "config": self.config.to_dict(), "scheduler": self.scheduler.state_dict(), "python_rng": python_rng}
+        path = checkpoint.save_checkpoint(path, model=self.student, tokenizer=self.tokenizer, state=state,
+                                          tensor_state={"optimizer": self.optimizer.state_dict(), "rng": tensor_rng})
+        if Path(path).parent == self.output_dir:
+            checkpoint.prune_checkpoints(self.output_dir, self.config.keep_last)
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{path} is not a fire-opd checkpoint (no {STATE_FILE})")
-        weights = {}
-        for shard in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(str(shard), device=str(self.device)))
-        missing, unexpected = self.student.load_state_dict(weights, strict=False)
-        missing = [m for m in missing if m not in _tied_names(self.student)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
-        state = torch.load(state_file, map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state, tensors = checkpoint.load_checkpoint(path, model=self.student, device=self.device)
+        self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        _set_rng_state(state["rng"])
+        self.skipped_steps = state["skipped_steps"]
+        checkpoint.set_rng_state(state["python_rng"], tensors["rng"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -387,19 +410,20 @@ def _accumulate(total: dict, metrics: dict, count: int) -> dict:
     return total
 
 
-def _tied_names(model) -> set:
-    return set(getattr(model, "_tied_weights_keys", None) or [])
+@contextmanager
+def _stop_signals():
+    """Record SIGTERM / SIGINT instead of dying mid-step (main thread only; elsewhere a no-op)."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
 
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

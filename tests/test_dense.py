@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fire_opd.fused import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
+from fire_opd.loss_from_hidden import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
 from fire_opd.loss import (
     LOSS_AGG_MODES, clipped_surrogate, compute_fire_advantages, dense_coefficients, fire_dense_loss,
 )

@@ -15,7 +15,7 @@ from fire_opd import (
     fire_policy_loss_from_hidden,
     loss_normalizer, route_rows, scatter_rows,
 )
-from fire_opd.fused import response_token_stats
+from fire_opd.loss_from_hidden import response_token_stats
 
 # ----------------------------------------------------------------------------- a hand-computed batch
 # Three rollouts, three tokens, the middle rollout has one padding token.

@@ -52,7 +52,8 @@ def test_single_teacher_run(tmp_path, tokenizer, method, fused):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["train/step"] == 1
     final = tmp_path / "run" / "final"
-    assert (final / "model.safetensors").is_file() and (final / "trainer_state.pt").is_file()
+    assert (final / "model.safetensors").is_file() and (final / "trainer_state.json").is_file()
+    assert (final / "optimizer.pt").is_file() and not (final / "trainer_state.pt").exists()
     assert (final / "tokenizer.json").is_file()
 
 
@@ -129,7 +130,7 @@ def _head_family(name: str, tokenizer, seed: int):
 def test_heads_equal_the_models_own_logits_and_train(tmp_path, tokenizer, family):
     """The trainer's hidden-state log-probs and entropies equal each model's own logits (scale,
     soft-cap and bias read from its config), and such models train: the bias gets gradient."""
-    from fire_opd.fused import response_token_stats
+    from fire_opd.loss_from_hidden import response_token_stats
     from fire_opd.models import lm_head, response_hidden_states
 
     model = _head_family(family, tokenizer, 0).eval()

@@ -1,0 +1,179 @@
+"""Checkpoints that survive crashes, and the output directory they live in.
+
+A checkpoint is a folder `output_dir/step-000040` (or `final`) holding
+
+    model.safetensors, config.json, tokenizer files   the student, in Hugging Face format
+    trainer_state.json      step, skipped steps, history, config, scheduler and Python RNG
+    optimizer.pt            optimizer state and torch RNG states: tensors only, read back with
+                            torch.load(weights_only=True), so loading runs no pickled code
+
+It is written to a hidden temporary folder, flushed to disk, and renamed into place in one
+`os.replace`: a folder named like a checkpoint is always complete, and a kill during a save
+leaves only a `.tmp-*` folder that the next save or `resume_from: latest` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("fire_opd")
+
+STATE_FILE = "trainer_state.json"
+TENSOR_STATE_FILE = "optimizer.pt"
+METRICS_FILE = "metrics.jsonl"
+_CHECKPOINT_NAME = re.compile(r"^(step-\d+|final)$")
+# What a run writes into its output directory (a new run refuses a directory that holds any).
+RUN_FILES = ("config.json", METRICS_FILE, "tensorboard")
+
+
+def save_checkpoint(path: str | Path, *, model, tokenizer, state: dict, tensor_state: dict) -> Path:
+    """Write a checkpoint atomically. `state` must be JSON-serializable; `tensor_state` holds
+    tensors (and plain containers of numbers) only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    torch.save(tensor_state, tmp / TENSOR_STATE_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    _fsync_tree(tmp)
+    if path.exists():  # re-saving a step (e.g. "final" of a finished run resumed to more steps)
+        old = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_state(path: str | Path) -> dict:
+    """trainer_state.json of a checkpoint, with a clear error if `path` is not one."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        old = (path / "trainer_state.pt").is_file()
+        raise FileNotFoundError(f"{path} is not a fire-opd checkpoint (no {STATE_FILE})" +
+                                ("; it was written by an older fire-opd that stored a pickle, which this version "
+                                 "does not load" if old else ""))
+    return json.loads(state_file.read_text())
+
+
+def load_checkpoint(path: str | Path, *, model, device: torch.device) -> tuple[dict, dict]:
+    """Load the student's weights from `path` into `model`; return (state, tensor_state)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = read_state(path)
+    weights = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(str(shard), device=str(device)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
+    tensor_state = torch.load(path / TENSOR_STATE_FILE, map_location=device, weights_only=True)
+    return state, tensor_state
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        if child.is_dir() and _CHECKPOINT_NAME.match(child.name) and (child / STATE_FILE).is_file():
+            step = int(read_state(child)["step"]) if child.name == "final" else int(child.name.split("-")[1])
+            found.append((step, child))
+    return sorted(found, key=lambda item: (item[0], item[1].name == "final"))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step-* checkpoints ("final" is always kept)."""
+    if keep_last <= 0:
+        return []
+    steps = [path for _, path in checkpoints(output_dir) if path.name != "final"]
+    doomed = steps[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def holds_a_run(output_dir: str | Path) -> bool:
+    """Whether `output_dir` already holds a fire-opd run (its config, metrics or checkpoints)."""
+    output_dir = Path(output_dir)
+    return output_dir.is_dir() and (any((output_dir / name).exists() for name in RUN_FILES)
+                                     or any(_CHECKPOINT_NAME.match(c.name) for c in output_dir.iterdir()))
+
+
+def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """A new run into a directory that holds a run is refused unless it resumes or overwrites."""
+    if not resume and not overwrite and holds_a_run(output_dir):
+        raise FileExistsError(f"output_dir {output_dir} already holds a run; resume it with resume_from: latest "
+                              "(--set resume_from=latest), pass --overwrite to replace it, or choose another "
+                              "--output-dir")
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove what a previous run wrote into `output_dir` (for `overwrite`); nothing else."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for child in output_dir.iterdir():
+        if child.name in RUN_FILES or _CHECKPOINT_NAME.match(child.name) or child.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(JSON part, tensor part) of the Python and torch RNG states."""
+    version, internal, gauss = random.getstate()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return {"version": version, "internal": list(internal), "gauss": gauss}, tensors
+
+
+def set_rng_state(state: dict, tensors: dict) -> None:
+    random.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+    torch.set_rng_state(tensors["torch"].cpu())
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in tensors["cuda"]])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_file():
+            with child.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,199 @@
+"""`fire-opd train` / `fire-opd eval` as a user meets them: one-line errors (exit 2, no traceback)
+for every mistake, checked before any model is loaded; sampled evaluation; chat prompts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fire_opd import cli, models
+from fire_opd.data import TASK_ALPHABET, sample_problems, write_prompts
+
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+STUDENT, TEACHER, TOKENIZER = ASSETS / "student_init", ASSETS / "teacher_arith", ASSETS / "tokenizer"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A folder with a good prompt file; model loading is forbidden (errors come before it)."""
+    monkeypatch.chdir(tmp_path)
+    write_prompts(sample_problems(["arith"], 8, seed=0, split="train"), tmp_path / "p.jsonl")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_loading)
+    return tmp_path
+
+
+def _train(*extra: str) -> list[str]:
+    return ["train", "--student", str(STUDENT), "--teacher", f"arith={TEACHER}", "--tokenizer", str(TOKENIZER),
+            "--prompts", "p.jsonl", "--output-dir", "run", *extra]
+
+
+def _error(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert exit 2 with exactly one stderr line and no traceback; return the line."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"fire-opd {argv[0]}: error: "), err[0]
+    return err[0]
+
+
+def _copy_model(src: Path, dst: Path, *, tokenizer: Path | None = None) -> Path:
+    shutil.copytree(src, dst)
+    if tokenizer is not None:
+        for f in tokenizer.iterdir():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_the_errors_a_new_user_meets(workdir, capsys):
+    """The five cases of the issue, each one line naming what is wrong."""
+    line = _error(capsys, ["train", "--student", "/path/that/does/not/exist", "--teacher", str(TEACHER),
+                           "--prompts", "p.jsonl"])
+    assert "student /path/that/does/not/exist: no such directory" in line
+    line = _error(capsys, ["eval", "--model", str(TEACHER), "--prompts", "p.jsonl"])
+    assert "no tokenizer files" in line and "--tokenizer" in line
+    (workdir / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n')
+    assert "bad.jsonl:2: not valid JSON" in _error(capsys, _train()[:-4] + ["--prompts", "bad.jsonl"])
+    assert "unknown config field 'no_such_field'" in _error(capsys, _train("--set", "no_such_field=1"))
+    assert "prompts missing.jsonl: no such file" in _error(capsys, _train()[:-4] + ["--prompts", "missing.jsonl"])
+
+
+def test_config_file_errors(workdir, capsys):
+    cfg = workdir / "cfg.yaml"
+    cases = {
+        "lr: 1e-4\npercentil: 20\n": "cfg.yaml: unknown config field 'percentil' (did you mean 'percentile'?)",
+        "lr: [1, 2\n": "cfg.yaml:2: not valid YAML",
+        "- lr\n": "cfg.yaml: expected a mapping of config fields, got list",
+        "lr: fast\n": "config field 'lr' expects float, got 'fast'",
+        "method: firee\n": "method must be one of",
+        "eval_samples: 4\n": "eval_samples=4 needs eval_temperature > 0",
+        "verifier: no_such_module:f\n": "cannot import module 'no_such_module'",
+        "verifier: fire_opd.verifiers:nope\n": "has no function 'nope'",
+        "chat_template_kwargs: [1]\n": "chat_template_kwargs must be a mapping",
+    }
+    for text, expected in cases.items():
+        cfg.write_text(text)
+        assert expected in _error(capsys, _train("--config", str(cfg))), text
+    assert "--config nope.yaml: no such file" in _error(capsys, _train("--config", "nope.yaml"))
+    assert "--set lr: override 'lr' must look like key=value" in _error(capsys, _train("--set", "lr"))
+
+
+def test_model_tokenizer_and_prompt_errors(workdir, capsys):
+    # a folder without a tokenizer, with no --tokenizer
+    line = _error(capsys, ["train", "--student", str(STUDENT), "--teacher", str(TEACHER), "--prompts", "p.jsonl"])
+    assert f"student {STUDENT}: no tokenizer files" in line
+    # a folder without weights, a file instead of a folder
+    (workdir / "empty").mkdir()
+    (workdir / "empty" / "config.json").write_text((STUDENT / "config.json").read_text())
+    assert "empty: no weights" in _error(capsys, _train("--set", "student=empty"))
+    assert "is a file" in _error(capsys, _train("--set", f"student={STUDENT / 'config.json'}"))
+    # prompts naming a teacher that is not loaded (the teacher is called "default")
+    line = _error(capsys, ["train", "--student", str(STUDENT), "--teacher", str(TEACHER), "--tokenizer",
+                           str(TOKENIZER), "--prompts", "p.jsonl"])
+    assert "names teacher 'arith', which is not among the loaded teachers ['default']" in line
+    # a teacher with another vocabulary size
+    line = _error(capsys, _train()[:4] + [f"arith={ASSETS / 'chain' / 'teacher'}"] + _train()[5:])
+    assert "has vocab_size 17 but the student has 18" in line
+    # a teacher with a tokenizer of the same size but different token ids
+    other = models.build_char_tokenizer(TASK_ALPHABET.replace("R", "X"), workdir / "other_tok")
+    assert len(other) == 18
+    _copy_model(TEACHER, workdir / "teacher_other", tokenizer=workdir / "other_tok")
+    line = _error(capsys, _train()[:4] + [f"arith={workdir / 'teacher_other'}"] + _train()[5:])
+    assert "uses a different tokenizer from the student's: 2 of 18 tokens differ" in line
+    # chat rows with a tokenizer that has no chat template
+    (workdir / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+2="}],
+                                                    "answer": "3", "teacher": "arith"}) + "\n")
+    no_template = workdir / "no_template"
+    shutil.copytree(TOKENIZER, no_template)
+    (no_template / "chat_template.jinja").unlink()
+    line = _error(capsys, _train("--prompts", "chat.jsonl", "--tokenizer", str(no_template)))
+    assert "'messages' rows but the tokenizer has no chat template" in line
+    (workdir / "chat_bad.jsonl").write_text('{"messages": [{"role": "user"}], "answer": "3"}\n')
+    assert "chat_bad.jsonl:1: 'messages' must be a non-empty list" in _error(capsys, _train("--prompts",
+                                                                                            "chat_bad.jsonl"))
+    # teacher flags
+    assert "--teacher 'x=': expected PATH or NAME=PATH" in _error(capsys, _train("--teacher", "x="))
+    assert "given twice" in _error(capsys, _train("--teacher", f"arith={TEACHER}"))
+
+
+def test_eval_option_errors(workdir, capsys):
+    base = ["eval", "--model", str(TEACHER), "--tokenizer", str(TOKENIZER), "--prompts", "p.jsonl"]
+    assert "--samples 4 needs --temperature > 0" in _error(capsys, base + ["--samples", "4"])
+    assert "--chat-template-kwargs '{x': not valid JSON" in _error(capsys, base + ["--chat-template-kwargs", "{x"])
+    assert "--verifier: verifier 'nope'" in _error(capsys, base + ["--verifier", "nope"])
+    assert "--output out/x.json: its folder does not exist" in _error(capsys, base + ["--output", "out/x.json"])
+    assert "invalid int value" in _error(capsys, base + ["--samples", "many"])  # argparse, same format
+
+
+def test_debug_shows_the_traceback(workdir):
+    from fire_opd.errors import UsageError
+
+    with pytest.raises(UsageError, match="no such directory"):
+        cli.main(["train", "--debug", "--student", "/nope", "--teacher", str(TEACHER), "--prompts", "p.jsonl"])
+
+
+def test_a_new_run_does_not_overwrite_an_old_one(workdir, capsys):
+    (workdir / "run").mkdir()
+    (workdir / "run" / "metrics.jsonl").write_text('{"train/step": 1}\n')
+    line = _error(capsys, _train())
+    assert "output_dir run already holds a run" in line and "--overwrite" in line
+    assert "resume_from nope: no such checkpoint folder" in _error(capsys, _train("--set", "resume_from=nope"))
+
+
+def test_the_installed_entry_point_prints_one_line(tmp_path):
+    """The real process: exit status 2, one line on stderr, no traceback."""
+    out = subprocess.run([sys.executable, "-m", "fire_opd", "train", "--student", "/path/that/does/not/exist",
+                          "--teacher", str(TEACHER), "--prompts", "p.jsonl"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "fire-opd train: error: student /path/that/does/not/exist: no such directory; expected a Hugging Face "
+        "model folder (config.json + weights) or a Hub id like 'Qwen/Qwen3-0.6B'"]
+
+
+def test_eval_prints_avg_and_pass_at_k(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    problems = sample_problems(["arith", "reverse"], 6, seed=0, split="test")
+    write_prompts(problems, tmp_path / "p.jsonl")
+    argv = ["eval", "--model", str(ASSETS / "teacher_arith"), "--tokenizer", str(TOKENIZER), "--prompts", "p.jsonl",
+            "--samples", "4", "--temperature", "1.0", "--max-new-tokens", "8", "--batch-size", "5", "--no-progress",
+            "--output", "scores.json"]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "scores.json").read_text())
+    assert set(printed) == {"all", "arith", "reverse"}
+    for summary in printed.values():
+        assert set(summary) == {"avg@4", "pass@1", "pass@2", "pass@4", "problems"}
+        assert summary["pass@1"] == pytest.approx(summary["avg@4"])
+        assert summary["pass@1"] <= summary["pass@2"] <= summary["pass@4"]
+    assert printed["all"]["problems"] == 6 and printed["arith"]["problems"] == 3
+    assert printed["arith"]["avg@4"] > printed["reverse"]["avg@4"]  # the arithmetic teacher cannot reverse
+    assert cli.main(argv) == 0  # the same seed samples the same completions
+    assert json.loads(capsys.readouterr().out) == printed
+
+
+def test_chat_rows_render_to_the_same_token_ids(tmp_path, capsys, monkeypatch):
+    """A `messages` row evaluates exactly like the raw prompt its chat template renders to."""
+    monkeypatch.chdir(tmp_path)
+    problems = sample_problems(["arith"], 6, seed=0, split="test")
+    write_prompts(problems, tmp_path / "raw.jsonl")
+    with (tmp_path / "chat.jsonl").open("w") as f:
+        for p in problems:
+            f.write(json.dumps({"messages": [{"role": "user", "content": p.prompt}], "answer": p.answer}) + "\n")
+    base = ["eval", "--model", str(TEACHER), "--tokenizer", str(TOKENIZER), "--max-new-tokens", "6", "--no-progress"]
+    cli.main(base + ["--prompts", "raw.jsonl"])
+    raw = json.loads(capsys.readouterr().out)
+    cli.main(base + ["--prompts", "chat.jsonl", "--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert json.loads(capsys.readouterr().out) == raw
