@@ -43,6 +43,7 @@ def save_checkpoint(path: str | Path, *, model, tokenizer, state: dict, tensor_s
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    tmp.mkdir()
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     torch.save(tensor_state, tmp / TENSOR_STATE_FILE)
@@ -114,8 +115,10 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
         return []
     steps = [path for _, path in checkpoints(output_dir) if path.name != "final"]
     doomed = steps[:-keep_last]
-    for path in doomed:
-        shutil.rmtree(path)
+    for path in doomed:  # renamed first, so a kill mid-delete leaves no half checkpoint under its name
+        trash = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, trash)
+        shutil.rmtree(trash)
     return doomed
 
 
@@ -140,8 +143,20 @@ def clear_run(output_dir: str | Path) -> None:
     if not output_dir.is_dir():
         return
     for child in output_dir.iterdir():
-        if child.name in RUN_FILES or _CHECKPOINT_NAME.match(child.name) or child.name.startswith((".tmp-", ".old-")):
+        if child.name in RUN_FILES or _CHECKPOINT_NAME.match(child.name):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+    remove_partial_saves(output_dir)
+
+
+def remove_partial_saves(output_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp-*` / `.old-*` folders a save killed midway left behind."""
+    output_dir = Path(output_dir)
+    doomed = [c for c in output_dir.iterdir() if c.is_dir() and c.name.startswith((".tmp-", ".old-"))] \
+        if output_dir.is_dir() else []
+    for path in doomed:
+        logger.warning("removing %s, left by a save that did not finish", path)
+        shutil.rmtree(path)
+    return doomed
 
 
 def rng_state() -> tuple[dict, dict]:

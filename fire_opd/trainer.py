@@ -149,6 +149,7 @@ class FireOPDTrainer:
         cfg = self.config
         if cfg.overwrite and not cfg.resume_from:
             checkpoint.clear_run(self.output_dir)
+        checkpoint.remove_partial_saves(self.output_dir)
         self.run_log.start(self.step)
         (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
