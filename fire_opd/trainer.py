@@ -100,7 +100,10 @@ class FireOPDTrainer:
         if config.gradient_checkpointing:
             # the model's own activation checkpointing; non-reentrant, so the fused update's
             # autograd Functions see ordinary tensors
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.student, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                self.student.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.verifier = resolve_verifier(config.verifier)
         train_problems = train_problems if train_problems is not None else load_prompts(config.prompts)

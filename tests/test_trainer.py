@@ -106,34 +106,57 @@ def test_vocab_mismatch_is_refused(tmp_path, tokenizer):
                        tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
 
 
-def _head_family(name: str, tokenizer, seed: int):
-    """A tiny random model of a family whose head is more than h @ W^T."""
+def _family(name: str, tokenizer, seed: int):
+    """A tiny random model of one Hugging Face family: nine decoder families users distill (tied and
+    untied embeddings, MoE, GPT-2's own layout) and the heads that are more than h @ W^T."""
     import transformers
 
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    tied = dict(common, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    if name == "gemma2":  # final_logit_softcapping
-        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=16,
-                                                                        final_logit_softcapping=3.0))
-    if name == "cohere":  # logits * logit_scale
-        return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.5))
-    if name == "granite":  # logits / logits_scaling
-        return transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=4.0))
-    model = _model(tokenizer, seed)  # llama with an lm_head bias
+    builders = {
+        "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**tied, head_dim=16)),
+        "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
+        "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)),
+        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**common, head_dim=16)),
+        "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**common)),
+        "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**tied, head_dim=16)),
+        "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common)),
+        "smollm3": lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**tied)),
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)),
+        # heads with more than h @ W^T
+        "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(  # final_logit_softcapping
+            **common, head_dim=16, final_logit_softcapping=3.0)),
+        "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(  # logits * logit_scale
+            **common, logit_scale=0.5)),
+        "granite": lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(  # logits / logits_scaling
+            **common, logits_scaling=4.0)),
+    }
+    if name in builders:
+        return builders[name]()
+    model = _model(tokenizer, seed)  # "bias": llama with an lm_head bias
     model.lm_head.bias = torch.nn.Parameter(torch.randn(len(tokenizer)))
     return model
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "bias"])
-def test_heads_equal_the_models_own_logits_and_train(tmp_path, tokenizer, family):
+FAMILIES = ["qwen3", "qwen3_moe", "qwen2", "mistral", "phi3", "gemma", "olmo2", "smollm3", "gpt2",
+            "gemma2", "cohere", "granite", "bias"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_equal_the_models_own_logits_and_train(tmp_path, tokenizer, family):
     """The trainer's hidden-state log-probs and entropies equal each model's own logits (scale,
-    soft-cap and bias read from its config), and such models train: the bias gets gradient."""
+    soft-cap and bias read from its config), and every family trains for two steps under both
+    objectives: the head (tied or not) moves, and a bias gets gradient."""
     from fire_opd.loss_from_hidden import response_token_stats
     from fire_opd.models import lm_head, response_hidden_states
 
-    model = _head_family(family, tokenizer, 0).eval()
+    model = _family(family, tokenizer, 0).eval()
     ids = torch.randint(3, len(tokenizer), (3, 9))
     attn = torch.ones_like(ids)
     prompt_len = 4
@@ -147,16 +170,19 @@ def test_heads_equal_the_models_own_logits_and_train(tmp_path, tokenizer, family
                                atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(stats.student_entropy, -(log_p.exp() * log_p).sum(-1), atol=2e-5, rtol=1e-5)
 
-    student = _head_family(family, tokenizer, 0)
-    teacher = _head_family(family, tokenizer, 1)
+    student = _family(family, tokenizer, 0)
+    teacher = _family(family, tokenizer, 1)
     for objective in ("full_vocab", "sampled"):
         config = _config(tmp_path / objective, steps=2, eval_every=0, eval_size=4, objective=objective)
         trainer = FireOPDTrainer(config, student=student, teachers={"arith": teacher}, tokenizer=tokenizer,
                                  train_problems=sample_problems(["arith"], 16, seed=0, split="train"))
         before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        head_before = lm_head(student).weight.detach().clone()
         history = trainer.train()
         assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
-        assert not torch.equal(before["lm_head.weight"], student.lm_head.weight)
+        assert not torch.equal(head_before, lm_head(student).weight)
+        unchanged = [n for n, p in student.named_parameters() if torch.equal(before[n], p)]
+        assert not unchanged, unchanged  # every parameter gets gradient (MoE router and experts included)
         if family == "bias":
             assert not torch.equal(before["lm_head.bias"], student.lm_head.bias)
 
@@ -387,3 +413,37 @@ def test_tensorboard_event_files_are_readable(tmp_path, tokenizer):
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2]
     assert [e.value for e in loss] == pytest.approx([h["train/loss"] for h in trainer.history])
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tokenizer):
+    """The model's own activation checkpointing recomputes the forward in backward: same loss and
+    gradient norm, weights equal to float round-off."""
+    runs = {}
+    for flag in (False, True):
+        trainer = _trainer(tokenizer, _config(tmp_path / str(flag), steps=2, eval_every=0, objective="full_vocab",
+                                              gradient_checkpointing=flag))
+        assert getattr(trainer.student, "is_activation_checkpointing", None) in (flag, None)
+        assert trainer.student.model.layers[0].gradient_checkpointing == flag
+        runs[flag] = (trainer.train(), [p.detach().clone() for p in trainer.student.parameters()])
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    for p, q in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_dtype_serves_a_float32_student_from_bfloat16_teachers(tmp_path, tokenizer):
+    """teacher_dtype loads the teachers in bf16 (half their memory) while the student trains in fp32."""
+    from pathlib import Path
+
+    assets = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+    problems = sample_problems(["arith"], 16, seed=0, split="train")
+    config = _config(tmp_path, steps=2, eval_every=0, objective="full_vocab", teacher_dtype="bfloat16",
+                     student=str(assets / "student_init"), teachers={"arith": str(assets / "teacher_arith")},
+                     tokenizer=str(assets / "tokenizer"))
+    trainer = FireOPDTrainer(config, train_problems=problems)
+    assert next(trainer.teachers["arith"].parameters()).dtype == torch.bfloat16
+    assert next(trainer.student.parameters()).dtype == torch.float32
+    history = trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
+    assert 0 < history[0]["train/full_vocab_reverse_kl"] < 10
