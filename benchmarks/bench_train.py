@@ -2,8 +2,10 @@
 
     python benchmarks/bench_train.py [--quick] [--steps 3]
 
-Models: the demo's shipped tiny teacher and student (V = 18), and a random Llama-style pair
-with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates. Paths:
+Models: the demo's shipped tiny teacher and student (V = 18), a random Llama-style pair
+with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates, and a random ~100M-parameter
+Llama student and teacher built from a config (`llama-100m`: 12 layers, d = 640, V = 32,000), run
+on the fused path with and without the student's gradient checkpointing. Paths:
   fused       backend chunked (auto on CPU), fused student update (fire-opd's default)
   reference   backend reference: materialized [tokens, V] logits and autograd
 Each (model, path) runs in a fresh process: median step time over --steps after one warm-up
@@ -34,7 +36,7 @@ from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E40
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _random_pair(vocab: int):
+def _random_pair(vocab: int, size: str = "tiny"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,13 +48,27 @@ def _random_pair(vocab: int):
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
                                   padding_side="left")
-    student = tiny_llama(vocab, 256, 2, 4, seed=0, pad_id=0, eos_id=1, max_positions=128)
-    teacher = tiny_llama(vocab, 384, 2, 4, seed=1, pad_id=0, eos_id=1, max_positions=128)
+    if size == "100m":  # 41M embedding + head, 12 x 5.1M layers: 102M parameters each
+        student, teacher = (_llama_100m(vocab, seed) for seed in (0, 1))
+    else:
+        student = tiny_llama(vocab, 256, 2, 4, seed=0, pad_id=0, eos_id=1, max_positions=128)
+        teacher = tiny_llama(vocab, 384, 2, 4, seed=1, pad_id=0, eos_id=1, max_positions=128)
     import random
 
     rng = random.Random(0)
     problems = [Problem(" ".join(f"t{rng.randrange(3, vocab)}" for _ in range(12)), "t3") for _ in range(64)]
     return student, {"default": teacher}, tok, problems
+
+
+def _llama_100m(vocab: int, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=640, intermediate_size=1792, num_hidden_layers=12,
+                         num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=128,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
 
 
 def _demo_pair():
@@ -74,7 +90,9 @@ def worker(args) -> dict:
     from fire_opd.trainer import FireOPDTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    student, teachers, tok, problems = _demo_pair() if args.model == "demo" else _random_pair(151_936)
+    student, teachers, tok, problems = (_demo_pair() if args.model == "demo" else
+                                        _random_pair(32_000, "100m") if args.model == "llama-100m" else
+                                        _random_pair(151_936))
     fused = args.path == "fused"
     big = args.model != "demo"
     objective = args.objective
@@ -82,7 +100,7 @@ def worker(args) -> dict:
                          micro_batch_size=8 if big else 64, max_new_tokens=24 if big else 8, lr=1e-5,
                          warmup_steps=0, eval_every=0, eval_size=0, progress=False, tensorboard=False,
                          backend="auto" if fused else "reference", fused_update=fused, output_dir="/tmp/fire-bench", overwrite=True,
-                         device=args.device, objective=objective)
+                         device=args.device, objective=objective, gradient_checkpointing=args.checkpointing)
     trainer = FireOPDTrainer(config, student=student, teachers=teachers, tokenizer=tok, train_problems=problems,
                              eval_problems=[])
     cuda = trainer.device.type == "cuda"
@@ -116,7 +134,8 @@ def worker(args) -> dict:
     return {"step_s": statistics.median(steps), **{f"{k}_s": statistics.median(p[k] for p in parts)
                                                    for k in ("sample", "score", "update")},
             "response_tokens": statistics.median(tokens), "peak_above_models_bytes": max(0, tensor_peak),
-            "rss_peak_above_models_bytes": rss_peak, "vocab": trainer.student.config.vocab_size}
+            "rss_peak_above_models_bytes": rss_peak, "vocab": trainer.student.config.vocab_size,
+            "student_parameters": sum(p.numel() for p in trainer.student.parameters())}
 
 
 def main(argv=None) -> int:
@@ -129,6 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--objective", default="sampled", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"],
                         choices=["sampled", "full_vocab"])
     args = parser.parse_args(argv)
@@ -137,27 +157,33 @@ def main(argv=None) -> int:
         return 0
     steps = 1 if args.quick else args.steps
     rows = []
-    runs = [(m, o, p) for m in (["demo"] if args.quick else ["demo", "random-152k"]) for o in args.objectives
+    runs = [(m, o, p, False) for m in (["demo"] if args.quick else ["demo", "random-152k"]) for o in args.objectives
             for p in ("fused", "reference")]
-    for model, objective, path in runs:
+    if not args.quick:  # a real-sized student: memory of one step with and without gradient checkpointing
+        runs += [("llama-100m", "full_vocab", "fused", checkpointing) for checkpointing in (False, True)]
+    for model, objective, path, checkpointing in runs:
         cmd = [sys.executable, __file__, "--worker", "--model", model, "--path", path, "--steps", str(steps),
-               "--device", args.device, "--objective", objective]
+               "--device", args.device, "--objective", objective] + (["--checkpointing"] if checkpointing else [])
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-        row = {"model": model, "objective": objective, "path": path}
+        row = {"model": model, "objective": objective, "path": path, "checkpointing": checkpointing}
         if proc.returncode:
             rows.append({**row, "error": proc.stderr.strip().splitlines()[-1][:200]})
         else:
             rows.append({**row, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
-    lines = ["| model | V | objective | path | step (s) | sample | score | update | response tokens | "
-             "tensor peak above models (MiB) | RSS peak (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | student params | V | objective | path | grad. checkpointing | step (s) | sample | score | "
+             "update | response tokens | tensor peak above models (MiB) | RSS peak (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ckpt = "yes" if r["checkpointing"] else "no"
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['objective']} | {r['path']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['model']} | | | {r['objective']} | {r['path']} | {ckpt} | error: {r['error'][:80]} "
+                         "| | | | | | |")
         else:
             rss = r.get("rss_peak_above_models_bytes")
-            lines.append(f"| {r['model']} | {r['vocab']} | {r['objective']} | {r['path']} | {r['step_s']:.3f} | "
+            lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.0f}M | {r['vocab']} | {r['objective']} | "
+                         f"{r['path']} | {ckpt} | {r['step_s']:.3f} | "
                          f"{r['sample_s']:.3f} | "
                          f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
                          f"{r['peak_above_models_bytes'] / 2**20:.0f} | {'' if rss is None else f'{rss / 2**20:.0f}'} |")
