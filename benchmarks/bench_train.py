@@ -138,6 +138,25 @@ def worker(args) -> dict:
             "student_parameters": sum(p.numel() for p in trainer.student.parameters())}
 
 
+def render_table(rows: list[dict]) -> str:
+    lines = ["| model | student params | V | objective | path | grad. checkpointing | step (s) | sample | score | "
+             "update | response tokens | tensor peak above models (MiB) | RSS peak (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ckpt = "yes" if r["checkpointing"] else "no"
+        if "error" in r:
+            lines.append(f"| {r['model']} | | | {r['objective']} | {r['path']} | {ckpt} | error: {r['error'][:80]} "
+                         "| | | | | | |")
+        else:
+            rss = r.get("rss_peak_above_models_bytes")
+            lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['vocab']} | {r['objective']} | "
+                         f"{r['path']} | {ckpt} | {r['step_s']:.3f} | "
+                         f"{r['sample_s']:.3f} | "
+                         f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
+                         f"{r['peak_above_models_bytes'] / 2**20:.0f} | {'' if rss is None else f'{rss / 2**20:.0f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
@@ -172,22 +191,7 @@ def main(argv=None) -> int:
         else:
             rows.append({**row, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
-    lines = ["| model | student params | V | objective | path | grad. checkpointing | step (s) | sample | score | "
-             "update | response tokens | tensor peak above models (MiB) | RSS peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ckpt = "yes" if r["checkpointing"] else "no"
-        if "error" in r:
-            lines.append(f"| {r['model']} | | | {r['objective']} | {r['path']} | {ckpt} | error: {r['error'][:80]} "
-                         "| | | | | | |")
-        else:
-            rss = r.get("rss_peak_above_models_bytes")
-            lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.0f}M | {r['vocab']} | {r['objective']} | "
-                         f"{r['path']} | {ckpt} | {r['step_s']:.3f} | "
-                         f"{r['sample_s']:.3f} | "
-                         f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
-                         f"{r['peak_above_models_bytes'] / 2**20:.0f} | {'' if rss is None else f'{rss / 2**20:.0f}'} |")
-    table = "\n".join(lines)
+    table = render_table(rows)
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:

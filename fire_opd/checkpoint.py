@@ -20,6 +20,9 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -146,6 +149,37 @@ def clear_run(output_dir: str | Path) -> None:
         if child.name in RUN_FILES or _CHECKPOINT_NAME.match(child.name):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     remove_partial_saves(output_dir)
+
+
+def resolve_resume(resume_from: str, output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint to resume from: "latest" is the newest complete one in `output_dir` (None,
+    with a warning, when there is none yet: a re-queued job starts at step 0)."""
+    if resume_from != "latest":
+        return Path(resume_from)
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        logger.warning("resume_from: latest found no complete checkpoint in %s; starting at step 0", output_dir)
+    return path
+
+
+@contextmanager
+def stop_signals():
+    """Record SIGTERM / SIGINT (a cluster preempting the job, Ctrl-C) instead of dying mid-step, so
+    the trainer can checkpoint at the next step boundary. Main thread only; elsewhere a no-op."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def remove_partial_saves(output_dir: str | Path) -> list[Path]:

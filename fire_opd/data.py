@@ -236,6 +236,17 @@ def render_prompts(problems: list[Problem], tokenizer, chat_template_kwargs: Opt
             if p.messages else p for p in problems]
 
 
+def prepare_problems(config, tokenizer, train: Optional[list[Problem]] = None,
+                     held_out: Optional[list[Problem]] = None) -> tuple[list[Problem], list[Problem]]:
+    """A TrainConfig's training and evaluation problems (read from its files unless given), the
+    held-out ones cut to `eval_size`, chat rows rendered."""
+    train = train if train is not None else load_prompts(config.prompts)
+    held_out = held_out if held_out is not None else (load_prompts(config.eval_prompts) if config.eval_prompts else [])
+    held_out = held_out[: config.eval_size] if config.eval_size else []
+    return (render_prompts(train, tokenizer, config.chat_template_kwargs, source="prompts"),
+            render_prompts(held_out, tokenizer, config.chat_template_kwargs, source="eval_prompts"))
+
+
 def write_prompts(problems: Iterable[Problem], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for p in problems:

@@ -93,6 +93,34 @@ def check_same_vocab(student: nn.Module, teachers: dict[str, nn.Module]) -> None
                              "teachers must share the student's vocabulary (and tokenizer)")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepare_models(config, device: torch.device, *, student=None, teachers: Optional[dict] = None, tokenizer=None):
+    """(student, teachers, tokenizer) for a TrainConfig: loaded from its paths unless given, on
+    `device`, teachers frozen in `teacher_dtype`, the student with gradient checkpointing if asked."""
+    if not config.teachers and teachers is None:
+        raise ValueError("no teacher: set config.teachers (name -> path) or pass teachers=")
+    dtype = DTYPES[config.dtype]
+    teacher_dtype = DTYPES[config.teacher_dtype or config.dtype]
+    student = student if student is not None else load_causal_lm(config.student, dtype=dtype, device=device)
+    teachers = teachers if teachers is not None else {
+        name: load_causal_lm(path, dtype=teacher_dtype, device=device) for name, path in config.teachers.items()}
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.student)
+    check_same_vocab(student, teachers)
+    student.to(device)
+    for teacher in teachers.values():
+        teacher.requires_grad_(False).eval().to(device)
+    if config.gradient_checkpointing:
+        # the model's own activation checkpointing; non-reentrant, so the fused update's autograd
+        # Functions see ordinary tensors
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student, teachers, tokenizer
+
+
 def decoder(model: nn.Module) -> nn.Module:
     """The backbone that returns final (normed) hidden states, without the LM head."""
     base = getattr(model, "base_model", None)

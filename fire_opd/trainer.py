@@ -11,6 +11,10 @@
                    warmup + cosine schedule)
 
 Every step re-seeds from (seed, step), so a resumed run continues exactly.
+
+Around the loop, in their own modules: models.prepare_models (loading, dtypes, gradient
+checkpointing), data.prepare_problems (prompt files, chat templates), evaluate (avg@N, pass@k),
+run_log (metrics.jsonl, TensorBoard), checkpoint (atomic saves, resume, preemption signals).
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ import json
 import logging
 import math
 import random
-import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,12 +32,12 @@ import torch
 
 from . import checkpoint
 from .config import TrainConfig
-from .data import Problem, load_prompts, render_prompts
+from .data import Problem, prepare_problems
 from .errors import TrainingStopped
 from .evaluate import evaluate_by_teacher
 from .loss import FILTER_METHODS, FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
 from .loss_from_hidden import FireOPDLoss, response_token_stats
-from .models import check_same_vocab, lm_head, load_causal_lm, load_tokenizer, response_hidden_states
+from .models import lm_head, prepare_models, response_hidden_states
 from .regime import filter_diagnostics, health_metrics, rollout_health
 from .routing import route_rows, scatter_rows
 from .run_log import RunLog
@@ -43,9 +45,6 @@ from .sampling import Rollouts, generate_rollouts
 from .verifiers import resolve_verifier
 
 logger = logging.getLogger("fire_opd")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -81,38 +80,11 @@ class FireOPDTrainer:
         self.device = resolve_device(config.device)
         self.output_dir = Path(config.output_dir)
         checkpoint.check_output_dir(self.output_dir, resume=bool(config.resume_from), overwrite=config.overwrite)
-        if not config.teachers and teachers is None:
-            raise ValueError("no teacher: set config.teachers (name -> path) or pass teachers=")
-        dtype = DTYPES[config.dtype]
-        teacher_dtype = DTYPES[config.teacher_dtype or config.dtype]
-        self.student = student if student is not None else load_causal_lm(config.student, dtype=dtype,
-                                                                           device=self.device)
-        self.teachers = teachers if teachers is not None else {
-            name: load_causal_lm(path, dtype=teacher_dtype, device=self.device)
-            for name, path in config.teachers.items()}
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.student)
-        check_same_vocab(self.student, self.teachers)
-        for teacher in self.teachers.values():
-            teacher.requires_grad_(False).eval()
-        self.student.to(self.device)
-        for teacher in self.teachers.values():
-            teacher.to(self.device)
-        if config.gradient_checkpointing:
-            # the model's own activation checkpointing; non-reentrant, so the fused update's
-            # autograd Functions see ordinary tensors
-            if hasattr(self.student, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                self.student.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
+        self.student, self.teachers, self.tokenizer = prepare_models(config, self.device, student=student,
+                                                                     teachers=teachers, tokenizer=tokenizer)
         self.verifier = resolve_verifier(config.verifier)
-        train_problems = train_problems if train_problems is not None else load_prompts(config.prompts)
-        eval_problems = eval_problems if eval_problems is not None else (
-            load_prompts(config.eval_prompts) if config.eval_prompts else [])
-        self.train_problems = render_prompts(train_problems, self.tokenizer, config.chat_template_kwargs,
-                                             source="prompts")
-        self.eval_problems = render_prompts(eval_problems[: config.eval_size] if config.eval_size else [],
-                                            self.tokenizer, config.chat_template_kwargs, source="eval_prompts")
+        self.train_problems, self.eval_problems = prepare_problems(config, self.tokenizer, train_problems,
+                                                                   eval_problems)
         self.default_teacher = config.default_teacher or (next(iter(self.teachers)) if len(self.teachers) == 1
                                                           else None)
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
@@ -131,12 +103,8 @@ class FireOPDTrainer:
         self.run_log = RunLog(self.output_dir, tensorboard=config.tensorboard)
         self.stopped_by_signal: Optional[str] = None
         if config.resume_from:
-            path = (checkpoint.latest_checkpoint(self.output_dir) if config.resume_from == "latest"
-                    else Path(config.resume_from))
-            if path is None:
-                logger.warning("resume_from: latest found no complete checkpoint in %s; starting at step 0",
-                               self.output_dir)
-            else:
+            path = checkpoint.resolve_resume(config.resume_from, self.output_dir)
+            if path is not None:
                 self.load_checkpoint(path)
                 logger.warning("resuming from %s (step %d)", path, self.step)
 
@@ -157,7 +125,7 @@ class FireOPDTrainer:
         (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="fire-opd")
-        with _stop_signals() as received:
+        with checkpoint.stop_signals() as received:
             while self.step < stop:
                 metrics = self.train_step()
                 self.step += 1
@@ -412,22 +380,3 @@ def _accumulate(total: dict, metrics: dict, count: int) -> dict:
     for key, value in metrics.items():
         total[key] = total.get(key, 0.0) + value / count
     return total
-
-
-@contextmanager
-def _stop_signals():
-    """Record SIGTERM / SIGINT instead of dying mid-step (main thread only; elsewhere a no-op)."""
-    received: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        received.append(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
