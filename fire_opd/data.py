@@ -229,7 +229,7 @@ def render_prompts(problems: list[Problem], tokenizer, chat_template_kwargs: Opt
         return list(problems)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{source} has 'messages' rows but the tokenizer has no chat template; use 'prompt' rows "
-                         "or a tokenizer whose tokenizer_config.json has a chat_template")
+                         "or a tokenizer with one (chat_template.jinja, or chat_template in tokenizer_config.json)")
     kwargs = dict(chat_template_kwargs or {})
     return [replace(p, prompt=tokenizer.apply_chat_template(list(p.messages), tokenize=False,
                                                             add_generation_prompt=True, **kwargs))

@@ -128,9 +128,10 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher: str) -> None:
         return
     differ = sorted(tok for tok in set(ours) | set(theirs) if ours.get(tok) != theirs.get(tok))
     example = differ[0]
+    ids = [str(vocab[example]) if example in vocab else "absent" for vocab in (ours, theirs)]
     raise UsageError(f"{teacher} uses a different tokenizer from the student's: {len(differ)} of {len(ours)} tokens "
-                     f"differ (e.g. {example!r}: id {ours.get(example)} vs {theirs.get(example)}); a teacher must "
-                     "share the student's tokenizer")
+                     f"differ (e.g. {example!r}: student id {ids[0]}, teacher id {ids[1]}); a teacher must share the "
+                     "student's tokenizer")
 
 
 # ----------------------------------------------------------------------------- prompts
