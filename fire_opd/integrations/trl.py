@@ -1,0 +1,219 @@
+"""FiRe-OPD inside TRL's on-policy `DistillationTrainer` (TRL 1.16): change the class, not the trainer.
+
+    from fire_opd.integrations.trl import FireOPDConfig, FireOPDDistillationTrainer
+
+    args = FireOPDConfig(output_dir="out", beta=1.0, fire_method="fire", fire_percentile=20.0, ...)
+    trainer = FireOPDDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                         train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+
+Everything TRL does stays TRL's: prompts and chat templates, generation (transformers or vLLM),
+PEFT, the optimizer, logging, checkpoints. Two methods change:
+
+  `_generate_and_score_completions`  after TRL generates the generation batch, one no-grad
+      sweep per micro-batch of rows computes, from hidden states and lm_head weights (no
+      logits), every sampled token's student log-prob and entropy and teacher log-prob and
+      entropy; `compute_fire_advantages` turns them into the FiRe filter and weights over the
+      **whole generation batch, across all processes** (its quantile, maxima and means are
+      all-reduced over torch.distributed's default group); the per-token loss coefficients ride
+      along in the batch as `fire_*` tensors.
+  `_compute_loss`  per micro-batch, the loss from hidden states in one fused sweep
+      (fire_opd.loss_from_hidden.FireOPDLoss): `fire_objective="full_vocab"` (default) is
+      sum_t k_t w_t D_t(student || teacher) with D the divergence TRL's `beta` selects (the
+      generalized JSD: 1 = reverse KL, 0 = forward KL), exactly TRL's loss when w = 1 and no
+      rollout is dropped (`fire_method="opd"`); `fire_objective="sampled"` is the paper's PPO
+      clipped surrogate on the sampled token's advantage log pi_T - log pi_old.
+
+Gradient accumulation and generation batching: TRL generates `per_device_train_batch_size x
+gradient_accumulation_steps` completions per process once per optimizer step, shuffles them and
+splits them into micro-batches; FiRe's statistics and the loss normalizer are computed over that
+whole generation batch on every process before the split, so the accumulated gradient is the
+gradient of one whole-batch FiRe loss (mean over the kept tokens of every process). With
+`steps_per_generation` > `gradient_accumulation_steps` (several optimizer steps per generation)
+the statistics span the generation batch, as the paper's mini-batch PPO updates do.
+
+Cost: the statistics need the teacher's log-probs of the whole generation batch before any
+update, so each step runs one extra no-grad forward of student and teacher over it (TRL's own
+loss runs the teacher forward per micro-batch too; that one stays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from trl import DistillationConfig, DistillationTrainer
+
+from ..loss import (FILTER_SCORES, LOSS_AGG_MODES, METHODS, OBJECTIVES, compute_fire_advantages,
+                    dense_coefficients, loss_normalizer)
+from ..loss_from_hidden import FireOPDLoss, response_token_stats
+from ..models import lm_head
+
+# per-token [B, T] tensors added to TRL's generation batch (split and shuffled with it)
+FIRE_KEYS = ("fire_old_log_prob", "fire_student_entropy", "fire_advantages", "fire_loss_mask", "fire_coefficients")
+
+
+@dataclass
+class FireOPDConfig(DistillationConfig):
+    """TRL's DistillationConfig plus the FiRe-OPD fields. TRL's own `beta` keeps its meaning (the
+    JSD interpolation of the dense divergence), so FiRe's student-confusion strength is `fire_beta`.
+    TRL samples one completion per prompt, so the filter ranks the whole generation batch
+    (fire-opd's `filter_scope: group` has no groups here)."""
+
+    fire_method: str = field(default="fire", metadata={"help": f"one of {METHODS}"})
+    fire_percentile: float = field(default=20.0, metadata={"help": "drop rollouts whose score is below this "
+                                                                    "percentile of the generation batch"})
+    fire_alpha: float = field(default=1.0, metadata={"help": "teacher-confidence strength"})
+    fire_beta: float = field(default=1.0, metadata={"help": "student-confusion strength"})
+    fire_clip_ratio: float = field(default=0.2, metadata={"help": "PPO epsilon (fire_objective='sampled')"})
+    fire_loss_agg_mode: str = field(default="token-mean", metadata={"help": f"one of {LOSS_AGG_MODES}"})
+    fire_objective: str = field(default="full_vocab", metadata={"help": f"one of {OBJECTIVES}"})
+    fire_filter_score: str = field(default="teacher_mean", metadata={"help": f"one of {FILTER_SCORES}"})
+    fire_teacher_confidence_gate: float = field(default=0.0, metadata={"help": "drop tokens with c_t below this"})
+    fire_backend: str = field(default="auto", metadata={"help": "fire_kernels backend: auto | triton | chunked | "
+                                                                "reference"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, value, allowed in (("fire_method", self.fire_method, METHODS),
+                                     ("fire_loss_agg_mode", self.fire_loss_agg_mode, LOSS_AGG_MODES),
+                                     ("fire_objective", self.fire_objective, OBJECTIVES),
+                                     ("fire_filter_score", self.fire_filter_score, FILTER_SCORES),
+                                     ("fire_backend", self.fire_backend, ("auto", "triton", "chunked", "reference"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+        if not 0.0 <= self.fire_percentile <= 100.0:
+            raise ValueError(f"fire_percentile must be in [0, 100], got {self.fire_percentile}")
+        if not 0.0 <= self.fire_teacher_confidence_gate <= 1.0:
+            raise ValueError(f"fire_teacher_confidence_gate must be in [0, 1], got {self.fire_teacher_confidence_gate}")
+
+
+class FireOPDDistillationTrainer(DistillationTrainer):
+    """TRL's DistillationTrainer with the FiRe-OPD loss computed by fire-opd's kernels from hidden
+    states (see the module docstring). Takes the same arguments, with `args` a FireOPDConfig."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, FireOPDConfig):
+            raise TypeError(f"args must be a FireOPDConfig, got {type(self.args).__name__}")
+        a = self.args
+        self.fire_loss = FireOPDLoss(clip_ratio=a.fire_clip_ratio, loss_agg_mode=a.fire_loss_agg_mode,
+                                     temperature=self.temperature, backend=a.fire_backend, divergence="jsd",
+                                     jsd_beta=self.beta)
+
+    # ------------------------------------------------------------------ statistics over the generation batch
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super()._generate_and_score_completions(inputs)
+        batch.update(self._fire_statistics(batch))
+        return batch
+
+    @torch.no_grad()
+    def _fire_statistics(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        a = self.args
+        mask = self._loss_mask(batch)
+        columns = [self._token_stats(rows, batch) for rows in
+                   torch.arange(mask.shape[0], device=mask.device).split(a.per_device_train_batch_size)]
+        old_log_prob, student_entropy, teacher_log_prob, teacher_entropy, reverse_kl = (
+            torch.cat(c) for c in zip(*columns))
+        fire = compute_fire_advantages(
+            old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask, method=a.fire_method,
+            percentile=a.fire_percentile, alpha=a.fire_alpha, beta=a.fire_beta,
+            filter_score=a.fire_filter_score, teacher_confidence_gate=a.fire_teacher_confidence_gate)
+        # Every process's loss is normalized by the count over all processes; DDP then averages the
+        # gradients over processes, which the factor num_processes undoes (as TRL does).
+        normalizer = loss_normalizer(fire.loss_mask, a.fire_loss_agg_mode) / self.accelerator.num_processes
+        mode = "train" if self.model.training else "eval"
+        for key, value in fire.metrics.items():
+            self._metrics[mode][key].append(value)
+        tokens = max(int(mask.sum()), 1)
+        self._metrics[mode]["fire/full_vocab_reverse_kl"].append(float(reverse_kl[mask].sum()) / tokens)
+        return {"fire_old_log_prob": old_log_prob, "fire_student_entropy": student_entropy,
+                "fire_advantages": fire.advantages, "fire_loss_mask": fire.loss_mask,
+                "fire_coefficients": dense_coefficients(fire, a.fire_loss_agg_mode, normalizer),
+                "fire_normalizer": torch.tensor(normalizer, device=mask.device)}
+
+    def _token_stats(self, rows: torch.Tensor, batch: dict[str, Any]):
+        """Per-token statistics of some rows of the generation batch, from hidden states (no logits)."""
+        sub = {key: batch[key][rows] for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+        if "tool_mask" in batch:
+            sub["tool_mask"] = batch["tool_mask"][rows]
+        student_hidden, teacher_hidden = self._hidden_states(self.model_wrapped, sub, grad=False)
+        stats = response_token_stats(
+            student_hidden, self._head(self.accelerator.unwrap_model(self.model_wrapped)).to(student_hidden.dtype),
+            sub["completion_ids"], self._loss_mask(sub), teacher_hidden,
+            self._head(self.accelerator.unwrap_model(self.teacher_model)).to(teacher_hidden.dtype),
+            temperature=self.temperature, divergence="reverse_kl", backend=self.args.fire_backend)
+        return stats.student_logprob, stats.student_entropy, stats.teacher_logprob, stats.teacher_entropy, \
+            stats.divergence
+
+    # ------------------------------------------------------------------ the loss of one micro-batch
+
+    def _compute_loss(self, unwrapped_student, inputs: dict[str, Any], num_items_in_batch):
+        """Returns (loss, student entropy sum, valid tokens), the contract of TRL's `_compute_loss`."""
+        a = self.args
+        student_hidden, teacher_hidden = self._hidden_states(unwrapped_student, inputs, grad=True,
+                                                             unwrapped=True)
+        student_head = self._head(unwrapped_student).to(student_hidden.dtype)
+        loss_mask = inputs["fire_loss_mask"]
+        if a.fire_objective == "full_vocab":
+            teacher_head = self._head(self.accelerator.unwrap_model(self.teacher_model)).to(teacher_hidden.dtype)
+            loss, metrics = self.fire_loss.dense(student_hidden, student_head, teacher_hidden, teacher_head,
+                                                 inputs["completion_ids"], inputs["fire_coefficients"], loss_mask)
+        else:
+            loss, metrics = self.fire_loss(student_hidden, student_head, inputs["completion_ids"],
+                                           inputs["fire_old_log_prob"], inputs["fire_advantages"], loss_mask,
+                                           normalizer=float(inputs["fire_normalizer"]))
+        mode = "train" if self.model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        mask = self._loss_mask(inputs)
+        entropy_sum = (inputs["fire_student_entropy"] * mask).sum()
+        return loss, entropy_sum.detach(), mask.sum()
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+        mask = batch["completion_mask"].bool()
+        return mask & batch["tool_mask"].bool() if "tool_mask" in batch else mask
+
+    def _hidden_states(self, student, batch: dict[str, Any], *, grad: bool, unwrapped: bool = False):
+        """[B, T, D] last hidden states of student and teacher over the completion tokens, with
+        TRL's own `_get_last_hidden_state` (PEFT, VLM inputs, logits_to_keep) and its FSDP-safe
+        forward redirection."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        keep = batch["completion_ids"].size(1)
+        if unwrapped:  # inside TRL's compute_loss: already redirected through the student's wrapper
+            student_hidden = self._get_last_hidden_state(student, input_ids, attention_mask, keep)
+        else:
+            with torch.set_grad_enabled(grad):
+                student_hidden = self._forward_redirection(student, self.accelerator.unwrap_model(student),
+                                                           self._get_last_hidden_state,
+                                                           self.accelerator.unwrap_model(student), input_ids,
+                                                           attention_mask, keep)
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
+                                                       teacher, input_ids, attention_mask, keep)
+        return student_hidden, teacher_hidden
+
+    @staticmethod
+    def _head(model):
+        """The model's output head (weight, bias, logit scale, soft-cap), under a PEFT wrapper too."""
+        base = model.base_model.model if _is_peft(model) else model
+        return lm_head(base)
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+__all__ = ["FIRE_KEYS", "FireOPDConfig", "FireOPDDistillationTrainer"]

@@ -1,0 +1,131 @@
+"""FiRe-OPD inside TRL 1.16's DistillationTrainer, on the shipped tiny models (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")  # installed by `make test` (the test extra); never skipped in CI
+
+from datasets import Dataset  # noqa: E402
+from trl import DistillationConfig, DistillationTrainer  # noqa: E402
+
+from fire_opd.data import sample_problems  # noqa: E402
+from fire_opd.integrations.trl import FireOPDConfig, FireOPDDistillationTrainer  # noqa: E402
+from fire_opd.loss import fire_dense_loss, fire_policy_loss  # noqa: E402
+from fire_opd.models import load_causal_lm, load_tokenizer  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+COMMON = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=6,
+              learning_rate=1e-3, report_to=[], use_cpu=True, bf16=False, fp16=False, save_strategy="no",
+              logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0, top_k=0, temperature=1.0)
+
+
+def _trainer(tmp_path, cls=FireOPDDistillationTrainer, config_cls=FireOPDConfig, **fields):
+    tokenizer = load_tokenizer(ASSETS / "tokenizer")
+    dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
+    args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, **fields})
+    return cls(model=load_causal_lm(ASSETS / "student_init"), teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
+               args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def _batch(trainer, rows: int = 6, seed: int = 0) -> dict:
+    """A generation batch as TRL builds it: left-padded prompts, right-padded completions."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = trainer.model.config.vocab_size
+    prompt_ids = torch.randint(3, vocab, (rows, 5), generator=gen)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_ids[0, :2] = trainer.processing_class.pad_token_id
+    completion_ids = torch.randint(3, vocab, (rows, 7), generator=gen)
+    completion_mask = torch.ones_like(completion_ids)
+    for r, length in enumerate([7, 3, 5, 7, 1, 6][:rows]):
+        completion_mask[r, length:] = 0
+        completion_ids[r, length:] = trainer.processing_class.pad_token_id
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "num_items_in_batch": completion_mask.sum()}
+
+
+def _materialized(model, batch, temperature=1.0):
+    """[B, T, V] log-softmax of the model's own logits over the completion positions."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -batch["completion_ids"].shape[1] - 1 : -1]
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def test_two_training_steps_log_fire_metrics(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, fire_percentile=25.0)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logged = {k for row in trainer.state.log_history for k in row}
+    assert {"fire/keep_ratio", "fire/weight_mean", "fire/full_vocab_reverse_kl", "fire/divergence", "loss",
+            "entropy"} <= logged
+    keep = [row["fire/keep_ratio"] for row in trainer.state.log_history if "fire/keep_ratio" in row]
+    assert keep and all(0.6 <= k <= 0.8 for k in keep)  # 25 % of 8 rollouts dropped per generation batch
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
+def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objective):
+    trainer = _trainer(tmp_path, fire_objective=objective, fire_percentile=30.0, fire_alpha=0.7, fire_beta=1.3,
+                       fire_loss_agg_mode="seq-mean-token-mean", fire_backend="chunked", temperature=0.9, beta=0.5)
+    batch = _batch(trainer)
+    batch.update(trainer._fire_statistics(batch))
+    student, teacher = trainer.model, trainer.teacher_model
+    loss, _, _ = trainer._compute_loss(student, batch, batch["num_items_in_batch"])
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+
+    mask = batch["completion_mask"].bool()
+    log_s = _materialized(student, batch, 0.9)
+    with torch.no_grad():
+        log_t = _materialized(teacher, batch, 0.9)
+    ids = batch["completion_ids"].unsqueeze(-1)
+    log_prob = log_s.gather(-1, ids).squeeze(-1)
+    teacher_log_prob = log_t.gather(-1, ids).squeeze(-1)
+    entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
+    kwargs = dict(method="fire", percentile=30.0, alpha=0.7, beta=1.3, loss_agg_mode="seq-mean-token-mean")
+    stats = (log_prob.detach(), teacher_log_prob, entropy(log_s).detach(), entropy(log_t), mask)
+    if objective == "full_vocab":  # beta = 0.5: the symmetric JSD
+        mixture = torch.logsumexp(torch.stack([log_s + torch.log(torch.tensor(0.5)),
+                                               log_t + torch.log(torch.tensor(0.5))]), dim=0)
+        jsd = 0.5 * (log_s.exp() * (log_s - mixture)).sum(-1) + 0.5 * (log_t.exp() * (log_t - mixture)).sum(-1)
+        expected, _ = fire_dense_loss(jsd, *stats, **kwargs)
+    else:
+        expected, _ = fire_policy_loss(log_prob, *stats, clip_ratio=0.2, **kwargs)
+    expected_grads = torch.autograd.grad(expected, list(student.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()) + 1e-8)
+    dropped = ~batch["fire_loss_mask"].any(dim=1) & mask.any(dim=1)
+    assert int(dropped.sum()) == 2  # below the 30th percentile of 6 scores (between the 2nd and 3rd): two dropped
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
+def test_opd_method_equals_trls_own_loss(tmp_path, beta):
+    """fire_method="opd" (no filter, weight 1) on a fixed batch is TRL's own DistillationTrainer
+    loss: same value, same gradients, at every JSD beta."""
+    ours = _trainer(tmp_path / "ours", fire_method="opd", beta=beta, fire_backend="chunked")
+    theirs = _trainer(tmp_path / "theirs", cls=DistillationTrainer, config_cls=DistillationConfig, beta=beta)
+    batch = _batch(ours, seed=1)
+    with_stats = {**batch, **ours._fire_statistics(batch)}
+    loss, entropy_sum, tokens = ours._compute_loss(ours.model, with_stats, batch["num_items_in_batch"])
+    expected, expected_entropy, expected_tokens = theirs._compute_loss(theirs.model, batch,
+                                                                       batch["num_items_in_batch"])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(entropy_sum, expected_entropy.to(entropy_sum.dtype), rtol=1e-5, atol=1e-5)
+    assert int(tokens) == int(expected_tokens)
+    for g, e in zip(torch.autograd.grad(loss, list(ours.model.parameters())),
+                    torch.autograd.grad(expected, list(theirs.model.parameters()))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()) + 1e-8)
+
+
+def test_config_checks_the_fire_fields(tmp_path):
+    with pytest.raises(ValueError, match="fire_method must be one of"):
+        FireOPDConfig(output_dir=str(tmp_path), fire_method="nope", use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match=r"fire_percentile must be in \[0, 100\]"):
+        FireOPDConfig(output_dir=str(tmp_path), fire_percentile=120.0, use_cpu=True, report_to=[])
+    with pytest.raises(TypeError, match="args must be a FireOPDConfig"):
+        _trainer(tmp_path, config_cls=DistillationConfig)
