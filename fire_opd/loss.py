@@ -97,7 +97,14 @@ def _check_options(method: str, percentile: float, alpha: float, beta: float) ->
 # ----------------------------------------------------------------------------- distributed helpers
 
 
+# process_group=LOCAL: statistics over this process's rows only, with no collective (for callers
+# whose processes do not call the loss the same number of times, e.g. verl's dynamic micro-batches)
+LOCAL = "local"
+
+
 def _distributed(group) -> bool:
+    if group == LOCAL:
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -165,7 +172,7 @@ def compute_fire_advantages(
         percentile: p of the filter threshold quantile(s, p / 100); 0 keeps everything.
         backend: where the weights are computed ("auto": Triton kernel on CUDA, else torch).
         process_group: maxima, means and quantiles span this data-parallel group when
-            torch.distributed is initialized (default group when None).
+            torch.distributed is initialized (default group when None; `LOCAL`: this process only).
         filter_scope: "batch" (the paper: one quantile over the whole rollout batch) or "group"
             (beyond the paper: the quantile of each prompt's own rollouts, so that the rollouts of
             hard prompts are not dropped wholesale). Weights stay batch-normalized either way.
