@@ -34,6 +34,23 @@ def test_the_plugin_registers_through_verls_entry_point():
         FireDistillationLossConfig(loss_mode="fire_opd", fire_percentile=200.0)
 
 
+def test_fire_fields_come_from_verls_yaml_through_target():
+    """The documented override: verl's own distillation.yaml, `_target_` pointed at our config
+    class and `+fire_percentile=...`, instantiated the way verl instantiates its configs."""
+    import os
+
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer/config/distillation/distillation.yaml"))
+    loss_cfg = cfg.distillation_loss
+    loss_cfg._target_ = "fire_opd.integrations.verl.FireDistillationLossConfig"
+    loss_cfg.loss_mode, loss_cfg.use_policy_gradient, loss_cfg.fire_percentile = "fire_opd", True, 35.0
+    config = omega_conf_to_dataclass(loss_cfg)
+    assert isinstance(config, FireDistillationLossConfig)
+    assert config.fire_percentile == 35.0 and config.fire_method == "fire" and config.loss_settings.use_topk
+
+
 def _micro_batch(vocab: int, topk: int, seed: int = 0):
     """A verl micro-batch: nested prompts / responses / teacher top-k, model outputs in the
     no-padding layout (one row per token of prompt + response, shifted by one)."""

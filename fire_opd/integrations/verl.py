@@ -5,7 +5,7 @@ point `fire_opd`, which verl imports at `import verl`). Select it with
 
     distillation.enabled=true
     distillation.distillation_loss.loss_mode=fire_opd
-    distillation.distillation_loss.use_policy_gradient=true     # verl's default
+    distillation.distillation_loss.use_policy_gradient=true     # (false in verl's distillation.yaml)
     distillation.distillation_loss.use_task_rewards=false       # pure distillation
     distillation.distillation_loss.topk=64                      # teacher top-k (see below)
     distillation.distillation_loss.loss_max_clamp=null          # FiRe advantages may exceed 10
