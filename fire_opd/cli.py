@@ -107,6 +107,8 @@ def train(args: argparse.Namespace) -> int:
 
     trainer = FireOPDTrainer(config)
     history = trainer.train()
+    if not trainer.is_main:  # under torchrun rank 0 reports
+        return 0
     print(json.dumps(history[-1] if history else {}, indent=1))
     if trainer.stopped_by_signal:
         print(f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step}; resume with "

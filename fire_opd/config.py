@@ -52,7 +52,10 @@ class TrainConfig:
 
     # --- rollouts
     steps: int = 100  # optimizer steps (one rollout batch each)
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # global: over all processes under torchrun
+    rollout_chunk_prompts: int = 0  # prompts per sampling chunk, each with its own seed (seed, step, chunk);
+    #                                 chunks are dealt to processes, so the same config gives the same rollouts
+    #                                 with 1 or K processes. 0: one chunk per step (single process only)
     samples_per_prompt: int = 4
     max_new_tokens: int = 16
     top_p: float = 1.0
@@ -122,13 +125,17 @@ class TrainConfig:
                      "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every", "threads", "keep_last"):
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_size", "log_every", "threads", "keep_last",
+                     "rollout_chunk_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.rollout_chunk_prompts and self.prompts_per_step % self.rollout_chunk_prompts:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of rollout_chunk_prompts "
+                             f"({self.rollout_chunk_prompts})")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):

@@ -58,3 +58,24 @@ def generate_rollouts(model, tokenizer, prompts: list[str], *, max_new_tokens: i
     texts = [tokenizer.decode(ids[mask & (ids != tokenizer.eos_token_id)].tolist())
              for ids, mask in zip(response_ids, response_mask)]
     return Rollouts(prompt_ids, prompt_mask, response_ids, response_mask, texts)
+
+
+def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """One batch from several: prompts re-padded on the left, responses on the right (rows keep
+    their order). Positions follow the attention mask, so the extra padding changes no score."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_len = max(p.prompt_ids.shape[1] for p in parts)
+    response_len = max(p.response_ids.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+        extra = width - x.shape[1]
+        fill = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+        return torch.cat([fill, x] if left else [x, fill], dim=1)
+
+    return Rollouts(
+        torch.cat([pad(p.prompt_ids, prompt_len, pad_token_id, True) for p in parts]),
+        torch.cat([pad(p.prompt_mask, prompt_len, 0, True) for p in parts]),
+        torch.cat([pad(p.response_ids, response_len, pad_token_id, False) for p in parts]),
+        torch.cat([pad(p.response_mask, response_len, False, False) for p in parts]),
+        [t for p in parts for t in p.texts])

@@ -10,7 +10,8 @@
                    (objective "full_vocab"); gradients accumulate to one AdamW step (clipped,
                    warmup + cosine schedule)
 
-Every step re-seeds from (seed, step), so a resumed run continues exactly.
+Every rollout chunk is seeded by (seed, step, chunk), so a resumed run continues exactly and 1 or K
+processes (torchrun, fire_opd/distributed.py) sample the same rollouts.
 
 Around the loop, in their own modules: models.prepare_models (loading, dtypes, gradient
 checkpointing), data.prepare_problems (prompt files, chat templates), evaluate (avg@N, pass@k),
@@ -30,18 +31,18 @@ from typing import Callable, Optional
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainConfig
 from .data import Problem, prepare_problems
 from .errors import TrainingStopped
 from .evaluate import evaluate_by_teacher
-from .loss import FILTER_METHODS, FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
+from .loss import FILTER_METHODS, LOCAL, FireAdvantages, compute_fire_advantages, dense_coefficients, loss_normalizer
 from .loss_from_hidden import FireOPDLoss, response_token_stats
 from .models import lm_head, prepare_models, response_hidden_states
 from .regime import filter_diagnostics, health_metrics, rollout_health
 from .routing import route_rows, scatter_rows
 from .run_log import RunLog
-from .sampling import Rollouts, generate_rollouts
+from .sampling import Rollouts, concat_rollouts, generate_rollouts
 from .verifiers import resolve_verifier
 
 logger = logging.getLogger("fire_opd")
@@ -77,9 +78,13 @@ class FireOPDTrainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
+        self.rank, self.world_size, self.device = distributed.setup(resolve_device(config.device))
+        self.is_main = self.rank == 0  # logs, evaluates and writes checkpoints
         self.output_dir = Path(config.output_dir)
         checkpoint.check_output_dir(self.output_dir, resume=bool(config.resume_from), overwrite=config.overwrite)
+        distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
+        num_chunks = config.prompts_per_step // (config.rollout_chunk_prompts or config.prompts_per_step)
+        self.my_chunks = distributed.my_chunks(num_chunks, self.rank, self.world_size)
         self.student, self.teachers, self.tokenizer = prepare_models(config, self.device, student=student,
                                                                      teachers=teachers, tokenizer=tokenizer)
         self.verifier = resolve_verifier(config.verifier)
@@ -106,7 +111,8 @@ class FireOPDTrainer:
             path = checkpoint.resolve_resume(config.resume_from, self.output_dir)
             if path is not None:
                 self.load_checkpoint(path)
-                logger.warning("resuming from %s (step %d)", path, self.step)
+                if self.is_main:
+                    logger.warning("resuming from %s (step %d)", path, self.step)
 
     # ------------------------------------------------------------------ the loop
 
@@ -118,19 +124,21 @@ class FireOPDTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if cfg.overwrite and not cfg.resume_from:
-            checkpoint.clear_run(self.output_dir)
-        checkpoint.remove_partial_saves(self.output_dir)
-        self.run_log.start(self.step)
-        (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if self.is_main:
+            if cfg.overwrite and not cfg.resume_from:
+                checkpoint.clear_run(self.output_dir)
+            checkpoint.remove_partial_saves(self.output_dir)
+            self.run_log.start(self.step)
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="fire-opd")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress or not self.is_main, desc="fire-opd")
         with checkpoint.stop_signals() as received:
             while self.step < stop:
                 metrics = self.train_step()
                 self.step += 1
                 last = self.step == cfg.steps
-                if self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                if self.is_main and self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                                            or last):
                     metrics.update(self.evaluate())
                 self.log(metrics)
                 saved = (cfg.save_every and self.step % cfg.save_every == 0) or last
@@ -139,13 +147,14 @@ class FireOPDTrainer:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items()
                                  if k in ("train/loss", "fire/keep_ratio", "eval/accuracy")})
-                if received and not last:
-                    self.stopped_by_signal = received[0]
+                if distributed.any_rank(bool(received)) and not last:
+                    self.stopped_by_signal = received[0] if received else "SIGTERM"
                     path = self.output_dir / f"step-{self.step:06d}"
                     if not saved:
                         self.save_checkpoint(path)
-                    logger.warning("%s received: stopped after step %d with checkpoint %s; resume with "
-                                   "resume_from: latest", received[0], self.step, path)
+                    if self.is_main:
+                        logger.warning("%s received: stopped after step %d with checkpoint %s; resume with "
+                                       "resume_from: latest", self.stopped_by_signal, self.step, path)
                     break
         bar.close()
         self.run_log.close()
@@ -153,13 +162,10 @@ class FireOPDTrainer:
 
     def train_step(self) -> dict:
         cfg = self.config
-        self._seed_step()
         t0 = time.perf_counter()
 
-        # 1. sample
-        problems = [p for p in self._prompt_batch() for _ in range(cfg.samples_per_prompt)]
-        rollouts = generate_rollouts(self.student, self.tokenizer, [p.prompt for p in problems],
-                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        # 1. sample: this rank's chunks of the step's prompts, each chunk with its own seed
+        problems, rollouts = self.sample()
         t_sample = time.perf_counter()
 
         # 2. score (no grad)
@@ -175,17 +181,37 @@ class FireOPDTrainer:
 
         tokens = int(rollouts.response_mask.sum())
         mask = rollouts.response_mask
-        metrics.update(health_metrics(health))
+        # this rank's rows -> global values (means over ranks of equal size; token counts summed)
+        local = {**health_metrics(health), "train/response_length": tokens / len(problems),
+                 "train/full_vocab_reverse_kl": float(reverse_kl[mask].mean()) if tokens else 0.0,
+                 "train/reward": float(health["correct"].mean()), "train/tokens": float(tokens)}
+        local = distributed.mean_over_ranks(local, summed=("train/tokens",))
+        metrics.update(local)
         metrics.update({
             "train/step": self.step + 1,
             "train/lr": self.scheduler.get_last_lr()[0],
-            "train/response_length": tokens / len(problems),
-            "train/full_vocab_reverse_kl": float(reverse_kl[mask].mean()) if tokens else 0.0,
-            "train/reward": float(health["correct"].mean()),
+            "train/world_size": float(self.world_size),
             "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
-            "train/tokens_per_s": tokens / max(t_update - t0, 1e-9),
+            "train/tokens_per_s": local["train/tokens"] / max(t_update - t0, 1e-9),
         })
         return metrics
+
+    def sample(self) -> tuple[list[Problem], Rollouts]:
+        """This rank's rollouts of the step: its chunks of the step's prompts, each sampled with
+        the seed (seed, step, chunk), so a chunk's rollouts do not depend on the process count."""
+        cfg = self.config
+        prompts = self._prompt_batch()
+        chunk = cfg.rollout_chunk_prompts or cfg.prompts_per_step
+        problems, parts = [], []
+        for c in self.my_chunks:
+            torch.manual_seed(distributed.chunk_seed(cfg.seed, self.step, c))
+            random.seed(distributed.chunk_seed(cfg.seed, self.step, c))
+            chunk_problems = [p for p in prompts[c * chunk : (c + 1) * chunk] for _ in range(cfg.samples_per_prompt)]
+            parts.append(generate_rollouts(self.student, self.tokenizer, [p.prompt for p in chunk_problems],
+                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                           top_p=cfg.top_p))
+            problems += chunk_problems
+        return problems, concat_rollouts(parts, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, keys: list[Optional[str]]):
@@ -239,20 +265,21 @@ class FireOPDTrainer:
             normalizer = loss_normalizer(fire.loss_mask, cfg.loss_agg_mode)
             metrics = dict(fire.metrics)
             if health is not None and cfg.method in FILTER_METHODS:
-                metrics.update(filter_diagnostics(fire.keep, health, mask, teacher_log_prob, old_log_prob,
-                                                  cfg.samples_per_prompt))
+                metrics.update(distributed.mean_over_ranks(filter_diagnostics(
+                    fire.keep, health, mask, teacher_log_prob, old_log_prob, cfg.samples_per_prompt)))
 
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, loss_metrics = 0.0, {}
         for teacher_name, rows in micro_batches:
             if cfg.stats_scope == "micro_batch":
-                # The released code's behaviour: statistics inside each micro-batch, each
-                # micro-batch's loss averaged over its own tokens, then over micro-batches.
+                # The released code's behaviour: statistics inside each micro-batch (of this
+                # process: no collective), each micro-batch's loss averaged over its own tokens,
+                # then over the micro-batches of every process.
                 part = compute_fire_advantages(old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows],
                                                teacher_entropy[rows], mask[rows], group_ids=group_ids[rows],
-                                               **fire_args)
-                part_normalizer, scale = None, 1 / len(micro_batches)
+                                               process_group=LOCAL, **fire_args)
+                part_normalizer, scale = None, 1 / (len(micro_batches) * self.world_size)
                 metrics = _accumulate(metrics, part.metrics, len(micro_batches))
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
@@ -274,6 +301,12 @@ class FireOPDTrainer:
             (loss * scale).backward()
             total_loss += float(loss.detach()) * scale
             loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
+        # every rank's loss is normalized by the global count: the sum over ranks is the batch gradient
+        distributed.all_reduce_gradients(self.student.parameters())
+        total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
+        loss_metrics = distributed.mean_over_ranks(loss_metrics)
+        if cfg.stats_scope == "micro_batch":
+            metrics = distributed.mean_over_ranks(metrics)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
         skipped = self._skip_if_not_finite(total_loss, grad_norm)
         if not skipped:
@@ -322,19 +355,25 @@ class FireOPDTrainer:
 
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
-        if self.config.log_every and (self.step % self.config.log_every == 0 or self.step == self.config.steps):
+        if self.is_main and self.config.log_every and (self.step % self.config.log_every == 0 or self.step == self.config.steps):
             self.run_log.write(self.step, metrics)
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """The student and tokenizer in Hugging Face format plus the trainer's state, written
-        atomically (fire_opd/checkpoint.py); then prunes step checkpoints beyond `keep_last`."""
-        python_rng, tensor_rng = checkpoint.rng_state()
-        state = {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history,
-                 "config": self.config.to_dict(), "scheduler": self.scheduler.state_dict(), "python_rng": python_rng}
-        path = checkpoint.save_checkpoint(path, model=self.student, tokenizer=self.tokenizer, state=state,
-                                          tensor_state={"optimizer": self.optimizer.state_dict(), "rng": tensor_rng})
-        if Path(path).parent == self.output_dir:
-            checkpoint.prune_checkpoints(self.output_dir, self.config.keep_last)
+        atomically by rank 0 (fire_opd/checkpoint.py); then prunes step checkpoints beyond
+        `keep_last`. Every rank holds the same weights and optimizer state, so one copy serves
+        a resume with any number of processes."""
+        path = Path(path)
+        if self.is_main:
+            python_rng, tensor_rng = checkpoint.rng_state()
+            state = {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history,
+                     "config": self.config.to_dict(), "scheduler": self.scheduler.state_dict(),
+                     "python_rng": python_rng, "world_size": self.world_size}
+            checkpoint.save_checkpoint(path, model=self.student, tokenizer=self.tokenizer, state=state,
+                                       tensor_state={"optimizer": self.optimizer.state_dict(), "rng": tensor_rng})
+            if path.parent == self.output_dir:
+                checkpoint.prune_checkpoints(self.output_dir, self.config.keep_last)
+        distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -344,13 +383,14 @@ class FireOPDTrainer:
         self.step, self.history = state["step"], state["history"]
         self.skipped_steps = state["skipped_steps"]
         checkpoint.set_rng_state(state["python_rng"], tensors["rng"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size and self.is_main:
+            # rollouts depend on (seed, step, chunk) only, so the run continues as it would have
+            logger.warning("checkpoint %s was written by %d process(es), resuming with %d: the rollouts and "
+                           "statistics are the same; parameters agree up to floating-point reduction order", path,
+                           saved_world, self.world_size)
 
     # ------------------------------------------------------------------ helpers
-
-    def _seed_step(self) -> None:
-        seed = (self.config.seed * 1_000_003 + self.step) % (2**31)
-        random.seed(seed)
-        torch.manual_seed(seed)
 
     def _prompt_batch(self) -> list[Problem]:
         """Prompts for this step: consecutive slices of per-epoch permutations (stateless)."""

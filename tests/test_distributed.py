@@ -1,0 +1,106 @@
+"""Data-parallel training under torchrun (gloo on the CPU): 1 and 2 processes give the same
+rollouts, FiRe statistics and parameters (up to floating-point reduction order)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fire_opd.data import sample_problems, write_prompts
+
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+
+
+def _run(tmp_path: Path, out: str, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "fire_opd"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
+        "fire_opd"]
+    return subprocess.run([*launcher, "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir",
+                           str(tmp_path / out), *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def _config(tmp_path: Path, **overrides) -> None:
+    write_prompts(sample_problems(["arith", "reverse"], 48, seed=0, split="train"), tmp_path / "p.jsonl")
+    config = {"student": str(ASSETS / "student_init"),
+              "teachers": {"arith": str(ASSETS / "teacher_arith"), "reverse": str(ASSETS / "teacher_reverse")},
+              "tokenizer": str(ASSETS / "tokenizer"), "prompts": "p.jsonl", "steps": 3, "prompts_per_step": 8,
+              "rollout_chunk_prompts": 2, "samples_per_prompt": 2, "micro_batch_size": 3, "max_new_tokens": 8,
+              "warmup_steps": 1, "lr": 1e-3, "eval_every": 0, "progress": False, "tensorboard": False, "threads": 1,
+              "seed": 4, "percentile": 25.0, **overrides}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
+def test_one_and_two_processes_train_the_same_model(tmp_path, objective):
+    _config(tmp_path, objective=objective)
+    one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows_one, rows_two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["train/world_size"] for r in rows_one] == [1.0] * 3
+    assert [r["train/world_size"] for r in rows_two] == [2.0] * 3  # rank 0 alone writes the log
+    for a, b in zip(rows_one, rows_two):
+        for key in ("fire/keep_ratio", "fire/threshold", "fire/weight_mean", "train/response_length",
+                    "train/reward", "train/tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
+        for key in ("train/loss", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for name in a:
+        assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-5, name
+    assert json.loads((tmp_path / "two" / "final" / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_a_resumed_run_may_change_the_process_count(tmp_path):
+    """Rollouts depend on (seed, step, chunk) only: a 2-process run preempted with SIGTERM (torchrun
+    forwards it; every rank stops at the same step boundary with one checkpoint) and resumed by one
+    process ends where a 1-process run does, and the log says the count changed."""
+    import signal
+    import time
+
+    _config(tmp_path, steps=8, save_every=2, objective="full_vocab")
+    whole = _run(tmp_path, "whole", 1)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fire_opd",
+           "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir", str(tmp_path / "mixed")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "mixed" / "step-000002").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "stopped after step" in err, err[-3000:]
+    assert not (tmp_path / "mixed" / "final").exists()
+    resumed = _run(tmp_path, "mixed", 1, "--set", "resume_from=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "written by 2 process(es), resuming with 1" in resumed.stderr
+    worlds = [r["train/world_size"] for r in _rows(tmp_path / "mixed")]
+    assert len(worlds) == 8 and worlds[0] == 2.0 and worlds[-1] == 1.0
+    assert [r["train/step"] for r in _rows(tmp_path / "mixed")] == list(range(1, 9))
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "mixed" / "final" / "model.safetensors"))
+    for name in a:
+        assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-4, name
+
+
+def test_chunks_that_cannot_be_dealt_and_failing_ranks_end_the_job(tmp_path):
+    _config(tmp_path, rollout_chunk_prompts=8)  # one chunk, two processes
+    out = _run(tmp_path, "bad", 2)
+    assert out.returncode != 0 and "cannot be dealt evenly to 2 processes" in out.stderr
+    _config(tmp_path, prompts="missing.jsonl")  # every rank fails its checks: the job ends, no hang
+    out = _run(tmp_path, "missing", 2)
+    assert out.returncode != 0 and "prompts missing.jsonl: no such file" in out.stderr
