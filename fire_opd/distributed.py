@@ -23,6 +23,16 @@ import torch
 import torch.distributed as dist
 
 
+# Payload bytes this process handed to collectives (gradients, FiRe statistics, metrics); the
+# trainer logs the per-step difference as train/comm_bytes. A ring all-reduce of b bytes sends
+# and receives about 2 (K - 1) / K * b per process.
+COMM_BYTES = [0]
+
+
+def count(*tensors: torch.Tensor) -> None:
+    COMM_BYTES[0] += sum(t.numel() * t.element_size() for t in tensors)
+
+
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device): initialize the default process group when launched by
     torchrun (WORLD_SIZE > 1); on CUDA each rank takes cuda:LOCAL_RANK."""
@@ -68,6 +78,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in same])
+        count(flat)
         dist.all_reduce(flat)
         offset = 0
         for g in same:
@@ -82,6 +93,7 @@ def mean_over_ranks(metrics: dict[str, float], *, summed: Iterable[str] = ()) ->
         return metrics
     keys = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    count(values)
     dist.all_reduce(values)
     world = dist.get_world_size()
     summed = set(summed)
@@ -93,5 +105,6 @@ def any_rank(flag: bool) -> bool:
     if not active():
         return flag
     value = torch.tensor([1 if flag else 0])
+    count(value)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())

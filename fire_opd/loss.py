@@ -111,8 +111,15 @@ def _distributed(group) -> bool:
 def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     if _distributed(group):
         x = x.clone()
+        _count_comm(x)
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+def _count_comm(*tensors: torch.Tensor) -> None:
+    from .distributed import count
+
+    count(*tensors)
 
 
 def _all_gather_varlen(x: torch.Tensor, group) -> torch.Tensor:
@@ -127,6 +134,7 @@ def _all_gather_varlen(x: torch.Tensor, group) -> torch.Tensor:
     padded = torch.zeros(longest, dtype=x.dtype, device=x.device)
     padded[: x.numel()] = x
     parts = [torch.zeros_like(padded) for _ in range(world)]
+    _count_comm(length, padded)
     dist.all_gather(parts, padded, group=group)
     return torch.cat([p[: int(n)] for p, n in zip(parts, lengths)])
 

@@ -162,7 +162,7 @@ class FireOPDTrainer:
 
     def train_step(self) -> dict:
         cfg = self.config
-        t0 = time.perf_counter()
+        t0, comm0 = time.perf_counter(), distributed.COMM_BYTES[0]
 
         # 1. sample: this rank's chunks of the step's prompts, each chunk with its own seed
         problems, rollouts = self.sample()
@@ -193,6 +193,7 @@ class FireOPDTrainer:
             "train/world_size": float(self.world_size),
             "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
             "train/tokens_per_s": local["train/tokens"] / max(t_update - t0, 1e-9),
+            "train/comm_bytes": float(distributed.COMM_BYTES[0] - comm0),  # this process's collective payload
         })
         return metrics
 
