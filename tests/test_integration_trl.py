@@ -129,3 +129,25 @@ def test_config_checks_the_fire_fields(tmp_path):
         FireOPDConfig(output_dir=str(tmp_path), fire_percentile=120.0, use_cpu=True, report_to=[])
     with pytest.raises(TypeError, match="args must be a FireOPDConfig"):
         _trainer(tmp_path, config_cls=DistillationConfig)
+
+
+def test_peft_lora_student_trains(tmp_path):
+    """A LoRA student (TRL's own `peft_config` path): our statistics and loss reach the adapter
+    through the PEFT wrapper; the head is read from the base model; only adapters move."""
+    from peft import LoraConfig
+
+    tokenizer = load_tokenizer(ASSETS / "tokenizer")
+    dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 16, seed=0, split="train")])
+    args = FireOPDConfig(output_dir=str(tmp_path / "out"), max_steps=2, **{**COMMON, "learning_rate": 1e-2})
+    trainer = FireOPDDistillationTrainer(
+        model=load_causal_lm(ASSETS / "student_init"), teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
+        args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lm_head" in n}
+    assert adapters and frozen
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(v, params[n]) for n, v in adapters.items())
+    assert all(torch.equal(v, params[n]) for n, v in frozen.items())
+    assert any("fire/keep_ratio" in row for row in trainer.state.log_history)
