@@ -125,8 +125,10 @@ def validate_stats_inputs(
     teacher_bias: object = None,
     teacher_logit_scale: object = 1.0,
     teacher_logit_softcap: object = None,
+    target_vocab_size: Optional[int] = None,
 ) -> StatsProblem:
-    """Check shapes, dtypes, devices and target range; raise ValueError/TypeError naming the argument."""
+    """Check shapes, dtypes, devices and target range; raise ValueError/TypeError naming the argument.
+    `target_vocab_size`: the global vocabulary when the weights are shards (vocab-parallel)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     hidden, weight = _check_model(student_prefix, student_hidden, student_weight)
@@ -188,11 +190,12 @@ def validate_stats_inputs(
         kind = DIV_REVERSE_KL
 
     if num_tokens > 0:
-        out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+        limit = target_vocab_size or vocab_size
+        out_of_range = ((targets < 0) | (targets >= limit)) & (targets != ignore_index)
         if bool(out_of_range.any()):
             bad = targets[out_of_range][:3].tolist()
             raise ValueError(
-                f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {bad}"
+                f"targets must lie in [0, {limit}) or equal ignore_index={ignore_index}; found {bad}"
             )
     return StatsProblem(
         num_tokens=num_tokens,

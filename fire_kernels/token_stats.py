@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import chunked, triton_token_stats
+from . import chunked, triton_token_stats, vocab_parallel
 from ._validation import DIV_NONE, StatsProblem, validate_stats_inputs
 from .reference import reference_stats
 
@@ -120,15 +120,26 @@ class FusedTokenStatsFunction(torch.autograd.Function):
 
 def _stats(
     student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
-    temperature, divergence, jsd_beta, ignore_index, backend, student_prefix, heads,
+    temperature, divergence, jsd_beta, ignore_index, backend, student_prefix, heads, vocab_process_group=None,
 ):
+    global_vocab = None
+    if vocab_process_group is not None:
+        if backend not in ("auto", "chunked"):
+            raise ValueError(f"vocab_process_group runs on the chunked backend (backend='auto' or 'chunked'), got "
+                             f"backend={backend!r}")
+        if isinstance(student_weight, torch.Tensor) and student_weight.dim() == 2:
+            global_vocab = vocab_parallel.shard_offset(student_weight.shape[0], vocab_process_group)[1]
     problem = validate_stats_inputs(
         student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
         temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
-        backend=backend, student_prefix=student_prefix, **heads,
+        backend=backend, student_prefix=student_prefix, target_vocab_size=global_vocab, **heads,
     )
-    backend = resolve_backend(backend, student_hidden.device)
     student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
+    if vocab_process_group is not None:
+        return vocab_parallel.vocab_parallel_stats(problem, student_hidden, student_weight, targets, teacher_hidden,
+                                                   teacher_weight, s_bias=student_bias, t_bias=teacher_bias,
+                                                   group=vocab_process_group)
+    backend = resolve_backend(backend, student_hidden.device)
     if backend == "reference":
         return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
                                student_bias=student_bias, teacher_bias=teacher_bias)
@@ -156,6 +167,7 @@ def token_stats(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    vocab_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target token and full-vocab entropy of softmax(z), with logits
     z = logit_softcap * tanh(((hidden @ weight.T + bias) * logit_scale) / logit_softcap) / temperature.
@@ -168,6 +180,11 @@ def token_stats(
         logit_scale: multiplies the logits (Cohere's `logit_scale`; Granite divides by
             `logits_scaling`: pass its reciprocal).
         logit_softcap: None, or Gemma 2/3's `final_logit_softcapping`.
+        vocab_process_group: a torch.distributed group over which the vocabulary is sharded: each
+            rank passes its contiguous shard of lm_head rows (and bias) in rank order, the full
+            hidden states and the global targets, and gets the unsharded outputs; the weight
+            gradient is the rank's shard's, the hidden-state gradient is complete on every rank
+            (fire_kernels/vocab_parallel.py; chunked backend; O(N) floats communicated per statistic).
     Returns:
         (logprob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
         w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").
@@ -176,6 +193,7 @@ def token_stats(
         hidden, weight, targets, None, None, temperature=temperature, divergence=None, jsd_beta=0.5,
         ignore_index=ignore_index, backend=backend, student_prefix="",
         heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap),
+        vocab_process_group=vocab_process_group,
     )
     return logprob, entropy
 
@@ -198,6 +216,7 @@ def teacher_student_stats(
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_logit_scale: float = 1.0,
     teacher_logit_softcap: Optional[float] = None,
+    vocab_process_group=None,
 ) -> TeacherStudentStats:
     """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
 
@@ -209,6 +228,8 @@ def teacher_student_stats(
             or "jsd" (generalized JSD; `jsd_beta` 0 is forward KL, 1 is reverse KL, as in TRL / Liger).
         bias, logit_scale, logit_softcap: the student's head, as in `token_stats`; the
             `teacher_` ones are the teacher's (its bias gets no gradient).
+        vocab_process_group: vocabulary-sharded lm_heads of student and teacher (the same rows on
+            each rank), as in `token_stats`; every divergence is exact.
     Returns:
         TeacherStudentStats of [N] tensors. Student outputs and the divergence are differentiable
         w.r.t. the student hidden states and weight; teacher outputs carry no gradient.
@@ -222,5 +243,6 @@ def teacher_student_stats(
         heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
                    teacher_bias=teacher_bias, teacher_logit_scale=teacher_logit_scale,
                    teacher_logit_softcap=teacher_logit_softcap),
+        vocab_process_group=vocab_process_group,
     )
     return TeacherStudentStats(*outputs)
