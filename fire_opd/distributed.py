@@ -1,6 +1,6 @@
 """Data parallelism for the trainer: process group from torchrun's environment, rollout chunks
-dealt to ranks, one gradient all-reduce per step, and rank-0 logging (DESIGN.md, "The trainer at
-scale").
+dealt to ranks, the update under DistributedDataParallel, and rank-0 logging (DESIGN.md, "The
+trainer at scale").
 
     torchrun --nproc_per_node K -m fire_opd train ...   (gloo on CPU, nccl on CUDA)
 
@@ -10,8 +10,9 @@ Reproducibility across world sizes: a step's prompts are cut into chunks of
 `rollout_chunk_prompts` prompts; chunk c of step s is sampled with its own seed
 (seed, s, c), whatever rank holds it, and rank r holds chunks [r n / K, (r + 1) n / K). The FiRe
 statistics are reduced over all ranks (fire_opd.loss), the loss of every rank is normalized by
-the global count, and the gradients are summed over ranks: 1 or K processes give the same
-rollouts, statistics and parameters up to floating-point reduction order.
+the global count, and DistributedDataParallel averages the gradients (the loss is scaled by K):
+1 or K processes give the same rollouts, statistics and parameters up to floating-point
+reduction order.
 """
 
 from __future__ import annotations
@@ -70,20 +71,48 @@ def my_chunks(num_chunks: int, rank: int, world: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
-def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Sum every gradient over ranks, in flat buckets of one dtype (one collective per dtype)."""
+def wrap_ddp(model: torch.nn.Module, device: torch.device):
+    """DistributedDataParallel around the student when several processes run, else None. Buffers
+    are not broadcast (decoder LMs have no running statistics)."""
     if not active():
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])
-        count(flat)
-        dist.all_reduce(flat)
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def forward_through(wrapper, module: torch.nn.Module, fn, *args, **kwargs):
+    """`fn(*args)` run as the forward of `wrapper` (DDP), so that DDP's forward and backward hooks
+    see it, although `fn` computes hidden states rather than the module's logits (the fused loss
+    needs no logits). Without a wrapper, just `fn(*args)`."""
+    if wrapper is None:
+        return fn(*args, **kwargs)
+    original = module.forward
+
+    def redirected(*_args, **_kwargs):
+        module.forward = original
+        return fn(*args, **kwargs)
+
+    module.forward = redirected
+    try:
+        return wrapper()
+    finally:
+        module.forward = original
+
+
+def count_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Record the gradient payload DDP all-reduced (every gradient once per step)."""
+    count(*[p.grad for p in parameters if p.grad is not None])
+
+
+def max_over_ranks(value: int) -> int:
+    if not active():
+        return value
+    t = torch.tensor([value])
+    count(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def mean_over_ranks(metrics: dict[str, float], *, summed: Iterable[str] = ()) -> dict[str, float]:

@@ -95,6 +95,8 @@ class FireOPDTrainer:
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
         route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
 
+        # data-parallel update: DDP (gloo on CPU, nccl on CUDA) under torchrun, nothing otherwise
+        self.ddp = distributed.wrap_ddp(self.student, self.device)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
@@ -272,7 +274,12 @@ class FireOPDTrainer:
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, loss_metrics = 0.0, {}
-        for teacher_name, rows in micro_batches:
+        # Under DDP every process runs the same number of micro-batches (the last one syncs the
+        # gradients); a process with fewer (multi-teacher routing) repeats its first with weight 0.
+        count = distributed.max_over_ranks(len(micro_batches)) if self.ddp is not None else len(micro_batches)
+        for index in range(count):
+            padding = index >= len(micro_batches)
+            teacher_name, rows = micro_batches[0 if padding else index]
             if cfg.stats_scope == "micro_batch":
                 # The released code's behaviour: statistics inside each micro-batch (of this
                 # process: no collective), each micro-batch's loss averaged over its own tokens,
@@ -281,29 +288,37 @@ class FireOPDTrainer:
                                                teacher_entropy[rows], mask[rows], group_ids=group_ids[rows],
                                                process_group=LOCAL, **fire_args)
                 part_normalizer, scale = None, 1 / (len(micro_batches) * self.world_size)
-                metrics = _accumulate(metrics, part.metrics, len(micro_batches))
+                if not padding:
+                    metrics = _accumulate(metrics, part.metrics, len(micro_batches))
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
             ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
-            with self._autocast():
-                hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
-            head = lm_head(self.student).to(hidden.dtype)
-            if dense:
-                teacher = self.teachers[teacher_name]
-                with torch.no_grad(), self._autocast():
-                    teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
-                loss, mb_metrics = self.loss_fn.dense(
-                    hidden, head, teacher_hidden, lm_head(teacher).to(teacher_hidden.dtype),
-                    rollouts.response_ids[rows], dense_coefficients(part, cfg.loss_agg_mode, part_normalizer),
-                    part.loss_mask)
-            else:
-                loss, mb_metrics = self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows],
-                                                part.advantages, part.loss_mask, normalizer=part_normalizer)
-            (loss * scale).backward()
-            total_loss += float(loss.detach()) * scale
-            loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
-        # every rank's loss is normalized by the global count: the sum over ranks is the batch gradient
-        distributed.all_reduce_gradients(self.student.parameters())
+            sync = self.ddp is None or index == count - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                with self._autocast():  # through DDP's forward (hooks), computing hidden states only
+                    hidden = distributed.forward_through(self.ddp, self.student, response_hidden_states,
+                                                         self.student, ids, attn, rollouts.prompt_len)
+                head = lm_head(self.student).to(hidden.dtype)
+                if dense:
+                    teacher = self.teachers[teacher_name]
+                    with torch.no_grad(), self._autocast():
+                        teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
+                    loss, mb_metrics = self.loss_fn.dense(
+                        hidden, head, teacher_hidden, lm_head(teacher).to(teacher_hidden.dtype),
+                        rollouts.response_ids[rows], dense_coefficients(part, cfg.loss_agg_mode, part_normalizer),
+                        part.loss_mask)
+                else:
+                    loss, mb_metrics = self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows],
+                                                    part.advantages, part.loss_mask, normalizer=part_normalizer)
+                # every process's loss is normalized by the global count, and DDP averages the
+                # gradients over processes: times world_size, the result is the batch gradient
+                weight = 0.0 if padding else scale * (self.world_size if self.ddp is not None else 1)
+                (loss * weight).backward()
+            if not padding:
+                total_loss += float(loss.detach()) * scale
+                loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
+        if self.ddp is not None:
+            distributed.count_gradients(self.student.parameters())
         total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
         loss_metrics = distributed.mean_over_ranks(loss_metrics)
         if cfg.stats_scope == "micro_batch":

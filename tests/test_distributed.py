@@ -60,6 +60,9 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective):
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for name in a:
         assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-5, name
+    gradient_bytes = 4 * sum(t.numel() for t in a.values())  # DDP all-reduced every fp32 gradient each step
+    assert all(r["train/comm_bytes"] == 0 for r in rows_one)
+    assert all(gradient_bytes <= r["train/comm_bytes"] < gradient_bytes + 10_000 for r in rows_two)
     assert json.loads((tmp_path / "two" / "final" / "trainer_state.json").read_text())["world_size"] == 2
 
 
