@@ -100,6 +100,28 @@ def test_a_resumed_run_may_change_the_process_count(tmp_path):
         assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-4, name
 
 
+def test_one_rank_failing_mid_run_ends_the_job_with_its_error(tmp_path):
+    """Rank 1 raises during step 2 (from a verifier, so nothing in the trainer knows): torchrun
+    ends the whole job, rank 0 is not left waiting in a collective, and the error is printed."""
+    (tmp_path / "flaky_verifier.py").write_text(
+        "import os\n"
+        "calls = 0\n"
+        "def score(completion, answer, row):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if os.environ.get('RANK') == '1' and calls > 8:\n"
+        "        raise MemoryError('rank 1 ran out of memory (simulated)')\n"
+        "    return float(completion.strip() == answer)\n")
+    _config(tmp_path, steps=50, verifier="flaky_verifier:score")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fire_opd",
+           "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir", str(tmp_path / "flaky")]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    assert "rank 1 ran out of memory (simulated)" in out.stderr
+    assert not (tmp_path / "flaky" / "final").exists()
+
+
 def test_chunks_that_cannot_be_dealt_and_failing_ranks_end_the_job(tmp_path):
     _config(tmp_path, rollout_chunk_prompts=8)  # one chunk, two processes
     out = _run(tmp_path, "bad", 2)
