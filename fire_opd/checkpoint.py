@@ -38,16 +38,21 @@ _CHECKPOINT_NAME = re.compile(r"^(step-\d+|final)$")
 RUN_FILES = ("config.json", METRICS_FILE, "tensorboard")
 
 
-def save_checkpoint(path: str | Path, *, model, tokenizer, state: dict, tensor_state: dict) -> Path:
+def save_checkpoint(path: str | Path, *, model, tokenizer, state: dict, tensor_state: dict,
+                    weights: Optional[dict] = None) -> Path:
     """Write a checkpoint atomically. `state` must be JSON-serializable; `tensor_state` holds
-    tensors (and plain containers of numbers) only."""
+    tensors (and plain containers of numbers) only; `weights`: the model's full state dict when
+    its parameters are sharded (FSDP), else the model's own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    if weights is not None:
+        model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     torch.save(tensor_state, tmp / TENSOR_STATE_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -75,21 +80,26 @@ def read_state(path: str | Path) -> dict:
     return json.loads(state_file.read_text())
 
 
-def load_checkpoint(path: str | Path, *, model, device: torch.device) -> tuple[dict, dict]:
-    """Load the student's weights from `path` into `model`; return (state, tensor_state)."""
+def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.device) -> tuple[dict, dict]:
+    """Load the student's weights (and the optimizer state) from `path` into `model` (plain, DDP's
+    module or FSDP-sharded); return (state, tensor_state)."""
     from safetensors.torch import load_file
+
+    from .distributed import load_full_state_dicts
 
     path = Path(path)
     state = read_state(path)
     weights = {}
     for shard in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(str(shard), device=str(device)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied]
+        weights.update(load_file(str(shard), device="cpu"))
+    names = set(model.state_dict())
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a tied head is saved once, as its embedding
+    missing = sorted(names - set(weights) - tied)
+    unexpected = sorted(set(weights) - names)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
-    tensor_state = torch.load(path / TENSOR_STATE_FILE, map_location=device, weights_only=True)
+    tensor_state = torch.load(path / TENSOR_STATE_FILE, map_location="cpu", weights_only=True)
+    load_full_state_dicts(model, optimizer, weights, tensor_state["optimizer"] if optimizer is not None else None)
     return state, tensor_state
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
     teacher_dtype: Optional[str] = None  # teachers' parameter dtype (default: dtype), e.g. bfloat16 teachers
     #                                      for a float32 student: half the teacher memory
     gradient_checkpointing: bool = False  # the student's own activation checkpointing (recompute in backward)
+    parallel: str = "ddp"  # under torchrun: "ddp" (every process holds the student) or "fsdp" (FSDP2: each holds
+    #                        1 / K of the student's parameters, gradients and optimizer state); teachers are
+    #                        replicated either way (each process scores its own rollouts, no communication)
     backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
     fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
     threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
@@ -138,6 +141,8 @@ class TrainConfig:
                              f"({self.rollout_chunk_prompts})")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
         if self.eval_samples < 1 or self.eval_temperature < 0 or not 0 < self.eval_top_p <= 1:

@@ -18,6 +18,7 @@ reduction order.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -71,21 +72,88 @@ def my_chunks(num_chunks: int, rank: int, world: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device):
-    """DistributedDataParallel around the student when several processes run, else None. Buffers
-    are not broadcast (decoder LMs have no running statistics)."""
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp"):
+    """The student's data-parallel wrapper when several processes run, else None.
+
+    "ddp": DistributedDataParallel (every process holds the whole student; buffers are not
+    broadcast, decoder LMs have no running statistics). "fsdp": FSDP2 (`fully_shard`) on every
+    decoder layer (the model's `_no_split_modules` classes) and on the whole model, so each
+    process holds 1 / K of the parameters, gradients and optimizer state; the returned wrapper is
+    the model itself."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if not active():
         return None
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(f"parallel: fsdp found no decoder layers in {type(model).__name__} (its "
+                             "_no_split_modules names none); use parallel: ddp")
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+def is_fsdp(wrapper) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(wrapper, FSDPModule)
+
+
+@contextmanager
+def gradient_sync(wrapper, sync: bool):
+    """Accumulate gradients locally (sync=False) or reduce them in this backward (sync=True)."""
+    if wrapper is None or sync:
+        yield
+    elif is_fsdp(wrapper):
+        wrapper.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapper.set_requires_gradient_sync(True)
+    else:
+        with wrapper.no_sync():
+            yield
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full tensors on CPU, optimizer keyed by parameter
+    names: the same format for one process, DDP and FSDP (a collective under FSDP: every rank
+    calls it; rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Inverse of `full_state_dicts`: every rank passes the full dicts it read from disk."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
 def forward_through(wrapper, module: torch.nn.Module, fn, *args, **kwargs):
-    """`fn(*args)` run as the forward of `wrapper` (DDP), so that DDP's forward and backward hooks
-    see it, although `fn` computes hidden states rather than the module's logits (the fused loss
-    needs no logits). Without a wrapper, just `fn(*args)`."""
+    """`fn(*args)` run as the forward of `wrapper` (DDP or FSDP2), so that the wrapper's forward
+    and backward hooks see it although `fn` computes hidden states and the fused loss, not the
+    module's logits. Under FSDP2 the root's parameters (embeddings, lm_head) are gathered only
+    inside this forward, so `fn` must use the lm_head there. Without a wrapper, `fn(*args)`."""
     if wrapper is None:
         return fn(*args, **kwargs)
     original = module.forward
@@ -99,6 +167,11 @@ def forward_through(wrapper, module: torch.nn.Module, fn, *args, **kwargs):
         return wrapper()
     finally:
         module.forward = original
+
+
+def local_numel(parameters: Iterable[torch.nn.Parameter]) -> int:
+    """Parameters this process holds: its shards under FSDP, everything otherwise."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parameters)
 
 
 def count_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -95,8 +95,9 @@ class FireOPDTrainer:
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
         route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
 
-        # data-parallel update: DDP (gloo on CPU, nccl on CUDA) under torchrun, nothing otherwise
-        self.ddp = distributed.wrap_ddp(self.student, self.device)
+        # data-parallel update under torchrun (DDP or FSDP2; gloo on CPU, nccl on CUDA), nothing otherwise
+        self.wrapper = distributed.wrap(self.student, self.device, config.parallel)
+        self.fsdp = self.wrapper is not None and distributed.is_fsdp(self.wrapper)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
@@ -139,8 +140,9 @@ class FireOPDTrainer:
                 metrics = self.train_step()
                 self.step += 1
                 last = self.step == cfg.steps
-                if self.is_main and self.eval_problems and ((cfg.eval_every and self.step % cfg.eval_every == 0)
-                                                            or last):
+                # under FSDP every process takes part in generation (it gathers shards); rank 0 logs
+                if (self.is_main or self.fsdp) and self.eval_problems and (
+                        (cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                     metrics.update(self.evaluate())
                 self.log(metrics)
                 saved = (cfg.save_every and self.step % cfg.save_every == 0) or last
@@ -193,6 +195,7 @@ class FireOPDTrainer:
             "train/step": self.step + 1,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/world_size": float(self.world_size),
+            "train/student_params_per_process": float(distributed.local_numel(self.student.parameters())),
             "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
             "train/tokens_per_s": local["train/tokens"] / max(t_update - t0, 1e-9),
             "train/comm_bytes": float(distributed.COMM_BYTES[0] - comm0),  # this process's collective payload
@@ -223,21 +226,28 @@ class FireOPDTrainer:
         cfg = self.config
         routes = route_rows(keys, self.teachers, default=self.default_teacher)
         ids, attn, mask = rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
-        student_head = lm_head(self.student)
-        per_teacher = {}
-        for name, rows in routes.items():
-            teacher, teacher_head = self.teachers[name], lm_head(self.teachers[name])
-            parts = []
-            for chunk in rows.split(cfg.micro_batch_size):
-                chunk = chunk.to(self.device)
+        per_teacher: dict = {}
+        work = [(name, chunk.to(self.device)) for name, rows in routes.items()
+                for chunk in rows.split(cfg.micro_batch_size)]
+        # under FSDP every process runs the same number of student forwards (they gather shards)
+        count = distributed.max_over_ranks(len(work)) if self.fsdp else len(work)
+        for index in range(count):
+            name, chunk = work[min(index, len(work) - 1)]
+            teacher = self.teachers[name]
+            with self._autocast():
+                t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
+
+            def student_stats():  # inside the student's (FSDP) forward: its lm_head is gathered there
                 with self._autocast():
                     s_h = response_hidden_states(self.student, ids[chunk], attn[chunk], rollouts.prompt_len)
-                    t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
-                stats = response_token_stats(s_h, student_head.to(s_h.dtype), rollouts.response_ids[chunk],
-                                             mask[chunk], t_h, teacher_head.to(t_h.dtype),
-                                             temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend)
-                parts.append(stats)
-            per_teacher[name] = tuple(torch.cat(column) for column in zip(*parts))
+                return response_token_stats(s_h, lm_head(self.student).to(s_h.dtype), rollouts.response_ids[chunk],
+                                            mask[chunk], t_h, lm_head(teacher).to(t_h.dtype),
+                                            temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend)
+
+            stats = distributed.forward_through(self.wrapper if self.fsdp else None, self.student, student_stats)
+            if index < len(work):
+                per_teacher.setdefault(name, []).append(stats)
+        per_teacher = {name: tuple(torch.cat(column) for column in zip(*parts)) for name, parts in per_teacher.items()}
         return scatter_rows(per_teacher, routes, batch_size=len(keys))
 
     def update(self, rollouts: Rollouts, keys: list[Optional[str]], old_log_prob, student_entropy, teacher_log_prob,
@@ -276,7 +286,7 @@ class FireOPDTrainer:
         total_loss, loss_metrics = 0.0, {}
         # Under DDP every process runs the same number of micro-batches (the last one syncs the
         # gradients); a process with fewer (multi-teacher routing) repeats its first with weight 0.
-        count = distributed.max_over_ranks(len(micro_batches)) if self.ddp is not None else len(micro_batches)
+        count = distributed.max_over_ranks(len(micro_batches)) if self.wrapper is not None else len(micro_batches)
         for index in range(count):
             padding = index >= len(micro_batches)
             teacher_name, rows = micro_batches[0 if padding else index]
@@ -293,31 +303,34 @@ class FireOPDTrainer:
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
             ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
-            sync = self.ddp is None or index == count - 1
-            with nullcontext() if sync else self.ddp.no_sync():
-                with self._autocast():  # through DDP's forward (hooks), computing hidden states only
-                    hidden = distributed.forward_through(self.ddp, self.student, response_hidden_states,
-                                                         self.student, ids, attn, rollouts.prompt_len)
+            sync = self.wrapper is None or index == count - 1
+            teacher_hidden = None
+            if dense:
+                with torch.no_grad(), self._autocast():
+                    teacher_hidden = response_hidden_states(self.teachers[teacher_name], ids, attn, rollouts.prompt_len)
+
+            def micro_batch_loss():  # run as the student wrapper's forward (DDP / FSDP hooks see it)
+                with self._autocast():
+                    hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
                 head = lm_head(self.student).to(hidden.dtype)
                 if dense:
-                    teacher = self.teachers[teacher_name]
-                    with torch.no_grad(), self._autocast():
-                        teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
-                    loss, mb_metrics = self.loss_fn.dense(
-                        hidden, head, teacher_hidden, lm_head(teacher).to(teacher_hidden.dtype),
+                    return self.loss_fn.dense(
+                        hidden, head, teacher_hidden, lm_head(self.teachers[teacher_name]).to(teacher_hidden.dtype),
                         rollouts.response_ids[rows], dense_coefficients(part, cfg.loss_agg_mode, part_normalizer),
                         part.loss_mask)
-                else:
-                    loss, mb_metrics = self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows],
-                                                    part.advantages, part.loss_mask, normalizer=part_normalizer)
-                # every process's loss is normalized by the global count, and DDP averages the
+                return self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows], part.advantages,
+                                    part.loss_mask, normalizer=part_normalizer)
+
+            with distributed.gradient_sync(self.wrapper, sync):
+                loss, mb_metrics = distributed.forward_through(self.wrapper, self.student, micro_batch_loss)
+                # every process's loss is normalized by the global count, and DDP / FSDP average the
                 # gradients over processes: times world_size, the result is the batch gradient
-                weight = 0.0 if padding else scale * (self.world_size if self.ddp is not None else 1)
+                weight = 0.0 if padding else scale * (self.world_size if self.wrapper is not None else 1)
                 (loss * weight).backward()
             if not padding:
                 total_loss += float(loss.detach()) * scale
                 loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
-        if self.ddp is not None:
+        if self.wrapper is not None:
             distributed.count_gradients(self.student.parameters())
         total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
         loss_metrics = distributed.mean_over_ranks(loss_metrics)
@@ -377,24 +390,27 @@ class FireOPDTrainer:
     def save_checkpoint(self, path: str | Path) -> Path:
         """The student and tokenizer in Hugging Face format plus the trainer's state, written
         atomically by rank 0 (fire_opd/checkpoint.py); then prunes step checkpoints beyond
-        `keep_last`. Every rank holds the same weights and optimizer state, so one copy serves
-        a resume with any number of processes."""
+        `keep_last`. Weights and optimizer state are saved whole (gathered from the shards under
+        FSDP), so one copy serves a resume with any number of processes and either mode, and the
+        model folder loads into a single process with `from_pretrained`."""
         path = Path(path)
+        weights, optimizer_state = distributed.full_state_dicts(self.student, self.optimizer)  # all ranks (FSDP)
         if self.is_main:
             python_rng, tensor_rng = checkpoint.rng_state()
             state = {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history,
                      "config": self.config.to_dict(), "scheduler": self.scheduler.state_dict(),
                      "python_rng": python_rng, "world_size": self.world_size}
             checkpoint.save_checkpoint(path, model=self.student, tokenizer=self.tokenizer, state=state,
-                                       tensor_state={"optimizer": self.optimizer.state_dict(), "rng": tensor_rng})
+                                       tensor_state={"optimizer": optimizer_state, "rng": tensor_rng},
+                                       weights=weights)
             if path.parent == self.output_dir:
                 checkpoint.prune_checkpoints(self.output_dir, self.config.keep_last)
         distributed.barrier()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state, tensors = checkpoint.load_checkpoint(path, model=self.student, device=self.device)
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        state, tensors = checkpoint.load_checkpoint(path, model=self.student, optimizer=self.optimizer,
+                                                    device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         self.skipped_steps = state["skipped_steps"]

@@ -138,7 +138,9 @@ def test_trainer_state_loads_no_pickled_code(tmp_path):
 
     torch.save({"optimizer": Exploit()}, path / checkpoint.TENSOR_STATE_FILE)
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
-        checkpoint.load_checkpoint(path, model=torch.nn.Linear(2, 2, bias=False), device=torch.device("cpu"))
+        model = torch.nn.Linear(2, 2, bias=False)
+        checkpoint.load_checkpoint(path, model=model, optimizer=torch.optim.SGD(model.parameters()),
+                                   device=torch.device("cpu"))
     assert not (tmp_path / "pwned").exists()
     (path / checkpoint.STATE_FILE).unlink()
     (path / "trainer_state.pt").write_bytes(b"old")

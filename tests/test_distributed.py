@@ -41,9 +41,11 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
-def test_one_and_two_processes_train_the_same_model(tmp_path, objective):
-    _config(tmp_path, objective=objective)
+@pytest.mark.parametrize("objective,parallel", [("full_vocab", "ddp"), ("sampled", "ddp"), ("full_vocab", "fsdp")])
+def test_one_and_two_processes_train_the_same_model(tmp_path, objective, parallel):
+    """DDP and FSDP2 (each process holds half the student) match one process; the FSDP run's
+    checkpoint is a whole Hugging Face model folder."""
+    _config(tmp_path, objective=objective, parallel=parallel)
     one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
@@ -60,20 +62,27 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective):
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for name in a:
         assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-5, name
-    gradient_bytes = 4 * sum(t.numel() for t in a.values())  # DDP all-reduced every fp32 gradient each step
     assert all(r["train/comm_bytes"] == 0 for r in rows_one)
-    assert all(gradient_bytes <= r["train/comm_bytes"] < gradient_bytes + 10_000 for r in rows_two)
+    if parallel == "ddp":
+        gradient_bytes = 4 * sum(t.numel() for t in a.values())  # DDP all-reduced every fp32 gradient each step
+        assert all(gradient_bytes <= r["train/comm_bytes"] < gradient_bytes + 10_000 for r in rows_two)
+    held = rows_two[0]["train/student_params_per_process"] / rows_one[0]["train/student_params_per_process"]
+    assert held == pytest.approx(0.5 if parallel == "fsdp" else 1.0, abs=0.01)  # FSDP2 shards, DDP replicates
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "final"))  # whole, loadable by one process
     assert json.loads((tmp_path / "two" / "final" / "trainer_state.json").read_text())["world_size"] == 2
 
 
-def test_a_resumed_run_may_change_the_process_count(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_resumed_run_may_change_the_process_count(tmp_path, parallel):
     """Rollouts depend on (seed, step, chunk) only: a 2-process run preempted with SIGTERM (torchrun
     forwards it; every rank stops at the same step boundary with one checkpoint) and resumed by one
     process ends where a 1-process run does, and the log says the count changed."""
     import signal
     import time
 
-    _config(tmp_path, steps=8, save_every=2, objective="full_vocab")
+    _config(tmp_path, steps=8, save_every=2, objective="full_vocab", parallel=parallel)
     whole = _run(tmp_path, "whole", 1)
     assert whole.returncode == 0, whole.stderr[-2000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fire_opd",
