@@ -3,7 +3,7 @@ the bytes each process hands to collectives per step, measured, next to the form
 
     python benchmarks/bench_distributed.py [--processes 1 2] [--steps 4]
 
-Models: the demo's shipped student and teacher (V = 18, 0.28M parameters) and a random
+Modes: one process; DDP and FSDP2 (`parallel: fsdp`) with K processes. Models: the demo's shipped student and teacher (V = 18, 0.28M parameters) and a random
 Llama-style pair with a Qwen-sized vocabulary (V = 151,936, 79M-parameter student), saved to a
 temporary folder and trained through `fire-opd train` exactly as a user would. Every process runs
 one torch thread, so K processes use K cores; the global batch (prompts_per_step) is the same for
@@ -57,15 +57,15 @@ def _models(workdir: Path) -> dict[str, dict]:
     return out
 
 
-def run(name: str, spec: dict, processes: int, steps: int, workdir: Path) -> dict:
-    config = {**spec, "steps": steps, "rollout_chunk_prompts": spec["prompts_per_step"] // 2, "lr": 1e-5,
+def run(name: str, spec: dict, processes: int, steps: int, workdir: Path, parallel: str = "ddp") -> dict:
+    config = {**spec, "steps": steps, "parallel": parallel, "rollout_chunk_prompts": spec["prompts_per_step"] // 2, "lr": 1e-5,
               "warmup_steps": 0, "eval_every": 0, "eval_size": 0, "progress": False, "tensorboard": False,
               "threads": 1, "seed": 0, "overwrite": True, "objective": "full_vocab"}
-    cfg = workdir / f"{name}-{processes}.yaml"
+    cfg = workdir / f"{name}-{processes}-{parallel}.yaml"
     import yaml
 
     cfg.write_text(yaml.safe_dump(config))
-    out_dir = workdir / f"run-{name}-{processes}"
+    out_dir = workdir / f"run-{name}-{processes}-{parallel}"
     launcher = [sys.executable, "-m", "fire_opd"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
         "fire_opd"]
@@ -73,10 +73,12 @@ def run(name: str, spec: dict, processes: int, steps: int, workdir: Path) -> dic
     proc = subprocess.run([*launcher, "train", "--config", str(cfg), "--output-dir", str(out_dir)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
-        return {"model": name, "processes": processes, "error": proc.stderr.strip().splitlines()[-1][:200]}
+        return {"model": name, "processes": processes, "parallel": parallel,
+                "error": proc.stderr.strip().splitlines()[-1][:200]}
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()][1:]  # warm-up
     step_s = [r["time/sample_s"] + r["time/score_s"] + r["time/update_s"] for r in rows]
-    return {"model": name, "processes": processes, "step_s": statistics.median(step_s),
+    return {"model": name, "processes": processes, "parallel": parallel, "step_s": statistics.median(step_s),
+            "params_per_process": rows[-1]["train/student_params_per_process"],
             "tokens_per_s": statistics.median(r["train/tokens"] / s for r, s in zip(rows, step_s)),
             "comm_bytes": statistics.median(r["train/comm_bytes"] for r in rows),
             "student_parameters": _parameters(spec["student"])}
@@ -109,17 +111,23 @@ def main(argv=None) -> int:
         models = _models(workdir)
         for name in args.models:
             for k in args.processes:
-                rows.append(run(name, models[name], k, args.steps, workdir))
-                print(rows[-1], flush=True)
-    lines = ["| model | student params | processes | step (s) | tokens/s | collective payload per process per step "
-             "(MiB) | of which gradients 4P (MiB) |", "|---|---|---|---|---|---|---|"]
+                for parallel in (("ddp", "fsdp") if k > 1 else ("ddp",)):
+                    rows.append(run(name, models[name], k, args.steps, workdir, parallel))
+                    print(rows[-1], flush=True)
+    lines = ["| model | student params | processes | parallel | student params per process | step (s) | tokens/s | "
+             "collective payload per process per step (MiB) | of which gradients 4P (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        mode = r["parallel"] if r["processes"] > 1 else "-"
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['processes']} | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | | {r['processes']} | {mode} | error: {r['error'][:80]} | | | | |")
             continue
         grads = 4 * r["student_parameters"] if r["processes"] > 1 else 0
-        lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['processes']} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['comm_bytes'] / 2**20:.2f} | {grads / 2**20:.2f} |")
+        payload = f"{r['comm_bytes'] / 2**20:.2f}" if r["parallel"] == "ddp" else \
+            "not counted (FSDP's all-gathers and reduce-scatters)"
+        lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['processes']} | {mode} | "
+                     f"{r['params_per_process'] / 1e6:.3g}M | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {payload} | "
+                     f"{grads / 2**20:.2f} |")
     table = "\n".join(lines)
     print(table)
     device = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
