@@ -94,8 +94,11 @@ class TrainConfig:
     #                                      for a float32 student: half the teacher memory
     gradient_checkpointing: bool = False  # the student's own activation checkpointing (recompute in backward)
     parallel: str = "ddp"  # under torchrun: "ddp" (every process holds the student) or "fsdp" (FSDP2: each holds
-    #                        1 / K of the student's parameters, gradients and optimizer state); teachers are
-    #                        replicated either way (each process scores its own rollouts, no communication)
+    #                        1 / K of the student's parameters, gradients and optimizer state)
+    teacher_parallel: str = "replicate"  # under torchrun: "replicate" (default: each process scores its own rollouts
+    #                                      with a whole teacher, no communication) or "fsdp" (FSDP2: 1 / K of each
+    #                                      teacher per process, gathered layer by layer for every forward; for a
+    #                                      teacher that does not fit one device; needs fused_update)
     backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
     fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
     threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
@@ -143,6 +146,11 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.teacher_parallel not in ("replicate", "fsdp"):
+            raise ValueError(f"teacher_parallel must be 'replicate' or 'fsdp', got {self.teacher_parallel!r}")
+        if self.teacher_parallel == "fsdp" and not self.fused_update:
+            raise ValueError("teacher_parallel: fsdp needs fused_update: true (the unfused backward would read the "
+                             "teacher's lm_head after its shards were released)")
         if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
         if self.eval_samples < 1 or self.eval_temperature < 0 or not 0 < self.eval_top_p <= 1:

@@ -105,6 +105,16 @@ def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp"):
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+def wrap_teacher(model: torch.nn.Module, teacher_parallel: str = "replicate"):
+    """A frozen teacher sharded with FSDP2 ("fsdp": each process holds 1 / K of it, gathered layer
+    by layer for every forward) or left whole on every process ("replicate", None returned)."""
+    if teacher_parallel not in ("replicate", "fsdp"):
+        raise ValueError(f"teacher_parallel must be 'replicate' or 'fsdp', got {teacher_parallel!r}")
+    if teacher_parallel == "replicate" or not active():
+        return None
+    return wrap(model, torch.device("cpu"), "fsdp")
+
+
 def is_fsdp(wrapper) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -177,6 +187,16 @@ def local_numel(parameters: Iterable[torch.nn.Parameter]) -> int:
 def count_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Record the gradient payload DDP all-reduced (every gradient once per step)."""
     count(*[p.grad for p in parameters if p.grad is not None])
+
+
+def max_over_ranks_each(values: list[int]) -> list[int]:
+    """Element-wise maximum over ranks of a list of counts (one collective)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    count(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
 def max_over_ranks(value: int) -> int:

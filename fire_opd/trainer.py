@@ -98,6 +98,8 @@ class FireOPDTrainer:
         # data-parallel update under torchrun (DDP or FSDP2; gloo on CPU, nccl on CUDA), nothing otherwise
         self.wrapper = distributed.wrap(self.student, self.device, config.parallel)
         self.fsdp = self.wrapper is not None and distributed.is_fsdp(self.wrapper)
+        self.teacher_wrappers = {name: wrapper for name, teacher in self.teachers.items()
+                                 if (wrapper := distributed.wrap_teacher(teacher, config.teacher_parallel)) is not None}
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
@@ -196,6 +198,8 @@ class FireOPDTrainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/world_size": float(self.world_size),
             "train/student_params_per_process": float(distributed.local_numel(self.student.parameters())),
+            "train/teacher_params_per_process": float(sum(distributed.local_numel(t.parameters())
+                                                          for t in self.teachers.values())),
             "time/sample_s": t_sample - t0, "time/score_s": t_score - t_sample, "time/update_s": t_update - t_score,
             "train/tokens_per_s": local["train/tokens"] / max(t_update - t0, 1e-9),
             "train/comm_bytes": float(distributed.COMM_BYTES[0] - comm0),  # this process's collective payload
@@ -227,25 +231,24 @@ class FireOPDTrainer:
         routes = route_rows(keys, self.teachers, default=self.default_teacher)
         ids, attn, mask = rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
         per_teacher: dict = {}
-        work = [(name, chunk.to(self.device)) for name, rows in routes.items()
-                for chunk in rows.split(cfg.micro_batch_size)]
-        # under FSDP every process runs the same number of student forwards (they gather shards)
-        count = distributed.max_over_ranks(len(work)) if self.fsdp else len(work)
-        for index in range(count):
-            name, chunk = work[min(index, len(work) - 1)]
+        for name, chunk, padding in self._aligned_micro_batches(routes, self.device):
             teacher = self.teachers[name]
-            with self._autocast():
-                t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
 
-            def student_stats():  # inside the student's (FSDP) forward: its lm_head is gathered there
+            def student_stats(t_h):  # inside the student's (FSDP) forward: its lm_head is gathered there
                 with self._autocast():
                     s_h = response_hidden_states(self.student, ids[chunk], attn[chunk], rollouts.prompt_len)
                 return response_token_stats(s_h, lm_head(self.student).to(s_h.dtype), rollouts.response_ids[chunk],
                                             mask[chunk], t_h, lm_head(teacher).to(t_h.dtype),
                                             temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend)
 
-            stats = distributed.forward_through(self.wrapper if self.fsdp else None, self.student, student_stats)
-            if index < len(work):
+            def with_teacher():  # inside the teacher's forward when it is sharded
+                with self._autocast():
+                    t_h = response_hidden_states(teacher, ids[chunk], attn[chunk], rollouts.prompt_len)
+                return distributed.forward_through(self.wrapper if self.fsdp else None, self.student, student_stats,
+                                                   t_h)
+
+            stats = distributed.forward_through(self.teacher_wrappers.get(name), teacher, with_teacher)
+            if not padding:
                 per_teacher.setdefault(name, []).append(stats)
         per_teacher = {name: tuple(torch.cat(column) for column in zip(*parts)) for name, parts in per_teacher.items()}
         return scatter_rows(per_teacher, routes, batch_size=len(keys))
@@ -266,11 +269,11 @@ class FireOPDTrainer:
             # would hold [rollouts, response_len, D_t] activations through the whole update.
             # Micro-batches therefore hold rows of one teacher each.
             routes = route_rows(keys, self.teachers, default=self.default_teacher)
-            micro_batches = [(name, chunk.to(mask.device)) for name, rows in routes.items()
-                             for chunk in rows.split(cfg.micro_batch_size)]
+            micro_batches = self._aligned_micro_batches(routes, mask.device)
         else:
-            micro_batches = [(None, rows) for rows in
-                             torch.arange(mask.shape[0], device=mask.device).split(cfg.micro_batch_size)]
+            rows = torch.arange(mask.shape[0], device=mask.device).split(cfg.micro_batch_size)
+            count = distributed.max_over_ranks(len(rows)) if self.wrapper is not None else len(rows)
+            micro_batches = [(None, rows[min(i, len(rows) - 1)], i >= len(rows)) for i in range(count)]
         metrics: dict = {}
         if cfg.stats_scope == "batch":
             fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask,
@@ -284,12 +287,11 @@ class FireOPDTrainer:
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, loss_metrics = 0.0, {}
-        # Under DDP every process runs the same number of micro-batches (the last one syncs the
-        # gradients); a process with fewer (multi-teacher routing) repeats its first with weight 0.
-        count = distributed.max_over_ranks(len(micro_batches)) if self.wrapper is not None else len(micro_batches)
-        for index in range(count):
-            padding = index >= len(micro_batches)
-            teacher_name, rows = micro_batches[0 if padding else index]
+        # Every process runs the same micro-batches per teacher (the last one syncs the gradients);
+        # the padding ones (uneven routing) have weight 0.
+        count = len(micro_batches)
+        real = sum(1 for *_, padding in micro_batches if not padding)
+        for index, (teacher_name, rows, padding) in enumerate(micro_batches):
             if cfg.stats_scope == "micro_batch":
                 # The released code's behaviour: statistics inside each micro-batch (of this
                 # process: no collective), each micro-batch's loss averaged over its own tokens,
@@ -297,19 +299,15 @@ class FireOPDTrainer:
                 part = compute_fire_advantages(old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows],
                                                teacher_entropy[rows], mask[rows], group_ids=group_ids[rows],
                                                process_group=LOCAL, **fire_args)
-                part_normalizer, scale = None, 1 / (len(micro_batches) * self.world_size)
+                part_normalizer, scale = None, 1 / (real * self.world_size)
                 if not padding:
-                    metrics = _accumulate(metrics, part.metrics, len(micro_batches))
+                    metrics = _accumulate(metrics, part.metrics, real)
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
             ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
             sync = self.wrapper is None or index == count - 1
-            teacher_hidden = None
-            if dense:
-                with torch.no_grad(), self._autocast():
-                    teacher_hidden = response_hidden_states(self.teachers[teacher_name], ids, attn, rollouts.prompt_len)
 
-            def micro_batch_loss():  # run as the student wrapper's forward (DDP / FSDP hooks see it)
+            def micro_batch_loss(teacher_hidden):  # run as the student wrapper's forward (DDP / FSDP hooks)
                 with self._autocast():
                     hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
                 head = lm_head(self.student).to(hidden.dtype)
@@ -321,15 +319,25 @@ class FireOPDTrainer:
                 return self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows], part.advantages,
                                     part.loss_mask, normalizer=part_normalizer)
 
+            def with_teacher():  # run as the teacher's forward when it is sharded: its head is gathered here
+                teacher_hidden = None
+                if dense:
+                    with torch.no_grad(), self._autocast():
+                        teacher_hidden = response_hidden_states(self.teachers[teacher_name], ids, attn,
+                                                                rollouts.prompt_len)
+                return distributed.forward_through(self.wrapper, self.student, micro_batch_loss, teacher_hidden)
+
             with distributed.gradient_sync(self.wrapper, sync):
-                loss, mb_metrics = distributed.forward_through(self.wrapper, self.student, micro_batch_loss)
+                teacher_wrapper = self.teacher_wrappers.get(teacher_name) if dense else None
+                loss, mb_metrics = distributed.forward_through(teacher_wrapper, self.teachers.get(teacher_name),
+                                                               with_teacher)
                 # every process's loss is normalized by the global count, and DDP / FSDP average the
                 # gradients over processes: times world_size, the result is the batch gradient
                 weight = 0.0 if padding else scale * (self.world_size if self.wrapper is not None else 1)
                 (loss * weight).backward()
             if not padding:
                 total_loss += float(loss.detach()) * scale
-                loss_metrics = _accumulate(loss_metrics, mb_metrics, len(micro_batches))
+                loss_metrics = _accumulate(loss_metrics, mb_metrics, real)
         if self.wrapper is not None:
             distributed.count_gradients(self.student.parameters())
         total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
@@ -343,6 +351,21 @@ class FireOPDTrainer:
         self.scheduler.step()  # the schedule follows the step count either way
         return {**metrics, **loss_metrics, "train/loss": total_loss, "train/grad_norm": grad_norm,
                 "train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_steps)}
+
+    def _aligned_micro_batches(self, routes: dict, device) -> list[tuple[str, torch.Tensor, bool]]:
+        """(teacher, rows, padding) micro-batches, teacher by teacher in one order on every process.
+        Under torchrun every process runs as many micro-batches of each teacher as the process with
+        the most (DDP syncs once, FSDP gathers the same shards); the extra ones repeat some rows of
+        this process and are given weight 0."""
+        names = sorted(self.teachers)
+        local = {name: list(routes[name].to(device).split(self.config.micro_batch_size)) if name in routes else []
+                 for name in names}
+        counts = [len(local[name]) for name in names]
+        if self.wrapper is not None or self.teacher_wrappers:
+            counts = distributed.max_over_ranks_each(counts)
+        some_rows = next(chunk for chunks in local.values() for chunk in chunks)
+        return [(name, local[name][i] if i < len(local[name]) else (local[name] or [some_rows])[0],
+                 i >= len(local[name])) for name, count in zip(names, counts) for i in range(count)]
 
     def _skip_if_not_finite(self, loss: float, grad_norm: float) -> bool:
         """A step whose loss or gradient norm is not finite leaves the weights and the optimizer

@@ -41,11 +41,13 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective,parallel", [("full_vocab", "ddp"), ("sampled", "ddp"), ("full_vocab", "fsdp")])
-def test_one_and_two_processes_train_the_same_model(tmp_path, objective, parallel):
-    """DDP and FSDP2 (each process holds half the student) match one process; the FSDP run's
-    checkpoint is a whole Hugging Face model folder."""
-    _config(tmp_path, objective=objective, parallel=parallel)
+@pytest.mark.parametrize("objective,parallel,teacher_parallel", [
+    ("full_vocab", "ddp", "replicate"), ("sampled", "ddp", "replicate"), ("full_vocab", "fsdp", "replicate"),
+    ("full_vocab", "fsdp", "fsdp")])
+def test_one_and_two_processes_train_the_same_model(tmp_path, objective, parallel, teacher_parallel):
+    """DDP and FSDP2 (each process holds half the student, and with teacher_parallel: fsdp half of
+    each teacher) match one process; the FSDP run's checkpoint is a whole Hugging Face folder."""
+    _config(tmp_path, objective=objective, parallel=parallel, teacher_parallel=teacher_parallel)
     one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
@@ -68,6 +70,8 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective, paralle
         assert all(gradient_bytes <= r["train/comm_bytes"] < gradient_bytes + 10_000 for r in rows_two)
     held = rows_two[0]["train/student_params_per_process"] / rows_one[0]["train/student_params_per_process"]
     assert held == pytest.approx(0.5 if parallel == "fsdp" else 1.0, abs=0.01)  # FSDP2 shards, DDP replicates
+    held = rows_two[0]["train/teacher_params_per_process"] / rows_one[0]["train/teacher_params_per_process"]
+    assert held == pytest.approx(0.5 if teacher_parallel == "fsdp" else 1.0, abs=0.01)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "final"))  # whole, loadable by one process
