@@ -304,33 +304,10 @@ class FireOPDTrainer:
                     metrics = _accumulate(metrics, part.metrics, real)
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
-            ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
             sync = self.wrapper is None or index == count - 1
-
-            def micro_batch_loss(teacher_hidden):  # run as the student wrapper's forward (DDP / FSDP hooks)
-                with self._autocast():
-                    hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
-                head = lm_head(self.student).to(hidden.dtype)
-                if dense:
-                    return self.loss_fn.dense(
-                        hidden, head, teacher_hidden, lm_head(self.teachers[teacher_name]).to(teacher_hidden.dtype),
-                        rollouts.response_ids[rows], dense_coefficients(part, cfg.loss_agg_mode, part_normalizer),
-                        part.loss_mask)
-                return self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob[rows], part.advantages,
-                                    part.loss_mask, normalizer=part_normalizer)
-
-            def with_teacher():  # run as the teacher's forward when it is sharded: its head is gathered here
-                teacher_hidden = None
-                if dense:
-                    with torch.no_grad(), self._autocast():
-                        teacher_hidden = response_hidden_states(self.teachers[teacher_name], ids, attn,
-                                                                rollouts.prompt_len)
-                return distributed.forward_through(self.wrapper, self.student, micro_batch_loss, teacher_hidden)
-
             with distributed.gradient_sync(self.wrapper, sync):
-                teacher_wrapper = self.teacher_wrappers.get(teacher_name) if dense else None
-                loss, mb_metrics = distributed.forward_through(teacher_wrapper, self.teachers.get(teacher_name),
-                                                               with_teacher)
+                loss, mb_metrics = self._micro_batch_loss(rollouts, rows, teacher_name if dense else None, part,
+                                                          part_normalizer, old_log_prob[rows])
                 # every process's loss is normalized by the global count, and DDP / FSDP average the
                 # gradients over processes: times world_size, the result is the batch gradient
                 weight = 0.0 if padding else scale * (self.world_size if self.wrapper is not None else 1)
@@ -351,6 +328,36 @@ class FireOPDTrainer:
         self.scheduler.step()  # the schedule follows the step count either way
         return {**metrics, **loss_metrics, "train/loss": total_loss, "train/grad_norm": grad_norm,
                 "train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_steps)}
+
+    def _micro_batch_loss(self, rollouts: Rollouts, rows: torch.Tensor, teacher_name: Optional[str],
+                          part: FireAdvantages, normalizer: Optional[float], old_log_prob: torch.Tensor):
+        """(loss, metrics) of some rows: the dense divergence to `teacher_name`'s distribution, or
+        (teacher_name None) the clipped surrogate. Run as the student wrapper's forward (DDP / FSDP
+        hooks see it, FSDP gathers the lm_head), itself inside the teacher's forward when the
+        teacher is sharded."""
+        cfg = self.config
+        ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
+        teacher = self.teachers.get(teacher_name)
+
+        def student_loss(teacher_hidden):
+            with self._autocast():
+                hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
+            head = lm_head(self.student).to(hidden.dtype)
+            if teacher is not None:
+                return self.loss_fn.dense(hidden, head, teacher_hidden, lm_head(teacher).to(teacher_hidden.dtype),
+                                          rollouts.response_ids[rows],
+                                          dense_coefficients(part, cfg.loss_agg_mode, normalizer), part.loss_mask)
+            return self.loss_fn(hidden, head, rollouts.response_ids[rows], old_log_prob, part.advantages,
+                                part.loss_mask, normalizer=normalizer)
+
+        def with_teacher():
+            teacher_hidden = None
+            if teacher is not None:
+                with torch.no_grad(), self._autocast():
+                    teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
+            return distributed.forward_through(self.wrapper, self.student, student_loss, teacher_hidden)
+
+        return distributed.forward_through(self.teacher_wrappers.get(teacher_name), teacher, with_teacher)
 
     def _aligned_micro_batches(self, routes: dict, device) -> list[tuple[str, torch.Tensor, bool]]:
         """(teacher, rows, padding) micro-batches, teacher by teacher in one order on every process.
