@@ -18,7 +18,8 @@ shift:  A' = exp(m - m') * (A + (m - m') * S).  From the final state
     (evaluated as (K / S_p - (m_z - m_u)) - (log S_p - log S_q) to cancel exactly when p == q).
 
 The Triton backend splits the vocabulary across programs and writes one state per split;
-`merge_splits` combines them with the same rescaling rule.
+`merge_splits` combines them with the same rescaling rule, and `vocab_parallel.VocabShards`
+combines the states of vocabulary shards held by different ranks with it too.
 """
 
 from __future__ import annotations
@@ -73,9 +74,15 @@ def finalize(
     uy: Optional[torch.Tensor] = None,
     cross: Optional[torch.Tensor] = None,
     divergence: int = 0,
+    shards=None,
 ) -> RowStats:
     """Turn merged streaming state into log-probs, entropies and the divergence; rows where
-    `valid` is False give 0 (their targets are ignore_index)."""
+    `valid` is False give 0 (their targets are ignore_index). `shards` (a
+    `vocab_parallel.VocabShards`, or None) first merges the state of every rank's vocabulary
+    shard, so the results are the whole vocabulary's."""
+    if shards is not None:
+        m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, divergence = shards.merge_state(
+            m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, divergence)
     zero = torch.zeros((), dtype=m_s.dtype, device=m_s.device)
     lse_s = m_s + torch.log(s_s)
     lp_s = torch.where(valid, zy - lse_s, zero)

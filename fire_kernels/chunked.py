@@ -37,6 +37,7 @@ import torch
 from . import tile_fold
 from ._row_stats import RowStats, finalize
 from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, PLAIN_HEAD, HeadSpec, StatsProblem
+from .vocab_parallel import VocabShards, merged
 
 # Tile shape. Read at call time, so tests can shrink them to force many tiles on small shapes.
 DEFAULT_TOKEN_CHUNK = 1024
@@ -118,13 +119,17 @@ def chunked_forward(
     teacher_bias: Optional[torch.Tensor] = None,
     token_chunk: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
+    shards: Optional[VocabShards] = None,
 ) -> tuple[RowStats, Optional[torch.Tensor]]:
     """Streaming forward. Returns the row statistics and `div_aux`, the per-row scalar the
     divergence backward needs (KL(p||q) for reverse KL, KL(p||M) for JSD, else None).
-    On CUDA the tiles are folded by Triton kernels (`tile_fold`), here by torch ops."""
+    On CUDA the tiles are folded by Triton kernels (`tile_fold`), here by torch ops. With
+    `shards` the weights are this rank's vocabulary shard and the results the whole
+    vocabulary's (`vocab_parallel`)."""
     if tile_fold.enabled(student_hidden.device) and student_hidden.dtype != torch.float64:
         return tile_fold.fold_forward(problem, student_hidden, student_weight, targets, teacher_hidden,
-                                      teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
+                                      teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+                                      shards=shards)
     token_chunk = token_chunk or DEFAULT_TOKEN_CHUNK
     vocab_chunk = vocab_chunk or DEFAULT_VOCAB_CHUNK
     n, vocab = problem.num_tokens, problem.vocab_size
@@ -174,7 +179,7 @@ def chunked_forward(
             del u, e_t
 
     valid = targets != problem.ignore_index
-    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind)
+    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind, shards=shards)
     if kind == DIV_REVERSE_KL:
         return stats, stats.divergence
     if kind != DIV_JSD:
@@ -202,6 +207,7 @@ def chunked_forward(
             diff = log_m.neg_().add_(log_p)
             kl_p_m[rows] += _row_dot(log_p.exp_(), diff)
             del log_p, log_m, diff
+    kl_q_m, kl_p_m = merged(shards, torch.stack([kl_q_m, kl_p_m]))
     zero = torch.zeros((), dtype=acc, device=dev)
     divergence = torch.where(valid, beta * kl_q_m + (1.0 - beta) * kl_p_m, zero)
     return stats._replace(divergence=divergence), kl_p_m

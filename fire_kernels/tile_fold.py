@@ -32,6 +32,7 @@ from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, PLAI
 from .triton_token_stats import (
     _apply_head, _fold_tile, _grad_tile, _head_args, _jsd_tile, _store_state, interpreter_active,
 )
+from .vocab_parallel import merged
 
 # Tiles: cuBLAS products of [TOKEN_CHUNK, VOCAB_CHUNK] (fp32 buffers: 2 x 64 MiB at most, with the
 # teacher's); the fold kernels walk a tile in [FOLD_BLOCK_N, FOLD_BLOCK_V] blocks.
@@ -219,7 +220,7 @@ def _tiles(n: int, vocab: int):
 
 
 def fold_forward(problem: StatsProblem, student_hidden, student_weight, targets, teacher_hidden=None,
-                 teacher_weight=None, *, student_bias=None, teacher_bias=None):
+                 teacher_weight=None, *, student_bias=None, teacher_bias=None, shards=None):
     """`chunked.chunked_forward` on cuBLAS tiles with Triton folds. Returns (RowStats, div_aux)."""
     n, vocab = problem.num_tokens, problem.vocab_size
     dev = student_hidden.device
@@ -247,7 +248,7 @@ def fold_forward(problem: StatsProblem, student_hidden, student_weight, targets,
     valid = targets != problem.ignore_index
     stats = finalize(valid, state[F_M_S], state[F_S_S], state[F_A_S], state[F_ZY],
                      *((state[F_M_T], state[F_S_T], state[F_A_T], state[F_UY], state[F_CROSS], kind) if teacher
-                       else ()))
+                       else ()), shards=shards)
     if kind == DIV_REVERSE_KL:
         return stats, stats.divergence
     if kind != DIV_JSD:
@@ -265,7 +266,7 @@ def fold_forward(problem: StatsProblem, student_hidden, student_weight, targets,
             problem.inv_temperature, *head_values, math.log(1.0 - beta), math.log(beta), **head_flags,
             BLOCK_N=FOLD_BLOCK_N, BLOCK_V=FOLD_BLOCK_V,
             num_warps=FOLD_NUM_WARPS["jsd"])
-    kl_q_m, kl_p_m = kl
+    kl_q_m, kl_p_m = merged(shards, kl)
     divergence = torch.where(valid, beta * kl_q_m + (1.0 - beta) * kl_p_m, torch.zeros_like(kl_p_m))
     return stats._replace(divergence=divergence), kl_p_m
 

@@ -13,6 +13,7 @@ cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
@@ -60,16 +61,20 @@ class FusedTokenStatsFunction(torch.autograd.Function):
 
     Outputs: student_logprob, student_entropy, teacher_logprob, teacher_entropy, divergence
     (the last three are empty tensors when there is no teacher / no divergence, so that
-    autograd sees a fixed output arity)."""
+    autograd sees a fixed output arity).
+
+    With `shards` (vocab_parallel.VocabShards) the weights are this rank's vocabulary shard,
+    `targets` are shard-local ids and `problem` describes the shard: the forward merges the
+    ranks' streaming states, and the backward completes dL/dh with one all-reduce."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                targets, problem, backend):
+                targets, problem, backend, shards=None):
         forward_impl = _FORWARD[backend]
         stats, div_aux = forward_impl(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                                      student_bias=student_bias, teacher_bias=teacher_bias)
+                                      student_bias=student_bias, teacher_bias=teacher_bias, shards=shards)
         empty = stats.student_logprob.new_empty(0)
-        ctx.problem, ctx.backend = problem, backend
+        ctx.problem, ctx.backend, ctx.shards = problem, backend, shards
         div = bool(problem.divergence)
         ctx.save_for_backward(
             student_hidden, student_weight, student_bias, teacher_hidden if div else None,
@@ -109,36 +114,36 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             student_bias=student_bias, teacher_bias=teacher_bias,
             need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
         )
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(student_hidden.dtype)
+        if grad_hidden is not None:  # every vocabulary shard contributes to dL/dh
+            grad_hidden = vocab_parallel.merged(ctx.shards, grad_hidden).to(student_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(student_weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(student_bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _stats(
     student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
     temperature, divergence, jsd_beta, ignore_index, backend, student_prefix, heads, vocab_process_group=None,
 ):
-    global_vocab = None
+    shards = None
     if vocab_process_group is not None:
-        if backend not in ("auto", "chunked"):
-            raise ValueError(f"vocab_process_group runs on the chunked backend (backend='auto' or 'chunked'), got "
-                             f"backend={backend!r}")
+        if backend == "reference":
+            raise ValueError("vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
+                             "backend='reference' materializes the whole vocabulary's logits")
         if isinstance(student_weight, torch.Tensor) and student_weight.dim() == 2:
-            global_vocab = vocab_parallel.shard_offset(student_weight.shape[0], vocab_process_group)[1]
+            shards = vocab_parallel.VocabShards.of(student_weight.shape[0], vocab_process_group)
     problem = validate_stats_inputs(
         student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
         temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
-        backend=backend, student_prefix=student_prefix, target_vocab_size=global_vocab, **heads,
+        backend=backend, student_prefix=student_prefix,
+        target_vocab_size=shards.vocab_size if shards is not None else None, **heads,
     )
     student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
-    if vocab_process_group is not None:
-        return vocab_parallel.vocab_parallel_stats(problem, student_hidden, student_weight, targets, teacher_hidden,
-                                                   teacher_weight, s_bias=student_bias, t_bias=teacher_bias,
-                                                   group=vocab_process_group)
+    if shards is not None:  # the backends see the shard: local target ids, a local ignore_index
+        targets = shards.local_targets(targets, problem.ignore_index)
+        problem = dataclasses.replace(problem, ignore_index=vocab_parallel.LOCAL_IGNORE)
     backend = resolve_backend(backend, student_hidden.device)
     if backend == "reference":
         return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
@@ -148,7 +153,7 @@ def _stats(
         teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     outputs = FusedTokenStatsFunction.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets, problem,
-        backend,
+        backend, shards,
     )
     return tuple(outputs[:2]) + tuple(
         outputs[i] if ok else None
@@ -184,7 +189,8 @@ def token_stats(
             rank passes its contiguous shard of lm_head rows (and bias) in rank order, the full
             hidden states and the global targets, and gets the unsharded outputs; the weight
             gradient is the rank's shard's, the hidden-state gradient is complete on every rank
-            (fire_kernels/vocab_parallel.py; chunked backend; O(N) floats communicated per statistic).
+            (fire_kernels/vocab_parallel.py; chunked or triton backend; O(N) floats communicated per
+            statistic in the forward, dL/dh [N, D] in the backward).
     Returns:
         (logprob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
         w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").

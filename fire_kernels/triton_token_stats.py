@@ -40,6 +40,7 @@ from ._row_stats import (
     F_A_S, F_A_T, F_CROSS, F_M_S, F_M_T, F_S_S, F_S_T, F_UY, F_ZY, NUM_FIELDS, RowStats, finalize, merge_splits,
 )
 from ._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, PLAIN_HEAD, HeadSpec, StatsProblem
+from .vocab_parallel import VocabShards, merged
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -469,8 +470,10 @@ def triton_forward(
     teacher_bias: Optional[torch.Tensor] = None,
     config: Optional[TritonTileConfig] = None,
     num_splits: Optional[int] = None,
+    shards: Optional[VocabShards] = None,
 ) -> tuple[RowStats, Optional[torch.Tensor]]:
-    """Fused forward. Returns (row statistics, div_aux) like `chunked.chunked_forward`."""
+    """Fused forward. Returns (row statistics, div_aux) like `chunked.chunked_forward`, which
+    also says what `shards` does."""
     if student_hidden.dtype == torch.float64 or (teacher_hidden is not None and teacher_hidden.dtype == torch.float64):
         raise TypeError("the triton backend takes float16, bfloat16 or float32 tensors, not float64")
     cfg = config or default_config(student_hidden.dtype)
@@ -512,12 +515,12 @@ def triton_forward(
                                           partials[:, F_CROSS])
     zy = partials[:, F_ZY].sum(0)
     if not teacher:
-        return finalize(valid, m_s, s_s, a_s, zy), None
+        return finalize(valid, m_s, s_s, a_s, zy, shards=shards), None
     m_t, s_t, a_t, cross_t = merge_splits(partials[:, F_M_T], partials[:, F_S_T], partials[:, F_A_T],
                                           partials[:, F_CROSS])
     uy = partials[:, F_UY].sum(0)
     cross = cross_s if kind == DIV_REVERSE_KL else cross_t
-    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind)
+    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind, shards=shards)
     if kind == DIV_REVERSE_KL:
         return stats, stats.divergence
     if kind != DIV_JSD:
@@ -537,7 +540,7 @@ def triton_forward(
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision, **heads,
             num_warps=cfg.jsd_num_warps, num_stages=cfg.num_stages,
         )
-    kl_q_m, kl_p_m = jsd_partials.sum(0)
+    kl_q_m, kl_p_m = merged(shards, jsd_partials.sum(0))
     divergence = torch.where(valid, beta * kl_q_m + (1.0 - beta) * kl_p_m, torch.zeros_like(kl_p_m))
     return stats._replace(divergence=divergence), kl_p_m
 
