@@ -9,9 +9,12 @@ temporary folder and trained through `fire-opd train` exactly as a user would. E
 one torch thread, so K processes use K cores; the global batch (prompts_per_step) is the same for
 every K, so the step does the same work split K ways.
 
-Formula: per step each process all-reduces its fp32 gradients once (4 P bytes for P student
-parameters) plus O(rollouts) floats of FiRe statistics and metrics; a ring all-reduce of b bytes
-moves about 2 (K - 1) / K * b bytes in and out of each process.
+Formula: under DDP each process all-reduces its fp32 gradients once per step (4 P bytes for P
+student parameters) plus O(rollouts) floats of FiRe statistics and metrics. Under FSDP2 the
+payload is the parameters all-gathered for every forward (each decode step of generation, the
+scoring pass, each micro-batch's forward and its backward: 4 P bytes each) plus one
+reduce-scatter of the fp32 gradients (4 P). A ring all-reduce of b bytes moves about
+2 (K - 1) / K * b bytes in and out of each process, an all-gather or reduce-scatter (K - 1) / K * b.
 """
 
 from __future__ import annotations
@@ -123,8 +126,7 @@ def main(argv=None) -> int:
             lines.append(f"| {r['model']} | | {r['processes']} | {mode} | error: {r['error'][:80]} | | | | |")
             continue
         grads = 4 * r["student_parameters"] if r["processes"] > 1 else 0
-        payload = f"{r['comm_bytes'] / 2**20:.2f}" if r["parallel"] == "ddp" else \
-            "not counted (FSDP's all-gathers and reduce-scatters)"
+        payload = f"{r['comm_bytes'] / 2**20:.2f}"
         lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['processes']} | {mode} | "
                      f"{r['params_per_process'] / 1e6:.3g}M | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {payload} | "
                      f"{grads / 2**20:.2f} |")

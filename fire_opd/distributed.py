@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 
-# Payload bytes this process handed to collectives (gradients, FiRe statistics, metrics); the
-# trainer logs the per-step difference as train/comm_bytes. A ring all-reduce of b bytes sends
-# and receives about 2 (K - 1) / K * b per process.
+# Payload bytes of the collectives this process took part in (gradients, FiRe statistics,
+# metrics, FSDP's parameter all-gathers and gradient reduce-scatters); the trainer logs the
+# per-step difference as train/comm_bytes. The payload b of an all-reduce is its tensor, of an
+# all-gather its output, of a reduce-scatter its input. Over a ring each process sends and
+# receives about 2 (K - 1) / K * b for an all-reduce and (K - 1) / K * b for the other two.
 COMM_BYTES = [0]
 
 
@@ -97,12 +99,38 @@ def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp"):
                              "_no_split_modules names none); use parallel: ddp")
         for layer in layers:
             fully_shard(layer)
+            _count_fsdp_collectives(layer)
         fully_shard(model)
+        _count_fsdp_collectives(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _count_fsdp_collectives(module) -> None:
+    """Count an FSDP2 module's all-gathers and reduce-scatters in COMM_BYTES, through FSDP2's
+    custom-collective hooks (torch >= 2.8; on older torch they go uncounted)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+    except ImportError:
+        return
+    if not hasattr(module, "set_custom_all_gather"):
+        return
+
+    class CountingAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            count(output_tensor)
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    class CountingReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            count(input_tensor)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    module.set_custom_all_gather(CountingAllGather())
+    module.set_custom_reduce_scatter(CountingReduceScatter())
 
 
 def wrap_teacher(model: torch.nn.Module, teacher_parallel: str = "replicate"):

@@ -65,9 +65,11 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective, paralle
     for name in a:
         assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-5, name
     assert all(r["train/comm_bytes"] == 0 for r in rows_one)
-    if parallel == "ddp":
-        gradient_bytes = 4 * sum(t.numel() for t in a.values())  # DDP all-reduced every fp32 gradient each step
+    gradient_bytes = 4 * sum(t.numel() for t in a.values())
+    if parallel == "ddp":  # DDP all-reduced every fp32 gradient once per step, plus O(rollouts) statistics
         assert all(gradient_bytes <= r["train/comm_bytes"] < gradient_bytes + 10_000 for r in rows_two)
+    else:  # FSDP2 all-gathered every parameter at least once and reduce-scattered every gradient
+        assert all(r["train/comm_bytes"] >= 2 * gradient_bytes for r in rows_two)
     held = rows_two[0]["train/student_params_per_process"] / rows_one[0]["train/student_params_per_process"]
     assert held == pytest.approx(0.5 if parallel == "fsdp" else 1.0, abs=0.01)  # FSDP2 shards, DDP replicates
     held = rows_two[0]["train/teacher_params_per_process"] / rows_one[0]["train/teacher_params_per_process"]
