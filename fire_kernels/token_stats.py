@@ -115,7 +115,9 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
         )
         if grad_hidden is not None:  # every vocabulary shard contributes to dL/dh
-            grad_hidden = vocab_parallel.merged(ctx.shards, grad_hidden).to(student_hidden.dtype)
+            if ctx.shards is not None and ctx.shards.reduce_hidden_grad:
+                grad_hidden = ctx.shards.sum(grad_hidden)
+            grad_hidden = grad_hidden.to(student_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(student_weight.dtype)
         if grad_bias is not None:
@@ -126,6 +128,7 @@ class FusedTokenStatsFunction(torch.autograd.Function):
 def _stats(
     student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
     temperature, divergence, jsd_beta, ignore_index, backend, student_prefix, heads, vocab_process_group=None,
+    reduce_hidden_grad=True,
 ):
     shards = None
     if vocab_process_group is not None:
@@ -133,7 +136,8 @@ def _stats(
             raise ValueError("vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
                              "backend='reference' materializes the whole vocabulary's logits")
         if isinstance(student_weight, torch.Tensor) and student_weight.dim() == 2:
-            shards = vocab_parallel.VocabShards.of(student_weight.shape[0], vocab_process_group)
+            shards = vocab_parallel.VocabShards.of(student_weight.shape[0], vocab_process_group,
+                                                   bool(reduce_hidden_grad))
     problem = validate_stats_inputs(
         student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
         temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
@@ -173,6 +177,7 @@ def token_stats(
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     vocab_process_group=None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target token and full-vocab entropy of softmax(z), with logits
     z = logit_softcap * tanh(((hidden @ weight.T + bias) * logit_scale) / logit_softcap) / temperature.
@@ -191,6 +196,9 @@ def token_stats(
             gradient is the rank's shard's, the hidden-state gradient is complete on every rank
             (fire_kernels/vocab_parallel.py; chunked or triton backend; O(N) floats communicated per
             statistic in the forward, dL/dh [N, D] in the backward).
+        reduce_hidden_grad: with `vocab_process_group`, False returns this shard's part of dL/dh
+            (not all-reduced), for callers whose layer before the head reduces it (Megatron's
+            column-parallel input copy; verl's `linear_cross_entropy` contract).
     Returns:
         (logprob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
         w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").
@@ -199,7 +207,7 @@ def token_stats(
         hidden, weight, targets, None, None, temperature=temperature, divergence=None, jsd_beta=0.5,
         ignore_index=ignore_index, backend=backend, student_prefix="",
         heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap),
-        vocab_process_group=vocab_process_group,
+        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
     )
     return logprob, entropy
 
@@ -223,6 +231,7 @@ def teacher_student_stats(
     teacher_logit_scale: float = 1.0,
     teacher_logit_softcap: Optional[float] = None,
     vocab_process_group=None,
+    reduce_hidden_grad: bool = True,
 ) -> TeacherStudentStats:
     """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
 
@@ -235,7 +244,7 @@ def teacher_student_stats(
         bias, logit_scale, logit_softcap: the student's head, as in `token_stats`; the
             `teacher_` ones are the teacher's (its bias gets no gradient).
         vocab_process_group: vocabulary-sharded lm_heads of student and teacher (the same rows on
-            each rank), as in `token_stats`; every divergence is exact.
+            each rank), as in `token_stats`; every divergence is exact. `reduce_hidden_grad` as there.
     Returns:
         TeacherStudentStats of [N] tensors. Student outputs and the divergence are differentiable
         w.r.t. the student hidden states and weight; teacher outputs carry no gradient.
@@ -249,6 +258,6 @@ def teacher_student_stats(
         heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
                    teacher_bias=teacher_bias, teacher_logit_scale=teacher_logit_scale,
                    teacher_logit_softcap=teacher_logit_softcap),
-        vocab_process_group=vocab_process_group,
+        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
     )
     return TeacherStudentStats(*outputs)

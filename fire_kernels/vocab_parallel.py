@@ -20,7 +20,9 @@ models, so its per-shard sums of p log(p / M) and q log(q / M) add up exactly (`
 Backward is the backend's own on the shard: it reads only global per-row statistics (lse,
 entropy, divergence) and recomputes the shard's logits, so dz for the shard's columns,
 dW_r = dz^T h and db_r are exact; dh = dz W_r is the shard's part, and one all-reduce of
-dh [N, D] makes the hidden-state gradient complete on every rank.
+dh [N, D] makes the hidden-state gradient complete on every rank (`reduce_hidden_grad=False`
+leaves the shard's part, for callers whose layer before the head reduces it, as Megatron's
+column-parallel input copy and sequence-parallel gather do).
 
 Communication per call: one max all-reduce of [2, N] and one sum all-reduce of [7, N] in the
 forward ([2, N] more for the JSD), [N, D] in the backward: O(N) floats per statistic, never
@@ -71,11 +73,12 @@ class VocabShards:
     offset: int
     local_vocab: int
     vocab_size: int
+    reduce_hidden_grad: bool = True  # False: dL/dh stays this shard's part (the caller reduces it)
 
     @classmethod
-    def of(cls, local_vocab: int, group) -> "VocabShards":
+    def of(cls, local_vocab: int, group, reduce_hidden_grad: bool = True) -> "VocabShards":
         offset, vocab_size = shard_offset(local_vocab, group)
-        return cls(group, offset, local_vocab, vocab_size)
+        return cls(group, offset, local_vocab, vocab_size, reduce_hidden_grad)
 
     def local_targets(self, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Global ids -> ids in this shard; OTHER_SHARD where another rank holds the target,

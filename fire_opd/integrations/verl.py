@@ -178,16 +178,19 @@ def fire_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
                               dist_process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's `linear_cross_entropy` contract: (log-probs, entropy) of `labels` under
     softmax(hidden @ weight.T / temperature), both shaped like `labels`, differentiable w.r.t.
-    hidden and weight; computed by `fire_kernels.token_stats` (no [tokens, vocab] logits)."""
+    hidden and weight; computed by `fire_kernels.token_stats` (no [tokens, vocab] logits).
+
+    With `dist_process_group` (verl's Megatron actor passes the tensor-parallel group) `weight` is
+    this rank's contiguous shard of the vocabulary, `labels` are global ids and the outputs are
+    the whole vocabulary's, as in verl's kernel; the hidden-state gradient is this shard's part,
+    as verl's kernel returns it (Megatron's sequence-parallel gather reduces it)."""
     if reduction != "none":
         raise NotImplementedError(f"fire_linear_cross_entropy supports reduction='none' (what verl's actor uses), "
                                   f"got {reduction!r}")
-    if dist_process_group is not None:
-        raise NotImplementedError("a vocabulary-parallel lm_head (dist_process_group) is not supported by "
-                                  "fire_linear_cross_entropy yet")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     log_probs, entropy = token_stats(flat_hidden, weight.to(flat_hidden.dtype), labels.reshape(-1),
-                                     temperature=float(temperature))
+                                     temperature=float(temperature), vocab_process_group=dist_process_group,
+                                     reduce_hidden_grad=False)
     return log_probs.view(labels.shape), entropy.view(labels.shape)
 
 
