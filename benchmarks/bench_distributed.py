@@ -3,8 +3,9 @@ the bytes each process hands to collectives per step, measured, next to the form
 
     python benchmarks/bench_distributed.py [--processes 1 2] [--steps 4]
 
-Modes: one process; DDP and FSDP2 (`parallel: fsdp`) with K processes. Models: the demo's shipped student and teacher (V = 18, 0.28M parameters) and a random
-Llama-style pair with a Qwen-sized vocabulary (V = 151,936, 79M-parameter student), saved to a
+Modes: one process; with K processes DDP, FSDP2 (`parallel: fsdp`) and DDP with
+vocabulary-parallel lm_heads (`vocab_parallel: true`). Models: the demo's shipped student and
+teacher (V = 18, 0.28M parameters) and a random Llama-style pair with a Qwen-sized vocabulary (V = 151,936, 79M-parameter student), saved to a
 temporary folder and trained through `fire-opd train` exactly as a user would. Every process runs
 one torch thread, so K processes use K cores; the global batch (prompts_per_step) is the same for
 every K, so the step does the same work split K ways.
@@ -13,7 +14,11 @@ Formula: under DDP each process all-reduces its fp32 gradients once per step (4 
 student parameters) plus O(rollouts) floats of FiRe statistics and metrics. Under FSDP2 the
 payload is the parameters all-gathered for every forward (each decode step of generation, the
 scoring pass, each micro-batch's forward and its backward: 4 P bytes each) plus one
-reduce-scatter of the fp32 gradients (4 P). A ring all-reduce of b bytes moves about
+reduce-scatter of the fp32 gradients (4 P). With vocab_parallel the lm_head's gradient leaves
+DDP's all-reduce (4 (P - P_head) bytes) and the statistics gather every process's response
+tokens instead: 4 n D per statistic (hidden states; the teacher's too) and 4 n D back in the
+backward (dL/dh, all-reduced where gloo has no reduce-scatter), n the tokens of all processes,
+plus the logits of each decode step exchanged between processes. A ring all-reduce of b bytes moves about
 2 (K - 1) / K * b bytes in and out of each process, an all-gather or reduce-scatter (K - 1) / K * b.
 """
 
@@ -60,8 +65,13 @@ def _models(workdir: Path) -> dict[str, dict]:
     return out
 
 
+MODES = {"ddp": {"parallel": "ddp"}, "fsdp": {"parallel": "fsdp"},
+         "ddp+vocab": {"parallel": "ddp", "vocab_parallel": True}}  # mode -> config
+
+
 def run(name: str, spec: dict, processes: int, steps: int, workdir: Path, parallel: str = "ddp") -> dict:
-    config = {**spec, "steps": steps, "parallel": parallel, "rollout_chunk_prompts": spec["prompts_per_step"] // 2, "lr": 1e-5,
+    config = {**spec, "steps": steps, **MODES[parallel], "rollout_chunk_prompts": spec["prompts_per_step"] // 2,
+              "lr": 1e-5,
               "warmup_steps": 0, "eval_every": 0, "eval_size": 0, "progress": False, "tensorboard": False,
               "threads": 1, "seed": 0, "overwrite": True, "objective": "full_vocab"}
     cfg = workdir / f"{name}-{processes}-{parallel}.yaml"
@@ -82,6 +92,7 @@ def run(name: str, spec: dict, processes: int, steps: int, workdir: Path, parall
     step_s = [r["time/sample_s"] + r["time/score_s"] + r["time/update_s"] for r in rows]
     return {"model": name, "processes": processes, "parallel": parallel, "step_s": statistics.median(step_s),
             "params_per_process": rows[-1]["train/student_params_per_process"],
+            "teacher_params_per_process": rows[-1]["train/teacher_params_per_process"],
             "tokens_per_s": statistics.median(r["train/tokens"] / s for r, s in zip(rows, step_s)),
             "comm_bytes": statistics.median(r["train/comm_bytes"] for r in rows),
             "student_parameters": _parameters(spec["student"])}
@@ -114,21 +125,23 @@ def main(argv=None) -> int:
         models = _models(workdir)
         for name in args.models:
             for k in args.processes:
-                for parallel in (("ddp", "fsdp") if k > 1 else ("ddp",)):
+                for parallel in (tuple(MODES) if k > 1 else ("ddp",)):
                     rows.append(run(name, models[name], k, args.steps, workdir, parallel))
                     print(rows[-1], flush=True)
-    lines = ["| model | student params | processes | parallel | student params per process | step (s) | tokens/s | "
-             "collective payload per process per step (MiB) | of which gradients 4P (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | student params | processes | parallel | student params per process | teacher params per "
+             "process | step (s) | tokens/s | collective payload per process per step (MiB) | of which gradients 4P "
+             "(MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mode = r["parallel"] if r["processes"] > 1 else "-"
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['processes']} | {mode} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['model']} | | {r['processes']} | {mode} | error: {r['error'][:80]} | | | | | |")
             continue
         grads = 4 * r["student_parameters"] if r["processes"] > 1 else 0
         payload = f"{r['comm_bytes'] / 2**20:.2f}"
         lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['processes']} | {mode} | "
-                     f"{r['params_per_process'] / 1e6:.3g}M | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {payload} | "
+                     f"{r['params_per_process'] / 1e6:.3g}M | {r['teacher_params_per_process'] / 1e6:.3g}M | "
+                     f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {payload} | "
                      f"{grads / 2**20:.2f} |")
     table = "\n".join(lines)
     print(table)

@@ -32,14 +32,16 @@ triton:  the forward kernel (z and u tiles on-chip) then the backward kernel wit
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import tile_fold, triton_token_stats
+from . import chunked, tile_fold, triton_token_stats
 from ._validation import validate_stats_inputs
 from .chunked import apply_head_, divergence_grad_terms, full_row_divergence, head_jacobian
 from .token_stats import resolve_backend
+from .vocab_parallel import LOCAL_IGNORE, VocabShards
 
 # grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
@@ -68,6 +70,8 @@ def linear_logprob_update(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    vocab_process_group=None,
+    reduce_hidden_grad: bool = True,
 ) -> LogprobUpdate:
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature) and the gradients
     of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and weight [V, D] (and `bias` [V] when
@@ -76,22 +80,30 @@ def linear_logprob_update(
     `grad_fn` sees the log-probs of a chunk of rows (0 on ignored rows) and the slice of rows
     they are; it returns that chunk's loss contribution and dL/dlogprob. Ignored rows get no
     gradient whatever it returns.
+
+    `vocab_process_group`, `reduce_hidden_grad`: a vocabulary-sharded `weight`, as in
+    `token_stats` (the streaming two-pass path on every device; `grad_weight` is the shard's).
     """
+    shards = _shards(weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
                                     backend=backend, student_prefix="", student_bias=bias,
-                                    student_logit_scale=logit_scale, student_logit_softcap=logit_softcap)
+                                    student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
+                                    target_vocab_size=shards.vocab_size if shards else None)
     backend = resolve_backend(backend, hidden.device)
     valid = targets != ignore_index
     bias = bias.detach() if bias is not None else None
-    two_pass = _two_pass(backend, hidden.device)
+    two_pass = _two_pass(backend, hidden.device, shards)
+    if shards is not None:
+        targets, problem = _local(shards, targets, problem)
     if two_pass is not None:
         forward, backward = two_pass
-        stats, _ = forward(problem, hidden, weight, targets, student_bias=bias)
+        stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, **_shard_arg(shards))
         loss, grad_logprob = grad_fn(stats.student_logprob, slice(0, problem.num_tokens))
-        grad_logprob = torch.where(valid, grad_logprob.float(), 0.0)
+        grad_logprob = torch.where(valid, grad_logprob.to(stats.student_lse.dtype), 0.0)
         grad_hidden, grad_weight, grad_bias = backward(
             problem, hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
             grad_logprob, torch.zeros_like(grad_logprob), None, student_bias=bias, need_bias_grad=bias is not None)
+        grad_hidden = _reduced(shards, grad_hidden)
         return LogprobUpdate(stats.student_logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
                              _cast(grad_bias, bias))
 
@@ -142,14 +154,38 @@ def linear_logprob_update(
                          _cast(grad_bias, bias))
 
 
-def _two_pass(backend: str, device: torch.device):
+def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] = None):
     """(forward, backward) of the streaming path for `backend` on `device`, or None for the
-    whole-row torch path (chunked on the CPU)."""
+    whole-row torch path (chunked on the CPU, which needs the whole vocabulary in one process:
+    a sharded one takes the chunked backend's streaming passes)."""
     if backend == "triton":
         return triton_token_stats.triton_forward, triton_token_stats.triton_backward
     if tile_fold.enabled(device):
         return tile_fold.fold_forward, tile_fold.fold_backward
+    if shards is not None:
+        return chunked.chunked_forward, chunked.chunked_backward
     return None
+
+
+def _shards(weight, group, reduce_hidden_grad: bool) -> Optional[VocabShards]:
+    if group is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    return VocabShards.of(weight.shape[0], group, reduce_hidden_grad)
+
+
+def _local(shards: VocabShards, targets: torch.Tensor, problem):
+    """Shard-local target ids and the problem that goes with them (see `vocab_parallel`)."""
+    return (shards.local_targets(targets, problem.ignore_index),
+            dataclasses.replace(problem, ignore_index=LOCAL_IGNORE))
+
+
+def _shard_arg(shards: Optional[VocabShards]) -> dict:
+    return {} if shards is None else {"shards": shards}
+
+
+def _reduced(shards: Optional[VocabShards], grad_hidden: torch.Tensor) -> torch.Tensor:
+    """dL/dh complete on every rank, unless the caller reduces the shards' parts itself."""
+    return shards.sum(grad_hidden) if shards is not None and shards.reduce_hidden_grad else grad_hidden
 
 
 def _cast(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -184,6 +220,8 @@ def linear_divergence_update(
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_logit_scale: float = 1.0,
     teacher_logit_softcap: Optional[float] = None,
+    vocab_process_group=None,
+    reduce_hidden_grad: bool = True,
 ) -> DivergenceUpdate:
     """Per-token full-vocabulary divergence D_t between the student's softmax(h W^T / tau) and the
     teacher's softmax(g U^T / tau), and the gradients of loss = sum_t coefficient_t * D_t w.r.t.
@@ -194,16 +232,20 @@ def linear_divergence_update(
     "reverse_kl" KL(student || teacher), "forward_kl" KL(teacher || student) or "jsd"
     (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger). The heads are
     those of `teacher_student_stats`; the student's `bias` gets a gradient (`grad_bias`).
+    `vocab_process_group`, `reduce_hidden_grad`: vocabulary-sharded weights, as in
+    `linear_logprob_update`.
     """
     if divergence is None:
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
+    shards = _shards(student_weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
                                     temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
                                     ignore_index=ignore_index, backend=backend, student_prefix="student_",
                                     student_bias=bias, student_logit_scale=logit_scale,
                                     student_logit_softcap=logit_softcap, teacher_bias=teacher_bias,
                                     teacher_logit_scale=teacher_logit_scale,
-                                    teacher_logit_softcap=teacher_logit_softcap)
+                                    teacher_logit_softcap=teacher_logit_softcap,
+                                    target_vocab_size=shards.vocab_size if shards else None)
     if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (problem.num_tokens,):
         raise ValueError(f"coefficient must be a [{problem.num_tokens}] tensor, got "
                          f"{getattr(coefficient, 'shape', type(coefficient).__name__)}")
@@ -213,18 +255,21 @@ def linear_divergence_update(
     bias = bias.detach() if bias is not None else None
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     kind, beta = problem.divergence, problem.jsd_beta
-    two_pass = _two_pass(backend, student_hidden.device)
+    two_pass = _two_pass(backend, student_hidden.device, shards)
+    if shards is not None:
+        targets, problem = _local(shards, targets, problem)
     if two_pass is not None:
         forward, backward = two_pass
         stats, div_aux = forward(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                                 student_bias=bias, teacher_bias=teacher_bias)
-        coef = torch.where(valid, coefficient.detach().float(), 0.0)
+                                 student_bias=bias, teacher_bias=teacher_bias, **_shard_arg(shards))
+        coef = torch.where(valid, coefficient.detach().to(stats.student_lse.dtype), 0.0)
         loss = (coef * stats.divergence).sum()
         zeros = torch.zeros_like(coef)
         grad_hidden, grad_weight, grad_bias = backward(
             problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
             stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef, student_bias=bias,
             teacher_bias=teacher_bias, need_bias_grad=bias is not None)
+        grad_hidden = _reduced(shards, grad_hidden)
         return DivergenceUpdate(stats.divergence, loss, grad_hidden.to(student_hidden.dtype),
                                 grad_weight.to(student_weight.dtype), _cast(grad_bias, bias))
 

@@ -99,7 +99,11 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
     tensor_state = torch.load(path / TENSOR_STATE_FILE, map_location="cpu", weights_only=True)
-    load_full_state_dicts(model, optimizer, weights, tensor_state["optimizer"] if optimizer is not None else None)
+    optimizer_state = tensor_state["optimizer"] if optimizer is not None else None
+    from .sharded_head import slice_state
+
+    slice_state(model, weights, optimizer_state or {})  # this process's rows of whole lm_heads (vocab_parallel)
+    load_full_state_dicts(model, optimizer, weights, optimizer_state)
     return state, tensor_state
 
 

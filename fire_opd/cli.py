@@ -103,10 +103,12 @@ def train(args: argparse.Namespace) -> int:
         "teachers": _teachers(args.teacher) if args.teacher else None,
         "overwrite": True if args.overwrite else None}, args.set)
     check_train(config)
+    from . import distributed
     from .trainer import FireOPDTrainer
 
     trainer = FireOPDTrainer(config)
     history = trainer.train()
+    distributed.teardown()  # a process group left to interpreter exit can abort it (gloo's threads)
     if not trainer.is_main:  # under torchrun rank 0 reports
         return 0
     print(json.dumps(history[-1] if history else {}, indent=1))

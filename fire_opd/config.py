@@ -99,6 +99,10 @@ class TrainConfig:
     #                                      with a whole teacher, no communication) or "fsdp" (FSDP2: 1 / K of each
     #                                      teacher per process, gathered layer by layer for every forward; for a
     #                                      teacher that does not fit one device; needs fused_update)
+    vocab_parallel: bool = False  # under torchrun with parallel: ddp: each process holds 1 / K of the rows of the
+    #                               student's and every teacher's lm_head (and of the student's head gradient and
+    #                               AdamW state); statistics run over all processes' tokens (fire_opd.sharded_head);
+    #                               needs fused_update, stats_scope: batch and untied lm_heads
     backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
     fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
     threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
@@ -151,6 +155,15 @@ class TrainConfig:
         if self.teacher_parallel == "fsdp" and not self.fused_update:
             raise ValueError("teacher_parallel: fsdp needs fused_update: true (the unfused backward would read the "
                              "teacher's lm_head after its shards were released)")
+        if self.vocab_parallel and (self.parallel != "ddp" or self.teacher_parallel != "replicate"):
+            raise ValueError("vocab_parallel: true runs with parallel: ddp and teacher_parallel: replicate (FSDP2 "
+                             "shards the lm_heads its own way)")
+        if self.vocab_parallel and not self.fused_update:
+            raise ValueError("vocab_parallel: true needs fused_update: true (each lm_head shard's gradient over every "
+                             "process's tokens is formed in the fused sweep)")
+        if self.vocab_parallel and self.stats_scope != "batch":
+            raise ValueError("vocab_parallel: true needs stats_scope: batch (the loss covers every process's tokens, "
+                             "so its per-token weights must be the batch's)")
         if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
         if self.eval_samples < 1 or self.eval_temperature < 0 or not 0 < self.eval_top_p <= 1:

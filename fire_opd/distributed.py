@@ -51,6 +51,13 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def teardown() -> None:
+    """Destroy the process group `setup` made, once every process is done with it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -77,14 +84,15 @@ def my_chunks(num_chunks: int, rank: int, world: int) -> range:
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
-def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp"):
+def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp", ignore: Iterable[str] = ()):
     """The student's data-parallel wrapper when several processes run, else None.
 
     "ddp": DistributedDataParallel (every process holds the whole student; buffers are not
     broadcast, decoder LMs have no running statistics). "fsdp": FSDP2 (`fully_shard`) on every
     decoder layer (the model's `_no_split_modules` classes) and on the whole model, so each
     process holds 1 / K of the parameters, gradients and optimizer state; the returned wrapper is
-    the model itself."""
+    the model itself. `ignore`: names of parameters DDP leaves alone (vocab_parallel's lm_head
+    shards, which differ between processes)."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if not active():
@@ -106,6 +114,9 @@ def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp"):
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
+    ignore = list(ignore)
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
@@ -212,9 +223,10 @@ def local_numel(parameters: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parameters)
 
 
-def count_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Record the gradient payload DDP all-reduced (every gradient once per step)."""
-    count(*[p.grad for p in parameters if p.grad is not None])
+def count_gradients(parameters: Iterable[torch.nn.Parameter], skip: Iterable[torch.nn.Parameter] = ()) -> None:
+    """Record the gradient payload DDP all-reduced (every gradient once per step, but `skip`'s)."""
+    skipped = {id(p) for p in skip}
+    count(*[p.grad for p in parameters if p.grad is not None and id(p) not in skipped])
 
 
 def max_over_ranks_each(values: list[int]) -> list[int]:

@@ -43,7 +43,8 @@ def k_values(samples: int) -> list[int]:
 @torch.no_grad()
 def sample_scores(model, tokenizer, problems: list[Problem], *, samples: int = 1, temperature: float = 0.0,
                   top_p: float = 1.0, max_new_tokens: int = 32, verifier: Verifier = final_answer,
-                  batch_size: int = 256, seed: Optional[int] = None, progress: bool = False) -> torch.Tensor:
+                  batch_size: int = 256, seed: Optional[int] = None, progress: bool = False,
+                  synced_gpus: Optional[bool] = None) -> torch.Tensor:
     """[problems, samples] verifier scores. Prompts are decoded in batches of `batch_size`
     completions; `seed` makes sampling repeatable."""
     if samples < 1:
@@ -62,7 +63,8 @@ def sample_scores(model, tokenizer, problems: list[Problem], *, samples: int = 1
     for start in tqdm(range(0, len(flat), batch_size), disable=not progress, desc="eval", unit="batch"):
         chunk = flat[start : start + batch_size]
         rollouts = generate_rollouts(model, tokenizer, [p.prompt for p in chunk], max_new_tokens=max_new_tokens,
-                                     do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p)
+                                     do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
+                                     synced_gpus=synced_gpus)
         scores += [score(verifier, text, p.answer, p.row or {}) for text, p in zip(rollouts.texts, chunk)]
     return torch.tensor(scores, dtype=torch.float64).view(len(problems), samples)
 

@@ -6,6 +6,11 @@ the weight with the model's bias, logit scale and soft-cap).
 `response_token_stats` flattens `[batch, response_len, D]` hidden states, marks padding with
 `ignore_index` and calls `fire_kernels`; `fire_policy_loss_from_hidden` is the whole loss for
 one batch; `FireOPDLoss` is the update-step module the trainer calls per micro-batch.
+
+`vocab_process_group` (the trainer's `vocab_parallel: true`, `fire_opd.sharded_head`): the
+weights are this process's rows of the lm_heads, the statistics run over the response tokens of
+every process (gathered), and each process keeps its own tokens' values. A loss is then that of
+every process's tokens, so that each lm_head shard gets the whole batch's gradient.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from fire_kernels.fused_update import linear_divergence_update, linear_logprob_u
 
 from .loss import OBJECTIVES, clipped_surrogate, dense_metrics, fire_dense_loss, fire_policy_loss, token_loss_scale
 from .models import WeightOrHead, as_head
+from .sharded_head import gather_tokens
 
 IGNORE_INDEX = -100
 
@@ -60,6 +66,7 @@ def response_token_stats(
     divergence: Optional[str] = None,
     jsd_beta: float = 0.5,
     backend: str = "auto",
+    vocab_process_group=None,
 ) -> ResponseStats:
     """Per-token student (and teacher) log-prob and entropy for response tokens.
 
@@ -70,11 +77,32 @@ def response_token_stats(
         teacher_hidden, teacher_weight: [B, T, D_t] and [V, D_t], optional; scored in the same sweep.
         divergence: also return this full-vocab divergence per token ("reverse_kl" is
             KL(student || teacher); "forward_kl", "jsd" with `jsd_beta`), differentiable.
+        vocab_process_group: vocabulary-sharded weights (module docstring); scoring only (no
+            gradient: a loss must cover every process's tokens, as `FireOPDLoss` does).
     """
     targets = _flat_targets(response_ids, response_mask)
     shape = response_ids.shape
     s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
     student = as_head(student_weight)
+    if vocab_process_group is not None:
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            raise ValueError("response_token_stats with vocab_process_group scores (no gradient); train with "
+                             "FireOPDLoss(fused_update=True, vocab_process_group=...)")
+        t_h = None if teacher_hidden is None else _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+        teacher = None if teacher_weight is None else as_head(teacher_weight)
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        (s_all, t_all, y_all), mine = gather_tokens(vocab_process_group, s_h[keep],
+                                                    None if t_h is None else t_h[keep], targets[keep])
+        if t_all is None:
+            out = token_stats(s_all, student.weight, y_all, temperature=temperature, backend=backend,
+                              vocab_process_group=vocab_process_group, **student.kernel_kwargs()) + (None,) * 3
+        else:
+            out = teacher_student_stats(s_all, student.weight, t_all, teacher.weight, y_all, temperature=temperature,
+                                        divergence=divergence, jsd_beta=jsd_beta, backend=backend,
+                                        vocab_process_group=vocab_process_group, **student.kernel_kwargs(),
+                                        **teacher.kernel_kwargs("teacher_"))
+        return ResponseStats(*(None if t is None else _scatter_own(t[mine], keep, targets.shape[0]).view(shape)
+                               for t in out))
     if teacher_hidden is None:
         lp, ent = token_stats(s_h, student.weight, targets, temperature=temperature, backend=backend,
                               **student.kernel_kwargs())
@@ -85,6 +113,27 @@ def response_token_stats(
                                 divergence=divergence, jsd_beta=jsd_beta, backend=backend, **student.kernel_kwargs(),
                                 **teacher.kernel_kwargs("teacher_"))
     return ResponseStats(*(t.view(shape) if t is not None else None for t in out))
+
+
+def _scatter_own(values: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] with `values` at rows `keep` and 0 elsewhere."""
+    return values.new_zeros(n).index_copy(0, keep, values)
+
+
+def _gathered(group, hidden: torch.Tensor, targets: torch.Tensor, *per_token: Optional[torch.Tensor]):
+    """This process's scored rows (targets not ignored) of each [N] / [N, D] tensor, gathered
+    from every process: (hidden, targets, *per_token) over all processes, this process's slice,
+    the rows kept. Without a group: everything as given."""
+    if group is None:
+        return hidden, targets, list(per_token), slice(0, targets.shape[0]), None
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    (h, y, *rest), mine = gather_tokens(group, hidden[keep], targets[keep],
+                                        *(None if t is None else t[keep] for t in per_token))
+    return h, y, rest, mine, keep
+
+
+def _own(values: torch.Tensor, mine: slice, keep: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    return values if keep is None else _scatter_own(values[mine], keep, n)
 
 
 def fire_policy_loss_from_hidden(
@@ -159,14 +208,18 @@ def fused_clipped_surrogate(
     normalizer: Optional[float] = None,
     temperature: float = 1.0,
     backend: str = "auto",
+    vocab_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`clipped_surrogate(log pi_theta, ...)` from hidden states with the gradient formed in the
-    forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob)."""
+    forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob).
+    With `vocab_process_group` the loss is that of every process's tokens (module docstring)."""
     targets = _flat_targets(response_ids, loss_mask)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
-    old = old_log_prob.detach().reshape(-1).float()
-    adv = advantages.detach().reshape(-1).float()
-    scale = token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer).reshape(-1)
+    n = targets.shape[0]
+    hidden, targets, (old, adv, scale), mine, keep = _gathered(
+        vocab_process_group, hidden, targets, old_log_prob.detach().reshape(-1).float(),
+        advantages.detach().reshape(-1).float(), token_loss_scale(loss_mask.bool(), loss_agg_mode,
+                                                                  normalizer).reshape(-1).float())
 
     def grad_fn(lp: torch.Tensor, rows: slice):
         # pg = max(-A r, -A clip(r)); d pg / d lp = -A r where the unclipped branch is taken
@@ -181,11 +234,12 @@ def fused_clipped_surrogate(
 
     def sweep():
         out = linear_logprob_update(hidden, student.weight, targets, grad_fn, temperature=temperature,
-                                    backend=backend, **student.kernel_kwargs())
+                                    backend=backend, vocab_process_group=vocab_process_group,
+                                    reduce_hidden_grad=False, **student.kernel_kwargs())
         return out.loss, out.logprob, out.grad_hidden, out.grad_weight, out.grad_bias
 
     loss, logprob = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
-    return loss, logprob.view(response_ids.shape)
+    return loss, _own(logprob, mine, keep, n).view(response_ids.shape)
 
 
 def dense_divergence_loss(
@@ -201,6 +255,7 @@ def dense_divergence_loss(
     temperature: float = 1.0,
     backend: str = "auto",
     fused_update: bool = True,
+    vocab_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense objective sum_t coefficients_t * D_t(student || teacher) from hidden states,
     with no [tokens, vocab] logits. Returns (loss, per-token divergence [B, T], detached).
@@ -209,28 +264,36 @@ def dense_divergence_loss(
     and coefficients [B, T] (from `dense_coefficients`; tokens with coefficient 0, off the loss
     mask, are skipped and give D = 0). `fused_update` forms the gradients in the
     forward sweep (`fire_kernels.fused_update.linear_divergence_update`); otherwise autograd runs
-    through `fire_kernels.teacher_student_stats`.
+    through `fire_kernels.teacher_student_stats`. With `vocab_process_group` (fused only) the
+    loss is that of every process's tokens (module docstring).
     """
     targets = _flat_targets(response_ids, coefficients != 0)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
     t_hidden = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
     student, teacher = as_head(student_weight), as_head(teacher_weight)
     heads = {**student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_")}
+    if vocab_process_group is not None and not fused_update:
+        raise ValueError("vocab_process_group needs fused_update=True (the gradients of every process's tokens are "
+                         "formed in the sweep)")
+    n = targets.shape[0]
+    hidden, targets, (t_hidden, coefficient), mine, keep = _gathered(
+        vocab_process_group, hidden, targets, t_hidden, coefficients.reshape(-1).detach())
     if not fused_update:
         out = teacher_student_stats(hidden, student.weight, t_hidden, teacher.weight, targets,
                                     temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
                                     backend=backend, **heads)
-        loss = (out.divergence * coefficients.reshape(-1).detach().to(out.divergence.dtype)).sum()
+        loss = (out.divergence * coefficient.to(out.divergence.dtype)).sum()
         return loss, out.divergence.detach().view(response_ids.shape)
 
     def sweep():
-        out = linear_divergence_update(hidden, student.weight, t_hidden, teacher.weight, targets,
-                                       coefficients.reshape(-1).detach(), divergence=divergence, jsd_beta=jsd_beta,
-                                       temperature=temperature, backend=backend, **heads)
+        out = linear_divergence_update(hidden, student.weight, t_hidden, teacher.weight, targets, coefficient,
+                                       divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+                                       backend=backend, vocab_process_group=vocab_process_group,
+                                       reduce_hidden_grad=False, **heads)
         return out.loss, out.divergence, out.grad_hidden, out.grad_weight, out.grad_bias
 
     loss, values = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
-    return loss, values.view(response_ids.shape)
+    return loss, _own(values, mine, keep, n).view(response_ids.shape)
 
 
 class FireOPDLoss(nn.Module):
@@ -238,15 +301,22 @@ class FireOPDLoss(nn.Module):
     precomputed for the whole rollout batch (`compute_fire_advantages`). `forward` is the
     sampled objective (log pi_theta through `fire_kernels`, then the clipped surrogate);
     `dense` is the full-vocab objective. Only the student's hidden states and lm_head weight
-    receive gradient."""
+    receive gradient.
+
+    `vocab_process_group` (fused_update only): vocabulary-sharded lm_heads; the returned loss is
+    that of every process's tokens, its metrics (`fire/pg_loss`, `fire/dense_loss`, ...) this
+    process's, as without a group."""
 
     def __init__(self, *, clip_ratio: float = 0.2, loss_agg_mode: str = "token-mean", temperature: float = 1.0,
                  backend: str = "auto", fused_update: bool = True, divergence: str = "reverse_kl",
-                 jsd_beta: float = 0.5):
+                 jsd_beta: float = 0.5, vocab_process_group=None):
         super().__init__()
+        if vocab_process_group is not None and not fused_update:
+            raise ValueError("vocab_process_group needs fused_update=True")
         self.clip_ratio, self.loss_agg_mode = clip_ratio, loss_agg_mode
         self.temperature, self.backend, self.fused_update = temperature, backend, fused_update
         self.divergence, self.jsd_beta = divergence, jsd_beta
+        self.vocab_process_group = vocab_process_group
 
     def dense(
         self,
@@ -263,8 +333,9 @@ class FireOPDLoss(nn.Module):
         loss, values = dense_divergence_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, response_ids, coefficients,
             divergence=self.divergence, jsd_beta=self.jsd_beta, temperature=self.temperature, backend=self.backend,
-            fused_update=self.fused_update)
-        return loss, dense_metrics(values, loss_mask.bool(), loss)
+            fused_update=self.fused_update, vocab_process_group=self.vocab_process_group)
+        own = loss if self.vocab_process_group is None else (coefficients.detach() * values).sum()
+        return loss, dense_metrics(values, loss_mask.bool(), own)
 
     def forward(
         self,
@@ -281,10 +352,12 @@ class FireOPDLoss(nn.Module):
             loss, log_prob = fused_clipped_surrogate(
                 student_hidden, student_weight, response_ids, old_log_prob, advantages, loss_mask,
                 clip_ratio=self.clip_ratio, loss_agg_mode=self.loss_agg_mode, normalizer=normalizer,
-                temperature=self.temperature, backend=self.backend)
-            _, metrics = clipped_surrogate(log_prob, old_log_prob, advantages, loss_mask, clip_ratio=self.clip_ratio,
-                                           loss_agg_mode=self.loss_agg_mode, normalizer=normalizer)
-            return loss, {**metrics, "fire/pg_loss": float(loss.detach())}
+                temperature=self.temperature, backend=self.backend, vocab_process_group=self.vocab_process_group)
+            own, metrics = clipped_surrogate(log_prob, old_log_prob, advantages, loss_mask,
+                                             clip_ratio=self.clip_ratio, loss_agg_mode=self.loss_agg_mode,
+                                             normalizer=normalizer)
+            own = loss if self.vocab_process_group is None else own
+            return loss, {**metrics, "fire/pg_loss": float(own.detach())}
         stats = response_token_stats(student_hidden, student_weight, response_ids, loss_mask,
                                      temperature=self.temperature, backend=self.backend)
         return clipped_surrogate(stats.student_logprob, old_log_prob, advantages, loss_mask,

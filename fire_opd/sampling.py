@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -40,7 +41,10 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tor
 
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
-                      temperature: float = 1.0, top_p: float = 1.0) -> Rollouts:
+                      temperature: float = 1.0, top_p: float = 1.0, synced_gpus: Optional[bool] = None) -> Rollouts:
+    """Sample one response per prompt. `synced_gpus=True` keeps every process decoding until all
+    are done (each forward is a collective: vocab_parallel's lm_head); None lets `generate`
+    decide (it does for FSDP)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -49,7 +53,8 @@ def generate_rollouts(model, tokenizer, prompts: list[str], *, max_new_tokens: i
     sample_args = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else \
         {"do_sample": False}
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sample_args)
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         synced_gpus=synced_gpus, **sample_args)
     model.train(was_training)
     response_ids = out[:, prompt_ids.shape[1]:]
     if response_ids.shape[1] == 0:  # max_new_tokens = 0 or generation stopped at once

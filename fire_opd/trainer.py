@@ -26,12 +26,13 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, sharded_head
 from .config import TrainConfig
 from .data import Problem, prepare_problems
 from .errors import TrainingStopped
@@ -95,8 +96,12 @@ class FireOPDTrainer:
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
         route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
 
+        # vocab_parallel: each process keeps its rows of every lm_head (fire_opd/sharded_head.py)
+        self.vocab_group = sharded_head.shard_lm_heads(self.student, self.teachers) if (
+            config.vocab_parallel and distributed.active()) else None
         # data-parallel update under torchrun (DDP or FSDP2; gloo on CPU, nccl on CUDA), nothing otherwise
-        self.wrapper = distributed.wrap(self.student, self.device, config.parallel)
+        self.wrapper = distributed.wrap(self.student, self.device, config.parallel,
+                                        ignore=sharded_head.sharded_parameter_names(self.student))
         self.fsdp = self.wrapper is not None and distributed.is_fsdp(self.wrapper)
         self.teacher_wrappers = {name: wrapper for name, teacher in self.teachers.items()
                                  if (wrapper := distributed.wrap_teacher(teacher, config.teacher_parallel)) is not None}
@@ -106,7 +111,7 @@ class FireOPDTrainer:
         self.loss_fn = FireOPDLoss(clip_ratio=config.clip_ratio, loss_agg_mode=config.loss_agg_mode,
                                    temperature=config.temperature, backend=config.backend,
                                    fused_update=config.fused_update, divergence=config.divergence,
-                                   jsd_beta=config.jsd_beta)
+                                   jsd_beta=config.jsd_beta, vocab_process_group=self.vocab_group)
         self.step = 0
         self.skipped_steps, self._skipped_in_a_row = 0, 0
         self.history: list[dict] = []
@@ -142,8 +147,8 @@ class FireOPDTrainer:
                 metrics = self.train_step()
                 self.step += 1
                 last = self.step == cfg.steps
-                # under FSDP every process takes part in generation (it gathers shards); rank 0 logs
-                if (self.is_main or self.fsdp) and self.eval_problems and (
+                # under FSDP or vocab_parallel every process takes part in generation (its collectives)
+                if (self.is_main or self.fsdp or self.vocab_group is not None) and self.eval_problems and (
                         (cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                     metrics.update(self.evaluate())
                 self.log(metrics)
@@ -189,9 +194,10 @@ class FireOPDTrainer:
         mask = rollouts.response_mask
         # this rank's rows -> global values (means over ranks of equal size; token counts summed)
         local = {**health_metrics(health), "train/response_length": tokens / len(problems),
-                 "train/full_vocab_reverse_kl": float(reverse_kl[mask].mean()) if tokens else 0.0,
+                 "train/full_vocab_reverse_kl": float(reverse_kl[mask].sum()),  # a token mean below
                  "train/reward": float(health["correct"].mean()), "train/tokens": float(tokens)}
-        local = distributed.mean_over_ranks(local, summed=("train/tokens",))
+        local = distributed.mean_over_ranks(local, summed=("train/tokens", "train/full_vocab_reverse_kl"))
+        local["train/full_vocab_reverse_kl"] /= max(local["train/tokens"], 1.0)
         metrics.update(local)
         metrics.update({
             "train/step": self.step + 1,
@@ -219,7 +225,7 @@ class FireOPDTrainer:
             chunk_problems = [p for p in prompts[c * chunk : (c + 1) * chunk] for _ in range(cfg.samples_per_prompt)]
             parts.append(generate_rollouts(self.student, self.tokenizer, [p.prompt for p in chunk_problems],
                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                           top_p=cfg.top_p))
+                                           top_p=cfg.top_p, synced_gpus=self._synced_generation))
             problems += chunk_problems
         return problems, concat_rollouts(parts, self.tokenizer.pad_token_id)
 
@@ -239,7 +245,8 @@ class FireOPDTrainer:
                     s_h = response_hidden_states(self.student, ids[chunk], attn[chunk], rollouts.prompt_len)
                 return response_token_stats(s_h, lm_head(self.student).to(s_h.dtype), rollouts.response_ids[chunk],
                                             mask[chunk], t_h, lm_head(teacher).to(t_h.dtype),
-                                            temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend)
+                                            temperature=cfg.temperature, divergence="reverse_kl", backend=cfg.backend,
+                                            vocab_process_group=self.vocab_group)
 
             def with_teacher():  # inside the teacher's forward when it is sharded
                 with self._autocast():
@@ -304,24 +311,42 @@ class FireOPDTrainer:
                     metrics = _accumulate(metrics, part.metrics, real)
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
+            if padding and self.vocab_group is not None:
+                # the loss covers every process's tokens, so a padding micro-batch keeps its weight
+                # and brings none of its own
+                part = replace(part, loss_mask=torch.zeros_like(part.loss_mask),
+                               advantages=torch.zeros_like(part.advantages),
+                               token_weights=torch.zeros_like(part.token_weights))
             sync = self.wrapper is None or index == count - 1
             with distributed.gradient_sync(self.wrapper, sync):
                 loss, mb_metrics = self._micro_batch_loss(rollouts, rows, teacher_name if dense else None, part,
                                                           part_normalizer, old_log_prob[rows])
                 # every process's loss is normalized by the global count, and DDP / FSDP average the
                 # gradients over processes: times world_size, the result is the batch gradient
-                weight = 0.0 if padding else scale * (self.world_size if self.wrapper is not None else 1)
+                weight = scale * (self.world_size if self.wrapper is not None else 1)
+                if padding and self.vocab_group is None:
+                    weight = 0.0
                 (loss * weight).backward()
-            if not padding:
+            if self.vocab_group is not None:  # each process's loss is every process's: its share is 1 / K
+                total_loss += float(loss.detach()) * scale / self.world_size
+            elif not padding:
                 total_loss += float(loss.detach()) * scale
+            if not padding:
                 loss_metrics = _accumulate(loss_metrics, mb_metrics, real)
         if self.wrapper is not None:
-            distributed.count_gradients(self.student.parameters())
+            distributed.count_gradients(self.student.parameters(), skip=sharded_head.sharded_parameters(self.student))
         total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
         loss_metrics = distributed.mean_over_ranks(loss_metrics)
         if cfg.stats_scope == "micro_batch":
             metrics = distributed.mean_over_ranks(metrics)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
+        if self.vocab_group is not None:
+            # each lm_head shard holds the whole batch's gradient for its rows, times the loss's K
+            for param in sharded_head.sharded_parameters(self.student):
+                if param.grad is not None:
+                    param.grad.div_(self.world_size)
+            grad_norm = sharded_head.clip_grad_norm(self.student, cfg.max_grad_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
         skipped = self._skip_if_not_finite(total_loss, grad_norm)
         if not skipped:
             self.optimizer.step()
@@ -403,7 +428,7 @@ class FireOPDTrainer:
         results = evaluate_by_teacher(self.student, self.tokenizer, self.eval_problems, samples=cfg.eval_samples,
                                       temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                                       max_new_tokens=cfg.max_new_tokens, verifier=self.verifier,
-                                      seed=cfg.seed * 1_000_003 + self.step)
+                                      seed=cfg.seed * 1_000_003 + self.step, synced_gpus=self._synced_generation)
         out = {}
         for key, summary in results.items():
             suffix = "" if key == "all" else f"_{key}"
@@ -425,6 +450,7 @@ class FireOPDTrainer:
         model folder loads into a single process with `from_pretrained`."""
         path = Path(path)
         weights, optimizer_state = distributed.full_state_dicts(self.student, self.optimizer)  # all ranks (FSDP)
+        sharded_head.gather_state(self.student, self.optimizer, weights, optimizer_state)  # whole lm_heads (vocab_parallel)
         if self.is_main:
             python_rng, tensor_rng = checkpoint.rng_state()
             state = {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history,
@@ -463,6 +489,12 @@ class FireOPDTrainer:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
             out.append(self.train_problems[int(perm[offset])])
         return out
+
+    @property
+    def _synced_generation(self) -> Optional[bool]:
+        """vocab_parallel's lm_head makes every decode step a collective: all processes decode
+        until the last one is done (None: `generate` decides, as it does for FSDP)."""
+        return True if self.vocab_group is not None else None
 
     def _autocast(self):
         if self.device.type == "cuda" and self.config.dtype == "float32":

@@ -80,6 +80,41 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective, paralle
     assert json.loads((tmp_path / "two" / "final" / "trainer_state.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
+def test_vocab_parallel_lm_heads_train_the_same_model(tmp_path, objective):
+    """vocab_parallel: each of 2 processes holds 9 of the 18 rows of the student's and both
+    teachers' lm_heads (and of the student's head gradient and AdamW state); generation,
+    scoring and the update run over both processes' tokens and match one process; the
+    checkpoint holds the whole head, and a preempted run resumes on 1 process."""
+    write_prompts(sample_problems(["arith", "reverse"], 8, seed=1, split="test"), tmp_path / "eval.jsonl")
+    # a constant learning rate, so that the 2-step run's schedule is the 4-step run's
+    _config(tmp_path, objective=objective, vocab_parallel=True, steps=4, save_every=2, eval_every=2, eval_size=8,
+            eval_prompts="eval.jsonl", warmup_steps=0, min_lr_ratio=1.0)
+    one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2, "--set", "steps=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows_one, rows_two = _rows(tmp_path / "one")[:2], _rows(tmp_path / "two")
+    for a, b in zip(rows_one, rows_two):
+        for key in ("fire/keep_ratio", "fire/threshold", "fire/weight_mean", "train/response_length",
+                    "train/reward", "train/tokens", "train/full_vocab_reverse_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
+        for key in ("train/loss", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    assert rows_one[1]["eval/accuracy"] == rows_two[1]["eval/accuracy"]  # generation with sharded heads
+    head = 18 * 96  # the demo models' lm_head
+    for key in ("train/student_params_per_process", "train/teacher_params_per_process"):
+        models = 1 if "student" in key else 2
+        assert rows_one[0][key] - rows_two[0][key] == models * head // 2, key  # half of each lm_head
+    # resume the 2-process run's step-2 checkpoint on 1 process: it ends where the 1-process run does
+    resumed = _run(tmp_path, "two", 1, "--set", "resume_from=latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert b["lm_head.weight"].shape == (18, 96)
+    for name in a:
+        assert float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)) < 1e-4, name
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_resumed_run_may_change_the_process_count(tmp_path, parallel):
     """Rollouts depend on (seed, step, chunk) only: a 2-process run preempted with SIGTERM (torchrun

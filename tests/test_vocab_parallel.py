@@ -114,3 +114,95 @@ def test_vocab_parallel_refuses_the_materializing_reference_backend():
     with pytest.raises(ValueError, match="vocab_process_group needs a streaming backend"):
         token_stats(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), backend="reference",
                     vocab_process_group=object())
+
+
+def _fused_update_worker(rank: int, world: int, port: int) -> None:
+    from fire_kernels.fused_update import linear_divergence_update, linear_logprob_update
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sizes = SHARDS[world]
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        s_h, s_w, t_h, t_w, bias, targets, upstream = _problem(torch.float64, seed=7)
+        coefficient = upstream[0].abs()
+
+        def grad_fn(lp, rows):  # loss = sum_t c_t lp_t^2 / 2
+            return (coefficient[rows] * lp * lp / 2).sum(), coefficient[rows] * lp
+
+        for reduce in (True, False):
+            whole = linear_logprob_update(s_h, s_w, targets, grad_fn, bias=bias)
+            mine = linear_logprob_update(s_h, s_w[lo:hi], targets, grad_fn, bias=bias[lo:hi],
+                                         vocab_process_group=dist.group.WORLD, reduce_hidden_grad=reduce)
+            for a, b in ((mine.logprob, whole.logprob), (mine.loss, whole.loss),
+                         (mine.grad_weight, whole.grad_weight[lo:hi]), (mine.grad_bias, whole.grad_bias[lo:hi])):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+            grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
+            torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
+            for divergence in ("reverse_kl", "forward_kl", "jsd"):
+                whole = linear_divergence_update(s_h, s_w, t_h, t_w, targets, coefficient, divergence=divergence,
+                                                 jsd_beta=0.3)
+                mine = linear_divergence_update(s_h, s_w[lo:hi], t_h, t_w[lo:hi], targets, coefficient,
+                                                divergence=divergence, jsd_beta=0.3,
+                                                vocab_process_group=dist.group.WORLD, reduce_hidden_grad=reduce)
+                for a, b in ((mine.divergence, whole.divergence), (mine.loss, whole.loss),
+                             (mine.grad_weight, whole.grad_weight[lo:hi])):
+                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+                grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
+                torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
+    finally:
+        dist.destroy_process_group()
+
+
+def _summed(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_updates_on_a_sharded_vocabulary_equal_the_whole_one(world):
+    """The trainer's fused sweeps (gradients formed in the forward) on vocabulary shards: the same
+    per-token values and loss as one process, the shard's weight and bias gradients, and dL/dh
+    complete (reduce_hidden_grad) or as the shards' parts that sum to it."""
+    mp.spawn(_fused_update_worker, args=(world, _free_port()), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"parallel": "fsdp"}, "vocab_parallel: true runs with parallel: ddp"),
+    ({"fused_update": False}, "vocab_parallel: true needs fused_update: true"),
+    ({"stats_scope": "micro_batch"}, "vocab_parallel: true needs stats_scope: batch"),
+])
+def test_vocab_parallel_config_errors_say_what_to_change(overrides, message):
+    from fire_opd.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(vocab_parallel=True, **overrides)
+
+
+def _single_process_worker(rank: int, port: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fire_opd.sharded_head import ShardedLMHead, shard_rows
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        assert [shard_rows(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+        config = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+        with pytest.raises(ValueError, match="ties its lm_head to its input embeddings"):
+            ShardedLMHead.shard(LlamaForCausalLM(config), "the student", dist.group.WORLD)
+        config.tie_word_embeddings = False
+        model = LlamaForCausalLM(config)
+        hidden = torch.randn(2, 3, 8)
+        whole = model.lm_head(hidden)
+        head = ShardedLMHead.shard(model, "the student", dist.group.WORLD)
+        with torch.no_grad():
+            torch.testing.assert_close(head(hidden), whole.detach())
+        with pytest.raises(RuntimeError, match="generation only"):
+            head(hidden.requires_grad_(True))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_head_refuses_tied_embeddings_and_gives_whole_logits():
+    mp.spawn(_single_process_worker, args=(_free_port(),), nprocs=1, join=True)
