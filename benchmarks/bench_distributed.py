@@ -112,6 +112,28 @@ def _parameters(path: str) -> int:
     return total
 
 
+def _table(rows: list[dict]) -> str:
+    lines = ["| model | student params | processes | parallel | student params per process | teacher params per "
+             "process | step (s) | tokens/s | collective payload per process per step (MiB) | of which the "
+             "gradients' all-reduce or reduce-scatter (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k, mode = r["processes"], r["parallel"] if r["processes"] > 1 else "-"
+        if "error" in r:
+            lines.append(f"| {r['model']} | | {k} | {mode} | error: {r['error'][:80]} | | | | | |")
+            continue
+        params = r["student_parameters"]
+        # DDP and FSDP reduce every fp32 gradient (4 P bytes); vocab_parallel all but its lm_head's,
+        # whose size follows from the parameters a process holds: P - P_head (K - 1) / K
+        head = (params - r["params_per_process"]) * k / (k - 1) if mode == "ddp+vocab" else 0
+        grads = 4 * (params - head) if k > 1 else 0
+        lines.append(f"| {r['model']} | {params / 1e6:.3g}M | {k} | {mode} | "
+                     f"{r['params_per_process'] / 1e6:.3g}M | {r['teacher_params_per_process'] / 1e6:.3g}M | "
+                     f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['comm_bytes'] / 2**20:.2f} | "
+                     f"{grads / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
@@ -128,22 +150,7 @@ def main(argv=None) -> int:
                 for parallel in (tuple(MODES) if k > 1 else ("ddp",)):
                     rows.append(run(name, models[name], k, args.steps, workdir, parallel))
                     print(rows[-1], flush=True)
-    lines = ["| model | student params | processes | parallel | student params per process | teacher params per "
-             "process | step (s) | tokens/s | collective payload per process per step (MiB) | of which gradients 4P "
-             "(MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mode = r["parallel"] if r["processes"] > 1 else "-"
-        if "error" in r:
-            lines.append(f"| {r['model']} | | {r['processes']} | {mode} | error: {r['error'][:80]} | | | | | |")
-            continue
-        grads = 4 * r["student_parameters"] if r["processes"] > 1 else 0
-        payload = f"{r['comm_bytes'] / 2**20:.2f}"
-        lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['processes']} | {mode} | "
-                     f"{r['params_per_process'] / 1e6:.3g}M | {r['teacher_params_per_process'] / 1e6:.3g}M | "
-                     f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {payload} | "
-                     f"{grads / 2**20:.2f} |")
-    table = "\n".join(lines)
+    table = _table(rows)
     print(table)
     device = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
     stem = args.out / f"distributed-{device}-{_dt.date.today().isoformat()}"
