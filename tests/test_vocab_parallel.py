@@ -149,6 +149,12 @@ def _fused_update_worker(rank: int, world: int, port: int) -> None:
                     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
                 grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
                 torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
+        # every row ignored (a micro-batch whose rollouts were all filtered) and no rows at all
+        for rows in (s_h.shape[0], 0):
+            ignored = torch.full((rows,), -100)
+            out = linear_divergence_update(s_h[:rows], s_w[lo:hi], t_h[:rows], t_w[lo:hi], ignored,
+                                           coefficient[:rows], vocab_process_group=dist.group.WORLD)
+            assert float(out.loss) == 0.0 and not out.grad_hidden.any() and not out.grad_weight.any()
     finally:
         dist.destroy_process_group()
 
