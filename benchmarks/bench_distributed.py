@@ -25,10 +25,8 @@ plus the logits of each decode step exchanged between processes. A ring all-redu
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from _results import device_label, write_results  # noqa: E402
 
 
 def _models(workdir: Path) -> dict[str, dict]:
@@ -152,11 +152,7 @@ def main(argv=None) -> int:
                     print(rows[-1], flush=True)
     table = _table(rows)
     print(table)
-    device = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-    stem = args.out / f"distributed-{device}-{_dt.date.today().isoformat()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    stem.with_suffix(".md").write_text(f"## Data-parallel steps (torchrun, gloo): {device}\n\n{table}\n")
+    write_results(args.out, "distributed", "Data-parallel steps (torchrun, gloo)", rows, table, device_label())
     return 1 if any("error" in r for r in rows) else 0
 
 

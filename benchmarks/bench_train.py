@@ -21,7 +21,6 @@ the teacher's hidden states, one no-grad teacher forward per micro-batch).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -195,16 +194,10 @@ def main(argv=None) -> int:
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
-        import platform
-
         import torch
+        from _results import device_label, write_results
 
-        device = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else \
-            f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-        stem = out / f"train-{device}-{_dt.date.today().isoformat()}"
-        out.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        stem.with_suffix(".md").write_text(f"## Trainer step benchmark: {device}\n\n{table}\n")
+        write_results(out, "train", "Trainer step benchmark", rows, table, device_label(torch.cuda.is_available()))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -21,10 +21,8 @@ of b bytes moves about 2 (K - 1) / K b bytes in and out of each process.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -40,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from _results import device_label, write_results  # noqa: E402
 
 
 def _free_port() -> int:
@@ -149,11 +149,7 @@ def main(argv=None) -> int:
                      f"({4 * n * d / mib:.2f} when K > 1) |")
     table = "\n".join(lines)
     print(table)
-    device = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-    stem = args.out / f"vocab-parallel-{device}-{_dt.date.today().isoformat()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    stem.with_suffix(".md").write_text(f"## Vocabulary-parallel statistics (gloo): {device}\n\n{table}\n")
+    write_results(args.out, "vocab-parallel", "Vocabulary-parallel statistics (gloo)", rows, table, device_label())
     return 0
 
 

@@ -21,7 +21,6 @@ against the fused Triton kernels, and the rule `auto` follows, are in csrc_notes
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton

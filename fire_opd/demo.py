@@ -24,8 +24,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .build_assets import ASSETS_DIR
 from .config import TrainConfig
 from .data import Problem, sample_problems

@@ -25,7 +25,10 @@ import multiprocessing as mp
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 OUT_DIR = Path("benchmarks/results/study")
 

@@ -172,7 +172,6 @@ class FireOPDTrainer:
         return self.history
 
     def train_step(self) -> dict:
-        cfg = self.config
         t0, comm0 = time.perf_counter(), distributed.COMM_BYTES[0]
 
         # 1. sample: this rank's chunks of the step's prompts, each chunk with its own seed

@@ -40,7 +40,7 @@ loss runs the teacher forward per micro-batch too; that one stays).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from trl import DistillationConfig, DistillationTrainer
