@@ -236,7 +236,7 @@ class FireOPDTrainer:
         routes = route_rows(keys, self.teachers, default=self.default_teacher)
         ids, attn, mask = rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
         per_teacher: dict = {}
-        for name, chunk, padding in self._aligned_micro_batches(routes, self.device):
+        for name, chunk, padding in self._micro_batches(sorted(self.teachers), routes, self.device):
             teacher = self.teachers[name]
 
             def student_stats(t_h):  # inside the student's (FSDP) forward: its lm_head is gathered there
@@ -275,11 +275,9 @@ class FireOPDTrainer:
             # would hold [rollouts, response_len, D_t] activations through the whole update.
             # Micro-batches therefore hold rows of one teacher each.
             routes = route_rows(keys, self.teachers, default=self.default_teacher)
-            micro_batches = self._aligned_micro_batches(routes, mask.device)
-        else:
-            rows = torch.arange(mask.shape[0], device=mask.device).split(cfg.micro_batch_size)
-            count = distributed.max_over_ranks(len(rows)) if self.wrapper is not None else len(rows)
-            micro_batches = [(None, rows[min(i, len(rows) - 1)], i >= len(rows)) for i in range(count)]
+            micro_batches = self._micro_batches(sorted(self.teachers), routes, mask.device)
+        else:  # the clipped surrogate needs no teacher: micro-batches of any rows
+            micro_batches = self._micro_batches([None], {None: torch.arange(mask.shape[0])}, mask.device)
         metrics: dict = {}
         if cfg.stats_scope == "batch":
             fire = compute_fire_advantages(old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask,
@@ -311,11 +309,9 @@ class FireOPDTrainer:
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
             if padding and self.vocab_group is not None:
-                # the loss covers every process's tokens, so a padding micro-batch keeps its weight
+                # the loss covers every process's tokens: a padding micro-batch keeps its weight
                 # and brings none of its own
-                part = replace(part, loss_mask=torch.zeros_like(part.loss_mask),
-                               advantages=torch.zeros_like(part.advantages),
-                               token_weights=torch.zeros_like(part.token_weights))
+                part = _without_tokens(part)
             sync = self.wrapper is None or index == count - 1
             with distributed.gradient_sync(self.wrapper, sync):
                 loss, mb_metrics = self._micro_batch_loss(rollouts, rows, teacher_name if dense else None, part,
@@ -332,20 +328,11 @@ class FireOPDTrainer:
                 total_loss += float(loss.detach()) * scale
             if not padding:
                 loss_metrics = _accumulate(loss_metrics, mb_metrics, real)
-        if self.wrapper is not None:
-            distributed.count_gradients(self.student.parameters(), skip=sharded_head.sharded_parameters(self.student))
         total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
         loss_metrics = distributed.mean_over_ranks(loss_metrics)
         if cfg.stats_scope == "micro_batch":
             metrics = distributed.mean_over_ranks(metrics)
-        if self.vocab_group is not None:
-            # each lm_head shard holds the whole batch's gradient for its rows, times the loss's K
-            for param in sharded_head.sharded_parameters(self.student):
-                if param.grad is not None:
-                    param.grad.div_(self.world_size)
-            grad_norm = sharded_head.clip_grad_norm(self.student, cfg.max_grad_norm)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
+        grad_norm = self._clipped_gradient_norm()
         skipped = self._skip_if_not_finite(total_loss, grad_norm)
         if not skipped:
             self.optimizer.step()
@@ -383,12 +370,11 @@ class FireOPDTrainer:
 
         return distributed.forward_through(self.teacher_wrappers.get(teacher_name), teacher, with_teacher)
 
-    def _aligned_micro_batches(self, routes: dict, device) -> list[tuple[str, torch.Tensor, bool]]:
+    def _micro_batches(self, names: list, routes: dict, device) -> list[tuple[Optional[str], torch.Tensor, bool]]:
         """(teacher, rows, padding) micro-batches, teacher by teacher in one order on every process.
         Under torchrun every process runs as many micro-batches of each teacher as the process with
-        the most (DDP syncs once, FSDP gathers the same shards); the extra ones repeat some rows of
-        this process and are given weight 0."""
-        names = sorted(self.teachers)
+        the most (DDP syncs once, FSDP gathers the same shards, vocab_parallel gathers the same
+        tokens); the extra ones repeat some rows of this process and are marked padding."""
         local = {name: list(routes[name].to(device).split(self.config.micro_batch_size)) if name in routes else []
                  for name in names}
         counts = [len(local[name]) for name in names]
@@ -397,6 +383,19 @@ class FireOPDTrainer:
         some_rows = next(chunk for chunks in local.values() for chunk in chunks)
         return [(name, local[name][i] if i < len(local[name]) else (local[name] or [some_rows])[0],
                  i >= len(local[name])) for name, count in zip(names, counts) for i in range(count)]
+
+    def _clipped_gradient_norm(self) -> float:
+        """Clip the student's gradients to max_grad_norm; returns their norm before clipping."""
+        heads = sharded_head.sharded_parameters(self.student)
+        if self.wrapper is not None:
+            distributed.count_gradients(self.student.parameters(), skip=heads)
+        if self.vocab_group is None:
+            return float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.max_grad_norm))
+        # each lm_head shard holds the whole batch's gradient for its rows, times the loss's K
+        for param in heads:
+            if param.grad is not None:
+                param.grad.div_(self.world_size)
+        return sharded_head.clip_grad_norm(self.student, self.config.max_grad_norm)
 
     def _skip_if_not_finite(self, loss: float, grad_norm: float) -> bool:
         """A step whose loss or gradient norm is not finite leaves the weights and the optimizer
@@ -499,6 +498,12 @@ class FireOPDTrainer:
         if self.device.type == "cuda" and self.config.dtype == "float32":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+
+def _without_tokens(part: FireAdvantages) -> FireAdvantages:
+    """The same rows with no token in the loss."""
+    return replace(part, loss_mask=torch.zeros_like(part.loss_mask), advantages=torch.zeros_like(part.advantages),
+                   token_weights=torch.zeros_like(part.token_weights))
 
 
 def _select_rows(fire: FireAdvantages, rows: torch.Tensor) -> FireAdvantages:
