@@ -96,18 +96,26 @@ def check_same_vocab(student: nn.Module, teachers: dict[str, nn.Module]) -> None
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def prepare_models(config, device: torch.device, *, student=None, teachers: Optional[dict] = None, tokenizer=None):
+def prepare_models(config, device: torch.device, *, student=None, teachers: Optional[dict] = None, tokenizer=None,
+                   vocab_group=None):
     """(student, teachers, tokenizer) for a TrainConfig: loaded from its paths unless given, on
-    `device`, teachers frozen in `teacher_dtype`, the student with gradient checkpointing if asked."""
+    `device`, teachers frozen in `teacher_dtype`, the student with gradient checkpointing if asked.
+    With `vocab_group` (vocab_parallel) the models are loaded on the CPU and keep this process's
+    rows of their lm_heads before they move to `device`, which never holds a whole head."""
     if not config.teachers and teachers is None:
         raise ValueError("no teacher: set config.teachers (name -> path) or pass teachers=")
     dtype = DTYPES[config.dtype]
     teacher_dtype = DTYPES[config.teacher_dtype or config.dtype]
-    student = student if student is not None else load_causal_lm(config.student, dtype=dtype, device=device)
+    load_on = torch.device("cpu") if vocab_group is not None else device
+    student = student if student is not None else load_causal_lm(config.student, dtype=dtype, device=load_on)
     teachers = teachers if teachers is not None else {
-        name: load_causal_lm(path, dtype=teacher_dtype, device=device) for name, path in config.teachers.items()}
+        name: load_causal_lm(path, dtype=teacher_dtype, device=load_on) for name, path in config.teachers.items()}
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.student)
     check_same_vocab(student, teachers)
+    if vocab_group is not None:
+        from .sharded_head import shard_lm_heads
+
+        shard_lm_heads(student, teachers, vocab_group)
     student.to(device)
     for teacher in teachers.values():
         teacher.requires_grad_(False).eval().to(device)

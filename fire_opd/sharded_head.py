@@ -183,14 +183,11 @@ def _all_to_all(recv: list[torch.Tensor], send: list[torch.Tensor], group) -> No
             work.wait()
 
 
-def shard_lm_heads(student: nn.Module, teachers: dict[str, nn.Module]):
-    """Keep this process's rows of the student's and every teacher's lm_head; returns the group
-    (all processes) the statistics then run over."""
-    group = dist.group.WORLD
+def shard_lm_heads(student: nn.Module, teachers: dict[str, nn.Module], group) -> None:
+    """Keep this process's rows of the student's and every teacher's lm_head, over `group`."""
     ShardedLMHead.shard(student, "the student", group)
     for name, teacher in teachers.items():
         ShardedLMHead.shard(teacher, f"teacher {name!r}", group)
-    return group
 
 
 def sharded_heads(model: nn.Module) -> dict[str, ShardedLMHead]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint, distributed, sharded_head
 from .config import TrainConfig
@@ -86,8 +87,11 @@ class FireOPDTrainer:
         distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
         num_chunks = config.prompts_per_step // (config.rollout_chunk_prompts or config.prompts_per_step)
         self.my_chunks = distributed.my_chunks(num_chunks, self.rank, self.world_size)
+        # vocab_parallel: each process keeps its rows of every lm_head (fire_opd/sharded_head.py)
+        self.vocab_group = dist.group.WORLD if config.vocab_parallel and distributed.active() else None
         self.student, self.teachers, self.tokenizer = prepare_models(config, self.device, student=student,
-                                                                     teachers=teachers, tokenizer=tokenizer)
+                                                                     teachers=teachers, tokenizer=tokenizer,
+                                                                     vocab_group=self.vocab_group)
         self.verifier = resolve_verifier(config.verifier)
         self.train_problems, self.eval_problems = prepare_problems(config, self.tokenizer, train_problems,
                                                                    eval_problems)
@@ -96,9 +100,6 @@ class FireOPDTrainer:
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
         route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
 
-        # vocab_parallel: each process keeps its rows of every lm_head (fire_opd/sharded_head.py)
-        self.vocab_group = sharded_head.shard_lm_heads(self.student, self.teachers) if (
-            config.vocab_parallel and distributed.active()) else None
         # data-parallel update under torchrun (DDP or FSDP2; gloo on CPU, nccl on CUDA), nothing otherwise
         self.wrapper = distributed.wrap(self.student, self.device, config.parallel,
                                         ignore=sharded_head.sharded_parameter_names(self.student))
