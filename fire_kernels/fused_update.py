@@ -32,7 +32,6 @@ triton:  the forward kernel (z and u tiles on-chip) then the backward kernel wit
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -41,7 +40,7 @@ from . import chunked, tile_fold, triton_token_stats
 from ._validation import validate_stats_inputs
 from .chunked import apply_head_, divergence_grad_terms, full_row_divergence, head_jacobian
 from .token_stats import resolve_backend
-from .vocab_parallel import LOCAL_IGNORE, VocabShards
+from .vocab_parallel import VocabShards, complete_hidden_grad, shards_of
 
 # grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
@@ -84,7 +83,7 @@ def linear_logprob_update(
     `vocab_process_group`, `reduce_hidden_grad`: a vocabulary-sharded `weight`, as in
     `token_stats` (the streaming two-pass path on every device; `grad_weight` is the shard's).
     """
-    shards = _shards(weight, vocab_process_group, reduce_hidden_grad)
+    shards = shards_of(weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
                                     backend=backend, student_prefix="", student_bias=bias,
                                     student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
@@ -94,16 +93,16 @@ def linear_logprob_update(
     bias = bias.detach() if bias is not None else None
     two_pass = _two_pass(backend, hidden.device, shards)
     if shards is not None:
-        targets, problem = _local(shards, targets, problem)
+        targets, problem = shards.localize(targets, problem)
     if two_pass is not None:
         forward, backward = two_pass
-        stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, **_shard_arg(shards))
+        stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, shards=shards)
         loss, grad_logprob = grad_fn(stats.student_logprob, slice(0, problem.num_tokens))
         grad_logprob = torch.where(valid, grad_logprob.to(stats.student_lse.dtype), 0.0)
         grad_hidden, grad_weight, grad_bias = backward(
             problem, hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
             grad_logprob, torch.zeros_like(grad_logprob), None, student_bias=bias, need_bias_grad=bias is not None)
-        grad_hidden = _reduced(shards, grad_hidden)
+        grad_hidden = complete_hidden_grad(shards, grad_hidden)
         return LogprobUpdate(stats.student_logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
                              _cast(grad_bias, bias))
 
@@ -167,27 +166,6 @@ def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] 
     return None
 
 
-def _shards(weight, group, reduce_hidden_grad: bool) -> Optional[VocabShards]:
-    if group is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None
-    return VocabShards.of(weight.shape[0], group, reduce_hidden_grad)
-
-
-def _local(shards: VocabShards, targets: torch.Tensor, problem):
-    """Shard-local target ids and the problem that goes with them (see `vocab_parallel`)."""
-    return (shards.local_targets(targets, problem.ignore_index),
-            dataclasses.replace(problem, ignore_index=LOCAL_IGNORE))
-
-
-def _shard_arg(shards: Optional[VocabShards]) -> dict:
-    return {} if shards is None else {"shards": shards}
-
-
-def _reduced(shards: Optional[VocabShards], grad_hidden: torch.Tensor) -> torch.Tensor:
-    """dL/dh complete on every rank, unless the caller reduces the shards' parts itself."""
-    return shards.sum(grad_hidden) if shards is not None and shards.reduce_hidden_grad else grad_hidden
-
-
 def _cast(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if grad is None else grad.to(like.dtype)
 
@@ -237,7 +215,7 @@ def linear_divergence_update(
     """
     if divergence is None:
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
-    shards = _shards(student_weight, vocab_process_group, reduce_hidden_grad)
+    shards = shards_of(student_weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
                                     temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
                                     ignore_index=ignore_index, backend=backend, student_prefix="student_",
@@ -257,11 +235,11 @@ def linear_divergence_update(
     kind, beta = problem.divergence, problem.jsd_beta
     two_pass = _two_pass(backend, student_hidden.device, shards)
     if shards is not None:
-        targets, problem = _local(shards, targets, problem)
+        targets, problem = shards.localize(targets, problem)
     if two_pass is not None:
         forward, backward = two_pass
         stats, div_aux = forward(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                                 student_bias=bias, teacher_bias=teacher_bias, **_shard_arg(shards))
+                                 student_bias=bias, teacher_bias=teacher_bias, shards=shards)
         coef = torch.where(valid, coefficient.detach().to(stats.student_lse.dtype), 0.0)
         loss = (coef * stats.divergence).sum()
         zeros = torch.zeros_like(coef)
@@ -269,7 +247,7 @@ def linear_divergence_update(
             problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
             stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef, student_bias=bias,
             teacher_bias=teacher_bias, need_bias_grad=bias is not None)
-        grad_hidden = _reduced(shards, grad_hidden)
+        grad_hidden = complete_hidden_grad(shards, grad_hidden)
         return DivergenceUpdate(stats.divergence, loss, grad_hidden.to(student_hidden.dtype),
                                 grad_weight.to(student_weight.dtype), _cast(grad_bias, bias))
 

@@ -13,7 +13,6 @@ cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
@@ -115,9 +114,7 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
         )
         if grad_hidden is not None:  # every vocabulary shard contributes to dL/dh
-            if ctx.shards is not None and ctx.shards.reduce_hidden_grad:
-                grad_hidden = ctx.shards.sum(grad_hidden)
-            grad_hidden = grad_hidden.to(student_hidden.dtype)
+            grad_hidden = vocab_parallel.complete_hidden_grad(ctx.shards, grad_hidden).to(student_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(student_weight.dtype)
         if grad_bias is not None:
@@ -135,9 +132,7 @@ def _stats(
         if backend == "reference":
             raise ValueError("vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
                              "backend='reference' materializes the whole vocabulary's logits")
-        if isinstance(student_weight, torch.Tensor) and student_weight.dim() == 2:
-            shards = vocab_parallel.VocabShards.of(student_weight.shape[0], vocab_process_group,
-                                                   bool(reduce_hidden_grad))
+        shards = vocab_parallel.shards_of(student_weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(
         student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
         temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
@@ -146,8 +141,7 @@ def _stats(
     )
     student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
     if shards is not None:  # the backends see the shard: local target ids, a local ignore_index
-        targets = shards.local_targets(targets, problem.ignore_index)
-        problem = dataclasses.replace(problem, ignore_index=vocab_parallel.LOCAL_IGNORE)
+        targets, problem = shards.localize(targets, problem)
     backend = resolve_backend(backend, student_hidden.device)
     if backend == "reference":
         return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,

@@ -32,6 +32,7 @@ matches no column, so the rank adds no z_y and no one-hot gradient), ignored row
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,16 +45,21 @@ OTHER_SHARD = -1  # local id of a target that another rank's shard holds
 LOCAL_IGNORE = -2  # local ignore_index: cannot collide with a shard-local id (>= 0) or OTHER_SHARD
 
 
+def gathered_sizes(n: int, group) -> list[int]:
+    """Every rank's `n`, in rank order (one all-gather)."""
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64), group=group)
+    return [int(s) for s in sizes]
+
+
 def shard_offset(local_vocab: int, group) -> tuple[int, int]:
     """(first global row of this rank's shard, global V), from every rank's shard size."""
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int64), group=group)
-    sizes = [int(s) for s in sizes]
-    rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
+    sizes = gathered_sizes(local_vocab, group)
+    return sum(sizes[:dist.get_rank(group)]), sum(sizes)
 
 
-def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    """`dist.all_reduce` of x (in place where it can be), returned."""
     # gloo all-reduces CPU tensors only, NCCL CUDA ones: move only where needed
     if dist.get_backend(group) == "gloo" and x.device.type != "cpu":
         y = x.cpu()
@@ -75,25 +81,22 @@ class VocabShards:
     vocab_size: int
     reduce_hidden_grad: bool = True  # False: dL/dh stays this shard's part (the caller reduces it)
 
-    @classmethod
-    def of(cls, local_vocab: int, group, reduce_hidden_grad: bool = True) -> "VocabShards":
-        offset, vocab_size = shard_offset(local_vocab, group)
-        return cls(group, offset, local_vocab, vocab_size, reduce_hidden_grad)
-
-    def local_targets(self, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        """Global ids -> ids in this shard; OTHER_SHARD where another rank holds the target,
-        LOCAL_IGNORE where the row is ignored."""
+    def localize(self, targets: torch.Tensor, problem):
+        """(targets, problem) as a backend sees the shard: global ids -> ids in this shard,
+        OTHER_SHARD where another rank holds the target, LOCAL_IGNORE (the problem's new
+        ignore_index) where the row is ignored."""
         local = targets.long() - self.offset
         owned = (local >= 0) & (local < self.local_vocab)
         local = torch.where(owned, local, torch.full_like(local, OTHER_SHARD))
-        return torch.where(targets == ignore_index, torch.full_like(local, LOCAL_IGNORE), local)
+        local = torch.where(targets == problem.ignore_index, torch.full_like(local, LOCAL_IGNORE), local)
+        return local, dataclasses.replace(problem, ignore_index=LOCAL_IGNORE)
 
     def merge_state(self, m_s, s_s, a_s, zy, m_t=None, s_t=None, a_t=None, uy=None, cross=None, divergence=0):
         """Merge every rank's streaming state (module docstring); same arguments and order as
         `_row_stats.finalize` takes them, returned as one tuple."""
         teacher = m_t is not None
         local_max = torch.stack([m_s, m_t]) if teacher else m_s[None]
-        global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, self.group)
+        global_max = all_reduce(local_max.clone(), dist.ReduceOp.MAX, self.group)
         shift = local_max - global_max
         scale = torch.exp(shift)
         parts = [scale[0] * s_s, scale[0] * (a_s + shift[0] * s_s), zy]
@@ -101,7 +104,7 @@ class VocabShards:
             parts += [scale[1] * s_t, scale[1] * (a_t + shift[1] * s_t), uy]
         if cross is not None:  # reverse KL's cross term is student-weighted, forward KL's teacher-weighted
             parts.append(scale[0 if divergence == DIV_REVERSE_KL else 1] * cross)
-        summed = _all_reduce(torch.stack(parts), dist.ReduceOp.SUM, self.group)
+        summed = all_reduce(torch.stack(parts), dist.ReduceOp.SUM, self.group)
         if not teacher:
             return global_max[0], summed[0], summed[1], summed[2], None, None, None, None, None, divergence
         return (global_max[0], summed[0], summed[1], summed[2], global_max[1], summed[3], summed[4], summed[5],
@@ -109,7 +112,16 @@ class VocabShards:
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (the JSD's per-shard sums, the shards' parts of dL/dh)."""
-        return _all_reduce(x.contiguous(), dist.ReduceOp.SUM, self.group)
+        return all_reduce(x.contiguous(), dist.ReduceOp.SUM, self.group)
+
+
+def shards_of(weight, group, reduce_hidden_grad: bool = True) -> Optional[VocabShards]:
+    """This rank's VocabShards for a [V_r, D] `weight` shard over `group`; None without a group
+    (or for a weight the input checks will refuse)."""
+    if group is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    offset, vocab_size = shard_offset(weight.shape[0], group)
+    return VocabShards(group, offset, weight.shape[0], vocab_size, bool(reduce_hidden_grad))
 
 
 def merged(shards: Optional[VocabShards], x: torch.Tensor) -> torch.Tensor:
@@ -117,4 +129,10 @@ def merged(shards: Optional[VocabShards], x: torch.Tensor) -> torch.Tensor:
     return x if shards is None else shards.sum(x)
 
 
-__all__ = ["LOCAL_IGNORE", "OTHER_SHARD", "VocabShards", "merged", "shard_offset"]
+def complete_hidden_grad(shards: Optional[VocabShards], grad_hidden: torch.Tensor) -> torch.Tensor:
+    """dL/dh over the whole vocabulary: the shards' parts summed, unless the caller reduces them."""
+    return merged(shards if shards is not None and shards.reduce_hidden_grad else None, grad_hidden)
+
+
+__all__ = ["LOCAL_IGNORE", "OTHER_SHARD", "VocabShards", "all_reduce", "complete_hidden_grad", "gathered_sizes",
+           "merged", "shard_offset", "shards_of"]

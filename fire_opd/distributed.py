@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -221,6 +221,34 @@ def forward_through(wrapper, module: torch.nn.Module, fn, *args, **kwargs):
 def local_numel(parameters: Iterable[torch.nn.Parameter]) -> int:
     """Parameters this process holds: its shards under FSDP, everything otherwise."""
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parameters)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows`."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+
+
+def all_gather_rows(x: torch.Tensor, group=None, counts: Optional[list[int]] = None) -> torch.Tensor:
+    """Every process's rows of x ([n_r, ...], n_r may differ between processes) concatenated in
+    rank order: one all-gather padded to the longest, after one of the row counts unless `counts`
+    gives them."""
+    from fire_kernels.vocab_parallel import gathered_sizes
+
+    if counts is None:
+        counts = gathered_sizes(x.shape[0], group)
+        count(torch.zeros(len(counts), dtype=torch.int64))
+    padded = pad_rows(x.contiguous(), max(counts))
+    parts = [padded.new_empty(padded.shape) for _ in counts]
+    count(*parts)  # an all-gather's payload is its output
+    if dist.get_backend(group) == "gloo" and x.device.type != "cpu":  # gloo gathers CPU tensors only
+        cpu_parts = [p.cpu() for p in parts]
+        dist.all_gather(cpu_parts, padded.cpu(), group=group)
+        parts = [p.to(x.device) for p in cpu_parts]
+    else:
+        dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def count_gradients(parameters: Iterable[torch.nn.Parameter], skip: Iterable[torch.nn.Parameter] = ()) -> None:

@@ -126,17 +126,9 @@ def _all_gather_varlen(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate 1-D tensors of different lengths from every rank."""
     if not _distributed(group):
         return x
-    world = dist.get_world_size(group)
-    length = torch.tensor([x.numel()], device=x.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length, group=group)
-    longest = int(max(int(n) for n in lengths))
-    padded = torch.zeros(longest, dtype=x.dtype, device=x.device)
-    padded[: x.numel()] = x
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    _count_comm(length, padded)
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, lengths)])
+    from .distributed import all_gather_rows
+
+    return all_gather_rows(x, group)
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:

@@ -81,38 +81,24 @@ def response_token_stats(
             gradient: a loss must cover every process's tokens, as `FireOPDLoss` does).
     """
     targets = _flat_targets(response_ids, response_mask)
-    shape = response_ids.shape
+    shape, n = response_ids.shape, targets.shape[0]
+    if vocab_process_group is not None and torch.is_grad_enabled() and student_hidden.requires_grad:
+        raise ValueError("response_token_stats with vocab_process_group scores (no gradient); train with "
+                         "FireOPDLoss(fused_update=True, vocab_process_group=...)")
     s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
+    t_h = None if teacher_hidden is None else _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+    s_h, targets, (t_h,), mine, keep = _gathered(vocab_process_group, s_h, targets, t_h)
     student = as_head(student_weight)
-    if vocab_process_group is not None:
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            raise ValueError("response_token_stats with vocab_process_group scores (no gradient); train with "
-                             "FireOPDLoss(fused_update=True, vocab_process_group=...)")
-        t_h = None if teacher_hidden is None else _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
-        teacher = None if teacher_weight is None else as_head(teacher_weight)
-        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        (s_all, t_all, y_all), mine = gather_tokens(vocab_process_group, s_h[keep],
-                                                    None if t_h is None else t_h[keep], targets[keep])
-        if t_all is None:
-            out = token_stats(s_all, student.weight, y_all, temperature=temperature, backend=backend,
-                              vocab_process_group=vocab_process_group, **student.kernel_kwargs()) + (None,) * 3
-        else:
-            out = teacher_student_stats(s_all, student.weight, t_all, teacher.weight, y_all, temperature=temperature,
-                                        divergence=divergence, jsd_beta=jsd_beta, backend=backend,
-                                        vocab_process_group=vocab_process_group, **student.kernel_kwargs(),
-                                        **teacher.kernel_kwargs("teacher_"))
-        return ResponseStats(*(None if t is None else _scatter_own(t[mine], keep, targets.shape[0]).view(shape)
-                               for t in out))
-    if teacher_hidden is None:
-        lp, ent = token_stats(s_h, student.weight, targets, temperature=temperature, backend=backend,
-                              **student.kernel_kwargs())
-        return ResponseStats(lp.view(shape), ent.view(shape), None, None, None)
-    t_h = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
-    teacher = as_head(teacher_weight)
-    out = teacher_student_stats(s_h, student.weight, t_h, teacher.weight, targets, temperature=temperature,
-                                divergence=divergence, jsd_beta=jsd_beta, backend=backend, **student.kernel_kwargs(),
-                                **teacher.kernel_kwargs("teacher_"))
-    return ResponseStats(*(t.view(shape) if t is not None else None for t in out))
+    if t_h is None:
+        out = token_stats(s_h, student.weight, targets, temperature=temperature, backend=backend,
+                          vocab_process_group=vocab_process_group, **student.kernel_kwargs()) + (None,) * 3
+    else:
+        teacher = as_head(teacher_weight)
+        out = teacher_student_stats(s_h, student.weight, t_h, teacher.weight, targets, temperature=temperature,
+                                    divergence=divergence, jsd_beta=jsd_beta, backend=backend,
+                                    vocab_process_group=vocab_process_group, **student.kernel_kwargs(),
+                                    **teacher.kernel_kwargs("teacher_"))
+    return ResponseStats(*(None if t is None else _own(t, mine, keep, n).view(shape) for t in out))
 
 
 def _scatter_own(values: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:

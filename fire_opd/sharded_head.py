@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fire_kernels.vocab_parallel import all_reduce, gathered_sizes
+
 from . import distributed
 
 
@@ -43,52 +45,22 @@ def shard_rows(vocab_size: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
-
-
-def _row_counts(n: int, group) -> list[int]:
-    counts = torch.tensor([n], dtype=torch.int64)
-    everyone = [torch.zeros_like(counts) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, counts, group=group)
-    return [int(c) for c in everyone]
-
-
-def _all_gather_padded(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """Every process's rows of x, in rank order: [sum(counts), ...]."""
-    rows = max(counts)
-    parts = [x.new_empty((rows, *x.shape[1:])) for _ in counts]
-    padded = _pad_rows(x.contiguous(), rows)
-    distributed.count(*([padded] * len(counts)))  # the all-gather's output
-    if dist.get_backend(group) == "gloo" and x.device.type != "cpu":
-        cpu_parts = [p.cpu() for p in parts]
-        dist.all_gather(cpu_parts, padded.cpu(), group=group)
-        parts = [p.to(x.device) for p in cpu_parts]
-    else:
-        dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
-
 class _GatherTokens(torch.autograd.Function):
     """Forward: all processes' rows; backward: each process's rows of the summed gradient."""
 
     @staticmethod
     def forward(ctx, x, counts, group):
-        ctx.counts, ctx.group, ctx.device = counts, group, x.device
-        return _all_gather_padded(x, counts, group)
+        ctx.counts, ctx.group = counts, group
+        return distributed.all_gather_rows(x, group, counts)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
         distributed.count(grad)
         # gloo has no reduce-scatter: an all-reduce, then this process's rows
-        grad = grad.cpu() if dist.get_backend(ctx.group) == "gloo" and grad.device.type != "cpu" else grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
+        grad = all_reduce(grad.clone(), dist.ReduceOp.SUM, ctx.group)
         rank = dist.get_rank(ctx.group)
         start = sum(ctx.counts[:rank])
-        return grad[start:start + ctx.counts[rank]].to(ctx.device), None, None
+        return grad[start:start + ctx.counts[rank]], None, None
 
 
 def gather_tokens(group, *tensors: Optional[torch.Tensor]) -> tuple[list[Optional[torch.Tensor]], slice]:
@@ -96,11 +68,11 @@ def gather_tokens(group, *tensors: Optional[torch.Tensor]) -> tuple[list[Optiona
     slice of this process's rows in them. Gradients flow back to this process's rows only, summed
     over every process's use of them."""
     n = next(t.shape[0] for t in tensors if t is not None)
-    counts = _row_counts(n, group)
+    counts = gathered_sizes(n, group)
     rank = dist.get_rank(group)
     start = sum(counts[:rank])
     out = [None if t is None else _GatherTokens.apply(t, counts, group) if t.requires_grad
-           else _all_gather_padded(t, counts, group) for t in tensors]
+           else distributed.all_gather_rows(t, group, counts) for t in tensors]
     return out, slice(start, start + n)
 
 
@@ -110,11 +82,15 @@ class ShardedLMHead(nn.Module):
     no gradient) returns whole-vocabulary logits for the caller's own hidden states; training
     reads `weight` through the fused kernels with `vocab_process_group=group`."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], vocab_size: int, offset: int, group):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], vocab_size: int, group):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
-        self.vocab_size, self.offset, self.group = vocab_size, offset, group
+        self.vocab_size, self.group = vocab_size, group
+        world = dist.get_world_size(group)
+        # every process's rows [lo, hi), fixed by shard_rows: no collective needed to know them
+        self.rows_per_process = [hi - lo for lo, hi in (shard_rows(vocab_size, r, world) for r in range(world))]
+        self.offset = shard_rows(vocab_size, dist.get_rank(group), world)[0]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
@@ -131,7 +107,7 @@ class ShardedLMHead(nn.Module):
         def rows(t):
             return None if t is None else t.detach()[lo:hi].clone().requires_grad_(t.requires_grad)
 
-        sharded = cls(rows(head.weight), rows(getattr(head, "bias", None)), vocab, lo, group)
+        sharded = cls(rows(head.weight), rows(getattr(head, "bias", None)), vocab, group)
         model.set_output_embeddings(sharded)
         return sharded
 
@@ -145,24 +121,22 @@ class ShardedLMHead(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         lead = hidden.shape[:-1]
         flat = hidden.reshape(-1, hidden.shape[-1])
-        counts = _row_counts(flat.shape[0], self.group)
-        everyone = _all_gather_padded(flat, counts, self.group)  # [sum n, D]: every process's rows
+        counts = gathered_sizes(flat.shape[0], self.group)
+        everyone = distributed.all_gather_rows(flat, self.group, counts)  # [sum n, D]: every process's rows
         logits = F.linear(everyone, self.weight.to(everyone.dtype),
                           None if self.bias is None else self.bias.to(everyone.dtype))
         # all-to-all: process j gets its own rows of every process's vocabulary columns
         rows = max(counts)
         starts = [sum(counts[:j]) for j in range(len(counts))]
-        send = [_pad_rows(logits[s:s + c], rows).contiguous() for s, c in zip(starts, counts)]
-        widths = _row_counts(self.weight.shape[0], self.group)
-        recv = [logits.new_empty((rows, w)) for w in widths]
+        send = [distributed.pad_rows(logits[s:s + c], rows).contiguous() for s, c in zip(starts, counts)]
+        recv = [logits.new_empty((rows, w)) for w in self.rows_per_process]
         _all_to_all(recv, send, self.group)
         mine = torch.cat(recv, dim=1)[: flat.shape[0]]
         return mine.view(*lead, self.vocab_size)
 
     def full(self, tensor: torch.Tensor) -> torch.Tensor:
         """The whole [V, ...] tensor from every process's rows of `tensor` (a collective)."""
-        counts = _row_counts(tensor.shape[0], self.group)
-        return _all_gather_padded(tensor.detach(), counts, self.group)
+        return distributed.all_gather_rows(tensor.detach(), self.group, self.rows_per_process)
 
     def rows(self, full: torch.Tensor) -> torch.Tensor:
         """This process's rows of a whole [V, ...] tensor."""

@@ -293,7 +293,7 @@ class FireOPDTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, loss_metrics = 0.0, {}
         # Every process runs the same micro-batches per teacher (the last one syncs the gradients);
-        # the padding ones (uneven routing) have weight 0.
+        # the padding ones (uneven routing) bring no tokens.
         count = len(micro_batches)
         real = sum(1 for *_, padding in micro_batches if not padding)
         for index, (teacher_name, rows, padding) in enumerate(micro_batches):
@@ -309,9 +309,7 @@ class FireOPDTrainer:
                     metrics = _accumulate(metrics, part.metrics, real)
             else:
                 part, part_normalizer, scale = _select_rows(fire, rows), normalizer, 1.0
-            if padding and self.vocab_group is not None:
-                # the loss covers every process's tokens: a padding micro-batch keeps its weight
-                # and brings none of its own
+            if padding:  # only there to keep every process's collectives in step: no token of its own
                 part = _without_tokens(part)
             sync = self.wrapper is None or index == count - 1
             with distributed.gradient_sync(self.wrapper, sync):
@@ -319,14 +317,9 @@ class FireOPDTrainer:
                                                           part_normalizer, old_log_prob[rows])
                 # every process's loss is normalized by the global count, and DDP / FSDP average the
                 # gradients over processes: times world_size, the result is the batch gradient
-                weight = scale * (self.world_size if self.wrapper is not None else 1)
-                if padding and self.vocab_group is None:
-                    weight = 0.0
-                (loss * weight).backward()
-            if self.vocab_group is not None:  # each process's loss is every process's: its share is 1 / K
-                total_loss += float(loss.detach()) * scale / self.world_size
-            elif not padding:
-                total_loss += float(loss.detach()) * scale
+                (loss * scale * (self.world_size if self.wrapper is not None else 1)).backward()
+            # under vocab_parallel each process's loss is every process's: its share is 1 / K
+            total_loss += float(loss.detach()) * scale / (self.world_size if self.vocab_group is not None else 1)
             if not padding:
                 loss_metrics = _accumulate(loss_metrics, mb_metrics, real)
         total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
