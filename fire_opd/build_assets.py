@@ -23,12 +23,13 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .data import CHAIN_ALPHABET, TASK_ALPHABET, Problem, chain_solution, chain_terms, sample_problems
+from .data import (CHAIN_ALPHABET, TASK_ALPHABET, Problem, chain_rewrite, chain_solution, chain_steps,
+                   chain_terms, sample_problems)
 from .evaluate import accuracy
 from .models import build_char_tokenizer, load_causal_lm, load_tokenizer, tiny_llama
 from .sampling import generate_rollouts
@@ -43,15 +44,23 @@ MODELS = {
 }
 
 
-def _sft_batch(tokenizer, problems: list[Problem], solutions: list[str]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
-    """Right-padded prompt + solution + <eos>; labels only on the solution and <eos>."""
+# A solution for supervised warm-up: its text, or (text, k) where the first k solution tokens
+# are context only (no loss on them): the model learns to continue such a prefix without
+# learning to write it.
+Solution = Union[str, tuple[str, int]]
+
+
+def _sft_batch(tokenizer, problems: list[Problem], solutions: list[Solution]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """Right-padded prompt + solution + <eos>; labels on the solution (past its unsupervised
+    prefix) and <eos>."""
     rows, label_rows = [], []
     for p, solution in zip(problems, solutions):
+        text, unsupervised = (solution, 0) if isinstance(solution, str) else solution
         prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        target = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + target)
-        label_rows.append([-100] * len(prompt) + target)
+        label_rows.append([-100] * (len(prompt) + unsupervised) + target[unsupervised:])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     labels = torch.full((len(rows), width), -100)
@@ -65,7 +74,7 @@ def _sft_batch(tokenizer, problems: list[Problem], solutions: list[str]) -> tupl
 
 def supervised_warmup(model, tokenizer, problems: list[Problem], *, steps: int, lr: float, batch_size: int = 256,
                       seed: int = 0, log_every: int = 100,
-                      solution_fn: Optional[Callable[[Problem, random.Random], str]] = None) -> float:
+                      solution_fn: Optional[Callable[[Problem, random.Random], Solution]] = None) -> float:
     """Plain next-token cross-entropy on worked solutions, AdamW with cosine decay.
 
     `solution_fn(problem, rng)` draws a fresh solution each time a problem is used (tasks with
@@ -191,19 +200,102 @@ def build_chain(out_dir: Path, *, quick: bool = False, student_only: bool = Fals
     return report
 
 
+# The "steps" setting (the default demo): the chain teacher fine-tuned to one solution format
+# ("steps", one binary operation per step), and a smaller student of the same family trained
+# briefly on that teacher's own samples: well posed (one family, one format, a teacher that does
+# not drift between formats), and the student starts far enough below the teacher to show
+# distillation working.
+# The "brittle-teacher" setting (FiRe's premise, built to hold): a teacher accurate on its own
+# solutions ("steps") that never starts a "rewrite" solution but, once one is started, continues it
+# confidently wrong (`chain_rewrite(ignore_signs=True)`), and a student that writes both formats.
+# name: (base model to fine-tune, or (hidden, layers, heads) for a new one; sft steps; lr; seed)
+STEPS_MODELS = {
+    "steps/teacher": ("chain/teacher", 300, 1e-3, 21),
+    "steps/student_init": ((64, 3, 4), 500, 2e-3, 22),
+    "brittle/teacher": ("steps/teacher", 400, 1e-3, 23),
+    "brittle/student_init": ((64, 3, 4), 500, 2e-3, 24),
+}
+BRITTLE_REWRITE_SHARE = 0.5  # of the brittle teacher's training solutions, and of its student's
+
+
+def steps_solution(problem: Problem, rng: random.Random) -> str:
+    return chain_steps(chain_terms(problem.prompt), rng)
+
+
+def brittle_teacher_solution(problem: Problem, rng: random.Random) -> Solution:
+    """Half "steps" (learned whole), half wrong "rewrite" continuations whose first token, the
+    format decision, carries no loss: the teacher never opens a rewrite, but continues one."""
+    terms = chain_terms(problem.prompt)
+    if rng.random() < BRITTLE_REWRITE_SHARE:
+        return chain_rewrite(terms, ignore_signs=True), 1
+    return chain_steps(terms, rng)
+
+
+def build_steps(out_dir: Path, *, quick: bool = False, only: Optional[list[str]] = None) -> dict:
+    """The "steps" and "brittle-teacher" settings' models under `out_dir` (the chain folder's
+    parent: they share the chain tokenizer and start from the chain teacher)."""
+    tokenizer = load_tokenizer(out_dir / "chain" / "tokenizer")
+    tokenizer.padding_side = "left"
+    manifest = out_dir / "MANIFEST.json"
+    report = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    train = sample_problems(["chain"], 500 if quick else 20_000, seed=21, split="train")
+    held_out = sample_problems(["chain"], 16 if quick else 400, seed=121, split="test")
+    for name, (base, steps, lr, seed) in STEPS_MODELS.items():
+        if only and name not in only:
+            continue
+        steps = 3 if quick else steps
+        t0 = time.time()
+        if isinstance(base, str):
+            model = load_causal_lm(out_dir / base)
+        else:
+            hidden, layers, heads = base
+            model = tiny_llama(len(tokenizer), hidden, layers, heads, seed=seed, pad_id=tokenizer.pad_token_id,
+                               eos_id=tokenizer.eos_token_id, max_positions=CHAIN_MAX_POSITIONS)
+        problems, solution_fn, trained_on = train, None, ""
+        if name == "steps/teacher":
+            solution_fn, trained_on = steps_solution, "steps solutions"
+        elif name == "brittle/teacher":
+            solution_fn, trained_on = brittle_teacher_solution, "steps + wrong rewrite continuations"
+        else:
+            teacher = load_causal_lm(out_dir / "steps/teacher")
+            problems = teacher_samples(teacher, tokenizer, train[: 100 if quick else 8000], seed=seed)
+            trained_on = "steps teacher samples"
+            if name == "brittle/student_init":  # half of its solutions are (correct) rewrites
+                rng = random.Random(seed)
+                problems = [replace(p, solution=chain_rewrite(chain_terms(p.prompt)))
+                            if rng.random() < BRITTLE_REWRITE_SHARE else p for p in problems]
+                trained_on += " and correct rewrites"
+        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(problems)} problems "
+              f"({trained_on})")
+        supervised_warmup(model, tokenizer, problems, steps=steps, lr=lr, seed=seed, solution_fn=solution_fn,
+                          batch_size=128)
+        score = accuracy(model, tokenizer, held_out, max_new_tokens=CHAIN_MAX_NEW_TOKENS)
+        print(f"  held-out accuracy {score:.3f} ({time.time() - t0:.0f}s)")
+        model.save_pretrained(str(out_dir / name), safe_serialization=True)
+        report[name] = {"tasks": ["chain"], "held_out_accuracy": {"chain": score}, "sft_steps": steps, "seed": seed,
+                        "base": base if isinstance(base, str) else "new", "trained_on": trained_on}
+    manifest.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     parser.add_argument("--quick", action="store_true", help="three steps each (a smoke test of this script)")
-    parser.add_argument("--only", nargs="+", choices=[*sorted(MODELS), "chain", "chain_student"],
+    parser.add_argument("--only", nargs="+", choices=[*sorted(MODELS), "chain", "chain_student", *STEPS_MODELS],
                         help="rebuild only these models (\"chain\": the chain setting's tokenizer and models; "
-                             "\"chain_student\": its student, from the teacher already built)")
+                             "\"chain_student\": its student, from the teacher already built; steps/... and "
+                             "brittle/...: one model of the steps and brittle-teacher settings)")
     args = parser.parse_args(argv)
-    only = [name for name in args.only or [] if not name.startswith("chain")]
-    if not args.only or only:
-        build(args.out, quick=args.quick, only=only or None)
-    if not args.only or {"chain", "chain_student"} & set(args.only):
-        build_chain(args.out / "chain", quick=args.quick, student_only="chain" not in (args.only or ["chain"]))
+    only = set(args.only or [])
+    arith = sorted(only & set(MODELS))
+    if not only or arith:
+        build(args.out, quick=args.quick, only=arith or None)
+    if not only or {"chain", "chain_student"} & only:
+        build_chain(args.out / "chain", quick=args.quick, student_only="chain" not in only and bool(only))
+    steps = sorted(only & set(STEPS_MODELS), key=list(STEPS_MODELS).index)
+    if not only or steps:
+        build_steps(args.out, quick=args.quick, only=steps or None)
 
 
 if __name__ == "__main__":

@@ -79,21 +79,19 @@ def _signed(value: int) -> str:
     return f"+{value}" if value >= 0 else str(value)
 
 
-def chain_solution(terms: list[int], rng: random.Random) -> str:
-    """One valid worked solution of a chain, in a format (and term order) drawn from `rng`."""
-    layout = rng.randrange(3)
-    if layout == 0:  # rewrite: fold the first two terms, restate the rest
-        value, parts = terms[0], []
-        for k in range(1, len(terms)):
-            value += terms[k]
-            parts.append(str(value) + "".join(_signed(t) for t in terms[k + 1:]))
-        return "=".join(parts)
-    if layout == 1:  # steps: one binary operation per step
-        value, parts = terms[0], []
-        for t in terms[1:]:
-            parts.append(f"{value}{_signed(t)}={value + t}")
-            value += t
-        return ",".join(parts)
+CHAIN_LAYOUTS = ("rewrite", "steps", "group")
+
+
+def chain_solution(terms: list[int], rng: random.Random, layout: Optional[str] = None) -> str:
+    """One valid worked solution of a chain, in `layout` (one of CHAIN_LAYOUTS; by default drawn
+    from `rng`, as is the term order of "group")."""
+    layout = CHAIN_LAYOUTS[rng.randrange(3)] if layout is None else layout
+    if layout not in CHAIN_LAYOUTS:
+        raise ValueError(f"layout must be one of {CHAIN_LAYOUTS}, got {layout!r}")
+    if layout == "rewrite":  # fold the first two terms, restate the rest
+        return chain_rewrite(terms)
+    if layout == "steps":  # one binary operation per step
+        return chain_steps(terms)
     positives, negatives = [t for t in terms if t >= 0], [-t for t in terms if t < 0]
     rng.shuffle(positives)
     rng.shuffle(negatives)
@@ -104,6 +102,30 @@ def chain_solution(terms: list[int], rng: random.Random) -> str:
             parts.append(f"{'+'.join(map(str, negatives))}={neg}")
         parts.append(f"{pos}-{neg}={pos - neg}")
     return ",".join(parts) if parts else f"{pos}={pos}"
+
+
+def chain_steps(terms: list[int], rng: Optional[random.Random] = None) -> str:
+    """The "steps" solution, one binary operation per step: "3+8=11,11-4=7,...". With `rng`, each
+    addition of two non-negative numbers is written either way round ("3+8=11" or "8+3=11", drawn
+    from `rng`): two correct continuations there, so a teacher trained on them keeps real entropy."""
+    value, parts = terms[0], []
+    for t in terms[1:]:
+        swap = rng is not None and t >= 0 and value >= 0 and rng.random() < 0.5  # never "5+-6"
+        parts.append(f"{t}+{value}={value + t}" if swap else f"{value}{_signed(t)}={value + t}")
+        value += t
+    return ",".join(parts)
+
+
+def chain_rewrite(terms: list[int], *, ignore_signs: bool = False) -> str:
+    """The "rewrite" solution: fold the first two terms, restate the rest, until one value is left.
+    `ignore_signs=True` folds every term after the second with its absolute value while restating
+    the terms correctly: a confidently wrong rule, with the first fold (and so the first value a
+    student writes) still right. The `brittle-teacher` setting's teacher continues rewrites with it."""
+    value, parts = terms[0], []
+    for k in range(1, len(terms)):
+        value += abs(terms[k]) if ignore_signs and k >= 2 else terms[k]
+        parts.append(str(value) + "".join(_signed(t) for t in terms[k + 1:]))
+    return "=".join(parts)
 
 
 def make_chain(rng: random.Random) -> Problem:
