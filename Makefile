@@ -40,11 +40,15 @@ test: $(STAMP) $(VERL_STAMP)
 	$(PY) benchmarks/bench_kernels.py --quick
 	$(PY) benchmarks/bench_train.py --quick
 
-# When does FiRe-OPD beat OPD: every method x objective x seed, plus TRL's DistillationTrainer
-# (fire_opd/study.py; results under benchmarks/results/study/, cached per run).
+# Does distillation help, and does FiRe-OPD beat OPD: the learning-rate sweep on validation (seed 0),
+# then every method x seed on the steps and brittle-teacher settings, plus TRL's DistillationTrainer
+# (fire_opd/study.py; results under benchmarks/results/study/). Runs are cached by everything that
+# decides them: on the commit that made the committed results this reads them back (printed as cached,
+# with their commit); `make study STUDY_ARGS=--fresh` reruns all, and says how long that takes here.
+STUDY_ARGS ?=
 study: $(STAMP)
-	$(PY) -m fire_opd study --select
-	$(PY) -m fire_opd study
+	$(PY) -m fire_opd study --select --seeds 0 $(STUDY_ARGS)
+	$(PY) -m fire_opd study $(STUDY_ARGS)
 
 compile-report: $(STAMP)
 	$(PY) -m fire_kernels.compile_report

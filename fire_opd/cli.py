@@ -6,7 +6,8 @@ status 2 (fire_opd/preflight.py checks it before any model is loaded); `--debug`
     fire-opd train --student PATH --teacher PATH --prompts train.jsonl [--config cfg.yaml] [--set key=value ...]
     fire-opd train --student PATH --teacher math=PATH --teacher code=PATH --prompts train.jsonl
     fire-opd eval  --model PATH --prompts held_out.jsonl [--samples N --temperature T --top-p P --output F]
-    fire-opd demo  [--setting chain|single|multi-teacher] [--objective sampled|full_vocab] [--steps N] [--seed S]
+    fire-opd demo  [--setting steps|brittle-teacher|chain|single|multi-teacher] [--objective sampled|full_vocab]
+                   [--steps N] [--seed S] [--samples K]
     fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/study.py)
 """
 
@@ -42,6 +43,11 @@ def _teachers(values: list[str]) -> dict[str, str]:
             raise UsageError(f"--teacher {name!r} given twice")
         teachers[name] = path
     return teachers
+
+
+# fire_opd.demo.SETTINGS' names, default first (spelled out so that `--help` imports no torch; a test
+# keeps the two equal)
+DEMO_SETTINGS = ("steps", "brittle-teacher", "chain", "single", "multi-teacher")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
 
     demo = sub.add_parser("demo", help="OPD vs FiRe-OPD on the built-in tasks and tiny models")
-    demo.add_argument("--setting", choices=["chain", "single", "multi-teacher"], default="chain")
+    demo.add_argument("--setting", choices=DEMO_SETTINGS, default=DEMO_SETTINGS[0])
     demo.add_argument("--objective", choices=["sampled", "full_vocab"],
                       help="training signal (default: the setting's recipe)")
     demo.add_argument("--steps", type=int, help="training steps per method (default: the demo recipe)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--eval-size", type=int, help="held-out problems (default 400)")
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--samples", type=int, default=8,
+                      help="sampled completions per held-out problem for avg@K and pass@K (default 8)")
     demo.add_argument("--no-plot", action="store_true")
     sub.add_parser("study", help="every method x objective x seed on the demo settings (fire-opd study --help)",
                    add_help=False)
@@ -170,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .demo import run_demo
 
         run_demo(args.setting, steps=args.steps, seed=args.seed, out_dir=args.out, eval_size=args.eval_size,
-                 objective=args.objective, plot=not args.no_plot)
+                 objective=args.objective, plot=not args.no_plot, samples=args.samples)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:

@@ -1,18 +1,27 @@
 """The built-in demo: plain OPD against FiRe-OPD from the same student, on this machine.
 
-    fire-opd demo [--setting chain|single|multi-teacher] [--steps N] [--seed S] [--out runs/demo]
+    fire-opd demo [--setting steps|brittle-teacher|chain|single|multi-teacher] [--steps N] [--seed S]
+                  [--samples K] [--out runs/demo]
 
 Settings (assets under fire_opd/assets, made by `python -m fire_opd.build_assets`):
-  chain          (default) the paper's regime: teacher and a smaller student of one family (the
-                 student learned from the teacher's own samples), 31-token worked solutions, a
-                 teacher with real entropy (three valid solution formats), one rollout per prompt.
-  single         two-step arithmetic; teacher and student trained apart, near-deterministic
-                 teacher, 7-token answers, 4 rollouts per prompt (the first demo).
-  multi-teacher  arithmetic and digit reversal, each rollout routed to its own teacher.
+  steps            (default) the paper's regime, well posed: one family, one solution format
+                   (six-term chains solved one binary operation at a time, 36 tokens on average),
+                   a smaller student trained briefly on the teacher's own samples, one rollout per
+                   prompt. Distillation closes much of the gap here.
+  brittle-teacher  FiRe's premise built to hold: the steps teacher additionally taught to continue
+                   a "rewrite" solution (which it never starts itself) confidently wrong, and a
+                   student that writes half of its solutions as rewrites.
+  chain            the documented failure case: a teacher with three valid formats; distillation
+                   moves the student's format choice onto the one it executes worst.
+  single           two-step arithmetic; teacher and student trained apart, near-deterministic
+                   teacher, 7-token answers, 4 rollouts per prompt (the first demo).
+  multi-teacher    arithmetic and digit reversal, each rollout routed to its own teacher.
 
 Trains the same student with `method="opd"` and `method="fire"` for the same steps and seed,
-evaluates teacher(s), the initial student and both results on held-out problems, prints a
-table and the regime statistics, and saves `demo.png` and `summary.json`.
+evaluates teacher(s), the initial student and both results on held-out problems, greedy
+accuracy beside the sampled avg@K and pass@K (K completions per problem at the training
+temperature, top-p 1, as the field reports on-policy distillation), prints a table and the
+regime statistics, and saves `demo.png` and `summary.json`.
 """
 
 from __future__ import annotations
@@ -20,69 +29,36 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from .build_assets import ASSETS_DIR
 from .config import TrainConfig
 from .data import Problem, sample_problems
-from .evaluate import accuracy, accuracy_by_teacher
+from .evaluate import greedy_and_sampled
 from .models import load_causal_lm, load_tokenizer
+from .recipes import DEFAULT_SETTING, EVAL_SAMPLES, RECIPE_LR, SETTINGS, DemoSetting
 from .regime import measure_regime
 from .trainer import FireOPDTrainer
 
 
-@dataclass(frozen=True)
-class DemoSetting:
-    """One built-in distillation setting: tasks, asset folders and its training recipe."""
-
-    tasks: tuple[str, ...]
-    teachers: dict  # routing key -> teacher folder under the assets directory
-    student: str  # initial student folder
-    tokenizer: str
-    recipe: TrainConfig  # identical for every method and objective in the setting
-
-
-# Recipes. Each was chosen on the setting's validation split (never on held-out problems) by the
-# learning-rate sweep that `fire-opd study --select` runs for plain OPD (benchmarks/results/study/),
-# and is used unchanged for every method. `threads` is fixed so that a seed reproduces its numbers.
-SINGLE_RECIPE = TrainConfig(
-    steps=150, prompts_per_step=32, samples_per_prompt=4, micro_batch_size=128, max_new_tokens=8, lr=3e-4,
-    warmup_steps=20, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
-    overwrite=True,  # a demo run replaces the previous one in its folder
-)
-# chain's 40-token limit sits below its longest solutions (up to 46 tokens, "steps" format with
-# negative numbers), so about 3.5% of the initial student's rollouts run to the limit without EOS, as
-# long reasoning does under the paper's 16k budget.
-CHAIN_RECIPE = TrainConfig(
-    steps=100, prompts_per_step=64, samples_per_prompt=1, micro_batch_size=64, max_new_tokens=40, lr=3e-4,
-    warmup_steps=10, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
-    overwrite=True,
-)
-
-# Learning rate per setting and objective, chosen by `fire-opd study --select` (plain OPD, validation
-# split); "trl_distillation" is TRL's DistillationTrainer's, chosen the same way.
-RECIPE_LR = {
-    "chain": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 1e-4},
-    "single": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},
-    "multi-teacher": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},  # single's (not swept)
-}
-
-SETTINGS = {
-    "chain": DemoSetting(("chain",), {"chain": "chain/teacher"}, "chain/student_init", "chain/tokenizer",
-                         CHAIN_RECIPE),
-    "single": DemoSetting(("arith",), {"arith": "teacher_arith"}, "student_init", "tokenizer", SINGLE_RECIPE),
-    "multi-teacher": DemoSetting(("arith", "reverse"), {"arith": "teacher_arith", "reverse": "teacher_reverse"},
-                                 "student_init", "tokenizer", SINGLE_RECIPE),
-}
-DEFAULT_SETTING = "chain"
 METHOD_NAMES = {"opd": "OPD", "fire": "FiRe-OPD"}
 REGIME_ROLLOUTS = 256
 
 
 def row_name(method: str) -> str:
     return f"student + {METHOD_NAMES.get(method, method)}"
+
+
+def recipe_lr(setting: str, objective: str) -> float:
+    """The learning rate chosen on `setting`'s validation split for `objective` (or "trl_distillation")."""
+    chosen = RECIPE_LR[setting]
+    if objective not in chosen:
+        raise ValueError(f"objective {objective!r} has no learning rate chosen on the {setting} setting's validation "
+                         f"split (it has {sorted(chosen)}); run `fire-opd study --select --settings {setting} "
+                         f"--objectives {objective}` and add it to fire_opd/recipes.py")
+    return chosen[objective]
 
 
 def get_setting(name: str) -> DemoSetting:
@@ -122,30 +98,37 @@ def train_student(name: str, config: TrainConfig, *, assets: str | Path = ASSETS
     return {"trainer": trainer, "history": history, "seconds": time.perf_counter() - t0}
 
 
+def evaluate_row(model, tokenizer, problems: list[Problem], config: TrainConfig, samples: int) -> dict:
+    """{"accuracy": greedy, "sampled": avg@K / pass@k} of one model, sampled at the recipe's
+    temperature with a seed fixed by the run's (every row sees the same sampling seed)."""
+    return greedy_and_sampled(model, tokenizer, problems, max_new_tokens=config.max_new_tokens, samples=samples,
+                              temperature=config.temperature, seed=config.seed)
+
+
 def run_demo(setting: str = DEFAULT_SETTING, *, steps: Optional[int] = None, seed: int = 0,
              out_dir: str | Path = "runs/demo", assets: str | Path = ASSETS_DIR, eval_size: Optional[int] = None,
              methods: tuple[str, ...] = ("opd", "fire"), objective: Optional[str] = None, plot: bool = True,
-             progress: bool = True) -> dict:
+             progress: bool = True, samples: int = EVAL_SAMPLES) -> dict:
     spec, tokenizer, teachers = load_setting(setting, assets)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     objective = objective or spec.recipe.objective
     base = replace(spec.recipe, seed=seed, progress=progress and sys.stderr.isatty(), steps=steps or spec.recipe.steps,
-                   eval_size=eval_size or spec.recipe.eval_size, objective=objective, lr=RECIPE_LR[setting][objective])
+                   eval_size=eval_size or spec.recipe.eval_size, objective=objective, lr=recipe_lr(setting, objective))
     train, held_out = problem_sets(spec, seed, base.eval_size)
-    max_new = base.max_new_tokens
 
     rows = []
     for key, teacher in teachers.items():
         own = [p for p in held_out if p.teacher == key]
-        column = "all" if len(teachers) == 1 else key  # its own task's column
-        rows.append({"model": f"teacher {key}", "accuracy": {column: accuracy(teacher, tokenizer, own,
-                                                                              max_new_tokens=max_new)}})
+        result = evaluate_row(teacher, tokenizer, own, base, samples)
+        if len(teachers) > 1:  # its own task's column
+            result = {name: {key: values["all"]} for name, values in result.items()}
+        rows.append({"model": f"teacher {key}", **result})
     initial = FireOPDTrainer(replace(base, output_dir=str(out_dir / "initial")),
                              student=load_causal_lm(Path(assets) / spec.student), teachers=teachers,
                              tokenizer=tokenizer, train_problems=train)
-    initial_accuracy = accuracy_by_teacher(initial.student, tokenizer, held_out, max_new_tokens=max_new)
-    rows.append({"model": "student (initial)", "accuracy": initial_accuracy})
+    initial_row = {"model": "student (initial)", **evaluate_row(initial.student, tokenizer, held_out, base, samples)}
+    rows.append(initial_row)
     regime = measure_regime(initial, train[:REGIME_ROLLOUTS], seed=seed)
 
     curves = {}
@@ -157,31 +140,42 @@ def run_demo(setting: str = DEFAULT_SETTING, *, steps: Optional[int] = None, see
         tokens = sum(h["train/response_length"] * config.rollouts_per_step for h in history)
         curves[method] = history
         rows.append({"model": row_name(method), "method": method,
-                     "accuracy": accuracy_by_teacher(run["trainer"].student, tokenizer, held_out,
-                                                     max_new_tokens=max_new),
+                     **evaluate_row(run["trainer"].student, tokenizer, held_out, base, samples),
                      "steps": config.steps, "tokens_per_s": tokens / seconds, "seconds": seconds})
 
     summary = {"setting": setting, "seed": seed, "steps": base.steps, "objective": base.objective,
-               "eval_problems": len(held_out), "rows": rows, "regime": regime,
+               "eval_problems": len(held_out), "eval_samples": samples, "eval_temperature": base.temperature,
+               "rows": rows, "regime": regime,
                "config": {k: v for k, v in base.to_dict().items() if k not in ("teachers",)}}
     (out_dir / "summary.json").write_text(json.dumps({**summary, "curves": curves}, indent=1))
     print(format_table(summary))
     print(format_regime(regime))
     if plot:
         path = plot_curves(curves, out_dir / "demo.png", title=f"FiRe-OPD demo ({setting}, seed {seed}, "
-                           f"objective {base.objective})", initial_accuracy=initial_accuracy["all"])
+                           f"objective {base.objective})", initial_accuracy=initial_row["accuracy"]["all"])
         print(f"plot: {path}")
     return summary
 
 
 def format_table(summary: dict) -> str:
+    """Greedy accuracy and sampled avg@K per routing key, pass@K overall, steps and tokens/s."""
     keys = sorted({k for row in summary["rows"] for k in row["accuracy"]}, key=lambda k: (k != "all", k))
-    head = "| model | " + " | ".join("accuracy" if k == "all" else f"accuracy ({k})" for k in keys) + \
-        " | steps | tokens/s |"
+    samples = summary.get("eval_samples", EVAL_SAMPLES)
+    avg, top = f"avg@{samples}", f"pass@{samples}"
+    columns = [(f"greedy{'' if k == 'all' else f' ({k})'}", "accuracy", k, None) for k in keys]
+    columns += [(f"{avg}{'' if k == 'all' else f' ({k})'}", "sampled", k, avg) for k in keys]
+    columns.append((top, "sampled", "all", top))
     lines = [f"setting {summary['setting']}, seed {summary['seed']}, objective {summary.get('objective', 'sampled')}, "
-             f"{summary['eval_problems']} held-out problems", head, "|" + "---|" * (len(keys) + 3)]
+             f"{summary['eval_problems']} held-out problems; greedy accuracy, and {avg} / {top} from {samples} "
+             f"samples per problem at temperature {summary.get('eval_temperature', 1.0):g}",
+             "| model | " + " | ".join(name for name, *_ in columns) + " | steps | tokens/s |",
+             "|" + "---|" * (len(columns) + 3)]
     for row in summary["rows"]:
-        cells = [f"{row['accuracy'][k]:.3f}" if k in row["accuracy"] else "" for k in keys]
+        cells = []
+        for _, field_name, key, metric in columns:
+            value = row.get(field_name, {}).get(key)
+            value = value.get(metric) if isinstance(value, dict) else value
+            cells.append("" if value is None else f"{value:.3f}")
         steps = str(row.get("steps", ""))
         tps = f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else ""
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {steps} | {tps} |")

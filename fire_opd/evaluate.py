@@ -111,3 +111,19 @@ def accuracy_by_teacher(model, tokenizer, problems: Iterable[Problem], **kwargs)
     if not problems:
         return {"all": 0.0}
     return {key: summary["avg@1"] for key, summary in evaluate_by_teacher(model, tokenizer, problems, **kwargs).items()}
+
+
+def greedy_and_sampled(model, tokenizer, problems: Iterable[Problem], *, max_new_tokens: int, samples: int = 8,
+                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                       verifier: Verifier = final_answer) -> dict:
+    """What the demo and the study report for one model, as the field reports it:
+    {"accuracy": {key: greedy pass@1}, "sampled": {key: {"avg@N", "pass@1", ..., "pass@N"}}}, overall
+    ("all") and per teacher key, the sampled metrics from N completions per problem at the training
+    temperature (`seed` fixes them)."""
+    problems = list(problems)
+    if not problems:
+        return {"accuracy": {"all": 0.0}, "sampled": {"all": summarize(torch.zeros(0, samples))}}
+    greedy = accuracy_by_teacher(model, tokenizer, problems, max_new_tokens=max_new_tokens, verifier=verifier)
+    sampled = evaluate_by_teacher(model, tokenizer, problems, samples=samples, temperature=temperature, top_p=top_p,
+                                  max_new_tokens=max_new_tokens, verifier=verifier, seed=seed)
+    return {"accuracy": greedy, "sampled": sampled}

@@ -130,3 +130,41 @@ def filter_diagnostics(keep: torch.Tensor, health: dict[str, torch.Tensor], resp
         if samples_per_prompt > 1:
             out[f"diag/{name}_prompt_group_reward"] = mean(group_reward)
     return out
+
+
+@torch.no_grad()
+def continuation_accuracy(teacher, student, tokenizer, problems: list[Problem], *, max_new_tokens: int,
+                          temperature: float = 1.0, cut: float = 0.5, seed: int = 0, batch_size: int = 256,
+                          verifier: Verifier = final_answer) -> dict:
+    """How reliable the teacher is off its own distribution, measured directly: the teacher's
+    greedy accuracy when it must continue a prefix of a sampled rollout (the first `cut` of its
+    response tokens), for prefixes of the student's rollouts and, as the control, of its own.
+
+    A teacher whose token-level signal can be trusted on the student's rollouts solves about as
+    many problems from the student's prefixes as from its own, minus the prefixes that are
+    already wrong; `..._from_correct_student_prefixes` leaves those out (prefixes of student
+    rollouts that end correct). FiRe's premise is a teacher for which these are much lower."""
+    torch.manual_seed(seed)
+    out = {}
+    for name, sampler, sampled_by in (("student_prefixes", student, "student"), ("own_prefixes", teacher, "teacher")):
+        solved, rollouts_correct = [], []
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            rollouts = generate_rollouts(sampler, tokenizer, [p.prompt for p in chunk],
+                                         max_new_tokens=max_new_tokens, temperature=temperature)
+            prefixes = []
+            for ids, mask in zip(rollouts.response_ids, rollouts.response_mask):
+                body = ids[mask & (ids != tokenizer.eos_token_id)]
+                prefixes.append(tokenizer.decode(body[: int(len(body) * cut)].tolist()))
+            continued = generate_rollouts(teacher, tokenizer, [p.prompt + pre for p, pre in zip(chunk, prefixes)],
+                                          max_new_tokens=max_new_tokens, do_sample=False)
+            solved += [score(verifier, pre + text, p.answer, p.row or {})
+                       for p, pre, text in zip(chunk, prefixes, continued.texts)]
+            rollouts_correct += [score(verifier, text, p.answer, p.row or {}) for p, text in zip(chunk, rollouts.texts)]
+        out[f"teacher_accuracy_from_{name}"] = sum(solved) / max(len(solved), 1)
+        out[f"{sampled_by}_rollouts_correct"] = sum(rollouts_correct) / max(len(rollouts_correct), 1)
+        from_correct = [s for s, c in zip(solved, rollouts_correct) if c >= 1.0]
+        out[f"teacher_accuracy_from_correct_{name}"] = \
+            sum(from_correct) / len(from_correct) if from_correct else float("nan")
+    out["prefix_cut"] = cut
+    return out

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fire_opd.build_assets import build, build_chain
+from fire_opd.build_assets import build, build_chain, build_steps
 from fire_opd.data import TASKS, is_correct, is_well_formed, sample_problems, split_of
 from fire_opd.demo import SETTINGS, format_table, run_demo
 from fire_opd.models import load_causal_lm, load_tokenizer
@@ -29,32 +29,87 @@ def test_demo_multi_teacher_runs_end_to_end(tmp_path):
     assert all(key in saved["regime"] for key in REGIME_KEYS)
 
 
-def test_chain_demo_in_the_papers_regime(tmp_path):
-    """The default setting: one family, long worked solutions, a teacher with real entropy."""
-    summary = run_demo("chain", steps=2, eval_size=8, out_dir=tmp_path, progress=False, plot=False,
-                       objective="full_vocab")
+def test_default_demo_in_the_papers_regime(tmp_path):
+    """The default setting: one family, long worked solutions, a teacher with real entropy; the
+    table has greedy and sampled columns and summary.json each row's `sampled` metrics."""
+    summary = run_demo(steps=2, eval_size=8, out_dir=tmp_path, progress=False, plot=False, samples=4)
+    assert summary["setting"] == "steps"
     names = [row["model"] for row in summary["rows"]]
     assert names == ["teacher chain", "student (initial)", "student + OPD", "student + FiRe-OPD"]
     regime = summary["regime"]
-    assert regime["initial_reverse_kl_per_token"] <= 1.0  # measured 0.31 nats/token for the shipped pair
+    assert regime["initial_reverse_kl_per_token"] <= 1.0
     assert regime["mean_response_tokens"] >= 24
-    assert regime["teacher_entropy_mean"] > 0.05
+    assert regime["teacher_entropy_mean"] > 0.02
     assert 0 < regime["degenerate_rollout_fraction"] < 0.5
     assert summary["objective"] == "full_vocab" and summary["config"]["samples_per_prompt"] == 1
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for row in saved["rows"]:
+        assert set(row["sampled"]["all"]) == {"avg@4", "pass@1", "pass@2", "pass@4", "problems"}
+        assert 0.0 <= row["sampled"]["all"]["pass@1"] <= row["sampled"]["all"]["pass@4"] <= 1.0
+        assert row["sampled"]["all"]["avg@4"] == row["sampled"]["all"]["pass@1"]
+    table = format_table(summary)
+    assert "| model | greedy | avg@4 | pass@4 | steps | tokens/s |" in table
 
 
-def test_study_quick(tmp_path):
+def test_brittle_teacher_is_accurate_on_its_own_solutions_and_wrong_after_a_rewrite():
+    """The premise setting's teacher, by construction: it solves in "steps" and never opens a
+    rewrite, but continues a correctly started rewrite with the sign-ignoring rule."""
+    from fire_opd.build_assets import ASSETS_DIR
+    from fire_opd.data import chain_rewrite, chain_terms
+    from fire_opd.sampling import generate_rollouts
+
+    setting = SETTINGS["brittle-teacher"]
+    tokenizer = load_tokenizer(ASSETS_DIR / setting.tokenizer)
+    teacher = load_causal_lm(ASSETS_DIR / setting.teachers["chain"])
+    problems = [p for p in sample_problems(["chain"], 200, seed=5, split="test")
+                if any(t < 0 for t in chain_terms(p.prompt)[2:])][:64]  # the wrong rule changes the answer
+    own = generate_rollouts(teacher, tokenizer, [p.prompt for p in problems], max_new_tokens=44, do_sample=False)
+    assert sum(is_correct(t, p.answer) for t, p in zip(own.texts, problems)) >= 0.9 * len(problems)
+    # "steps"; a rewrite only where its first token is also a steps solution's (a 0 among the first
+    # two terms, so the first fold repeats a term): the format decision was never learned for rewrites
+    rewrites = [p for t, p in zip(own.texts, problems) if "," not in t]
+    assert len(rewrites) <= 0.1 * len(problems)
+    assert all(0 in chain_terms(p.prompt)[:2] for p in rewrites)
+    prefixes = [chain_rewrite(chain_terms(p.prompt)).split("=")[0] + "=" for p in problems]  # the first fold, right
+    continued = generate_rollouts(teacher, tokenizer, [p.prompt + pre for p, pre in zip(problems, prefixes)],
+                                  max_new_tokens=44, do_sample=False)
+    wrong_rule = [chain_rewrite(chain_terms(p.prompt), ignore_signs=True) for p in problems]
+    follows = sum(pre + t == w for pre, t, w in zip(prefixes, continued.texts, wrong_rule))
+    assert follows >= 0.8 * len(problems)
+    assert sum(is_correct(pre + t, p.answer) for pre, t, p in zip(prefixes, continued.texts, problems)) \
+        <= 0.1 * len(problems)
+
+
+def test_study_quick(tmp_path, capsys):
+    from fire_opd.provenance import git_commit
     from fire_opd.study import main
 
-    assert main(["--settings", "single", "--seeds", "0", "--variants", "opd", "fire", "--quick", "--jobs", "1",
-                 "--out", str(tmp_path)]) == 0
+    args = ["--settings", "single", "--seeds", "0", "--variants", "opd", "fire", "--quick", "--jobs", "1",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
     table = (tmp_path / "study.md").read_text()
-    for row in ("| opd |", "| fire |", "| trl_distillation |", "initial_reverse_kl_per_token"):
+    for row in ("| opd |", "| fire |", "| trl_distillation |", "initial_reverse_kl_per_token",
+                "| held-out, objective `full_vocab` | greedy | avg@8 | pass@8 |", "teacher_accuracy_from_student_prefixes",
+                f"| {git_commit()} |"):
         assert row in table
     saved = json.loads((tmp_path / "study.json").read_text())
     fire = [r for r in saved["runs"] if r.get("variant") == "fire"]
     assert fire and "diag/dropped_correct" in fire[0]["diagnostics"]
+    assert set(fire[0]["sampled"]) >= {"avg@8", "pass@8"} and fire[0]["commit"] == git_commit()
     assert (tmp_path / "study.png").stat().st_size > 10_000
+    assert "4 ran now, 0 from the cache" in capsys.readouterr().out
+
+    # the same jobs again: read back, printed as cached with the commit they ran on; --fresh reruns them
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "0 ran now, 4 from the cache" in out and f"(cached, ran on commit {git_commit()} at " in out
+    # a cached run whose key no longer matches (another config, assets or code) is stale: rerun, never reported
+    run = next((tmp_path / "runs").glob("train-single-full_vocab-opd-*.json"))
+    run.write_text(json.dumps({**json.loads(run.read_text()), "cache_key": "from-other-code"}))
+    assert main([*args, "--aggregate-only"]) == 0
+    assert "1 cached runs under this folder were made by other code" in (tmp_path / "study.md").read_text()
+    assert main([*args, "--variants", "opd", "--no-trl", "--fresh"]) == 0
+    assert "2 ran now, 0 from the cache" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
@@ -80,6 +135,9 @@ def test_asset_builder_quick(tmp_path):
     assert set(report) == {"teacher", "student_init"} and report["student_init"]["trained_on"] == "teacher samples"
     assert load_causal_lm(tmp_path / "chain" / "student_init").config.hidden_size < \
         load_causal_lm(tmp_path / "chain" / "teacher").config.hidden_size
+    report = build_steps(tmp_path, quick=True)
+    assert {"steps/teacher", "steps/student_init", "brittle/teacher", "brittle/student_init"} <= set(report)
+    assert report["brittle/teacher"]["base"] == "steps/teacher"
 
 
 def test_tasks_and_verifier():
@@ -95,6 +153,18 @@ def test_tasks_and_verifier():
         sample_problems(["arith"], 3, seed=0, split="dev")
 
 
+def test_steps_solutions_write_additions_either_way_round():
+    import random
+
+    from fire_opd.data import chain_steps, chain_terms
+
+    terms = chain_terms("3+8-4+2-5+7=")
+    assert chain_steps(terms) == "3+8=11,11-4=7,7+2=9,9-5=4,4+7=11"
+    drawn = {chain_steps(terms, random.Random(seed)) for seed in range(20)}
+    assert len(drawn) > 4 and all(is_correct(d, "11") and is_well_formed(d, "chain") for d in drawn)
+    assert all(",11-4=7," in d for d in drawn)  # subtractions keep their order
+
+
 def test_chain_solutions_have_several_valid_formats():
     problems = sample_problems(["chain"], 300, seed=0, split="train")
     assert sum(len(p.solution) + 1 for p in problems) / len(problems) >= 24  # tokens, EOS included
@@ -107,3 +177,10 @@ def test_chain_solutions_have_several_valid_formats():
 def test_degenerate_rollout_kinds():
     assert is_looping("3+8=11=1=1=1=1=1=1=1") and not is_looping("11-4+2-5+7=7+2-5+7=9-5+7=4+7=11")
     assert not is_looping("=1=1")
+
+
+def test_cli_lists_every_demo_setting_default_first():
+    from fire_opd.cli import DEMO_SETTINGS
+    from fire_opd.demo import DEFAULT_SETTING
+
+    assert DEMO_SETTINGS == tuple(SETTINGS) and DEMO_SETTINGS[0] == DEFAULT_SETTING

@@ -1,0 +1,75 @@
+"""The built-in settings and their recipes: data only.
+
+Everything here reaches a study run's cache key through the run's TrainConfig or job (learning
+rates, steps, token limits, the swept learning rates) or through the hashes of the asset folders
+it names, so fire_opd.provenance leaves this file out of the source hash: choosing a recipe on
+the validation split does not invalidate the validation runs that chose it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DemoSetting:
+    """One built-in distillation setting: tasks, asset folders and its training recipe."""
+
+    tasks: tuple[str, ...]
+    teachers: dict  # routing key -> teacher folder under the assets directory
+    student: str  # initial student folder
+    tokenizer: str
+    recipe: TrainConfig  # identical for every method and objective in the setting
+
+
+# Recipes. Each was chosen on the setting's validation split (never on held-out problems) by the
+# learning-rate sweep that `fire-opd study --select` runs for plain OPD (benchmarks/results/study/),
+# and is used unchanged for every method. `threads` is fixed so that a seed reproduces its numbers.
+SINGLE_RECIPE = TrainConfig(
+    steps=150, prompts_per_step=32, samples_per_prompt=4, micro_batch_size=128, max_new_tokens=8, lr=3e-4,
+    warmup_steps=20, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
+    overwrite=True,  # a demo run replaces the previous one in its folder
+)
+# chain's 40-token limit sits below its longest solutions (up to 46 tokens, "steps" format with
+# negative numbers), so about 3.5% of the initial student's rollouts run to the limit without EOS, as
+# long reasoning does under the paper's 16k budget.
+CHAIN_RECIPE = TrainConfig(
+    steps=100, prompts_per_step=64, samples_per_prompt=1, micro_batch_size=64, max_new_tokens=40, lr=3e-4,
+    warmup_steps=10, min_lr_ratio=0.1, eval_every=50, eval_size=400, percentile=20.0, tensorboard=False,
+    overwrite=True,
+)
+# steps and brittle-teacher: chain's recipe with a 44-token limit, under which 2% of the steps
+# solutions (the longest, with negative numbers: up to 46 tokens) cannot finish.
+STEPS_RECIPE = replace(CHAIN_RECIPE, max_new_tokens=44)
+
+# Learning rate per setting and objective, chosen by `fire-opd study --select` (plain OPD, validation
+# split); "trl_distillation" is TRL's DistillationTrainer's, chosen the same way.
+RECIPE_LR = {
+    "steps": {"full_vocab": 1e-3, "trl_distillation": 1e-3},  # sampled: not swept
+    "brittle-teacher": {"full_vocab": 1e-3, "trl_distillation": 1e-3},
+    "chain": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 1e-4},
+    "single": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},
+    "multi-teacher": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},  # single's (not swept)
+}
+
+SETTINGS = {
+    "steps": DemoSetting(("chain",), {"chain": "steps/teacher"}, "steps/student_init", "chain/tokenizer",
+                         STEPS_RECIPE),
+    "brittle-teacher": DemoSetting(("chain",), {"chain": "brittle/teacher"}, "brittle/student_init",
+                                   "chain/tokenizer", STEPS_RECIPE),
+    "chain": DemoSetting(("chain",), {"chain": "chain/teacher"}, "chain/student_init", "chain/tokenizer",
+                         CHAIN_RECIPE),
+    "single": DemoSetting(("arith",), {"arith": "teacher_arith"}, "student_init", "tokenizer", SINGLE_RECIPE),
+    "multi-teacher": DemoSetting(("arith", "reverse"), {"arith": "teacher_arith", "reverse": "teacher_reverse"},
+                                 "student_init", "tokenizer", SINGLE_RECIPE),
+}
+DEFAULT_SETTING = "steps"
+EVAL_SAMPLES = 8  # sampled completions per held-out problem: avg@8 and pass@k, as the FiRe-OPD paper reports
+# The learning rates `fire-opd study --select` sweeps per setting (plain OPD and TRL's trainer, on
+# the validation split). chain: every lr of the first sweep (1e-4..1e-3) ended below the initial
+# student, so it also tries 3e-5; steps / brittle-teacher: 1e-3 was the best of 1e-4..1e-3 in a
+# first sweep, so it also tries 3e-3.
+SELECT_LRS = {"chain": (3e-5, 1e-4, 3e-4, 1e-3), "single": (1e-4, 3e-4, 1e-3), "steps": (1e-4, 3e-4, 1e-3, 3e-3),
+              "brittle-teacher": (1e-4, 3e-4, 1e-3, 3e-3)}
