@@ -6,10 +6,16 @@
 
 Workloads (forward + backward, same seeded inputs for every method):
   logprob  the student's log-prob and entropy, both with gradient (TRL 1.16's
-           ChunkedLogProbFunction is the peer). Floor: forward, recompute, two backward products (4).
+           ChunkedLogProbFunction is the peer; on CUDA also Apple's cut-cross-entropy
+           `linear_cross_entropy` ("cce") and Liger's fused linear cross-entropy ("liger_ce"),
+           which give the log-prob alone). Floor: forward, recompute, two backward products (4).
   kl       reverse KL(student || teacher) with gradient, and the student's entropy (TRL 1.16's
            ChunkedDivergenceFunction at beta = 1 and Liger's chunked JSD loss at beta = 1 are the
            peers). Floor: both models' forward and recompute, two backward products (6).
+  jsd_loss the generalized JSD (beta 0.5) alone, with gradient: Liger's fused linear JSD
+           benchmark (V 128,256, D 4,096, N 8,192) as the GPU check runs it; Liger's
+           LigerFusedLinearJSDLoss and TRL 1.16's ChunkedDivergenceFunction are the peers.
+           Floor: as kl (6 products).
   stats    FiRe-OPD token statistics: student log-prob and entropy (with gradient), teacher
            log-prob and entropy. Floor: both models' forward products, one recompute of the
            student logits, the student's two backward products (5 products).
@@ -51,18 +57,23 @@ SHAPES = {
     "tiny": {"vocab": 1_031, "d_student": 48, "d_teacher": 64},
     # the Qwen3 vocabulary with small hidden sizes: the vocabulary-bound regime, and CPU-sized
     "qwen3-narrow": {"vocab": 151_936, "d_student": 256, "d_teacher": 384},
+    # the GPU check's Qwen3 pair (Qwen3-8B student, Qwen3-14B teacher)
+    "qwen3-8b-14b": {"vocab": 151_936, "d_student": 4096, "d_teacher": 5120},
 }
 # Which shapes each workload runs by default (the CPU budget of one run is ~15 minutes).
 DEFAULT_PLAN = {"logprob": ["qwen3-narrow"], "kl": ["qwen3-narrow"], "stats": ["qwen3", "llama3", "gemma2"],
                 "jsd": ["qwen3"], "update": ["qwen3", "gemma2"]}
 METHODS = {
     "logprob": ["floor", "reference", "trl", "chunked", "triton"],
+    "jsd_loss": ["floor", "reference", "liger", "trl", "chunked", "triton"],
     "kl": ["floor", "reference", "liger", "trl", "chunked", "triton"],
     "stats": ["floor", "reference", "reference_compiled", "chunked", "triton"],
     "jsd": ["floor", "reference", "liger", "chunked", "triton"],
     "update": ["floor", "reference", "chunked", "triton"],
 }
-PRODUCTS = {"logprob": 4, "kl": 6, "stats": 5, "jsd": 8, "update": 3}
+PRODUCTS = {"logprob": 4, "kl": 6, "jsd_loss": 6, "stats": 5, "jsd": 8, "update": 3}
+# Peers that run only on CUDA (their kernels have no CPU path)
+CUDA_ONLY = {"triton", "cce", "liger_ce"}
 VOCAB_CHUNK = 4096  # the floor's tile width: the same bounded tiles a memory-bounded method uses
 
 
@@ -97,7 +108,7 @@ def _floor_fn(workload: str, x: dict):
     vocab = s_w.shape[0]
     chunks = [slice(v, min(v + VOCAB_CHUNK, vocab)) for v in range(0, vocab, VOCAB_CHUNK)]
 
-    teacher = workload in ("stats", "jsd", "kl")
+    teacher = workload in ("stats", "jsd", "kl", "jsd_loss")
 
     def run():
         grad_h = torch.zeros_like(s_h)
@@ -110,7 +121,7 @@ def _floor_fn(workload: str, x: dict):
                         t_h @ t_w[c].t()
         for c in chunks:
             dz = s_h @ s_w[c].t()  # recompute (update: the one forward product)
-            if workload in ("jsd", "kl"):
+            if workload in ("jsd", "kl", "jsd_loss"):
                 t_h @ t_w[c].t()
             grad_h.addmm_(dz, s_w[c])
             torch.mm(dz.t(), s_h, out=grad_w[c])
@@ -156,6 +167,28 @@ def _method_fn(method: str, workload: str, x: dict, device):
         return run
 
     if workload == "logprob":
+        if method == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            def run():  # Cut Cross-Entropy: the per-token -log p, no entropy
+                nll = linear_cross_entropy(s_h, s_w, y, reduction="none")
+                return torch.autograd.grad(-nll.sum(), (s_h, s_w))
+            return run
+        if method == "liger_ce":
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+            def run():  # Liger's fused linear cross-entropy: the summed -log p, no entropy
+                loss = LigerFusedLinearCrossEntropyFunction.apply(s_h, s_w, y, None, None, -100, 0.0, 0.0, "sum")
+                loss = loss[0] if isinstance(loss, tuple) else loss
+                return torch.autograd.grad(loss, (s_h, s_w))
+            return run
+        if method == "reference_compiled":
+            compiled = torch.compile(lambda: fire_kernels.token_stats(s_h, s_w, y, backend="reference"))
+
+            def run():
+                lp, ent = compiled()
+                return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
+            return run
         if method == "trl":
             from trl.kernels import ChunkedLogProbFunction
             from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
@@ -193,6 +226,31 @@ def _method_fn(method: str, workload: str, x: dict, device):
 
         def run():
             out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend=backend)
+            return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
+        return run
+
+    if workload == "jsd_loss":
+        if method == "trl":
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            def run():  # TRL's generalized JSD at beta 0.5
+                div, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, 0.5, 1.0)
+                return torch.autograd.grad(div.sum(), (s_h, s_w))
+            return run
+        if method == "liger":
+            from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+
+            jsd_loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False,
+                                               chunk_size=1024)
+
+            def run():  # Liger's loss is the batch mean
+                return torch.autograd.grad(jsd_loss(s_h, s_w, t_h, t_w, y), (s_h, s_w))
+            return run
+        backend = method
+
+        def run():
+            out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="jsd", jsd_beta=0.5,
+                                                     backend=backend)
             return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
         return run
 
@@ -317,7 +375,7 @@ def run_suite(args, checkpoint=None) -> dict:
         shapes = args.shapes or (["tiny"] if args.quick else DEFAULT_PLAN[workload])
         for shape in shapes:
             for method in METHODS[workload]:
-                if method == "triton" and not device.startswith("cuda"):
+                if method in CUDA_ONLY and not device.startswith("cuda"):
                     continue
                 if method == "reference_compiled" and args.quick:
                     continue

