@@ -181,6 +181,7 @@ def test_degenerate_rollout_kinds():
 
 def test_cli_lists_every_demo_setting_default_first():
     from fire_opd.cli import DEMO_SETTINGS
-    from fire_opd.demo import DEFAULT_SETTING
+    from fire_opd.recipes import DEFAULT_SETTING, STUDY_ONLY_SETTINGS
 
-    assert DEMO_SETTINGS == tuple(SETTINGS) and DEMO_SETTINGS[0] == DEFAULT_SETTING
+    assert DEMO_SETTINGS == tuple(s for s in SETTINGS if s not in STUDY_ONLY_SETTINGS)
+    assert DEMO_SETTINGS[0] == DEFAULT_SETTING
