@@ -63,8 +63,9 @@ def run_cuda_tests(dry: bool) -> dict:
     """tests/test_cuda.py on the check's device; its summary line and exit status."""
     env = {**os.environ, "FIRE_OPD_TEST_DEVICE": "cpu" if dry else "cuda", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-q", "-rs",
-                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True)
+    # pyproject's addopts already has -q: one more would drop pytest's "N passed" line
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-rs"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line or " error" in line),
                    lines[-1] if lines else "no output")
