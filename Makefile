@@ -13,13 +13,13 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fire-opd-installed
 VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
 
-.PHONY: demo test test-fast compile-report bench bench-quick study gpu-check gpu-wheels clean
+.PHONY: demo test lint docs test-fast compile-report bench bench-quick study gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,demo,study]"
+	$(PY) -m pip install -q -e ".[test,bench,demo,study,docs]"
 	touch $(STAMP)
 
 $(VERL_STAMP): pyproject.toml Makefile
@@ -34,12 +34,22 @@ demo: $(STAMP)
 # The suite runs Triton kernels through Triton's CPU interpreter (tests/conftest.py sets
 # TRITON_INTERPRET=1 before triton is imported) and compiles every kernel for sm_80/sm_90.
 # The verl integration's tests run in $(VERL_VENV) (verl's own code, never skipped).
-test: $(STAMP) $(VERL_STAMP)
+test: $(STAMP) $(VERL_STAMP) lint docs
 	$(PY) -m pytest tests --ignore=tests/test_integration_verl.py
 	$(VERL_VENV)/bin/python -m pytest tests/test_integration_verl.py
 	$(PY) benchmarks/bench_kernels.py --quick
 	$(PY) benchmarks/bench_train.py --quick
 	$(PY) benchmarks/gpu_check.py --dry
+
+# ruff (lint and format) and mypy, configured in pyproject.toml (also run by pre-commit)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# The documentation site (mkdocs.yml, docs/): --strict fails on a broken link or API reference
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Everything that needs a GPU, in one command (benchmarks/gpu_check.py): the CUDA tests, then the
 # anchor workloads side by side; results to benchmarks/results/<gpu>-<date>-gpu-check.*. On a CUDA
@@ -64,12 +74,12 @@ gpu-wheels:
 
 # Does distillation help, and does FiRe-OPD beat OPD: the learning-rate sweep on validation (seed 0),
 # then the paper's four methods x 3 seeds on the steps (200 steps), steps-100, brittle-teacher and chain
-# settings, plus TRL's DistillationTrainer (fire_opd/study.py; results under benchmarks/results/study/).
+# settings, plus TRL's DistillationTrainer (fire_opd/demo/study.py; results under benchmarks/results/study/).
 # Runs are cached by everything that decides them: with the code and assets that made the committed
 # results this reads them back (printed as cached, with their commit);
 # `make study STUDY_ARGS=--fresh` reruns all and says how long that takes (about 75 minutes here).
 STUDY_ARGS ?=
-# chain keeps the learning rates the study of a1b98cd chose (by greedy accuracy; fire_opd/recipes.py)
+# chain keeps the learning rates the study of a1b98cd chose (by greedy accuracy; fire_opd/demo/recipes.py)
 STUDY_SETTINGS := steps steps-100 brittle-teacher
 study: $(STAMP)
 	$(PY) -m fire_opd study --select --seeds 0 --settings $(STUDY_SETTINGS) $(STUDY_ARGS)
@@ -85,4 +95,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(VERL_VENV) build dist site *.egg-info

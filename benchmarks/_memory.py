@@ -44,8 +44,11 @@ def tensor_peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     try:
         prof.export_chrome_trace(path)
         with open(path) as f:
-            events = [e["args"] for e in json.load(f)["traceEvents"]
-                      if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+            events = [
+                e["args"]
+                for e in json.load(f)["traceEvents"]
+                if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
+            ]
     finally:
         os.unlink(path)
     if not events:

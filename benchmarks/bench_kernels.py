@@ -61,8 +61,13 @@ SHAPES = {
     "qwen3-8b-14b": {"vocab": 151_936, "d_student": 4096, "d_teacher": 5120},
 }
 # Which shapes each workload runs by default (the CPU budget of one run is ~15 minutes).
-DEFAULT_PLAN = {"logprob": ["qwen3-narrow"], "kl": ["qwen3-narrow"], "stats": ["qwen3", "llama3", "gemma2"],
-                "jsd": ["qwen3"], "update": ["qwen3", "gemma2"]}
+DEFAULT_PLAN = {
+    "logprob": ["qwen3-narrow"],
+    "kl": ["qwen3-narrow"],
+    "stats": ["qwen3", "llama3", "gemma2"],
+    "jsd": ["qwen3"],
+    "update": ["qwen3", "gemma2"],
+}
 METHODS = {
     "logprob": ["floor", "reference", "trl", "chunked", "triton"],
     "jsd_loss": ["floor", "reference", "liger", "trl", "chunked", "triton"],
@@ -80,8 +85,6 @@ VOCAB_CHUNK = 4096  # the floor's tile width: the same bounded tiles a memory-bo
 # ----------------------------------------------------------------------------- worker side
 
 
-
-
 def _make_inputs(shape: dict, tokens: int, device, dtype, seed: int = 0):
     import torch
 
@@ -92,10 +95,13 @@ def _make_inputs(shape: dict, tokens: int, device, dtype, seed: int = 0):
         return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
 
     inputs = {
-        "s_h": rand(tokens, ds).requires_grad_(), "s_w": rand(v, ds, scale=ds ** -0.5).requires_grad_(),
-        "t_h": rand(tokens, dt), "t_w": rand(v, dt, scale=dt ** -0.5),
+        "s_h": rand(tokens, ds).requires_grad_(),
+        "s_w": rand(v, ds, scale=ds**-0.5).requires_grad_(),
+        "t_h": rand(tokens, dt),
+        "t_w": rand(v, dt, scale=dt**-0.5),
         "targets": torch.randint(0, v, (tokens,), generator=gen).to(device),
-        "old": (-torch.rand(tokens, generator=gen) * 3).to(device), "adv": torch.randn(tokens, generator=gen).to(device),
+        "old": (-torch.rand(tokens, generator=gen) * 3).to(device),
+        "adv": torch.randn(tokens, generator=gen).to(device),
     }
     return inputs
 
@@ -134,7 +140,7 @@ def _method_fn(method: str, workload: str, x: dict, device):
     import torch
 
     import fire_kernels
-    from fire_kernels.fused_update import linear_logprob_update
+    from fire_kernels.fused_update import linear_log_prob_update
 
     s_h, s_w, t_h, t_w, y = x["s_h"], x["s_w"], x["t_h"], x["t_w"], x["targets"]
     if method == "floor":
@@ -153,17 +159,20 @@ def _method_fn(method: str, workload: str, x: dict, device):
             return pg.sum() / n, torch.where(-a * ratio >= -a * clipped, -a * ratio, 0.0) / n
 
         if method == "reference":
+
             def run():
                 logits = (s_h.float() @ s_w.float().t()).log_softmax(-1)
                 lp = logits.gather(1, y[:, None]).squeeze(1)
                 ratio = torch.exp(lp - old)
                 loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
                 return torch.autograd.grad(loss, (s_h, s_w))
+
             return run
         backend = method
 
         def run():
-            return linear_logprob_update(s_h.detach(), s_w.detach(), y, ppo_grad, backend=backend)
+            return linear_log_prob_update(s_h.detach(), s_w.detach(), y, ppo_grad, backend=backend)
+
         return run
 
     if workload == "logprob":
@@ -173,6 +182,7 @@ def _method_fn(method: str, workload: str, x: dict, device):
             def run():  # Cut Cross-Entropy: the per-token -log p, no entropy
                 nll = linear_cross_entropy(s_h, s_w, y, reduction="none")
                 return torch.autograd.grad(-nll.sum(), (s_h, s_w))
+
             return run
         if method == "liger_ce":
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
@@ -181,6 +191,7 @@ def _method_fn(method: str, workload: str, x: dict, device):
                 loss = LigerFusedLinearCrossEntropyFunction.apply(s_h, s_w, y, None, None, -100, 0.0, 0.0, "sum")
                 loss = loss[0] if isinstance(loss, tuple) else loss
                 return torch.autograd.grad(loss, (s_h, s_w))
+
             return run
         if method == "reference_compiled":
             compiled = torch.compile(lambda: fire_kernels.token_stats(s_h, s_w, y, backend="reference"))
@@ -188,21 +199,25 @@ def _method_fn(method: str, workload: str, x: dict, device):
             def run():
                 lp, ent = compiled()
                 return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
+
             return run
         if method == "trl":
             from trl.kernels import ChunkedLogProbFunction
             from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
             def run():  # TRL's own call (trl/trainer/utils.py), entropy with gradient
-                lp, ent, *_ = ChunkedLogProbFunction.apply(s_h, s_w, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-                                                           1.0, ("entropy",))
+                lp, ent, *_ = ChunkedLogProbFunction.apply(
+                    s_h, s_w, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",)
+                )
                 return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
+
             return run
         backend = method
 
         def run():
             lp, ent = fire_kernels.token_stats(s_h, s_w, y, backend=backend)
             return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
+
         return run
 
     if workload == "kl":
@@ -212,21 +227,25 @@ def _method_fn(method: str, workload: str, x: dict, device):
             def run():  # beta = 1: KL(student || teacher); TRL's entropy carries no gradient
                 div, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, 1.0, 1.0)
                 return torch.autograd.grad(div.sum(), (s_h, s_w))
+
             return run
         if method == "liger":
             from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
 
-            kl = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False,
-                                         chunk_size=1024)
+            kl = LigerFusedLinearJSDLoss(
+                weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False, chunk_size=1024
+            )
 
             def run():  # Liger's loss is the batch mean; no entropy
                 return torch.autograd.grad(kl(s_h, s_w, t_h, t_w, y), (s_h, s_w))
+
             return run
         backend = method
 
         def run():
             out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend=backend)
             return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
+
         return run
 
     if workload == "jsd_loss":
@@ -236,31 +255,39 @@ def _method_fn(method: str, workload: str, x: dict, device):
             def run():  # TRL's generalized JSD at beta 0.5
                 div, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, 0.5, 1.0)
                 return torch.autograd.grad(div.sum(), (s_h, s_w))
+
             return run
         if method == "liger":
             from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
 
-            jsd_loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False,
-                                               chunk_size=1024)
+            jsd_loss = LigerFusedLinearJSDLoss(
+                weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False, chunk_size=1024
+            )
 
             def run():  # Liger's loss is the batch mean
                 return torch.autograd.grad(jsd_loss(s_h, s_w, t_h, t_w, y), (s_h, s_w))
+
             return run
         backend = method
 
         def run():
-            out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="jsd", jsd_beta=0.5,
-                                                     backend=backend)
+            out = fire_kernels.teacher_student_stats(
+                s_h, s_w, t_h, t_w, y, divergence="jsd", jsd_beta=0.5, backend=backend
+            )
             return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
+
         return run
 
     if method == "liger":
-        from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction, \
-            _selective_logprob_forward
+        from liger_kernel.chunked_loss.fused_linear_ppo import (
+            _ChunkedSelectiveLogProbFunction,
+            _selective_logprob_forward,
+        )
         from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
 
-        jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False,
-                                      chunk_size=1024)
+        jsd = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False, chunk_size=1024
+        )
 
         def run():
             lp = _ChunkedSelectiveLogProbFunction.apply(s_h, s_w, y, None, 1.0, 4096)
@@ -268,11 +295,12 @@ def _method_fn(method: str, workload: str, x: dict, device):
                 _selective_logprob_forward(t_h, t_w, y)
             loss = lp.sum() + jsd(s_h, s_w, t_h, t_w, y)
             return torch.autograd.grad(loss, (s_h, s_w))
+
         return run
 
     def stats_loss(backend):
         out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence=divergence, backend=backend)
-        loss = out.student_logprob.sum() + out.student_entropy.sum()
+        loss = out.student_log_prob.sum() + out.student_entropy.sum()
         return loss + out.divergence.sum() if divergence else loss
 
     if method == "reference_compiled":
@@ -280,11 +308,13 @@ def _method_fn(method: str, workload: str, x: dict, device):
 
         def run():
             return torch.autograd.grad(compiled(), (s_h, s_w))
+
         return run
     backend = method
 
     def run():
         return torch.autograd.grad(stats_loss(backend), (s_h, s_w))
+
     return run
 
 
@@ -332,9 +362,15 @@ def worker(args) -> dict:
     else:
         rss_peak = max(0, status_bytes("VmHWM") - base)
         tensor_peak, working_set = tensor_peak_bytes(fn)  # one more run, under the profiler (not timed)
-    return {"time_s": statistics.median(times), "times_s": times, "peak_above_inputs_bytes": max(0, tensor_peak),
-            "working_set_bytes": working_set, "rss_peak_above_inputs_bytes": rss_peak, "input_bytes": input_bytes,
-            "grad_bytes": grad_bytes}
+    return {
+        "time_s": statistics.median(times),
+        "times_s": times,
+        "peak_above_inputs_bytes": max(0, tensor_peak),
+        "working_set_bytes": working_set,
+        "rss_peak_above_inputs_bytes": rss_peak,
+        "input_bytes": input_bytes,
+        "grad_bytes": grad_bytes,
+    }
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -342,9 +378,25 @@ def worker(args) -> dict:
 
 def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout) -> dict:
     named = isinstance(shape, str)
-    cmd = [sys.executable, __file__, "--worker", "--workload", workload, "--method", method, "--shape",
-           shape if named else json.dumps(shape), "--tokens", str(tokens), "--device", device,
-           "--dtype", dtype, "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--workload",
+        workload,
+        "--method",
+        method,
+        "--shape",
+        shape if named else json.dumps(shape),
+        "--tokens",
+        str(tokens),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--repeats",
+        str(repeats),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -369,8 +421,14 @@ def run_suite(args, checkpoint=None) -> dict:
     device = args.device
     rows = []
     sweeps: list = []
-    result = {"device": device_name(device), "date": _dt.date.today().isoformat(), "dtype": args.dtype,
-              "torch_threads": os.cpu_count(), "rows": rows, "sweeps": sweeps}
+    result = {
+        "device": device_name(device),
+        "date": _dt.date.today().isoformat(),
+        "dtype": args.dtype,
+        "torch_threads": os.cpu_count(),
+        "rows": rows,
+        "sweeps": sweeps,
+    }
     for workload in args.workloads:
         shapes = args.shapes or (["tiny"] if args.quick else DEFAULT_PLAN[workload])
         for shape in shapes:
@@ -398,8 +456,9 @@ def run_sweeps(args, out: list, checkpoint) -> list[dict]:
             res = run_one("stats", method, base, tokens, args.device, args.dtype, 2, args.timeout)
             out.append({"sweep": "tokens", "tokens": tokens, "vocab": base["vocab"], "method": method, **res})
             checkpoint()
-            _print_row({"workload": "sweep-N", "shape": f"V={base['vocab']}", "method": method, "tokens": tokens,
-                        **res})
+            _print_row(
+                {"workload": "sweep-N", "shape": f"V={base['vocab']}", "method": method, "tokens": tokens, **res}
+            )
     for vocab in (32_768, 65_536, 131_072, 262_144):
         shape = dict(base, vocab=vocab)
         for method in ("reference", "chunked"):
@@ -432,48 +491,66 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def _print_row(r: dict) -> None:
     if "error" in r:
-        print(f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} ERROR {r['error']}",
-              flush=True)
+        print(
+            f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} ERROR {r['error']}",
+            flush=True,
+        )
     else:
         rss = r.get("rss_peak_above_inputs_bytes")
-        print(f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} "
-              f"{r['time_s'] * 1e3:10.1f} ms  peak+{r['peak_above_inputs_bytes'] / 2**20:9.1f} MiB "
-              f"(working set {r.get('working_set_bytes', 0) / 2**20:7.1f} MiB"
-              + (f", RSS +{rss / 2**20:.0f} MiB)" if rss is not None else ")"), flush=True)
+        print(
+            f"{r['workload']:8s} {str(r['shape']):8s} {r['method']:20s} N={r['tokens']:<5d} "
+            f"{r['time_s'] * 1e3:10.1f} ms  peak+{r['peak_above_inputs_bytes'] / 2**20:9.1f} MiB "
+            f"(working set {r.get('working_set_bytes', 0) / 2**20:7.1f} MiB"
+            + (f", RSS +{rss / 2**20:.0f} MiB)" if rss is not None else ")"),
+            flush=True,
+        )
 
 
 def markdown(result: dict) -> str:
     mib = 2**20
-    lines = [f"## Kernel benchmark: {result['device']}, {result['date']}, {result['dtype']}", "",
-             "Time: median forward+backward. Peak: tensor memory allocated above the inputs (CPU: the "
-             "profiler's allocation events; CUDA: the allocator), including the gradient buffers. Working set: "
-             "the most bytes live at once leaving out the returned gradient buffers (CPU: tracked over the "
-             "whole run; CUDA: peak minus gradients). RSS: the "
-             "process's resident-set peak above the inputs, a second opinion (+-100 MiB with allocator reuse). "
-             "Ratios are to the matmul floor of the same workload and shape, measured in the same run.", "",
-             "| workload | shape | N | method | time (ms) | × floor | peak (MiB) | working set (MiB) | "
-             "RSS peak (MiB) | peak × reference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Kernel benchmark: {result['device']}, {result['date']}, {result['dtype']}",
+        "",
+        "Time: median forward+backward. Peak: tensor memory allocated above the inputs (CPU: the "
+        "profiler's allocation events; CUDA: the allocator), including the gradient buffers. Working set: "
+        "the most bytes live at once leaving out the returned gradient buffers (CPU: tracked over the "
+        "whole run; CUDA: peak minus gradients). RSS: the "
+        "process's resident-set peak above the inputs, a second opinion (+-100 MiB with allocator reuse). "
+        "Ratios are to the matmul floor of the same workload and shape, measured in the same run.",
+        "",
+        "| workload | shape | N | method | time (ms) | × floor | peak (MiB) | working set (MiB) | "
+        "RSS peak (MiB) | peak × reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | error: "
-                         f"{r['error'][:60]} | | | | | |")
+            lines.append(
+                f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | error: "
+                f"{r['error'][:60]} | | | | | |"
+            )
             continue
         rss = r.get("rss_peak_above_inputs_bytes")
         lines.append(
             f"| {r['workload']} | {r['shape']} | {r['tokens']} | {r['method']} | {r['time_s'] * 1e3:.1f} | "
             f"{r.get('time_vs_floor', float('nan')):.2f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
             f"{r['overhead_bytes'] / mib:.0f} | {'' if rss is None else f'{rss / mib:.0f}'} | "
-            f"{r.get('peak_vs_reference', float('nan')):.2f} |")
+            f"{r.get('peak_vs_reference', float('nan')):.2f} |"
+        )
     if result["sweeps"]:
-        lines += ["", "### Scaling sweeps (stats workload, D = 1024)", "",
-                  "| sweep | N | V | method | time (ms) | peak above inputs (MiB) | working set (MiB) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### Scaling sweeps (stats workload, D = 1024)",
+            "",
+            "| sweep | N | V | method | time (ms) | peak above inputs (MiB) | working set (MiB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in result["sweeps"]:
             if "error" not in r:
-                lines.append(f"| {r['sweep']} | {r['tokens']} | {r['vocab']} | {r['method']} | "
-                             f"{r['time_s'] * 1e3:.1f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
-                             f"{r.get('working_set_bytes', r['peak_above_inputs_bytes'] - r['grad_bytes']) / mib:.0f} |")
+                lines.append(
+                    f"| {r['sweep']} | {r['tokens']} | {r['vocab']} | {r['method']} | "
+                    f"{r['time_s'] * 1e3:.1f} | {r['peak_above_inputs_bytes'] / mib:.0f} | "
+                    f"{r.get('working_set_bytes', r['peak_above_inputs_bytes'] - r['grad_bytes']) / mib:.0f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -486,13 +563,19 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, sweep, key in ((axes[0], "tokens", "tokens"), (axes[1], "vocab", "vocab")):
         for method in ("reference", "chunked"):
-            pts = [(r[key], r.get("working_set_bytes", r["peak_above_inputs_bytes"] - r["grad_bytes"]) / 2**20)
-                   for r in result["sweeps"]
-                   if r["sweep"] == sweep and r["method"] == method and "error" not in r]
+            pts = [
+                (r[key], r.get("working_set_bytes", r["peak_above_inputs_bytes"] - r["grad_bytes"]) / 2**20)
+                for r in result["sweeps"]
+                if r["sweep"] == sweep and r["method"] == method and "error" not in r
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xlabel=key, ylabel="working set beyond inputs and gradients (MiB)", xscale="log",
-               title=f"extra memory vs {key} (D = 1024)")
+        ax.set(
+            xlabel=key,
+            ylabel="working set beyond inputs and gradients (MiB)",
+            xscale="log",
+            title=f"extra memory vs {key} (D = 1024)",
+        )
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(f"fire-opd token statistics, {result['device']} ({result['date']})")
@@ -513,8 +596,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--no-sweeps", action="store_true")
     parser.add_argument("--tag", default="", help="suffix of the results files (several runs on one day)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
-                                                                  "--quick writes nothing unless given)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default benchmarks/results; --quick writes nothing unless given)",
+    )
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)

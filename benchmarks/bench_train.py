@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -39,14 +40,15 @@ def _random_pair(vocab: int, size: str = "tiny"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from fire_opd.data import Problem
-    from fire_opd.models import tiny_llama
+    from fire_opd.demo.tiny_models import tiny_llama
+    from fire_opd.train.data import Problem
 
     words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab)}}
     core = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                  padding_side="left")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
     if size == "100m":  # 41M embedding + head, 12 x 5.1M layers: 102M parameters each
         student, teacher = (_llama_100m(vocab, seed) for seed in (0, 1))
     else:
@@ -63,21 +65,35 @@ def _llama_100m(vocab: int, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=640, intermediate_size=1792, num_hidden_layers=12,
-                         num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=128,
-                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=640,
+        intermediate_size=1792,
+        num_hidden_layers=12,
+        num_attention_heads=10,
+        num_key_value_heads=10,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
 def _demo_pair():
-    from fire_opd.build_assets import ASSETS_DIR
-    from fire_opd.data import sample_problems
-    from fire_opd.models import load_causal_lm, load_tokenizer
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.demo.tasks import sample_problems
+    from fire_opd.train.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(ASSETS_DIR / "tokenizer")
-    return (load_causal_lm(ASSETS_DIR / "student_init"), {"arith": load_causal_lm(ASSETS_DIR / "teacher_arith")},
-            tok, sample_problems(["arith"], 512, seed=0, split="train"))
+    return (
+        load_causal_lm(ASSETS_DIR / "student_init"),
+        {"arith": load_causal_lm(ASSETS_DIR / "teacher_arith")},
+        tok,
+        sample_problems(["arith"], 512, seed=0, split="train"),
+    )
 
 
 def worker(args) -> dict:
@@ -85,23 +101,45 @@ def worker(args) -> dict:
 
     import torch
 
-    from fire_opd.config import TrainConfig
-    from fire_opd.trainer import FireOPDTrainer
+    from fire_opd.train.config import TrainConfig
+    from fire_opd.train.trainer import FireOPDTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    student, teachers, tok, problems = (_demo_pair() if args.model == "demo" else
-                                        _random_pair(32_000, "100m") if args.model == "llama-100m" else
-                                        _random_pair(151_936))
+    student, teachers, tok, problems = (
+        _demo_pair()
+        if args.model == "demo"
+        else _random_pair(32_000, "100m")
+        if args.model == "llama-100m"
+        else _random_pair(151_936)
+    )
     fused = args.path == "fused"
     big = args.model != "demo"
     objective = args.objective
-    config = TrainConfig(steps=args.steps + 1, prompts_per_step=8 if big else 32, samples_per_prompt=2 if big else 4,
-                         micro_batch_size=8 if big else 64, max_new_tokens=24 if big else 8, lr=1e-5,
-                         warmup_steps=0, eval_every=0, eval_size=0, progress=False, tensorboard=False,
-                         backend="auto" if fused else "reference", fused_update=fused, output_dir="/tmp/fire-bench", overwrite=True,
-                         device=args.device, objective=objective, gradient_checkpointing=args.checkpointing)
-    trainer = FireOPDTrainer(config, student=student, teachers=teachers, tokenizer=tok, train_problems=problems,
-                             eval_problems=[])
+    config = TrainConfig.from_dict(
+        {
+            "optim.steps": args.steps + 1,
+            "sampling.prompts_per_step": 8 if big else 32,
+            "sampling.samples_per_prompt": 2 if big else 4,
+            "optim.micro_batch_size": 8 if big else 64,
+            "sampling.max_new_tokens": 24 if big else 8,
+            "optim.lr": 1e-5,
+            "optim.warmup_steps": 0,
+            "eval.every": 0,
+            "eval.size": 0,
+            "logging.progress": False,
+            "logging.tensorboard": False,
+            "runtime.backend": "auto" if fused else "reference",
+            "runtime.fused_update": fused,
+            "output_dir": "/tmp/fire-bench",
+            "checkpoint.overwrite": True,
+            "runtime.device": args.device,
+            "loss.objective": objective,
+            "models.gradient_checkpointing": args.checkpointing,
+        }
+    )
+    trainer = FireOPDTrainer(
+        config, student=student, teachers=teachers, tokenizer=tok, train_problems=problems, eval_problems=[]
+    )
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -130,29 +168,38 @@ def worker(args) -> dict:
             trainer.step += 1
 
         tensor_peak, _ = tensor_peak_bytes(one_step)  # one more step under the profiler (not timed)
-    return {"step_s": statistics.median(steps), **{f"{k}_s": statistics.median(p[k] for p in parts)
-                                                   for k in ("sample", "score", "update")},
-            "response_tokens": statistics.median(tokens), "peak_above_models_bytes": max(0, tensor_peak),
-            "rss_peak_above_models_bytes": rss_peak, "vocab": trainer.student.config.vocab_size,
-            "student_parameters": sum(p.numel() for p in trainer.student.parameters())}
+    return {
+        "step_s": statistics.median(steps),
+        **{f"{k}_s": statistics.median(p[k] for p in parts) for k in ("sample", "score", "update")},
+        "response_tokens": statistics.median(tokens),
+        "peak_above_models_bytes": max(0, tensor_peak),
+        "rss_peak_above_models_bytes": rss_peak,
+        "vocab": trainer.student.config.vocab_size,
+        "student_parameters": sum(p.numel() for p in trainer.student.parameters()),
+    }
 
 
 def render_table(rows: list[dict]) -> str:
-    lines = ["| model | student params | V | objective | path | grad. checkpointing | step (s) | sample | score | "
-             "update | response tokens | tensor peak above models (MiB) | RSS peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | student params | V | objective | path | grad. checkpointing | step (s) | sample | score | "
+        "update | response tokens | tensor peak above models (MiB) | RSS peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ckpt = "yes" if r["checkpointing"] else "no"
         if "error" in r:
-            lines.append(f"| {r['model']} | | | {r['objective']} | {r['path']} | {ckpt} | error: {r['error'][:80]} "
-                         "| | | | | | |")
+            lines.append(
+                f"| {r['model']} | | | {r['objective']} | {r['path']} | {ckpt} | error: {r['error'][:80]} | | | | | | |"
+            )
         else:
             rss = r.get("rss_peak_above_models_bytes")
-            lines.append(f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['vocab']} | {r['objective']} | "
-                         f"{r['path']} | {ckpt} | {r['step_s']:.3f} | "
-                         f"{r['sample_s']:.3f} | "
-                         f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
-                         f"{r['peak_above_models_bytes'] / 2**20:.0f} | {'' if rss is None else f'{rss / 2**20:.0f}'} |")
+            lines.append(
+                f"| {r['model']} | {r['student_parameters'] / 1e6:.3g}M | {r['vocab']} | {r['objective']} | "
+                f"{r['path']} | {ckpt} | {r['step_s']:.3f} | "
+                f"{r['sample_s']:.3f} | "
+                f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['response_tokens']:.0f} | "
+                f"{r['peak_above_models_bytes'] / 2**20:.0f} | {'' if rss is None else f'{rss / 2**20:.0f}'} |"
+            )
     return "\n".join(lines)
 
 
@@ -167,23 +214,40 @@ def main(argv=None) -> int:
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--objective", default="sampled", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"],
-                        choices=["sampled", "full_vocab"])
+    parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"], choices=["sampled", "full_vocab"])
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
     steps = 1 if args.quick else args.steps
     rows = []
-    runs = [(m, o, p, False) for m in (["demo"] if args.quick else ["demo", "random-152k"]) for o in args.objectives
-            for p in ("fused", "reference")]
+    runs = [
+        (m, o, p, False)
+        for m in (["demo"] if args.quick else ["demo", "random-152k"])
+        for o in args.objectives
+        for p in ("fused", "reference")
+    ]
     if not args.quick:  # a real-sized student: memory of one step with and without gradient checkpointing
         runs += [("llama-100m", "full_vocab", "fused", checkpointing) for checkpointing in (False, True)]
     for model, objective, path, checkpointing in runs:
-        cmd = [sys.executable, __file__, "--worker", "--model", model, "--path", path, "--steps", str(steps),
-               "--device", args.device, "--objective", objective] + (["--checkpointing"] if checkpointing else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--model",
+            model,
+            "--path",
+            path,
+            "--steps",
+            str(steps),
+            "--device",
+            args.device,
+            "--objective",
+            objective,
+        ] + (["--checkpointing"] if checkpointing else [])
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        )
         row = {"model": model, "objective": objective, "path": path, "checkpointing": checkpointing}
         if proc.returncode:
             rows.append({**row, "error": proc.stderr.strip().splitlines()[-1][:200]})

@@ -51,9 +51,9 @@ def _free_port() -> int:
 def _inputs(tokens: int, vocab: int, hidden: int):
     gen = torch.Generator().manual_seed(0)
     s_h = torch.randn(tokens, hidden, generator=gen)
-    s_w = torch.randn(vocab, hidden, generator=gen) / hidden ** 0.5
+    s_w = torch.randn(vocab, hidden, generator=gen) / hidden**0.5
     t_h = torch.randn(tokens, hidden, generator=gen)
-    t_w = torch.randn(vocab, hidden, generator=gen) / hidden ** 0.5
+    t_w = torch.randn(vocab, hidden, generator=gen) / hidden**0.5
     targets = torch.randint(0, vocab, (tokens,), generator=gen)
     return s_h, s_w, t_h, t_w, targets
 
@@ -86,10 +86,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         s_h.grad = s_w.grad = None
         if count is not None:
             dist.all_reduce = counting
-        stats = teacher_student_stats(s_h, s_w, t_h, t_w, targets, divergence="reverse_kl", backend="chunked",
-                                      vocab_process_group=group)
+        stats = teacher_student_stats(
+            s_h, s_w, t_h, t_w, targets, divergence="reverse_kl", backend="chunked", vocab_process_group=group
+        )
         forward = sent["bytes"]
-        (stats.student_logprob.sum() + 0.1 * stats.student_entropy.sum() + stats.divergence.sum()).backward()
+        (stats.student_log_prob.sum() + 0.1 * stats.student_entropy.sum() + stats.divergence.sum()).backward()
         dist.all_reduce = original
         if count is not None:
             count.update(forward=forward, backward=sent["bytes"] - forward)
@@ -106,10 +107,20 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    row = {"processes": world, "rank": rank, "vocab_rows": hi - lo, "tokens": args.tokens, "hidden": args.hidden,
-           "vocab": args.vocab, "lm_head_bytes": (s_w.numel() + t_w.numel()) * 4, "weight_grad_bytes": s_w.numel() * 4,
-           "call_peak_bytes": peak, "time_s": statistics.median(times),
-           "forward_comm_bytes": comm.get("forward", 0), "backward_comm_bytes": comm.get("backward", 0)}
+    row = {
+        "processes": world,
+        "rank": rank,
+        "vocab_rows": hi - lo,
+        "tokens": args.tokens,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
+        "lm_head_bytes": (s_w.numel() + t_w.numel()) * 4,
+        "weight_grad_bytes": s_w.numel() * 4,
+        "call_peak_bytes": peak,
+        "time_s": statistics.median(times),
+        "forward_comm_bytes": comm.get("forward", 0),
+        "backward_comm_bytes": comm.get("backward", 0),
+    }
     Path(out_dir, f"{world}-{rank}.json").write_text(json.dumps(row))
     if group is not None:
         dist.destroy_process_group()
@@ -134,19 +145,23 @@ def main(argv=None) -> int:
             rows.append(rank0)
             print(rank0, flush=True)
     n, d = args.tokens, args.hidden
-    mib = 2 ** 20
-    lines = [f"N = {n} tokens, V = {args.vocab:,}, D = {d} (student and teacher), fp32, chunked backend, "
-             "reverse KL + log-prob + entropy, forward and backward; figures for rank 0, time the slowest rank's.",
-             "",
-             "| processes | vocab rows per process | lm_heads per process (MiB) | weight gradient per process (MiB) | "
-             "call tensor peak per process (MiB) | time (s) | forward all-reduce (bytes; formula 36 N) | "
-             "backward all-reduce (MiB; formula 4 N D) |",
-             "|---|---|---|---|---|---|---|---|"]
+    mib = 2**20
+    lines = [
+        f"N = {n} tokens, V = {args.vocab:,}, D = {d} (student and teacher), fp32, chunked backend, "
+        "reverse KL + log-prob + entropy, forward and backward; figures for rank 0, time the slowest rank's.",
+        "",
+        "| processes | vocab rows per process | lm_heads per process (MiB) | weight gradient per process (MiB) | "
+        "call tensor peak per process (MiB) | time (s) | forward all-reduce (bytes; formula 36 N) | "
+        "backward all-reduce (MiB; formula 4 N D) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['processes']} | {r['vocab_rows']:,} | {r['lm_head_bytes'] / mib:.1f} | "
-                     f"{r['weight_grad_bytes'] / mib:.1f} | {r['call_peak_bytes'] / mib:.1f} | {r['time_s']:.3f} | "
-                     f"{r['forward_comm_bytes']:,} ({36 * n:,} when K > 1) | {r['backward_comm_bytes'] / mib:.2f} "
-                     f"({4 * n * d / mib:.2f} when K > 1) |")
+        lines.append(
+            f"| {r['processes']} | {r['vocab_rows']:,} | {r['lm_head_bytes'] / mib:.1f} | "
+            f"{r['weight_grad_bytes'] / mib:.1f} | {r['call_peak_bytes'] / mib:.1f} | {r['time_s']:.3f} | "
+            f"{r['forward_comm_bytes']:,} ({36 * n:,} when K > 1) | {r['backward_comm_bytes'] / mib:.2f} "
+            f"({4 * n * d / mib:.2f} when K > 1) |"
+        )
     table = "\n".join(lines)
     print(table)
     write_results(args.out, "vocab-parallel", "Vocabulary-parallel statistics (gloo)", rows, table, device_label())

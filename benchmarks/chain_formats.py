@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fire_opd.build_assets import ASSETS_DIR  # noqa: E402
-from fire_opd.data import is_correct  # noqa: E402
-from fire_opd.demo import load_setting, problem_sets  # noqa: E402
-from fire_opd.models import load_causal_lm  # noqa: E402
-from fire_opd.sampling import generate_rollouts  # noqa: E402
+from fire_opd.demo.build_assets import ASSETS_DIR  # noqa: E402
+from fire_opd.demo.run import load_setting, problem_sets  # noqa: E402
+from fire_opd.demo.tasks import is_correct  # noqa: E402
+from fire_opd.train.models import load_causal_lm  # noqa: E402
+from fire_opd.train.rollouts import generate_rollouts  # noqa: E402
 
 
 def layout(text: str) -> str:
@@ -34,8 +34,9 @@ def layout(text: str) -> str:
 
 
 def format_mix(model, tokenizer, problems, max_new_tokens: int) -> tuple[dict, float]:
-    rollouts = generate_rollouts(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
-                                 do_sample=False)
+    rollouts = generate_rollouts(
+        model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens, do_sample=False
+    )
     count, correct = collections.Counter(), collections.Counter()
     for text, problem in zip(rollouts.texts, problems):
         count[layout(text)] += 1
@@ -58,12 +59,14 @@ def main() -> None:
     models.update({path: load_causal_lm(path) for path in args.checkpoints})
     report = {}
     for name, model in models.items():
-        mix, accuracy = format_mix(model, tokenizer, problems, setting.recipe.max_new_tokens)
+        mix, accuracy = format_mix(model, tokenizer, problems, setting.recipe.sampling.max_new_tokens)
         report[name] = {"formats": mix, "accuracy": accuracy}
         print(f"{name}: {mix} accuracy {accuracy:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"setting": args.setting, "split": args.split, "seed": args.seed,
-                                         "models": report}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps({"setting": args.setting, "split": args.split, "seed": args.seed, "models": report}, indent=1)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ logged metric except wall-clock times. Record the fingerprints on the code befor
 again after it and compare:
 
     python benchmarks/check_identical.py --write benchmarks/results/restructure-identity/before.json
-    python benchmarks/check_identical.py --write after.json --compare benchmarks/results/restructure-identity/before.json
+    python benchmarks/check_identical.py --write after.json \
+        --compare benchmarks/results/restructure-identity/before.json
 
 Bit-identical means bit-identical on one machine with one thread count: CPU reductions depend on
 both, so compare fingerprints made on the same machine (every case fixes `threads: 1`).
@@ -30,20 +31,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks" / "results" / "restructure-identity"
-ASSETS = ROOT / "fire_opd" / "assets" / "steps"
-TOKENIZER = ROOT / "fire_opd" / "assets" / "chain" / "tokenizer"
+ASSETS_ROOT = next(p for p in (ROOT / "fire_opd" / "demo" / "assets", ROOT / "fire_opd" / "assets") if p.exists())
+ASSETS = ASSETS_ROOT / "steps"
+TOKENIZER = ASSETS_ROOT / "chain" / "tokenizer"
 
 # every case: 4 steps of 8 prompts x 2 samples, evaluation at steps 2 and 4 on 16 problems
-COMMON = ["steps=4", "prompts_per_step=8", "samples_per_prompt=2", "max_new_tokens=24", "micro_batch_size=6",
-          "eval_every=2", "eval_size=16", "warmup_steps=1", "lr=1e-3", "threads=1", "tensorboard=false",
-          "progress=false", "seed=3"]
+COMMON = [
+    "steps=4",
+    "prompts_per_step=8",
+    "samples_per_prompt=2",
+    "max_new_tokens=24",
+    "micro_batch_size=6",
+    "eval_every=2",
+    "eval_size=16",
+    "warmup_steps=1",
+    "lr=1e-3",
+    "threads=1",
+    "tensorboard=false",
+    "progress=false",
+    "seed=3",
+]
 CASES: dict[str, dict] = {
     "full_vocab-fire": {},
     "sampled-fire-micro_batch": {"set": ["objective=sampled", "stats_scope=micro_batch"]},
-    "full_vocab-filter_only-group-jsd": {"set": ["method=filter_only", "filter_scope=group", "divergence=jsd",
-                                                 "teacher_confidence_gate=0.1"]},
-    "sampled-reweight_only-seq_mean": {"set": ["objective=sampled", "method=reweight_only",
-                                               "loss_agg_mode=seq-mean-token-mean"]},
+    "full_vocab-filter_only-group-jsd": {
+        "set": ["method=filter_only", "filter_scope=group", "divergence=jsd", "teacher_confidence_gate=0.1"]
+    },
+    "sampled-reweight_only-seq_mean": {
+        "set": ["objective=sampled", "method=reweight_only", "loss_agg_mode=seq-mean-token-mean"]
+    },
     "two-teachers": {"teachers": ["a", "b"]},
     "resume": {"resume": True},
     "ddp-2": {"nproc": 2, "set": ["rollout_chunk_prompts=4"]},
@@ -60,16 +76,41 @@ def run_case(name: str, spec: dict, work: Path) -> dict:
     if len(teachers) > 1:  # the same prompts, dealt to the teachers in turn
         rows = [json.loads(line) for line in prompts.read_text().splitlines()]
         prompts = work / f"{name}.jsonl"
-        prompts.write_text("".join(json.dumps({**row, "teacher": teachers[i % len(teachers)]}) + "\n"
-                                   for i, row in enumerate(rows)))
-    args = ["--student", str(ASSETS / "student_init"), "--tokenizer", str(TOKENIZER), "--prompts", str(prompts),
-            "--eval-prompts", str(HERE / "eval.jsonl"), "--output-dir", str(out), "--overwrite"]
+        prompts.write_text(
+            "".join(json.dumps({**row, "teacher": teachers[i % len(teachers)]}) + "\n" for i, row in enumerate(rows))
+        )
+    args = [
+        "--student",
+        str(ASSETS / "student_init"),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--prompts",
+        str(prompts),
+        "--eval-prompts",
+        str(HERE / "eval.jsonl"),
+        "--output-dir",
+        str(out),
+        "--overwrite",
+    ]
     for teacher in teachers:
         args += ["--teacher", f"{teacher}={ASSETS / 'teacher'}" if teacher != "default" else str(ASSETS / "teacher")]
     sets = COMMON + spec.get("set", [])
     nproc = spec.get("nproc", 1)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                 "29531", "-m", "fire_opd"] if nproc > 1 else [sys.executable, "-m", "fire_opd"])
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            "29531",
+            "-m",
+            "fire_opd",
+        ]
+        if nproc > 1
+        else [sys.executable, "-m", "fire_opd"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
     def train(extra: list[str]) -> None:
@@ -103,10 +144,13 @@ def _fingerprint(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
     last = rows[-1] if rows else {}
-    return {"weights": digest.hexdigest(),
-            "metrics": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
-            "steps_logged": len(rows), "final_loss": last.get("train/loss"),
-            "final_eval_accuracy": last.get("eval/accuracy")}
+    return {
+        "weights": digest.hexdigest(),
+        "metrics": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+        "steps_logged": len(rows),
+        "final_loss": last.get("train/loss"),
+        "final_eval_accuracy": last.get("eval/accuracy"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,20 +163,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         for name in args.cases:
             results[name] = run_case(name, CASES[name], Path(work))
-            print(f"{name:34s} weights {results[name]['weights'][:16]}  metrics {results[name]['metrics'][:16]}  "
-                  f"loss {results[name]['final_loss']}", flush=True)
+            print(
+                f"{name:34s} weights {results[name]['weights'][:16]}  metrics {results[name]['metrics'][:16]}  "
+                f"loss {results[name]['final_loss']}",
+                flush=True,
+            )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "fire_opd", "fire_kernels"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "fire_opd", "fire_kernels"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     record = {"commit": commit.strip() + ("+dirty" if dirty else ""), "cases": results}
     if args.write:
         Path(args.write).write_text(json.dumps(record, indent=1) + "\n")
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
-        diffs = [name for name in results if before["cases"].get(name, {}).get("weights") != results[name]["weights"]
-                 or before["cases"].get(name, {}).get("metrics") != results[name]["metrics"]]
-        print(f"against {args.compare} (commit {before['commit']}): "
-              + (f"DIFFERENT: {', '.join(diffs)}" if diffs else f"all {len(results)} cases bit-identical"))
+        diffs = [
+            name
+            for name in results
+            if before["cases"].get(name, {}).get("weights") != results[name]["weights"]
+            or before["cases"].get(name, {}).get("metrics") != results[name]["metrics"]
+        ]
+        print(
+            f"against {args.compare} (commit {before['commit']}): "
+            + (f"DIFFERENT: {', '.join(diffs)}" if diffs else f"all {len(results)} cases bit-identical")
+        )
         return 1 if diffs else 0
     return 0
 

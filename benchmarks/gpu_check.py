@@ -44,16 +44,34 @@ import bench_kernels  # noqa: E402
 
 # name: (what it reproduces, workload, shape, methods, published figure)
 ANCHORS = {
-    "cce": ("Cut Cross-Entropy: Gemma 2 2B log-prob", "logprob", "gemma2",
-            ["floor", "reference", "reference_compiled", "cce", "liger_ce", "trl", "chunked", "triton"],
-            "135 ms / 1,164 MB, A100 (CCE paper, Table 1)"),
-    "liger": ("Liger: fused linear JSD, V 128,256, D 4,096", "jsd_loss", "llama3",
-              ["floor", "reference", "liger", "trl", "chunked", "triton"],
-              "182.6 ms / 8.7 GB, H100 (Liger README)"),
-    "qwen3-stats": ("Qwen3 8B/14B: FiRe statistics", "stats", "qwen3-8b-14b",
-                    ["floor", "reference", "reference_compiled", "chunked", "triton"], ""),
-    "qwen3-update": ("Qwen3 8B/14B: fused student update", "update", "qwen3-8b-14b",
-                     ["floor", "reference", "chunked", "triton"], ""),
+    "cce": (
+        "Cut Cross-Entropy: Gemma 2 2B log-prob",
+        "logprob",
+        "gemma2",
+        ["floor", "reference", "reference_compiled", "cce", "liger_ce", "trl", "chunked", "triton"],
+        "135 ms / 1,164 MB, A100 (CCE paper, Table 1)",
+    ),
+    "liger": (
+        "Liger: fused linear JSD, V 128,256, D 4,096",
+        "jsd_loss",
+        "llama3",
+        ["floor", "reference", "liger", "trl", "chunked", "triton"],
+        "182.6 ms / 8.7 GB, H100 (Liger README)",
+    ),
+    "qwen3-stats": (
+        "Qwen3 8B/14B: FiRe statistics",
+        "stats",
+        "qwen3-8b-14b",
+        ["floor", "reference", "reference_compiled", "chunked", "triton"],
+        "",
+    ),
+    "qwen3-update": (
+        "Qwen3 8B/14B: fused student update",
+        "update",
+        "qwen3-8b-14b",
+        ["floor", "reference", "chunked", "triton"],
+        "",
+    ),
 }
 GPU_TOKENS = 8192
 DRY_TOKENS = 16
@@ -64,11 +82,18 @@ def run_cuda_tests(dry: bool) -> dict:
     env = {**os.environ, "FIRE_OPD_TEST_DEVICE": "cpu" if dry else "cuda", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     # pyproject's addopts already has -q: one more would drop pytest's "N passed" line
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-rs"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-rs"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line or " error" in line),
-                   lines[-1] if lines else "no output")
+    summary = next(
+        (line for line in reversed(lines) if " passed" in line or " failed" in line or " error" in line),
+        lines[-1] if lines else "no output",
+    )
     print(proc.stdout[-4000:] if proc.returncode else summary, flush=True)
     return {"returncode": proc.returncode, "summary": summary.strip("= "), "seconds": time.perf_counter() - t0}
 
@@ -77,15 +102,25 @@ def run_anchors(dry: bool, device: str, dtype: str, budget_s: float, started: fl
     rows = []
     for name, (title, workload, shape, methods, published) in ANCHORS.items():
         for method in methods:
-            row = {"anchor": name, "title": title, "workload": workload, "shape": "tiny" if dry else shape,
-                   "method": method, "tokens": DRY_TOKENS if dry else GPU_TOKENS, "published": published}
+            row = {
+                "anchor": name,
+                "title": title,
+                "workload": workload,
+                "shape": "tiny" if dry else shape,
+                "method": method,
+                "tokens": DRY_TOKENS if dry else GPU_TOKENS,
+                "published": published,
+            }
             if method in bench_kernels.CUDA_ONLY and not device.startswith("cuda"):
                 row["error"] = "needs CUDA"
             elif time.perf_counter() - started > budget_s:
                 row["error"] = f"not run: past the {budget_s:.0f}s budget"
             else:
-                row.update(bench_kernels.run_one(workload, method, row["shape"], row["tokens"], device, dtype,
-                                                 repeats, timeout=240))
+                row.update(
+                    bench_kernels.run_one(
+                        workload, method, row["shape"], row["tokens"], device, dtype, repeats, timeout=240
+                    )
+                )
             rows.append(row)
             bench_kernels._print_row(row)
     bench_kernels._add_ratios(rows)
@@ -94,21 +129,32 @@ def run_anchors(dry: bool, device: str, dtype: str, budget_s: float, started: fl
 
 def markdown(result: dict) -> str:
     mib = 2**20
-    lines = [f"## GPU check: {result['device']}, {result['date']}, {result['dtype']}"
-             + (" (DRY RUN on the CPU, tiny shapes: the figures mean nothing)" if result["dry"] else ""), "",
-             f"CUDA tests: {result['tests']['summary']} ({result['tests']['seconds']:.0f} s).", "",
-             "Time: median forward + backward of the repeats after a warm-up; peak: tensor memory above the inputs "
-             "(CUDA allocator). × floor: against the bare matrix products of the same workload in the same run.", ""]
+    lines = [
+        f"## GPU check: {result['device']}, {result['date']}, {result['dtype']}"
+        + (" (DRY RUN on the CPU, tiny shapes: the figures mean nothing)" if result["dry"] else ""),
+        "",
+        f"CUDA tests: {result['tests']['summary']} ({result['tests']['seconds']:.0f} s).",
+        "",
+        "Time: median forward + backward of the repeats after a warm-up; peak: tensor memory above the inputs "
+        "(CUDA allocator). × floor: against the bare matrix products of the same workload in the same run.",
+        "",
+    ]
     for name, (title, *_rest, published) in ANCHORS.items():
-        lines += [f"### {title}" + (f" (published: {published})" if published else ""), "",
-                  "| method | time (ms) | × floor | peak (MiB) | peak × reference |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {title}" + (f" (published: {published})" if published else ""),
+            "",
+            "| method | time (ms) | × floor | peak (MiB) | peak × reference |",
+            "|---|---|---|---|---|",
+        ]
         for r in (r for r in result["rows"] if r["anchor"] == name):
             if "error" in r:
                 lines.append(f"| {r['method']} | {r['error'][:80]} | | | |")
             else:
-                lines.append(f"| {r['method']} | {r['time_s'] * 1e3:.1f} | {r.get('time_vs_floor', float('nan')):.2f} "
-                             f"| {r['peak_above_inputs_bytes'] / mib:.0f} | "
-                             f"{r.get('peak_vs_reference', float('nan')):.2f} |")
+                lines.append(
+                    f"| {r['method']} | {r['time_s'] * 1e3:.1f} | {r.get('time_vs_floor', float('nan')):.2f} "
+                    f"| {r['peak_above_inputs_bytes'] / mib:.0f} | "
+                    f"{r.get('peak_vs_reference', float('nan')):.2f} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -150,12 +196,20 @@ def main(argv=None) -> int:
     if dry and not args.dry:
         print("gpu-check: no CUDA device here, so this is the DRY RUN (tiny shapes on the CPU)", flush=True)
     device, dtype = ("cpu", "float32") if dry else ("cuda", "bfloat16")
-    tests = {"returncode": 0, "summary": "not run (--no-tests)", "seconds": 0.0} if args.no_tests \
-        else run_cuda_tests(dry)
+    tests = (
+        {"returncode": 0, "summary": "not run (--no-tests)", "seconds": 0.0} if args.no_tests else run_cuda_tests(dry)
+    )
     rows = run_anchors(dry, device, dtype, args.budget_s, started, repeats=1 if dry else 3)
-    result = {"device": bench_kernels.device_name(device), "date": _dt.date.today().isoformat(), "dtype": dtype,
-              "dry": dry, "tests": tests, "rows": rows, "seconds": time.perf_counter() - started,
-              "torch": torch.__version__}
+    result = {
+        "device": bench_kernels.device_name(device),
+        "date": _dt.date.today().isoformat(),
+        "dtype": dtype,
+        "dry": dry,
+        "tests": tests,
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+    }
     try:
         import triton
 
@@ -172,10 +226,18 @@ def main(argv=None) -> int:
         stem.with_suffix(".md").write_text(text)
         plot(result, stem.with_suffix(".png"))
         print(f"results: {stem}.json / .md / .png")
-    failed = [r for r in rows if "error" in r and r["error"] != "needs CUDA" and not r["error"].startswith("not run")
-              and not r["error"].startswith("No module named")]
-    print(f"gpu-check finished in {result['seconds']:.0f}s: tests rc {tests['returncode']}, "
-          f"{len(rows) - len(failed)} of {len(rows)} anchor rows without a failure")
+    failed = [
+        r
+        for r in rows
+        if "error" in r
+        and r["error"] != "needs CUDA"
+        and not r["error"].startswith("not run")
+        and not r["error"].startswith("No module named")
+    ]
+    print(
+        f"gpu-check finished in {result['seconds']:.0f}s: tests rc {tests['returncode']}, "
+        f"{len(rows) - len(failed)} of {len(rows)} anchor rows without a failure"
+    )
     return 1 if tests["returncode"] or failed else 0
 
 

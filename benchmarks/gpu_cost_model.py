@@ -5,7 +5,7 @@ reverse KL), printed as the markdown table in csrc_notes/tile_fold.md.
 
 fused   `backend="triton"`: Triton tiles of BLOCK_N x BLOCK_V (x BLOCK_D) compute the products on
         chip; the backward adds dz @ W into dh and dz^T @ h into dW with fp32 atomics.
-fold    `backend="chunked"` on CUDA (`fire_kernels.tile_fold`): cuBLAS writes each fp32 logit tile
+fold    `backend="chunked"` on CUDA (`fire_kernels.backends.tile_fold`): cuBLAS writes each fp32 logit tile
         to HBM, one Triton fold reads it; the backward writes dL/dr in bf16 and cuBLAS reads it twice.
 
 Both do the same matrix products: forward 2 N V (D_s + D_t) flops, backward the recompute again
@@ -50,7 +50,9 @@ def model(vocab: int, d_s: int, d_t: int, n: int) -> dict:
     products_fused = (fwd_flops + bwd_flops) / (PEAK_FLOPS * FUSED_EFFICIENCY)
     return {
         "tflop": (fwd_flops + bwd_flops) / 1e12,
-        "atomics_gb": atomics / 1e9, "operands_gb": operands / 1e9, "fold_gb": fold_bytes / 1e9,
+        "atomics_gb": atomics / 1e9,
+        "operands_gb": operands / 1e9,
+        "fold_gb": fold_bytes / 1e9,
         "fused_ms": 1e3 * (products_fused + atomics / HBM_BYTES_PER_S),
         "fold_ms": 1e3 * (products_cublas + fold_bytes / HBM_BYTES_PER_S),
         "products_ms": 1e3 * products_cublas,
@@ -62,14 +64,18 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args(argv)
     print(f"N = {args.tokens}, H100 SXM estimates (see the docstring for every assumption)\n")
-    print("| model pair (V; D_s / D_t) | products (TFLOP) | fused: atomics (GB) | fused: operand loads via L2 (GB) "
-          "| fold: tile traffic (GB) | cuBLAS products alone (ms) | fused est. (ms) | fold est. (ms) |")
+    print(
+        "| model pair (V; D_s / D_t) | products (TFLOP) | fused: atomics (GB) | fused: operand loads via L2 (GB) "
+        "| fold: tile traffic (GB) | cuBLAS products alone (ms) | fused est. (ms) | fold est. (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, (vocab, d_s, d_t) in SHAPES.items():
         m = model(vocab, d_s, d_t, args.tokens)
-        print(f"| {name} ({vocab:,}; {d_s} / {d_t}) | {m['tflop']:.1f} | {m['atomics_gb']:.0f} | "
-              f"{m['operands_gb']:.0f} | {m['fold_gb']:.0f} | {m['products_ms']:.0f} | {m['fused_ms']:.0f} | "
-              f"{m['fold_ms']:.0f} |")
+        print(
+            f"| {name} ({vocab:,}; {d_s} / {d_t}) | {m['tflop']:.1f} | {m['atomics_gb']:.0f} | "
+            f"{m['operands_gb']:.0f} | {m['fold_gb']:.0f} | {m['products_ms']:.0f} | {m['fused_ms']:.0f} | "
+            f"{m['fold_ms']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

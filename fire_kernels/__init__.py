@@ -4,7 +4,7 @@ The [tokens, vocab] logits never exist in memory (except with backend="reference
 torch + triton only; never imports fire_opd.
 """
 
-from .token_stats import TeacherStudentStats, teacher_student_stats, token_stats
+from fire_kernels.token_stats import TeacherStudentStats, teacher_student_stats, token_stats
 
 __all__ = ["TeacherStudentStats", "teacher_student_stats", "token_stats"]
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Input checking shared by every backend: one place that turns bad input into a clear error.
 
-Every message names the argument and says what was expected, as DESIGN.md requires.
+Every message names the argument and says what was expected.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ BACKENDS = ("auto", "triton", "chunked", "reference")
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """What one model's head does after h W^T (DESIGN.md, "Heads"):
+    """What one model's head does after h W^T :
 
         z = softcap * tanh(((h W^T + b) * scale) / softcap) / tau     (softcap 0: no tanh)
 
@@ -82,26 +82,39 @@ def _check_model(prefix: str, hidden: object, weight: object) -> tuple[torch.Ten
     return hidden, weight
 
 
-def _check_head(prefix: str, weight_name: str, weight: torch.Tensor, bias: object, logit_scale: object,
-                logit_softcap: object) -> HeadSpec:
+def _check_head(
+    prefix: str, weight_name: str, weight: torch.Tensor, bias: object, logit_scale: object, logit_softcap: object
+) -> HeadSpec:
     """`prefix` names the head's arguments: "" for the student's (bias, logit_scale,
     logit_softcap), "teacher_" for the teacher's."""
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{prefix}bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"{prefix}bias must have shape [{weight.shape[0]}] (one per vocab row of "
-                             f"{weight_name}), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"{prefix}bias must have shape [{weight.shape[0]}] (one per vocab row of "
+                f"{weight_name}), got {tuple(bias.shape)}"
+            )
         if bias.dtype not in SUPPORTED_FLOAT_DTYPES:
             raise TypeError(f"{prefix}bias has dtype {bias.dtype}; expected a floating-point dtype")
         if bias.device != weight.device:
             raise ValueError(f"{prefix}bias is on {bias.device} but {weight_name} is on {weight.device}")
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or \
-            not math.isfinite(logit_scale) or logit_scale <= 0:
-        raise ValueError(f"{prefix}logit_scale must be a finite number > 0, got {logit_scale!r} (Granite divides "
-                         "by logits_scaling: pass its reciprocal)")
-    if logit_softcap is not None and (isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float))
-                                      or not math.isfinite(logit_softcap) or logit_softcap <= 0):
+    if (
+        isinstance(logit_scale, bool)
+        or not isinstance(logit_scale, (int, float))
+        or not math.isfinite(logit_scale)
+        or logit_scale <= 0
+    ):
+        raise ValueError(
+            f"{prefix}logit_scale must be a finite number > 0, got {logit_scale!r} (Granite divides "
+            "by logits_scaling: pass its reciprocal)"
+        )
+    if logit_softcap is not None and (
+        isinstance(logit_softcap, bool)
+        or not isinstance(logit_softcap, (int, float))
+        or not math.isfinite(logit_softcap)
+        or logit_softcap <= 0
+    ):
         raise ValueError(f"{prefix}logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
     return HeadSpec(has_bias=bias is not None, scale=float(logit_scale), softcap=float(logit_softcap or 0.0))
 
@@ -135,8 +148,9 @@ def validate_stats_inputs(
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     if vocab_size == 0:
         raise ValueError(f"{student_prefix}weight has an empty vocabulary (shape {tuple(weight.shape)})")
-    student_head = _check_head("", f"{student_prefix}weight", weight, student_bias, student_logit_scale,
-                               student_logit_softcap)
+    student_head = _check_head(
+        "", f"{student_prefix}weight", weight, student_bias, student_logit_scale, student_logit_softcap
+    )
     teacher_head = PLAIN_HEAD
 
     has_teacher = teacher_hidden is not None or teacher_weight is not None
@@ -157,8 +171,9 @@ def validate_stats_inputs(
             )
         devices["teacher_hidden"] = t_hidden.device
         devices["teacher_weight"] = t_weight.device
-        teacher_head = _check_head("teacher_", "teacher_weight", t_weight, teacher_bias, teacher_logit_scale,
-                                   teacher_logit_softcap)
+        teacher_head = _check_head(
+            "teacher_", "teacher_weight", t_weight, teacher_bias, teacher_logit_scale, teacher_logit_softcap
+        )
     elif teacher_bias is not None or teacher_logit_scale != 1.0 or teacher_logit_softcap is not None:
         raise ValueError("teacher_bias, teacher_logit_scale and teacher_logit_softcap need a teacher")
 
@@ -194,9 +209,7 @@ def validate_stats_inputs(
         out_of_range = ((targets < 0) | (targets >= limit)) & (targets != ignore_index)
         if bool(out_of_range.any()):
             bad = targets[out_of_range][:3].tolist()
-            raise ValueError(
-                f"targets must lie in [0, {limit}) or equal ignore_index={ignore_index}; found {bad}"
-            )
+            raise ValueError(f"targets must lie in [0, {limit}) or equal ignore_index={ignore_index}; found {bad}")
     return StatsProblem(
         num_tokens=num_tokens,
         vocab_size=vocab_size,

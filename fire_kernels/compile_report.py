@@ -58,7 +58,8 @@ class CompileResult:
 
 
 def _kernel_fn(name: str) -> Callable:
-    from . import fire_weights, tile_fold, triton_token_stats
+    from fire_kernels import fire_weights
+    from fire_kernels.backends import tile_fold, triton_token_stats
 
     return {
         "_fold_stats_kernel": tile_fold._fold_stats_kernel,
@@ -73,7 +74,7 @@ def _kernel_fn(name: str) -> Callable:
 
 def _in_kernel_order(kernel: str, signature: dict) -> dict:
     """The signature with its keys in the kernel's parameter order (and every parameter present)."""
-    names = _kernel_fn(kernel).arg_names
+    names = _kernel_fn(kernel).arg_names  # type: ignore[attr-defined]  # a triton JITFunction
     missing = set(names) ^ set(signature)
     if missing:
         raise ValueError(f"{kernel}: signature and parameters differ in {sorted(missing)}")
@@ -88,14 +89,18 @@ def _heads(student: bool, teacher: bool) -> tuple[dict, dict]:
 
 
 def _model_args(prefix: str) -> dict:
-    return {f"{prefix}_stride_hn": "i32", f"{prefix}_stride_hd": "i32", f"{prefix}_stride_wv": "i32",
-            f"{prefix}_stride_wd": "i32"}
+    return {
+        f"{prefix}_stride_hn": "i32",
+        f"{prefix}_stride_hd": "i32",
+        f"{prefix}_stride_wv": "i32",
+        f"{prefix}_stride_wd": "i32",
+    }
 
 
 def variants(dtypes=DTYPES) -> list[KernelVariant]:
     """Every kernel specialization the package launches, per dtype."""
-    from .fire_weights import FIRE_WEIGHTS_BLOCK
-    from .triton_token_stats import FP32_CONFIG, TritonTileConfig
+    from fire_kernels.backends.triton_token_stats import FP32_CONFIG, TritonTileConfig
+    from fire_kernels.fire_weights import FIRE_WEIGHTS_BLOCK
 
     out: list[KernelVariant] = []
     for dt in dtypes:
@@ -106,76 +111,209 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
         p = f"*{dt}"
         common = {"N": "i32", "V": "i32", "D_S": "i32", "D_T": "i32", **_model_args("s"), **_model_args("t")}
         precision = "ieee"
+
         def add(kernel, name, sig, const, warps):
             sig = _in_kernel_order(kernel, {**sig, **{k: "constexpr" for k in const}})
             out.append(KernelVariant(kernel, name, dt, sig, const, warps, cfg.num_stages))
 
         # Plain heads for every variant; "+head" adds a bias and a soft-cap to both models (the
         # heaviest head: one more load per tile, a tanh, and in backward its Jacobian and db).
-        for has_teacher, div, head in ((False, 0, False), (True, 0, False), (True, 1, False), (True, 2, False),
-                                       (True, 1, True)):
+        for has_teacher, div, head in (
+            (False, 0, False),
+            (True, 0, False),
+            (True, 1, False),
+            (True, 2, False),
+            (True, 1, True),
+        ):
             head_sig, head_const = _heads(head, head)
-            sig = {"S_HIDDEN": p, "S_WEIGHT": p, "S_BIAS": p, "T_HIDDEN": p, "T_WEIGHT": p, "T_BIAS": p,
-                   "TARGETS": "*i64", "PARTIALS": "*fp32", **common, "inv_temp": "fp32", "tiles_per_split": "i32",
-                   **head_sig}
-            const = {"HAS_TEACHER": has_teacher, "DIVERGENCE": div, **tiles, "DOT_FP32": False,
-                     "INPUT_PRECISION": precision, **head_const}
+            sig = {
+                "S_HIDDEN": p,
+                "S_WEIGHT": p,
+                "S_BIAS": p,
+                "T_HIDDEN": p,
+                "T_WEIGHT": p,
+                "T_BIAS": p,
+                "TARGETS": "*i64",
+                "PARTIALS": "*fp32",
+                **common,
+                "inv_temp": "fp32",
+                "tiles_per_split": "i32",
+                **head_sig,
+            }
+            const = {
+                "HAS_TEACHER": has_teacher,
+                "DIVERGENCE": div,
+                **tiles,
+                "DOT_FP32": False,
+                "INPUT_PRECISION": precision,
+                **head_const,
+            }
             name = ("student" if not has_teacher else f"teacher+{DIVERGENCE_NAMES[div]}") + ("+head" if head else "")
             add("_token_stats_fwd_kernel", name, sig, const, cfg.num_warps)
         for head in (False, True):
             head_sig, head_const = _heads(head, head)
-            sig = {"S_HIDDEN": p, "S_WEIGHT": p, "S_BIAS": p, "T_HIDDEN": p, "T_WEIGHT": p, "T_BIAS": p,
-                   "S_LSE": "*fp32", "T_LSE": "*fp32", "PARTIALS": "*fp32", **common, "inv_temp": "fp32",
-                   "tiles_per_split": "i32", "log_one_minus_beta": "fp32", "log_beta": "fp32", **head_sig}
+            sig = {
+                "S_HIDDEN": p,
+                "S_WEIGHT": p,
+                "S_BIAS": p,
+                "T_HIDDEN": p,
+                "T_WEIGHT": p,
+                "T_BIAS": p,
+                "S_LSE": "*fp32",
+                "T_LSE": "*fp32",
+                "PARTIALS": "*fp32",
+                **common,
+                "inv_temp": "fp32",
+                "tiles_per_split": "i32",
+                "log_one_minus_beta": "fp32",
+                "log_beta": "fp32",
+                **head_sig,
+            }
             const = {**tiles, "DOT_FP32": False, "INPUT_PRECISION": precision, **head_const}
             add("_jsd_fwd_kernel", "jsd+head" if head else "jsd", sig, const, cfg.jsd_num_warps)
         for div, head in ((0, False), (1, False), (2, False), (3, False), (1, True)):
             head_sig, head_const = _heads(head, head)
-            sig = {"S_HIDDEN": p, "S_WEIGHT": p, "S_BIAS": p, "T_HIDDEN": p, "T_WEIGHT": p, "T_BIAS": p,
-                   "TARGETS": "*i64", "S_LSE": "*fp32", "S_ENT": "*fp32", "T_LSE": "*fp32", "DIV_AUX": "*fp32",
-                   "G_LOGPROB": "*fp32", "G_ENTROPY": "*fp32", "G_DIVERGENCE": "*fp32",
-                   "GRAD_HIDDEN": "*fp32", "GRAD_WEIGHT": "*fp32", "GRAD_BIAS": "*fp32", **common,
-                   "inv_temp": "fp32", "jsd_beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32",
-                   **head_sig}
-            const = {"DIVERGENCE": div, "COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": head, **bwd_tiles,
-                     "DOT_FP32": False, "INPUT_PRECISION": precision, **head_const}
-            add("_token_stats_bwd_kernel", DIVERGENCE_NAMES[div] + ("+head" if head else ""), sig, const,
-                cfg.bwd_num_warps)
+            sig = {
+                "S_HIDDEN": p,
+                "S_WEIGHT": p,
+                "S_BIAS": p,
+                "T_HIDDEN": p,
+                "T_WEIGHT": p,
+                "T_BIAS": p,
+                "TARGETS": "*i64",
+                "S_LSE": "*fp32",
+                "S_ENT": "*fp32",
+                "T_LSE": "*fp32",
+                "DIV_AUX": "*fp32",
+                "G_LOGPROB": "*fp32",
+                "G_ENTROPY": "*fp32",
+                "G_DIVERGENCE": "*fp32",
+                "GRAD_HIDDEN": "*fp32",
+                "GRAD_WEIGHT": "*fp32",
+                "GRAD_BIAS": "*fp32",
+                **common,
+                "inv_temp": "fp32",
+                "jsd_beta": "fp32",
+                "log_one_minus_beta": "fp32",
+                "log_beta": "fp32",
+                **head_sig,
+            }
+            const = {
+                "DIVERGENCE": div,
+                "COMPUTE_DH": True,
+                "COMPUTE_DW": True,
+                "COMPUTE_DB": head,
+                **bwd_tiles,
+                "DOT_FP32": False,
+                "INPUT_PRECISION": precision,
+                **head_const,
+            }
+            add(
+                "_token_stats_bwd_kernel",
+                DIVERGENCE_NAMES[div] + ("+head" if head else ""),
+                sig,
+                const,
+                cfg.bwd_num_warps,
+            )
         # Tile folds of the chunked backend on CUDA (tile_fold): fp32 tiles from cuBLAS, the
         # gradient tile written in the parameter dtype, the bias in the parameter dtype.
-        from .tile_fold import FOLD_BLOCK_N, FOLD_BLOCK_V, FOLD_NUM_WARPS
+        from fire_kernels.backends.tile_fold import FOLD_BLOCK_N, FOLD_BLOCK_V, FOLD_NUM_WARPS
 
         fold_tiles = {"BLOCK_N": FOLD_BLOCK_N, "BLOCK_V": FOLD_BLOCK_V}
-        fold_common = {"R": "i32", "C": "i32", "row0": "i32", "col_start": "i32", "tile_stride": "i32",
-                       "inv_temp": "fp32"}
+        fold_common = {
+            "R": "i32",
+            "C": "i32",
+            "row0": "i32",
+            "col_start": "i32",
+            "tile_stride": "i32",
+            "inv_temp": "fp32",
+        }
         for has_teacher, div, head in ((False, 0, False), (True, 1, False), (True, 2, False), (True, 1, True)):
             head_sig, head_const = _heads(head, head)
-            sig = {"Z": "*fp32", "U": "*fp32", "S_BIAS": p, "T_BIAS": p, "TARGETS": "*i64", "STATE": "*fp32",
-                   "N": "i32", **fold_common, **head_sig}
+            sig = {
+                "Z": "*fp32",
+                "U": "*fp32",
+                "S_BIAS": p,
+                "T_BIAS": p,
+                "TARGETS": "*i64",
+                "STATE": "*fp32",
+                "N": "i32",
+                **fold_common,
+                **head_sig,
+            }
             const = {"HAS_TEACHER": has_teacher, "DIVERGENCE": div, **head_const, **fold_tiles}
             name = ("student" if not has_teacher else f"teacher+{DIVERGENCE_NAMES[div]}") + ("+head" if head else "")
             add("_fold_stats_kernel", name, sig, const, FOLD_NUM_WARPS["stats"])
         for head in (False, True):
             head_sig, head_const = _heads(head, head)
-            sig = {"Z": "*fp32", "U": "*fp32", "S_BIAS": p, "T_BIAS": p, "S_LSE": "*fp32", "T_LSE": "*fp32",
-                   "KL": "*fp32", "N": "i32", **fold_common, **head_sig, "log_one_minus_beta": "fp32",
-                   "log_beta": "fp32"}
-            add("_fold_jsd_kernel", "jsd+head" if head else "jsd", sig, {**head_const, **fold_tiles},
-                FOLD_NUM_WARPS["jsd"])
+            sig = {
+                "Z": "*fp32",
+                "U": "*fp32",
+                "S_BIAS": p,
+                "T_BIAS": p,
+                "S_LSE": "*fp32",
+                "T_LSE": "*fp32",
+                "KL": "*fp32",
+                "N": "i32",
+                **fold_common,
+                **head_sig,
+                "log_one_minus_beta": "fp32",
+                "log_beta": "fp32",
+            }
+            add(
+                "_fold_jsd_kernel",
+                "jsd+head" if head else "jsd",
+                sig,
+                {**head_const, **fold_tiles},
+                FOLD_NUM_WARPS["jsd"],
+            )
         for div, head in ((0, False), (1, False), (2, False), (3, False), (1, True)):
             head_sig, head_const = _heads(head, head)
-            sig = {"Z": "*fp32", "U": "*fp32", "DR": p, "S_BIAS": p, "T_BIAS": p, "GRAD_BIAS": "*fp32",
-                   "TARGETS": "*i64", "S_LSE": "*fp32", "S_ENT": "*fp32", "T_LSE": "*fp32", "DIV_AUX": "*fp32",
-                   "G_LOGPROB": "*fp32", "G_ENTROPY": "*fp32", "G_DIVERGENCE": "*fp32", **fold_common,
-                   **head_sig, "jsd_beta": "fp32", "log_one_minus_beta": "fp32", "log_beta": "fp32"}
+            sig = {
+                "Z": "*fp32",
+                "U": "*fp32",
+                "DR": p,
+                "S_BIAS": p,
+                "T_BIAS": p,
+                "GRAD_BIAS": "*fp32",
+                "TARGETS": "*i64",
+                "S_LSE": "*fp32",
+                "S_ENT": "*fp32",
+                "T_LSE": "*fp32",
+                "DIV_AUX": "*fp32",
+                "G_LOGPROB": "*fp32",
+                "G_ENTROPY": "*fp32",
+                "G_DIVERGENCE": "*fp32",
+                **fold_common,
+                **head_sig,
+                "jsd_beta": "fp32",
+                "log_one_minus_beta": "fp32",
+                "log_beta": "fp32",
+            }
             const = {"DIVERGENCE": div, "COMPUTE_DB": head, **head_const, **fold_tiles}
-            add("_fold_grad_kernel", DIVERGENCE_NAMES[div] + ("+head" if head else ""), sig, const,
-                FOLD_NUM_WARPS["grad"])
+            add(
+                "_fold_grad_kernel",
+                DIVERGENCE_NAMES[div] + ("+head" if head else ""),
+                sig,
+                const,
+                FOLD_NUM_WARPS["grad"],
+            )
     # The FiRe weights kernel reads float32 statistics whatever the model dtype: one variant.
-    sig = {"TEACHER_LOGPROB": "*fp32", "TEACHER_ENTROPY": "*fp32", "STUDENT_ENTROPY": "*fp32", "MASK": "*fp32",
-           "WEIGHTS": "*fp32", "SEQ_SCORE": "*fp32", "ROW_WEIGHT_SUM": "*fp32", "ROW_TOKENS": "*fp32",
-           "response_len": "i32", "inv_max_teacher_entropy": "fp32", "inv_max_student_entropy": "fp32",
-           "alpha": "fp32", "beta": "fp32"}
+    sig = {
+        "TEACHER_LOGPROB": "*fp32",
+        "TEACHER_ENTROPY": "*fp32",
+        "STUDENT_ENTROPY": "*fp32",
+        "MASK": "*fp32",
+        "WEIGHTS": "*fp32",
+        "SEQ_SCORE": "*fp32",
+        "ROW_WEIGHT_SUM": "*fp32",
+        "ROW_TOKENS": "*fp32",
+        "response_len": "i32",
+        "inv_max_teacher_entropy": "fp32",
+        "inv_max_student_entropy": "fp32",
+        "alpha": "fp32",
+        "beta": "fp32",
+    }
     const = {"BLOCK": FIRE_WEIGHTS_BLOCK}
     out.append(KernelVariant("_fire_weights_kernel", "fp32-stats", "fp32", {**sig, "BLOCK": "constexpr"}, const, 4, 1))
     return out
@@ -190,15 +328,17 @@ def compile_variant(args: tuple[KernelVariant, int]) -> CompileResult:
     try:
         src = ASTSource(fn=_kernel_fn(variant.kernel), signature=variant.signature, constexprs=variant.constexprs)
         compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32),
+            src,
+            target=GPUTarget("cuda", arch, 32),
             options={"num_warps": variant.num_warps, "num_stages": variant.num_stages},
         )
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(compiled.asm["cubin"])
         try:
-            dump = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                                  check=True).stdout
+            dump = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+            ).stdout
         finally:
             os.unlink(f.name)
         match = _RESOURCE_RE.search(dump)
@@ -224,12 +364,16 @@ def run_report(archs=ARCHS, dtypes=DTYPES, workers: Optional[int] = None) -> lis
 
 
 def format_table(results: list[CompileResult]) -> str:
-    lines = ["| kernel | variant | dtype | arch | registers | spill bytes | shared bytes | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | variant | dtype | arch | registers | spill bytes | shared bytes | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         status = "ok" if r.ok and r.spill_bytes == 0 else ("SPILLS" if r.ok else f"FAILED {r.error}")
-        lines.append(f"| {r.kernel} | {r.variant} | {r.dtype} | sm_{r.arch} | {r.registers} | {r.spill_bytes} | "
-                     f"{r.shared_bytes} | {status} |")
+        lines.append(
+            f"| {r.kernel} | {r.variant} | {r.dtype} | sm_{r.arch} | {r.registers} | {r.spill_bytes} | "
+            f"{r.shared_bytes} | {status} |"
+        )
     return "\n".join(lines)
 
 

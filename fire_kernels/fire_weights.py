@@ -34,9 +34,19 @@ class FireRowStats(NamedTuple):
 
 @triton.jit
 def _fire_weights_kernel(
-    TEACHER_LOGPROB, TEACHER_ENTROPY, STUDENT_ENTROPY, MASK,
-    WEIGHTS, SEQ_SCORE, ROW_WEIGHT_SUM, ROW_TOKENS,
-    response_len, inv_max_teacher_entropy, inv_max_student_entropy, alpha, beta,
+    TEACHER_LOGPROB,
+    TEACHER_ENTROPY,
+    STUDENT_ENTROPY,
+    MASK,
+    WEIGHTS,
+    SEQ_SCORE,
+    ROW_WEIGHT_SUM,
+    ROW_TOKENS,
+    response_len,
+    inv_max_teacher_entropy,
+    inv_max_student_entropy,
+    alpha,
+    beta,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -71,7 +81,9 @@ def inverse_max(maximum: float) -> float:
 
 
 def confidence_and_confusion(
-    teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, inv_max_teacher_entropy: float,
+    teacher_entropy: torch.Tensor,
+    student_entropy: torch.Tensor,
+    inv_max_teacher_entropy: float,
     inv_max_student_entropy: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """c = clamp(1 - H^T / max H^T, 0, 1) and u = clamp(H^S / max H^S, 0, 1), float32 [B, T]."""
@@ -85,21 +97,28 @@ def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> float:
 
 
 def fire_row_stats_torch(
-    teacher_logprob: torch.Tensor, teacher_entropy: torch.Tensor, student_entropy: torch.Tensor,
-    mask: torch.Tensor, inv_max_teacher_entropy: float, inv_max_student_entropy: float, alpha: float, beta: float,
+    teacher_log_prob: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    student_entropy: torch.Tensor,
+    mask: torch.Tensor,
+    inv_max_teacher_entropy: float,
+    inv_max_student_entropy: float,
+    alpha: float,
+    beta: float,
 ) -> FireRowStats:
     """PyTorch twin of `_fire_weights_kernel` (the CPU path and the kernel's test oracle)."""
     valid = mask > 0
-    confidence, confusion = confidence_and_confusion(teacher_entropy, student_entropy, inv_max_teacher_entropy,
-                                                     inv_max_student_entropy)
+    confidence, confusion = confidence_and_confusion(
+        teacher_entropy, student_entropy, inv_max_teacher_entropy, inv_max_student_entropy
+    )
     weights = torch.where(valid, (1.0 + alpha * confidence) * (1.0 + beta * confusion), 0.0)
     tokens = valid.float().sum(-1)
-    score = torch.where(valid, teacher_logprob.float(), 0.0).sum(-1) / tokens.clamp_min(1.0)
+    score = torch.where(valid, teacher_log_prob.float(), 0.0).sum(-1) / tokens.clamp_min(1.0)
     return FireRowStats(weights, score, weights.sum(-1), tokens)
 
 
 def fire_row_stats(
-    teacher_logprob: torch.Tensor,
+    teacher_log_prob: torch.Tensor,
     teacher_entropy: torch.Tensor,
     student_entropy: torch.Tensor,
     mask: torch.Tensor,
@@ -113,39 +132,41 @@ def fire_row_stats(
     """Raw FiRe weights and rollout scores for [B, T] statistics.
 
     Args:
-        teacher_logprob, teacher_entropy, student_entropy: [B, T] per-token statistics.
+        teacher_log_prob, teacher_entropy, student_entropy: [B, T] per-token statistics.
         mask: [B, T] response mask (bool or 0/1 float).
         max_teacher_entropy / max_student_entropy: batch maxima over valid tokens; computed
             here when None (pass global values when the batch is sharded across ranks).
         backend: "triton" (CUDA or interpreter), "torch", or "auto" (triton on CUDA).
     """
-    tensors = {"teacher_logprob": teacher_logprob, "teacher_entropy": teacher_entropy,
-               "student_entropy": student_entropy, "mask": mask}
+    tensors = {
+        "teacher_log_prob": teacher_log_prob,
+        "teacher_entropy": teacher_entropy,
+        "student_entropy": student_entropy,
+        "mask": mask,
+    }
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2 or t.shape != mask.shape:
             raise ValueError(f"{name} must be [batch, response_len] = {tuple(mask.shape)}, got {tuple(t.shape)}")
     valid = mask > 0
-    inv_t = inverse_max(max_teacher_entropy if max_teacher_entropy is not None
-                        else _masked_max(teacher_entropy, valid))
-    inv_s = inverse_max(max_student_entropy if max_student_entropy is not None
-                        else _masked_max(student_entropy, valid))
+    inv_t = inverse_max(max_teacher_entropy if max_teacher_entropy is not None else _masked_max(teacher_entropy, valid))
+    inv_s = inverse_max(max_student_entropy if max_student_entropy is not None else _masked_max(student_entropy, valid))
     if backend == "auto":
         backend = "triton" if mask.is_cuda else "torch"
     if backend == "torch":
-        return fire_row_stats_torch(teacher_logprob, teacher_entropy, student_entropy, mask, inv_t, inv_s,
-                                    alpha, beta)
+        return fire_row_stats_torch(teacher_log_prob, teacher_entropy, student_entropy, mask, inv_t, inv_s, alpha, beta)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     rows, length = mask.shape
-    as_f32 = [t.contiguous().float() for t in (teacher_logprob, teacher_entropy, student_entropy, mask)]
+    as_f32 = [t.contiguous().float() for t in (teacher_log_prob, teacher_entropy, student_entropy, mask)]
     weights = torch.empty((rows, length), dtype=torch.float32, device=mask.device)
     score, weight_sum, tokens = (torch.empty(rows, dtype=torch.float32, device=mask.device) for _ in range(3))
     if rows > 0 and length > 0:
         block = min(FIRE_WEIGHTS_BLOCK, triton.next_power_of_2(length))
-        _fire_weights_kernel[(rows,)](*as_f32, weights, score, weight_sum, tokens, length, inv_t, inv_s,
-                                      float(alpha), float(beta), BLOCK=block)
+        _fire_weights_kernel[(rows,)](
+            *as_f32, weights, score, weight_sum, tokens, length, inv_t, inv_s, float(alpha), float(beta), BLOCK=block
+        )
     else:
         score.zero_(), weight_sum.zero_(), tokens.zero_()
     return FireRowStats(weights, score, weight_sum, tokens)

@@ -35,28 +35,34 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from torch.distributed import ProcessGroup
 
-from . import chunked, tile_fold, triton_token_stats
-from ._validation import validate_stats_inputs
-from .chunked import apply_head_, divergence_grad_terms, full_row_divergence, head_jacobian
-from .token_stats import resolve_backend
-from .vocab_parallel import VocabShards, complete_hidden_grad, shards_of
+from fire_kernels.backends import chunked, tile_fold, triton_token_stats
+from fire_kernels.backends.chunked import (
+    accumulate_product,
+    apply_head_,
+    divergence_grad_terms,
+    full_row_divergence,
+    head_jacobian,
+)
+from fire_kernels.token_stats import prepare_call
+from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad
 
-# grad_fn(logprob[C], rows: slice) -> (loss contribution (scalar), dL/dlogprob [C])
+# grad_fn(log_prob[C], rows: slice) -> (loss contribution (scalar), dL/dlog_prob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 logits per chunk
 
 
 class LogprobUpdate(NamedTuple):
-    logprob: torch.Tensor  # [N] float32, 0 on ignored rows
+    log_prob: torch.Tensor  # [N] float32, 0 on ignored rows
     loss: torch.Tensor  # scalar, the sum of grad_fn's contributions
     grad_hidden: torch.Tensor  # [N, D] in hidden's dtype
     grad_weight: torch.Tensor  # [V, D] in weight's dtype
     grad_bias: Optional[torch.Tensor] = None  # [V] in bias's dtype, when a bias was given
 
 
-def linear_logprob_update(
+def linear_log_prob_update(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -65,11 +71,10 @@ def linear_logprob_update(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
-    vocab_process_group=None,
+    vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
 ) -> LogprobUpdate:
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature) and the gradients
@@ -77,41 +82,65 @@ def linear_logprob_update(
     given), in one sweep. The head (bias, logit_scale, logit_softcap) is that of `token_stats`.
 
     `grad_fn` sees the log-probs of a chunk of rows (0 on ignored rows) and the slice of rows
-    they are; it returns that chunk's loss contribution and dL/dlogprob. Ignored rows get no
+    they are; it returns that chunk's loss contribution and dL/dlog_prob. Ignored rows get no
     gradient whatever it returns.
 
     `vocab_process_group`, `reduce_hidden_grad`: a vocabulary-sharded `weight`, as in
     `token_stats` (the streaming two-pass path on every device; `grad_weight` is the shard's).
     """
-    shards = shards_of(weight, vocab_process_group, reduce_hidden_grad)
-    problem = validate_stats_inputs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
-                                    backend=backend, student_prefix="", student_bias=bias,
-                                    student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
-                                    target_vocab_size=shards.vocab_size if shards else None)
-    backend = resolve_backend(backend, hidden.device)
-    valid = targets != ignore_index
+    problem, targets, valid, shards, backend = prepare_call(
+        hidden,
+        weight,
+        targets,
+        backend=backend,
+        vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        student_prefix="",
+        student_bias=bias,
+        student_logit_scale=logit_scale,
+        student_logit_softcap=logit_softcap,
+    )
     bias = bias.detach() if bias is not None else None
     two_pass = _two_pass(backend, hidden.device, shards)
-    if shards is not None:
-        targets, problem = shards.localize(targets, problem)
     if two_pass is not None:
         forward, backward = two_pass
         stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, shards=shards)
-        loss, grad_logprob = grad_fn(stats.student_logprob, slice(0, problem.num_tokens))
-        grad_logprob = torch.where(valid, grad_logprob.to(stats.student_lse.dtype), 0.0)
+        loss, grad_log_prob = grad_fn(stats.student_log_prob, slice(0, problem.num_tokens))
+        grad_log_prob = torch.where(valid, grad_log_prob.to(stats.student_lse.dtype), 0.0)
         grad_hidden, grad_weight, grad_bias = backward(
-            problem, hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
-            grad_logprob, torch.zeros_like(grad_logprob), None, student_bias=bias, need_bias_grad=bias is not None)
+            problem,
+            hidden,
+            weight,
+            targets,
+            None,
+            None,
+            stats.student_lse,
+            stats.student_entropy,
+            None,
+            None,
+            grad_log_prob,
+            torch.zeros_like(grad_log_prob),
+            None,
+            student_bias=bias,
+            need_bias_grad=bias is not None,
+        )
         grad_hidden = complete_hidden_grad(shards, grad_hidden)
-        return LogprobUpdate(stats.student_logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
-                             _cast(grad_bias, bias))
+        return LogprobUpdate(
+            stats.student_log_prob,
+            loss,
+            grad_hidden.to(hidden.dtype),
+            grad_weight.to(weight.dtype),
+            _cast(grad_bias, bias),
+        )
 
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
     # the logits tile (and under a soft-cap its Jacobian) per chunk
-    rows_per_chunk = max(1, chunk_elements // max(vocab * (2 if problem.student_head.softcap else 1), 1))
-    logprob = torch.zeros(n, dtype=acc, device=hidden.device)
+    rows_per_chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab * (2 if problem.student_head.softcap else 1), 1))
+    log_prob = torch.zeros(n, dtype=acc, device=hidden.device)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     # Written by the first chunk with gradient (mm out=), accumulated after: no zero-fill pass
     # over the V x D buffer, which on the CPU costs as much as a third of a product.
@@ -130,7 +159,7 @@ def linear_logprob_update(
         jacobian = head_jacobian(probs, head, inv_t)  # dz/dr: scale / tau, or a [C, V] tile under a soft-cap
         lse = torch.logsumexp(probs, dim=-1)
         lp = torch.where(ok, probs.gather(1, safe_y[:, None]).squeeze(1) - lse, 0.0)
-        logprob[rows] = lp
+        log_prob[rows] = lp
         chunk_loss, g = grad_fn(lp, rows)
         loss = loss + chunk_loss.to(acc)
         g = torch.where(ok, g.to(acc), 0.0)
@@ -142,15 +171,13 @@ def linear_logprob_update(
         if grad_bias is not None:
             grad_bias += probs.sum(dim=0)
         torch.mm(probs, weight_acc, out=grad_hidden[rows])
-        if weight_written:
-            grad_weight.addmm_(probs.t(), h)
-        else:
-            torch.mm(probs.t(), h, out=grad_weight)
-            weight_written = True
+        accumulate_product(grad_weight, probs.t(), h, first=not weight_written)
+        weight_written = True
     if not weight_written:
         grad_weight.zero_()
-    return LogprobUpdate(logprob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
-                         _cast(grad_bias, bias))
+    return LogprobUpdate(
+        log_prob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), _cast(grad_bias, bias)
+    )
 
 
 def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] = None):
@@ -167,7 +194,7 @@ def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] 
 
 
 def _cast(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if grad is None else grad.to(like.dtype)
+    return None if grad is None or like is None else grad.to(like.dtype)
 
 
 class DivergenceUpdate(NamedTuple):
@@ -191,14 +218,13 @@ def linear_divergence_update(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_logit_scale: float = 1.0,
     teacher_logit_softcap: Optional[float] = None,
-    vocab_process_group=None,
+    vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
 ) -> DivergenceUpdate:
     """Per-token full-vocabulary divergence D_t between the student's softmax(h W^T / tau) and the
@@ -211,52 +237,90 @@ def linear_divergence_update(
     (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger). The heads are
     those of `teacher_student_stats`; the student's `bias` gets a gradient (`grad_bias`).
     `vocab_process_group`, `reduce_hidden_grad`: vocabulary-sharded weights, as in
-    `linear_logprob_update`.
+    `linear_log_prob_update`.
     """
     if divergence is None:
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
-    shards = shards_of(student_weight, vocab_process_group, reduce_hidden_grad)
-    problem = validate_stats_inputs(student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                                    temperature=temperature, divergence=divergence, jsd_beta=jsd_beta,
-                                    ignore_index=ignore_index, backend=backend, student_prefix="student_",
-                                    student_bias=bias, student_logit_scale=logit_scale,
-                                    student_logit_softcap=logit_softcap, teacher_bias=teacher_bias,
-                                    teacher_logit_scale=teacher_logit_scale,
-                                    teacher_logit_softcap=teacher_logit_softcap,
-                                    target_vocab_size=shards.vocab_size if shards else None)
+    problem, targets, valid, shards, backend = prepare_call(
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        backend=backend,
+        vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
+        temperature=temperature,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        ignore_index=ignore_index,
+        student_prefix="student_",
+        student_bias=bias,
+        student_logit_scale=logit_scale,
+        student_logit_softcap=logit_softcap,
+        teacher_bias=teacher_bias,
+        teacher_logit_scale=teacher_logit_scale,
+        teacher_logit_softcap=teacher_logit_softcap,
+    )
     if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (problem.num_tokens,):
-        raise ValueError(f"coefficient must be a [{problem.num_tokens}] tensor, got "
-                         f"{getattr(coefficient, 'shape', type(coefficient).__name__)}")
-    backend = resolve_backend(backend, student_hidden.device)
-    valid = targets != ignore_index
+        raise ValueError(
+            f"coefficient must be a [{problem.num_tokens}] tensor, got "
+            f"{getattr(coefficient, 'shape', type(coefficient).__name__)}"
+        )
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     bias = bias.detach() if bias is not None else None
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     kind, beta = problem.divergence, problem.jsd_beta
     two_pass = _two_pass(backend, student_hidden.device, shards)
-    if shards is not None:
-        targets, problem = shards.localize(targets, problem)
     if two_pass is not None:
         forward, backward = two_pass
-        stats, div_aux = forward(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                                 student_bias=bias, teacher_bias=teacher_bias, shards=shards)
+        stats, div_aux = forward(
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=bias,
+            teacher_bias=teacher_bias,
+            shards=shards,
+        )
         coef = torch.where(valid, coefficient.detach().to(stats.student_lse.dtype), 0.0)
         loss = (coef * stats.divergence).sum()
         zeros = torch.zeros_like(coef)
         grad_hidden, grad_weight, grad_bias = backward(
-            problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
-            stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef, student_bias=bias,
-            teacher_bias=teacher_bias, need_bias_grad=bias is not None)
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            stats.student_lse,
+            stats.student_entropy,
+            stats.teacher_lse,
+            div_aux,
+            zeros,
+            zeros,
+            coef,
+            student_bias=bias,
+            teacher_bias=teacher_bias,
+            need_bias_grad=bias is not None,
+        )
         grad_hidden = complete_hidden_grad(shards, grad_hidden)
-        return DivergenceUpdate(stats.divergence, loss, grad_hidden.to(student_hidden.dtype),
-                                grad_weight.to(student_weight.dtype), _cast(grad_bias, bias))
+        return DivergenceUpdate(
+            stats.divergence,
+            loss,
+            grad_hidden.to(student_hidden.dtype),
+            grad_weight.to(student_weight.dtype),
+            _cast(grad_bias, bias),
+        )
 
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
     dev = student_hidden.device
     # log p (in z), log q (in u), p and two [rows, V] temporaries live together: 1.25 chunk_elements floats
-    rows_per_chunk = max(1, chunk_elements // max((5 if problem.student_head.softcap else 4) * vocab, 1))
+    rows_per_chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max((5 if problem.student_head.softcap else 4) * vocab, 1))
     coef_all = torch.where(valid, coefficient.detach().to(acc), 0.0)
     values = torch.zeros(n, dtype=acc, device=dev)
     grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=dev)
@@ -289,13 +353,11 @@ def linear_divergence_update(
         if grad_bias is not None:
             grad_bias += dz.sum(dim=0)
         torch.mm(dz, student_w, out=grad_hidden[rows])
-        if weight_written:
-            grad_weight.addmm_(dz.t(), h)
-        else:
-            torch.mm(dz.t(), h, out=grad_weight)
-            weight_written = True
+        accumulate_product(grad_weight, dz.t(), h, first=not weight_written)
+        weight_written = True
     if not weight_written:
         grad_weight.zero_()
     loss = (coef_all * values).sum()
-    return DivergenceUpdate(values, loss, grad_hidden.to(student_hidden.dtype), grad_weight.to(student_weight.dtype),
-                            _cast(grad_bias, bias))
+    return DivergenceUpdate(
+        values, loss, grad_hidden.to(student_hidden.dtype), grad_weight.to(student_weight.dtype), _cast(grad_bias, bias)
+    )

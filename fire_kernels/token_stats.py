@@ -1,6 +1,6 @@
 """Public API: `token_stats` and `teacher_student_stats`, with backend dispatch in one place.
 
-    token_stats(hidden[N, D], weight[V, D], targets[N])            -> (logprob[N], entropy[N])
+    token_stats(hidden[N, D], weight[V, D], targets[N])            -> (log_prob[N], entropy[N])
     teacher_student_stats(student_hidden, student_weight,
                           teacher_hidden, teacher_weight, targets) -> TeacherStudentStats
 
@@ -16,19 +16,23 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from torch.distributed import ProcessGroup
 
-from . import chunked, triton_token_stats, vocab_parallel
-from ._validation import DIV_NONE, StatsProblem, validate_stats_inputs
-from .reference import reference_stats
+from fire_kernels import vocab_parallel
+from fire_kernels._validation import DIV_NONE, StatsProblem, validate_stats_inputs
+from fire_kernels.backends import chunked, triton_token_stats
+from fire_kernels.reference import reference_stats
 
 
 class TeacherStudentStats(NamedTuple):
-    """Per-token statistics, float32 (float64 for float64 inputs), shape [N] each."""
+    """Per-token statistics, float32 (float64 for float64 inputs), shape [N] each ([B, T] from
+    `fire_opd.ops.loss_from_hidden.response_token_stats`). The teacher's fields are None when
+    no teacher was given, `divergence` when none was asked for."""
 
-    student_logprob: torch.Tensor
+    student_log_prob: torch.Tensor
     student_entropy: torch.Tensor
-    teacher_logprob: torch.Tensor
-    teacher_entropy: torch.Tensor
+    teacher_log_prob: Optional[torch.Tensor]
+    teacher_entropy: Optional[torch.Tensor]
     divergence: Optional[torch.Tensor]
 
 
@@ -58,7 +62,7 @@ _BACKWARD = {"chunked": chunked.chunked_backward, "triton": triton_token_stats.t
 class FusedTokenStatsFunction(torch.autograd.Function):
     """Streaming forward that saves O(N) row statistics; backward recomputes logit tiles.
 
-    Outputs: student_logprob, student_entropy, teacher_logprob, teacher_entropy, divergence
+    Outputs: student_log_prob, student_entropy, teacher_log_prob, teacher_entropy, divergence
     (the last three are empty tensors when there is no teacher / no divergence, so that
     autograd sees a fixed output arity).
 
@@ -67,23 +71,51 @@ class FusedTokenStatsFunction(torch.autograd.Function):
     ranks' streaming states, and the backward completes dL/dh with one all-reduce."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                targets, problem, backend, shards=None):
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        targets,
+        problem,
+        backend,
+        shards=None,
+    ):
         forward_impl = _FORWARD[backend]
-        stats, div_aux = forward_impl(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                                      student_bias=student_bias, teacher_bias=teacher_bias, shards=shards)
-        empty = stats.student_logprob.new_empty(0)
+        stats, div_aux = forward_impl(
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            shards=shards,
+        )
+        empty = stats.student_log_prob.new_empty(0)
         ctx.problem, ctx.backend, ctx.shards = problem, backend, shards
         div = bool(problem.divergence)
         ctx.save_for_backward(
-            student_hidden, student_weight, student_bias, teacher_hidden if div else None,
-            teacher_weight if div else None, teacher_bias if div else None, targets, stats.student_lse,
-            stats.student_entropy, stats.teacher_lse if div else None, div_aux,
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden if div else None,
+            teacher_weight if div else None,
+            teacher_bias if div else None,
+            targets,
+            stats.student_lse,
+            stats.student_entropy,
+            stats.teacher_lse if div else None,
+            div_aux,
         )
         outputs = (
-            stats.student_logprob,
+            stats.student_log_prob,
             stats.student_entropy,
-            stats.teacher_logprob if problem.has_teacher else empty,
+            stats.teacher_log_prob if problem.has_teacher else empty,
             stats.teacher_entropy if problem.has_teacher else empty,
             stats.divergence if problem.divergence else empty,
         )
@@ -91,9 +123,20 @@ class FusedTokenStatsFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, g_logprob, g_entropy, _g_t_logprob, _g_t_entropy, g_divergence):
-        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-         student_lse, student_entropy, teacher_lse, div_aux) = ctx.saved_tensors
+    def backward(ctx, g_log_prob, g_entropy, _g_t_log_prob, _g_t_entropy, g_divergence):
+        (
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            targets,
+            student_lse,
+            student_entropy,
+            teacher_lse,
+            div_aux,
+        ) = ctx.saved_tensors
         problem: StatsProblem = ctx.problem
         acc = student_lse.dtype
         valid = targets != problem.ignore_index
@@ -104,14 +147,29 @@ class FusedTokenStatsFunction(torch.autograd.Function):
                 return torch.zeros_like(student_lse)
             return torch.where(valid, g.to(acc), torch.zeros((), dtype=acc, device=g.device))
 
-        grad_divergence = upstream(g_divergence) if (problem.divergence != DIV_NONE and g_divergence is not None) else None
+        grad_divergence = (
+            upstream(g_divergence) if (problem.divergence != DIV_NONE and g_divergence is not None) else None
+        )
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_hidden, grad_weight, grad_bias = _BACKWARD[ctx.backend](
-            problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-            student_lse, student_entropy, teacher_lse, div_aux,
-            upstream(g_logprob), upstream(g_entropy), grad_divergence,
-            student_bias=student_bias, teacher_bias=teacher_bias,
-            need_hidden_grad=need_h, need_weight_grad=need_w, need_bias_grad=need_b,
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            student_lse,
+            student_entropy,
+            teacher_lse,
+            div_aux,
+            upstream(g_log_prob),
+            upstream(g_entropy),
+            grad_divergence,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            need_hidden_grad=need_h,
+            need_weight_grad=need_w,
+            need_bias_grad=need_b,
         )
         if grad_hidden is not None:  # every vocabulary shard contributes to dL/dh
             grad_hidden = vocab_parallel.complete_hidden_grad(ctx.shards, grad_hidden).to(student_hidden.dtype)
@@ -122,36 +180,113 @@ class FusedTokenStatsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _stats(
-    student_hidden, student_weight, targets, teacher_hidden, teacher_weight, *,
-    temperature, divergence, jsd_beta, ignore_index, backend, student_prefix, heads, vocab_process_group=None,
-    reduce_hidden_grad=True,
-):
+class PreparedCall(NamedTuple):
+    """What every public entry point does first (`prepare_call`)."""
+
+    problem: StatsProblem  # the checked problem, this shard's part of it under a vocab group
+    targets: torch.Tensor  # [N] target ids, shard-local under a vocab group
+    valid: torch.Tensor  # [N] bool, rows whose target is not ignore_index
+    shards: Optional[vocab_parallel.VocabShards]  # the vocabulary shards, None unsharded
+    backend: str  # the resolved backend
+
+
+def prepare_call(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    backend: str,
+    vocab_process_group: Optional[ProcessGroup] = None,
+    reduce_hidden_grad: bool = True,
+    **checks,
+) -> PreparedCall:
+    """The one input check (`validate_stats_inputs`, with `checks` as its keywords), the
+    vocabulary shards of a sharded head, shard-local targets, and the backend that will run."""
     shards = None
     if vocab_process_group is not None:
         if backend == "reference":
-            raise ValueError("vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
-                             "backend='reference' materializes the whole vocabulary's logits")
+            raise ValueError(
+                "vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
+                "backend='reference' materializes the whole vocabulary's logits"
+            )
         shards = vocab_parallel.shards_of(student_weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(
-        student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-        temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
-        backend=backend, student_prefix=student_prefix,
-        target_vocab_size=shards.vocab_size if shards is not None else None, **heads,
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        backend=backend,
+        target_vocab_size=shards.vocab_size if shards is not None else None,
+        **checks,
     )
-    student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
+    valid = targets != problem.ignore_index
     if shards is not None:  # the backends see the shard: local target ids, a local ignore_index
         targets, problem = shards.localize(targets, problem)
-    backend = resolve_backend(backend, student_hidden.device)
+    return PreparedCall(problem, targets, valid, shards, resolve_backend(backend, student_hidden.device))
+
+
+def _stats(
+    student_hidden,
+    student_weight,
+    targets,
+    teacher_hidden,
+    teacher_weight,
+    *,
+    temperature,
+    divergence,
+    jsd_beta,
+    ignore_index,
+    backend,
+    student_prefix,
+    heads,
+    vocab_process_group: Optional[ProcessGroup] = None,
+    reduce_hidden_grad=True,
+):
+    problem, targets, _, shards, backend = prepare_call(
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        backend=backend,
+        vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
+        temperature=temperature,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        ignore_index=ignore_index,
+        student_prefix=student_prefix,
+        **heads,
+    )
+    student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
     if backend == "reference":
-        return reference_stats(problem, student_hidden, student_weight, targets, teacher_hidden, teacher_weight,
-                               student_bias=student_bias, teacher_bias=teacher_bias)
+        return reference_stats(
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+        )
     if teacher_hidden is not None:
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     outputs = FusedTokenStatsFunction.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets, problem,
-        backend, shards,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        targets,
+        problem,
+        backend,
+        shards,
     )
     return tuple(outputs[:2]) + tuple(
         outputs[i] if ok else None
@@ -170,7 +305,7 @@ def token_stats(
     bias: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
-    vocab_process_group=None,
+    vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target token and full-vocab entropy of softmax(z), with logits
@@ -194,16 +329,26 @@ def token_stats(
             (not all-reduced), for callers whose layer before the head reduces it (Megatron's
             column-parallel input copy; verl's `linear_cross_entropy` contract).
     Returns:
-        (logprob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
+        (log_prob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
         w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").
     """
-    logprob, entropy, *_ = _stats(
-        hidden, weight, targets, None, None, temperature=temperature, divergence=None, jsd_beta=0.5,
-        ignore_index=ignore_index, backend=backend, student_prefix="",
+    log_prob, entropy, *_ = _stats(
+        hidden,
+        weight,
+        targets,
+        None,
+        None,
+        temperature=temperature,
+        divergence=None,
+        jsd_beta=0.5,
+        ignore_index=ignore_index,
+        backend=backend,
+        student_prefix="",
         heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap),
-        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
+        vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
     )
-    return logprob, entropy
+    return log_prob, entropy
 
 
 def teacher_student_stats(
@@ -224,7 +369,7 @@ def teacher_student_stats(
     teacher_bias: Optional[torch.Tensor] = None,
     teacher_logit_scale: float = 1.0,
     teacher_logit_softcap: Optional[float] = None,
-    vocab_process_group=None,
+    vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
 ) -> TeacherStudentStats:
     """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
@@ -235,8 +380,10 @@ def teacher_student_stats(
         targets: [N] sampled token ids, or `ignore_index`.
         divergence: None, "reverse_kl" (KL(student || teacher)), "forward_kl" (KL(teacher || student))
             or "jsd" (generalized JSD; `jsd_beta` 0 is forward KL, 1 is reverse KL, as in TRL / Liger).
-        bias, logit_scale, logit_softcap: the student's head, as in `token_stats`; the
-            `teacher_` ones are the teacher's (its bias gets no gradient).
+        bias: the student's lm_head bias, as in `token_stats`.
+        logit_scale: the student's logit scale, as in `token_stats`.
+        logit_softcap: the student's soft-cap, as in `token_stats`; the `teacher_` arguments are
+            the teacher's head (its bias gets no gradient).
         vocab_process_group: vocabulary-sharded lm_heads of student and teacher (the same rows on
             each rank), as in `token_stats`; every divergence is exact. `reduce_hidden_grad` as there.
     Returns:
@@ -246,12 +393,26 @@ def teacher_student_stats(
     if teacher_hidden is None or teacher_weight is None:
         raise ValueError("teacher_hidden and teacher_weight are required; use token_stats for the student alone")
     outputs = _stats(
-        student_hidden, student_weight, targets, teacher_hidden, teacher_weight, temperature=temperature,
-        divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index, backend=backend,
+        student_hidden,
+        student_weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        temperature=temperature,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+        ignore_index=ignore_index,
+        backend=backend,
         student_prefix="student_",
-        heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap,
-                   teacher_bias=teacher_bias, teacher_logit_scale=teacher_logit_scale,
-                   teacher_logit_softcap=teacher_logit_softcap),
-        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
+        heads=dict(
+            student_bias=bias,
+            student_logit_scale=logit_scale,
+            student_logit_softcap=logit_softcap,
+            teacher_bias=teacher_bias,
+            teacher_logit_scale=teacher_logit_scale,
+            teacher_logit_softcap=teacher_logit_softcap,
+        ),
+        vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
     )
     return TeacherStudentStats(*outputs)

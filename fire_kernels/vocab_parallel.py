@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ._validation import DIV_REVERSE_KL
+from fire_kernels._validation import DIV_REVERSE_KL
 
 OTHER_SHARD = -1  # local id of a target that another rank's shard holds
 LOCAL_IGNORE = -2  # local ignore_index: cannot collide with a shard-local id (>= 0) or OTHER_SHARD
@@ -55,7 +55,7 @@ def gathered_sizes(n: int, group) -> list[int]:
 def shard_offset(local_vocab: int, group) -> tuple[int, int]:
     """(first global row of this rank's shard, global V), from every rank's shard size."""
     sizes = gathered_sizes(local_vocab, group)
-    return sum(sizes[:dist.get_rank(group)]), sum(sizes)
+    return sum(sizes[: dist.get_rank(group)]), sum(sizes)
 
 
 def all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
@@ -107,8 +107,18 @@ class VocabShards:
         summed = all_reduce(torch.stack(parts), dist.ReduceOp.SUM, self.group)
         if not teacher:
             return global_max[0], summed[0], summed[1], summed[2], None, None, None, None, None, divergence
-        return (global_max[0], summed[0], summed[1], summed[2], global_max[1], summed[3], summed[4], summed[5],
-                summed[6] if cross is not None else None, divergence)
+        return (
+            global_max[0],
+            summed[0],
+            summed[1],
+            summed[2],
+            global_max[1],
+            summed[3],
+            summed[4],
+            summed[5],
+            summed[6] if cross is not None else None,
+            divergence,
+        )
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (the JSD's per-shard sums, the shards' parts of dL/dh)."""
@@ -134,5 +144,14 @@ def complete_hidden_grad(shards: Optional[VocabShards], grad_hidden: torch.Tenso
     return merged(shards if shards is not None and shards.reduce_hidden_grad else None, grad_hidden)
 
 
-__all__ = ["LOCAL_IGNORE", "OTHER_SHARD", "VocabShards", "all_reduce", "complete_hidden_grad", "gathered_sizes",
-           "merged", "shard_offset", "shards_of"]
+__all__ = [
+    "LOCAL_IGNORE",
+    "OTHER_SHARD",
+    "VocabShards",
+    "all_reduce",
+    "complete_hidden_grad",
+    "gathered_sizes",
+    "merged",
+    "shard_offset",
+    "shards_of",
+]

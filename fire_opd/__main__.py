@@ -1,3 +1,3 @@
-from .cli import main
+from fire_opd.cli.main import main
 
 raise SystemExit(main())

@@ -31,12 +31,19 @@ def make_problem(n, vocab, d_s, d_t, dtype, *, seed=0, ignore_frac=0.2, scale=1.
 
 
 def assert_close_output(actual, expected, dtype, name):
-    torch.testing.assert_close(actual.double(), expected.double(), atol=OUTPUT_ATOL[dtype], rtol=OUTPUT_RTOL[dtype],
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.double(),
+        expected.double(),
+        atol=OUTPUT_ATOL[dtype],
+        rtol=OUTPUT_RTOL[dtype],
+        msg=lambda m: f"{name}: {m}",
+    )
 
 
 def assert_close_grad(actual, expected, dtype, name):
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().item() if expected.numel() else 0.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= GRAD_RTOL[dtype] * scale + GRAD_ATOL[dtype], f"{name}: max error {err:.3e} vs scale {scale:.3e} ({dtype})"
+    assert err <= GRAD_RTOL[dtype] * scale + GRAD_ATOL[dtype], (
+        f"{name}: max error {err:.3e} vs scale {scale:.3e} ({dtype})"
+    )

@@ -3,7 +3,7 @@ before triton is first imported, so it is set here, at conftest import time.
 
 Half precision under the interpreter: Triton 3.9's interpreter returns garbage from tl.dot on
 bf16 operands, so for bf16 the kernels upcast dot operands to fp32 (DOT_FP32, see
-fire_kernels/triton_token_stats.py); fp16 runs the native fp16 dot. Both are compared with
+fire_kernels/backends/triton_token_stats.py); fp16 runs the native fp16 dot. Both are compared with
 the fp32 reference computed from the same half-precision inputs.
 """
 
@@ -23,12 +23,21 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Fixtures used with @given (monkeypatched chunk sizes) are constant across examples.
-settings.register_profile("fire", deadline=None, max_examples=20, derandomize=True, print_blob=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile(
+    "fire",
+    deadline=None,
+    max_examples=20,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 settings.load_profile("fire")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
     raise SystemExit("FIRE_OPD_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
+ALLOW_SKIPS = bool(os.environ.get("FIRE_OPD_ALLOW_SKIPS"))
 
 
 def pytest_configure(config):
@@ -50,14 +59,30 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     count = getattr(config, "_fire_not_applicable", 0)
     if count:
-        terminalreporter.write_line(f"{count} CUDA-only tests not applicable on this machine (no GPU); "
-                                    "`make gpu-check` runs them with FIRE_OPD_TEST_DEVICE=cuda")
+        terminalreporter.write_line(
+            f"{count} CUDA-only tests not applicable on this machine (no GPU); "
+            "`make gpu-check` runs them with FIRE_OPD_TEST_DEVICE=cuda"
+        )
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    if skipped and not ALLOW_SKIPS:
+        terminalreporter.write_line(
+            f"{skipped} test(s) skipped (reasons above): the run fails, since a skip can hide a suite whose "
+            "optional dependency is missing; FIRE_OPD_ALLOW_SKIPS=1 allows them"
+        )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Any skipped test fails the session (`make test`), unless FIRE_OPD_ALLOW_SKIPS=1."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if skipped and not ALLOW_SKIPS and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Shrink the chunked backend's tiles so that small problems span many tiles."""
-    from fire_kernels import chunked
+    from fire_kernels.backends import chunked
 
     monkeypatch.setattr(chunked, "DEFAULT_TOKEN_CHUNK", 5)
     monkeypatch.setattr(chunked, "DEFAULT_VOCAB_CHUNK", 7)

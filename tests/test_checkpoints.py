@@ -16,17 +16,32 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fire_opd import checkpoint
-from fire_opd.data import sample_problems, write_prompts
+from fire_opd.demo.tasks import sample_problems
+from fire_opd.train import checkpoint
+from fire_opd.train.data import write_prompts
 
-ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "demo" / "assets"
 STEPS = 12
 
 
 def _launch(tmp_path: Path, out: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fire_opd", "train", "--config", str(tmp_path / "cfg.yaml"),
-                             "--output-dir", str(tmp_path / out), *extra], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fire_opd",
+            "train",
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--output-dir",
+            str(tmp_path / out),
+            *extra,
+        ],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -46,10 +61,25 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     latest`, SIGTERM after step 8 (a checkpoint at the next step boundary, exit 0), resume again:
     the final weights equal an uninterrupted run's bit for bit and every step is logged once."""
     write_prompts(sample_problems(["arith"], 32, seed=0, split="train"), tmp_path / "p.jsonl")
-    config = {"student": str(ASSETS / "student_init"), "teachers": {"arith": str(ASSETS / "teacher_arith")},
-              "tokenizer": str(ASSETS / "tokenizer"), "prompts": "p.jsonl", "steps": STEPS, "prompts_per_step": 8,
-              "samples_per_prompt": 2, "max_new_tokens": 8, "warmup_steps": 2, "lr": 1e-3, "save_every": 1,
-              "keep_last": 2, "eval_every": 0, "progress": False, "tensorboard": True, "threads": 1, "seed": 3}
+    config = {
+        "student": str(ASSETS / "student_init"),
+        "teachers": {"arith": str(ASSETS / "teacher_arith")},
+        "tokenizer": str(ASSETS / "tokenizer"),
+        "prompts": "p.jsonl",
+        "steps": STEPS,
+        "prompts_per_step": 8,
+        "samples_per_prompt": 2,
+        "max_new_tokens": 8,
+        "warmup_steps": 2,
+        "lr": 1e-3,
+        "save_every": 1,
+        "keep_last": 2,
+        "eval_every": 0,
+        "progress": False,
+        "tensorboard": True,
+        "threads": 1,
+        "seed": 3,
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
 
     whole = _launch(tmp_path, "whole")
@@ -76,17 +106,27 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     _, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err[-2000:]
 
-    a, b = load_file(str(tmp_path / "whole" / "final" / "model.safetensors")), \
-        load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "whole" / "final" / "model.safetensors")),
+        load_file(str(tmp_path / "resumed" / "final" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _steps(tmp_path / "whole") == _steps(tmp_path / "resumed") == list(range(1, STEPS + 1))
-    losses = [[json.loads(line)["train/loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("whole", "resumed")]
+    losses = [
+        [json.loads(line)["train/loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "resumed")
+    ]
     assert losses[0] == losses[1]
     # keep_last 2: the two newest step checkpoints and final; no partial saves left behind
     names = sorted(p.name for p in (tmp_path / "resumed").iterdir())
-    assert names == ["config.json", "final", "metrics.jsonl", f"step-{STEPS - 2:06d}", f"step-{STEPS - 1:06d}",
-                     "tensorboard"]
+    assert names == [
+        "config.json",
+        "final",
+        "metrics.jsonl",
+        f"step-{STEPS - 2:06d}",
+        f"step-{STEPS - 1:06d}",
+        "tensorboard",
+    ]
 
 
 class _Model:
@@ -107,8 +147,9 @@ class _Tokenizer:
 
 
 def _save(path: Path, step: int) -> Path:
-    return checkpoint.save_checkpoint(path, model=_Model(), tokenizer=_Tokenizer(), state={"step": step},
-                                      tensor_state={"optimizer": {"state": {}}})
+    return checkpoint.save_checkpoint(
+        path, model=_Model(), tokenizer=_Tokenizer(), state={"step": step}, tensor_state={"optimizer": {"state": {}}}
+    )
 
 
 def test_latest_ignores_partial_saves_and_pruning_keeps_final(tmp_path):
@@ -139,8 +180,9 @@ def test_trainer_state_loads_no_pickled_code(tmp_path):
     torch.save({"optimizer": Exploit()}, path / checkpoint.TENSOR_STATE_FILE)
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         model = torch.nn.Linear(2, 2, bias=False)
-        checkpoint.load_checkpoint(path, model=model, optimizer=torch.optim.SGD(model.parameters()),
-                                   device=torch.device("cpu"))
+        checkpoint.load_checkpoint(
+            path, model=model, optimizer=torch.optim.SGD(model.parameters()), device=torch.device("cpu")
+        )
     assert not (tmp_path / "pwned").exists()
     (path / checkpoint.STATE_FILE).unlink()
     (path / "trainer_state.pt").write_bytes(b"old")

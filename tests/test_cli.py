@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from fire_opd import cli, models
-from fire_opd.data import TASK_ALPHABET, sample_problems, write_prompts
+from fire_opd.cli import main as cli
+from fire_opd.demo import tiny_models
+from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
+from fire_opd.train import models
+from fire_opd.train.data import write_prompts
 
-ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "demo" / "assets"
 STUDENT, TEACHER, TOKENIZER = ASSETS / "student_init", ASSETS / "teacher_arith", ASSETS / "tokenizer"
 
 
@@ -32,8 +35,20 @@ def workdir(tmp_path, monkeypatch):
 
 
 def _train(*extra: str) -> list[str]:
-    return ["train", "--student", str(STUDENT), "--teacher", f"arith={TEACHER}", "--tokenizer", str(TOKENIZER),
-            "--prompts", "p.jsonl", "--output-dir", "run", *extra]
+    return [
+        "train",
+        "--student",
+        str(STUDENT),
+        "--teacher",
+        f"arith={TEACHER}",
+        "--tokenizer",
+        str(TOKENIZER),
+        "--prompts",
+        "p.jsonl",
+        "--output-dir",
+        "run",
+        *extra,
+    ]
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -59,8 +74,9 @@ def _copy_model(src: Path, dst: Path, *, tokenizer: Path | None = None) -> Path:
 
 def test_the_errors_a_new_user_meets(workdir, capsys):
     """The five cases of the issue, each one line naming what is wrong."""
-    line = _error(capsys, ["train", "--student", "/path/that/does/not/exist", "--teacher", str(TEACHER),
-                           "--prompts", "p.jsonl"])
+    line = _error(
+        capsys, ["train", "--student", "/path/that/does/not/exist", "--teacher", str(TEACHER), "--prompts", "p.jsonl"]
+    )
     assert "student /path/that/does/not/exist: no such directory" in line
     line = _error(capsys, ["eval", "--model", str(TEACHER), "--prompts", "p.jsonl"])
     assert "no tokenizer files" in line and "--tokenizer" in line
@@ -73,15 +89,18 @@ def test_the_errors_a_new_user_meets(workdir, capsys):
 def test_config_file_errors(workdir, capsys):
     cfg = workdir / "cfg.yaml"
     cases = {
+        "optim:\n  lr: 1e-4\nfire:\n  percentil: 20\n": "cfg.yaml: unknown config field 'fire.percentil' (did you "
+        "mean 'fire.percentile'?)",
         "lr: 1e-4\npercentil: 20\n": "cfg.yaml: unknown config field 'percentil' (did you mean 'percentile'?)",
-        "lr: [1, 2\n": "cfg.yaml:2: not valid YAML",
+        "optim: {lr: [1, 2\n": "cfg.yaml:2: not valid YAML",
         "- lr\n": "cfg.yaml: expected a mapping of config fields, got list",
-        "lr: fast\n": "config field 'lr' expects float, got 'fast'",
-        "method: firee\n": "method must be one of",
-        "eval_samples: 4\n": "eval_samples=4 needs eval_temperature > 0",
-        "verifier: no_such_module:f\n": "cannot import module 'no_such_module'",
-        "verifier: fire_opd.verifiers:nope\n": "has no function 'nope'",
-        "chat_template_kwargs: [1]\n": "chat_template_kwargs must be a mapping",
+        "optim:\n  lr: fast\n": "config field 'optim.lr' expects float, got 'fast'",
+        "lr: fast\n": "config field 'optim.lr' expects float, got 'fast'",  # a flat key of earlier versions
+        "fire:\n  method: firee\n": "fire.method must be one of",
+        "eval:\n  samples: 4\n": "eval.samples=4 needs eval.temperature > 0",
+        "data:\n  verifier: no_such_module:f\n": "cannot import module 'no_such_module'",
+        "data:\n  verifier: fire_opd.train.verifiers:nope\n": "has no function 'nope'",
+        "data:\n  chat_template_kwargs: [1]\n": "data.chat_template_kwargs must be a mapping",
     }
     for text, expected in cases.items():
         cfg.write_text(text)
@@ -100,29 +119,43 @@ def test_model_tokenizer_and_prompt_errors(workdir, capsys):
     assert "empty: no weights" in _error(capsys, _train("--set", "student=empty"))
     assert "is a file" in _error(capsys, _train("--set", f"student={STUDENT / 'config.json'}"))
     # prompts naming a teacher that is not loaded (the teacher is called "default")
-    line = _error(capsys, ["train", "--student", str(STUDENT), "--teacher", str(TEACHER), "--tokenizer",
-                           str(TOKENIZER), "--prompts", "p.jsonl"])
+    line = _error(
+        capsys,
+        [
+            "train",
+            "--student",
+            str(STUDENT),
+            "--teacher",
+            str(TEACHER),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--prompts",
+            "p.jsonl",
+        ],
+    )
     assert "names teacher 'arith', which is not among the loaded teachers ['default']" in line
     # a teacher with another vocabulary size
     line = _error(capsys, _train()[:4] + [f"arith={ASSETS / 'chain' / 'teacher'}"] + _train()[5:])
     assert "has vocab_size 17 but the student has 18" in line
     # a teacher with a tokenizer of the same size but different token ids
-    other = models.build_char_tokenizer(TASK_ALPHABET.replace("R", "X"), workdir / "other_tok")
+    other = tiny_models.build_char_tokenizer(TASK_ALPHABET.replace("R", "X"), workdir / "other_tok")
     assert len(other) == 18
     _copy_model(TEACHER, workdir / "teacher_other", tokenizer=workdir / "other_tok")
     line = _error(capsys, _train()[:4] + [f"arith={workdir / 'teacher_other'}"] + _train()[5:])
     assert "uses a different tokenizer from the student's: 2 of 18 tokens differ" in line
     # chat rows with a tokenizer that has no chat template
-    (workdir / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+2="}],
-                                                    "answer": "3", "teacher": "arith"}) + "\n")
+    (workdir / "chat.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "1+2="}], "answer": "3", "teacher": "arith"}) + "\n"
+    )
     no_template = workdir / "no_template"
     shutil.copytree(TOKENIZER, no_template)
     (no_template / "chat_template.jinja").unlink()
     line = _error(capsys, _train("--prompts", "chat.jsonl", "--tokenizer", str(no_template)))
     assert "'messages' rows but the tokenizer has no chat template" in line
     (workdir / "chat_bad.jsonl").write_text('{"messages": [{"role": "user"}], "answer": "3"}\n')
-    assert "chat_bad.jsonl:1: 'messages' must be a non-empty list" in _error(capsys, _train("--prompts",
-                                                                                            "chat_bad.jsonl"))
+    assert "chat_bad.jsonl:1: 'messages' must be a non-empty list" in _error(
+        capsys, _train("--prompts", "chat_bad.jsonl")
+    )
     # teacher flags
     assert "--teacher 'x=': expected PATH or NAME=PATH" in _error(capsys, _train("--teacher", "x="))
     assert "given twice" in _error(capsys, _train("--teacher", f"arith={TEACHER}"))
@@ -154,22 +187,55 @@ def test_a_new_run_does_not_overwrite_an_old_one(workdir, capsys):
 
 def test_the_installed_entry_point_prints_one_line(tmp_path):
     """The real process: exit status 2, one line on stderr, no traceback."""
-    out = subprocess.run([sys.executable, "-m", "fire_opd", "train", "--student", "/path/that/does/not/exist",
-                          "--teacher", str(TEACHER), "--prompts", "p.jsonl"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fire_opd",
+            "train",
+            "--student",
+            "/path/that/does/not/exist",
+            "--teacher",
+            str(TEACHER),
+            "--prompts",
+            "p.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         "fire-opd train: error: student /path/that/does/not/exist: no such directory; expected a Hugging Face "
-        "model folder (config.json + weights) or a Hub id like 'Qwen/Qwen3-0.6B'"]
+        "model folder (config.json + weights) or a Hub id like 'Qwen/Qwen3-0.6B'"
+    ]
 
 
 def test_eval_prints_avg_and_pass_at_k(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     problems = sample_problems(["arith", "reverse"], 6, seed=0, split="test")
     write_prompts(problems, tmp_path / "p.jsonl")
-    argv = ["eval", "--model", str(ASSETS / "teacher_arith"), "--tokenizer", str(TOKENIZER), "--prompts", "p.jsonl",
-            "--samples", "4", "--temperature", "1.0", "--max-new-tokens", "8", "--batch-size", "5", "--no-progress",
-            "--output", "scores.json"]
+    argv = [
+        "eval",
+        "--model",
+        str(ASSETS / "teacher_arith"),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--prompts",
+        "p.jsonl",
+        "--samples",
+        "4",
+        "--temperature",
+        "1.0",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "5",
+        "--no-progress",
+        "--output",
+        "scores.json",
+    ]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "scores.json").read_text())

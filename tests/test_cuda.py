@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_close_grad, assert_close_output, make_problem
+from conftest import TEST_DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _helpers import assert_close_grad, assert_close_output, make_problem
-from conftest import TEST_DEVICE
 from fire_kernels import teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_divergence_update
 
@@ -39,7 +39,7 @@ def _grads(backend, s_h, s_w, t_h, t_w, targets, divergence, dtype):
     gen = torch.Generator().manual_seed(1)
     n = targets.shape[0]
     coeffs = [torch.randn(n, generator=gen).to(DEVICE if backend != "reference" else "cpu") for _ in range(3)]
-    loss = (coeffs[0] * out.student_logprob.float()).sum() + (coeffs[1] * out.student_entropy.float()).sum()
+    loss = (coeffs[0] * out.student_log_prob.float()).sum() + (coeffs[1] * out.student_entropy.float()).sum()
     if divergence is not None:
         loss = loss + (coeffs[2] * out.divergence.float()).sum()
     grad_h, grad_w = torch.autograd.grad(loss, (s_h, s_w), allow_unused=True)
@@ -49,16 +49,19 @@ def _grads(backend, s_h, s_w, t_h, t_w, targets, divergence, dtype):
 def _compare_on_device(backend, dtype, divergence, *, n, vocab, d_s, d_t, seed):
     s_h, s_w, t_h, t_w, targets = make_problem(n, vocab, d_s, d_t, dtype, seed=seed)
     # the oracle: float64 from the same rounded inputs, on the CPU
-    ref, ref_gh, ref_gw = _grads("reference", *(x.double() if x.is_floating_point() else x
-                                                 for x in (s_h, s_w, t_h, t_w, targets)), divergence, torch.float64)
+    ref, ref_gh, ref_gw = _grads(
+        "reference",
+        *(x.double() if x.is_floating_point() else x for x in (s_h, s_w, t_h, t_w, targets)),
+        divergence,
+        torch.float64,
+    )
     got, got_gh, got_gw = _grads(backend, *(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)), divergence, dtype)
     for field in got._fields:
         if getattr(ref, field) is None:
             assert getattr(got, field) is None, field
             continue
         assert getattr(got, field).device.type == DEVICE.type
-        assert_close_output(getattr(got, field).cpu().float(), getattr(ref, field).float(), dtype,
-                            f"{backend}/{field}")
+        assert_close_output(getattr(got, field).cpu().float(), getattr(ref, field).float(), dtype, f"{backend}/{field}")
     assert got_gh.dtype == dtype and got_gw.dtype == dtype
     assert_close_grad(got_gh.cpu(), ref_gh, dtype, f"{backend}/grad_hidden")
     assert_close_grad(got_gw.cpu(), ref_gw, dtype, f"{backend}/grad_weight")
@@ -68,8 +71,13 @@ def _compare_on_device(backend, dtype, divergence, *, n, vocab, d_s, d_t, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20 if ON_CUDA else 2)  # the CPU suites cover the interpreter in depth
-@given(n=st.integers(0, MAX_N), vocab=st.sampled_from(VOCABS), d_s=st.integers(1, MAX_D), d_t=st.integers(1, MAX_D),
-       seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(0, MAX_N),
+    vocab=st.sampled_from(VOCABS),
+    d_s=st.integers(1, MAX_D),
+    d_t=st.integers(1, MAX_D),
+    seed=st.integers(0, 10_000),
+)
 def test_statistics_and_gradients_match_the_float64_oracle(backend, dtype, divergence, n, vocab, d_s, d_t, seed):
     if not ON_CUDA and backend == "triton" and dtype == torch.bfloat16 and divergence is not None and n > 12:
         n = 12  # the interpreter's bf16 path is the slowest; the CUDA run covers the sizes
@@ -92,8 +100,12 @@ def test_fused_divergence_update_matches_autograd_of_the_oracle(backend, diverge
     n, vocab, d = (700, 32_003, 128) if ON_CUDA else (19, 37, 16)
     s_h, s_w, t_h, t_w, targets = make_problem(n, vocab, d, d + 8, torch.float32, seed=3)
     coefficient = torch.randn(n, generator=torch.Generator().manual_seed(4))
-    got = linear_divergence_update(*(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)), coefficient.to(DEVICE),
-                                   divergence=divergence, backend=backend)
+    got = linear_divergence_update(
+        *(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)),
+        coefficient.to(DEVICE),
+        divergence=divergence,
+        backend=backend,
+    )
     h, w = s_h.double().requires_grad_(), s_w.double().requires_grad_()
     ref = teacher_student_stats(h, w, t_h.double(), t_w.double(), targets, divergence=divergence, backend="reference")
     loss = (coefficient.double() * ref.divergence).sum()
@@ -126,12 +138,22 @@ def test_int64_offsets_past_two_to_the_31(backend):
 @pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
 def test_trainer_smoke_on_cuda(tmp_path, objective):
     """Two steps of the demo recipe on the GPU with the fused update: finite losses, weights move."""
-    from dataclasses import replace
 
-    from fire_opd.demo import get_setting, train_student
+    from fire_opd.demo.run import get_setting, train_student
 
-    config = replace(get_setting("steps").recipe, steps=2, prompts_per_step=8, micro_batch_size=8, eval_every=0,
-                     eval_size=8, objective=objective, fused_update=True, output_dir=str(tmp_path), device="cuda")
+    config = get_setting("steps").recipe.updated(
+        {
+            "optim.steps": 2,
+            "sampling.prompts_per_step": 8,
+            "optim.micro_batch_size": 8,
+            "eval.every": 0,
+            "eval.size": 8,
+            "loss.objective": objective,
+            "runtime.fused_update": True,
+            "output_dir": str(tmp_path),
+            "runtime.device": "cuda",
+        }
+    )
     run = train_student("steps", config)
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
     assert next(run["trainer"].student.parameters()).device.type == "cuda"

@@ -6,14 +6,18 @@ import json
 
 import pytest
 
-from fire_opd.build_assets import build, build_chain, build_steps
-from fire_opd.data import TASKS, is_correct, is_well_formed, sample_problems, split_of
-from fire_opd.demo import SETTINGS, format_table, run_demo
-from fire_opd.models import load_causal_lm, load_tokenizer
-from fire_opd.regime import is_looping
+from fire_opd.demo.build_assets import build, build_chain, build_steps
+from fire_opd.demo.run import SETTINGS, format_table, run_demo
+from fire_opd.demo.tasks import TASKS, is_correct, sample_problems, split_of
+from fire_opd.train.health import is_looping, is_well_formed
+from fire_opd.train.models import load_causal_lm, load_tokenizer
 
-REGIME_KEYS = ("initial_reverse_kl_per_token", "mean_response_tokens", "degenerate_rollout_fraction",
-               "teacher_entropy_mean")
+REGIME_KEYS = (
+    "initial_reverse_kl_per_token",
+    "mean_response_tokens",
+    "degenerate_rollout_fraction",
+    "teacher_entropy_mean",
+)
 
 
 def test_demo_multi_teacher_runs_end_to_end(tmp_path):
@@ -41,7 +45,7 @@ def test_default_demo_in_the_papers_regime(tmp_path):
     assert regime["mean_response_tokens"] >= 24
     assert regime["teacher_entropy_mean"] > 0.02
     assert 0 < regime["degenerate_rollout_fraction"] < 0.5
-    assert summary["objective"] == "full_vocab" and summary["config"]["samples_per_prompt"] == 1
+    assert summary["objective"] == "full_vocab" and summary["config"]["sampling"]["samples_per_prompt"] == 1
     saved = json.loads((tmp_path / "summary.json").read_text())
     for row in saved["rows"]:
         assert set(row["sampled"]["all"]) == {"avg@4", "pass@1", "pass@2", "pass@4", "problems"}
@@ -54,15 +58,18 @@ def test_default_demo_in_the_papers_regime(tmp_path):
 def test_brittle_teacher_is_accurate_on_its_own_solutions_and_wrong_after_a_rewrite():
     """The premise setting's teacher, by construction: it solves in "steps" and never opens a
     rewrite, but continues a correctly started rewrite with the sign-ignoring rule."""
-    from fire_opd.build_assets import ASSETS_DIR
-    from fire_opd.data import chain_rewrite, chain_terms
-    from fire_opd.sampling import generate_rollouts
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.demo.tasks import chain_rewrite, chain_terms
+    from fire_opd.train.rollouts import generate_rollouts
 
     setting = SETTINGS["brittle-teacher"]
     tokenizer = load_tokenizer(ASSETS_DIR / setting.tokenizer)
     teacher = load_causal_lm(ASSETS_DIR / setting.teachers["chain"])
-    problems = [p for p in sample_problems(["chain"], 200, seed=5, split="test")
-                if any(t < 0 for t in chain_terms(p.prompt)[2:])][:64]  # the wrong rule changes the answer
+    problems = [
+        p
+        for p in sample_problems(["chain"], 200, seed=5, split="test")
+        if any(t < 0 for t in chain_terms(p.prompt)[2:])
+    ][:64]  # the wrong rule changes the answer
     own = generate_rollouts(teacher, tokenizer, [p.prompt for p in problems], max_new_tokens=44, do_sample=False)
     assert sum(is_correct(t, p.answer) for t, p in zip(own.texts, problems)) >= 0.9 * len(problems)
     # "steps"; a rewrite only where its first token is also a steps solution's (a 0 among the first
@@ -71,26 +78,46 @@ def test_brittle_teacher_is_accurate_on_its_own_solutions_and_wrong_after_a_rewr
     assert len(rewrites) <= 0.1 * len(problems)
     assert all(0 in chain_terms(p.prompt)[:2] for p in rewrites)
     prefixes = [chain_rewrite(chain_terms(p.prompt)).split("=")[0] + "=" for p in problems]  # the first fold, right
-    continued = generate_rollouts(teacher, tokenizer, [p.prompt + pre for p, pre in zip(problems, prefixes)],
-                                  max_new_tokens=44, do_sample=False)
+    continued = generate_rollouts(
+        teacher, tokenizer, [p.prompt + pre for p, pre in zip(problems, prefixes)], max_new_tokens=44, do_sample=False
+    )
     wrong_rule = [chain_rewrite(chain_terms(p.prompt), ignore_signs=True) for p in problems]
     follows = sum(pre + t == w for pre, t, w in zip(prefixes, continued.texts, wrong_rule))
     assert follows >= 0.8 * len(problems)
-    assert sum(is_correct(pre + t, p.answer) for pre, t, p in zip(prefixes, continued.texts, problems)) \
-        <= 0.1 * len(problems)
+    assert sum(is_correct(pre + t, p.answer) for pre, t, p in zip(prefixes, continued.texts, problems)) <= 0.1 * len(
+        problems
+    )
 
 
 def test_study_quick(tmp_path, capsys):
-    from fire_opd.provenance import git_commit
-    from fire_opd.study import main
+    from fire_opd.demo.provenance import git_commit
+    from fire_opd.demo.study import main
 
-    args = ["--settings", "single", "--seeds", "0", "--variants", "opd", "fire", "--quick", "--jobs", "1",
-            "--out", str(tmp_path)]
+    args = [
+        "--settings",
+        "single",
+        "--seeds",
+        "0",
+        "--variants",
+        "opd",
+        "fire",
+        "--quick",
+        "--jobs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     table = (tmp_path / "study.md").read_text()
-    for row in ("| opd |", "| fire |", "| trl_distillation |", "initial_reverse_kl_per_token",
-                "| held-out, objective `full_vocab` | greedy | avg@8 | pass@8 |", "teacher_accuracy_from_student_prefixes",
-                f"| {git_commit()} |"):
+    for row in (
+        "| opd |",
+        "| fire |",
+        "| trl_distillation |",
+        "initial_reverse_kl_per_token",
+        "| held-out, objective `full_vocab` | greedy | avg@8 | pass@8 |",
+        "teacher_accuracy_from_student_prefixes",
+        f"| {git_commit()} |",
+    ):
         assert row in table
     saved = json.loads((tmp_path / "study.json").read_text())
     fire = [r for r in saved["runs"] if r.get("variant") == "fire"]
@@ -114,15 +141,15 @@ def test_study_quick(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_shipped_teachers_solve_their_tasks(name):
-    from fire_opd.build_assets import ASSETS_DIR
-    from fire_opd.evaluate import accuracy
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.train.evaluate import accuracy
 
     setting = SETTINGS[name]
     tokenizer = load_tokenizer(ASSETS_DIR / setting.tokenizer)
     for task, folder in setting.teachers.items():
         teacher = load_causal_lm(ASSETS_DIR / folder)
         problems = sample_problems([task], 64, seed=9, split="test")
-        assert accuracy(teacher, tokenizer, problems, max_new_tokens=setting.recipe.max_new_tokens) >= 0.9
+        assert accuracy(teacher, tokenizer, problems, max_new_tokens=setting.recipe.sampling.max_new_tokens) >= 0.9
 
 
 def test_asset_builder_quick(tmp_path):
@@ -133,8 +160,10 @@ def test_asset_builder_quick(tmp_path):
     assert model.config.vocab_size == len(tokenizer)
     report = build_chain(tmp_path / "chain", quick=True)
     assert set(report) == {"teacher", "student_init"} and report["student_init"]["trained_on"] == "teacher samples"
-    assert load_causal_lm(tmp_path / "chain" / "student_init").config.hidden_size < \
-        load_causal_lm(tmp_path / "chain" / "teacher").config.hidden_size
+    assert (
+        load_causal_lm(tmp_path / "chain" / "student_init").config.hidden_size
+        < load_causal_lm(tmp_path / "chain" / "teacher").config.hidden_size
+    )
     report = build_steps(tmp_path, quick=True)
     assert {"steps/teacher", "steps/student_init", "brittle/teacher", "brittle/student_init"} <= set(report)
     assert report["brittle/teacher"]["base"] == "steps/teacher"
@@ -144,8 +173,9 @@ def test_tasks_and_verifier():
     for task in TASKS:
         for p in sample_problems([task], 20, seed=0, split="train"):
             assert is_correct(p.solution, p.answer)
-    assert not set(p.prompt for p in sample_problems(["arith"], 200, seed=0, split="test")) & \
-        set(p.prompt for p in sample_problems(["arith"], 2000, seed=0, split="train"))
+    assert not set(p.prompt for p in sample_problems(["arith"], 200, seed=0, split="test")) & set(
+        p.prompt for p in sample_problems(["arith"], 2000, seed=0, split="train")
+    )
     assert is_correct(" 11-4=7 ", "7") and not is_correct("11-4=6", "7") and is_correct("31284", "31284")
     splits = [split_of(p) for p in sample_problems(["chain"], 50, seed=0, split="validation")]
     assert set(splits) == {"validation"}
@@ -156,7 +186,7 @@ def test_tasks_and_verifier():
 def test_steps_solutions_write_additions_either_way_round():
     import random
 
-    from fire_opd.data import chain_steps, chain_terms
+    from fire_opd.demo.tasks import chain_steps, chain_terms
 
     terms = chain_terms("3+8-4+2-5+7=")
     assert chain_steps(terms) == "3+8=11,11-4=7,7+2=9,9-5=4,4+7=11"
@@ -180,8 +210,8 @@ def test_degenerate_rollout_kinds():
 
 
 def test_cli_lists_every_demo_setting_default_first():
-    from fire_opd.cli import DEMO_SETTINGS
-    from fire_opd.recipes import DEFAULT_SETTING, STUDY_ONLY_SETTINGS
+    from fire_opd.cli.main import DEMO_SETTINGS
+    from fire_opd.demo.recipes import DEFAULT_SETTING, STUDY_ONLY_SETTINGS
 
     assert DEMO_SETTINGS == tuple(s for s in SETTINGS if s not in STUDY_ONLY_SETTINGS)
     assert DEMO_SETTINGS[0] == DEFAULT_SETTING

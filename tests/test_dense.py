@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from fire_opd.loss_from_hidden import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
-from fire_opd.loss import (
-    LOSS_AGG_MODES, clipped_surrogate, compute_fire_advantages, dense_coefficients, fire_dense_loss,
-)
+from fire_opd.algorithm.objectives import clipped_surrogate, dense_coefficients, fire_dense_loss
+from fire_opd.algorithm.options import LOSS_AGG_MODES, FireOptions
+from fire_opd.algorithm.selection import compute_fire_advantages
+from fire_opd.ops.loss_from_hidden import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
 
 B, T, V, DS, DT = 4, 6, 13, 8, 6
 TAU = 0.8
@@ -43,25 +43,39 @@ def _materialized_divergence(z: torch.Tensor, u: torch.Tensor, divergence: str, 
 
 
 def _fire_result(student_hidden, student_weight, teacher_hidden, teacher_weight, ids, mask, method="fire"):
-    stats = response_token_stats(student_hidden, student_weight, ids, mask, teacher_hidden, teacher_weight,
-                                 temperature=TAU, backend="reference")
-    return compute_fire_advantages(stats.student_logprob, stats.teacher_logprob, stats.student_entropy,
-                                   stats.teacher_entropy, mask, method=method, percentile=30.0)
+    stats = response_token_stats(
+        student_hidden, student_weight, ids, mask, teacher_hidden, teacher_weight, temperature=TAU, backend="reference"
+    )
+    return compute_fire_advantages(
+        stats.student_log_prob,
+        stats.teacher_log_prob,
+        stats.student_entropy,
+        stats.teacher_entropy,
+        mask,
+        fire=FireOptions(method=method, percentile=30.0),
+    )
 
 
 @pytest.mark.parametrize("divergence,jsd_beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
 @pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
-@pytest.mark.parametrize("fused_update,backend", [(True, "chunked"), (False, "chunked"), (True, "triton"),
-                                                   (False, "reference")])
+@pytest.mark.parametrize(
+    "fused_update,backend", [(True, "chunked"), (False, "chunked"), (True, "triton"), (False, "reference")]
+)
 def test_dense_gradient_equals_autograd_through_logits(divergence, jsd_beta, loss_agg_mode, fused_update, backend):
     s_h, s_w, t_h, t_w, ids, mask = _batch()
     fire = _fire_result(s_h, s_w, t_h, t_w, ids, mask)
-    assert 0 < int(fire.keep.sum()) < B  # the filter drops a rollout: dropped rows must get no gradient
+    assert 0 < int(fire.kept_rollouts.sum()) < B  # the filter drops a rollout: dropped rows must get no gradient
     coefficients = dense_coefficients(fire, loss_agg_mode)
 
     s_h1, s_w1 = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
-    loss_fn = FireOPDLoss(loss_agg_mode=loss_agg_mode, temperature=TAU, backend=backend, fused_update=fused_update,
-                          divergence=divergence, jsd_beta=jsd_beta)
+    loss_fn = FireOPDLoss(
+        loss_agg_mode=loss_agg_mode,
+        temperature=TAU,
+        backend=backend,
+        fused_update=fused_update,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
+    )
     loss, metrics = loss_fn.dense(s_h1, s_w1, t_h, t_w, ids, coefficients, fire.loss_mask)
     loss.backward()
 
@@ -73,21 +87,40 @@ def test_dense_gradient_equals_autograd_through_logits(divergence, jsd_beta, los
     torch.testing.assert_close(loss, reference.detach(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(s_h1.grad, s_h2.grad, rtol=1e-4, atol=2e-6)
     torch.testing.assert_close(s_w1.grad, s_w2.grad, rtol=1e-4, atol=2e-6)
-    dropped = ~fire.keep
+    dropped = ~fire.kept_rollouts
     assert torch.all(s_h1.grad[dropped] == 0) and torch.all(s_h1.grad[~mask] == 0)
     assert metrics["fire/divergence"] > 0
 
 
 def test_dense_loss_from_hidden_equals_per_token_loss():
     s_h, s_w, t_h, t_w, ids, mask = _batch(1)
-    loss, metrics = fire_policy_loss_from_hidden(s_h, s_w, t_h, t_w, ids, mask, temperature=TAU,
-                                                 objective="full_vocab", divergence="reverse_kl", backend="chunked",
-                                                 method="fire", percentile=25.0, loss_agg_mode="seq-mean-token-mean")
-    stats = response_token_stats(s_h, s_w, ids, mask, t_h, t_w, temperature=TAU, divergence="reverse_kl",
-                                 backend="reference")
-    expected, _ = fire_dense_loss(stats.divergence, stats.student_logprob, stats.teacher_logprob,
-                                  stats.student_entropy, stats.teacher_entropy, mask, method="fire", percentile=25.0,
-                                  loss_agg_mode="seq-mean-token-mean")
+    loss, metrics = fire_policy_loss_from_hidden(
+        s_h,
+        s_w,
+        t_h,
+        t_w,
+        ids,
+        mask,
+        temperature=TAU,
+        objective="full_vocab",
+        divergence="reverse_kl",
+        backend="chunked",
+        fire=FireOptions(method="fire", percentile=25.0),
+        loss_agg_mode="seq-mean-token-mean",
+    )
+    stats = response_token_stats(
+        s_h, s_w, ids, mask, t_h, t_w, temperature=TAU, divergence="reverse_kl", backend="reference"
+    )
+    expected, _ = fire_dense_loss(
+        stats.divergence,
+        stats.student_log_prob,
+        stats.teacher_log_prob,
+        stats.student_entropy,
+        stats.teacher_entropy,
+        mask,
+        fire=FireOptions(method="fire", percentile=25.0),
+        loss_agg_mode="seq-mean-token-mean",
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     assert 0 < metrics["fire/keep_ratio"] < 1
     with pytest.raises(ValueError, match="objective"):
@@ -100,8 +133,9 @@ def test_every_rollout_filtered_gives_zero_dense_loss_and_gradient():
     fire.loss_mask[:] = False
     coefficients = dense_coefficients(fire, "token-mean")
     s_h = s_h.requires_grad_()
-    loss, _ = FireOPDLoss(temperature=TAU, backend="chunked").dense(s_h, s_w, t_h, t_w, ids, coefficients,
-                                                                    fire.loss_mask)
+    loss, _ = FireOPDLoss(temperature=TAU, backend="chunked").dense(
+        s_h, s_w, t_h, t_w, ids, coefficients, fire.loss_mask
+    )
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.all(s_h.grad == 0)
 
@@ -116,10 +150,14 @@ def test_sampled_gradient_averages_to_the_full_vocab_reverse_kl_gradient():
     element, and the relative L2 error is below 3% at K = 40,000 (the seeds are fixed)."""
     n, vocab, dim, groups, per_group = 4, 7, 5, 20, 2000
     g = torch.Generator().manual_seed(3)
-    hidden, weight = torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randn(vocab, dim, generator=g,
-                                                                                        dtype=torch.float64)
-    t_hidden, t_weight = torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randn(vocab, dim, generator=g,
-                                                                                          dtype=torch.float64)
+    hidden, weight = (
+        torch.randn(n, dim, generator=g, dtype=torch.float64),
+        torch.randn(vocab, dim, generator=g, dtype=torch.float64),
+    )
+    t_hidden, t_weight = (
+        torch.randn(n, dim, generator=g, dtype=torch.float64),
+        torch.randn(vocab, dim, generator=g, dtype=torch.float64),
+    )
     student_probs = torch.softmax(hidden @ weight.T, -1)
     teacher_log_probs = torch.log_softmax(t_hidden @ t_weight.T, -1)
 
@@ -127,8 +165,8 @@ def test_sampled_gradient_averages_to_the_full_vocab_reverse_kl_gradient():
     w_exact = weight.clone().requires_grad_()
     ones = torch.ones(1, n)
     dense, _ = FireOPDLoss(backend="chunked", divergence="reverse_kl").dense(
-        hidden[None], w_exact, t_hidden[None], t_weight, torch.zeros(1, n, dtype=torch.long), ones / n,
-        ones.bool())
+        hidden[None], w_exact, t_hidden[None], t_weight, torch.zeros(1, n, dtype=torch.long), ones / n, ones.bool()
+    )
     dense.backward()
     exact = w_exact.grad
 
@@ -136,9 +174,10 @@ def test_sampled_gradient_averages_to_the_full_vocab_reverse_kl_gradient():
     for _ in range(groups):
         targets = torch.multinomial(student_probs, per_group, replacement=True, generator=g).T  # [K, n]
         w = weight.clone().requires_grad_()
-        stats = response_token_stats(hidden.expand(per_group, n, dim), w, targets, torch.ones_like(targets).bool(),
-                                     backend="chunked")
-        log_prob = stats.student_logprob
+        stats = response_token_stats(
+            hidden.expand(per_group, n, dim), w, targets, torch.ones_like(targets).bool(), backend="chunked"
+        )
+        log_prob = stats.student_log_prob
         advantage = teacher_log_probs[torch.arange(n), targets] - log_prob.detach()
         loss, _ = clipped_surrogate(log_prob, log_prob.detach(), advantage, torch.ones_like(targets).bool())
         loss.backward()
@@ -158,13 +197,24 @@ def test_opd_dense_jsd_equals_trl_distillation_trainer_loss(jsd_beta):
     trl_trainer = pytest.importorskip("trl.trainer.distillation_trainer")
     s_h, s_w, t_h, t_w, ids, mask = _batch(4)
     s_h1, s_w1 = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
-    ours, _ = fire_policy_loss_from_hidden(s_h1, s_w1, t_h, t_w, ids, mask, temperature=TAU, objective="full_vocab",
-                                           divergence="jsd", jsd_beta=jsd_beta, method="opd",
-                                           loss_agg_mode="token-mean", backend="chunked")
+    ours, _ = fire_policy_loss_from_hidden(
+        s_h1,
+        s_w1,
+        t_h,
+        t_w,
+        ids,
+        mask,
+        temperature=TAU,
+        objective="full_vocab",
+        divergence="jsd",
+        jsd_beta=jsd_beta,
+        fire=FireOptions(method="opd"),
+        loss_agg_mode="token-mean",
+        backend="chunked",
+    )
     ours.backward()
     s_h2, s_w2 = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
-    theirs, _, _ = trl_trainer._chunked_divergence_loss(s_h2, t_h, s_w2, t_w, mask.long(), jsd_beta,
-                                                        temperature=TAU)
+    theirs, _, _ = trl_trainer._chunked_divergence_loss(s_h2, t_h, s_w2, t_w, mask.long(), jsd_beta, temperature=TAU)
     theirs.backward()
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(s_h1.grad, s_h2.grad, rtol=1e-4, atol=1e-6)

@@ -12,27 +12,58 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from fire_opd.data import sample_problems, write_prompts
+from fire_opd.demo.tasks import sample_problems
+from fire_opd.train.data import write_prompts
 
-ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "demo" / "assets"
 
 
 def _run(tmp_path: Path, out: str, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "fire_opd"] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m",
-        "fire_opd"]
-    return subprocess.run([*launcher, "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir",
-                           str(tmp_path / out), *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    launcher = (
+        [sys.executable, "-m", "fire_opd"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "fire_opd",
+        ]
+    )
+    return subprocess.run(
+        [*launcher, "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir", str(tmp_path / out), *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _config(tmp_path: Path, **overrides) -> None:
     write_prompts(sample_problems(["arith", "reverse"], 48, seed=0, split="train"), tmp_path / "p.jsonl")
-    config = {"student": str(ASSETS / "student_init"),
-              "teachers": {"arith": str(ASSETS / "teacher_arith"), "reverse": str(ASSETS / "teacher_reverse")},
-              "tokenizer": str(ASSETS / "tokenizer"), "prompts": "p.jsonl", "steps": 3, "prompts_per_step": 8,
-              "rollout_chunk_prompts": 2, "samples_per_prompt": 2, "micro_batch_size": 3, "max_new_tokens": 8,
-              "warmup_steps": 1, "lr": 1e-3, "eval_every": 0, "progress": False, "tensorboard": False, "threads": 1,
-              "seed": 4, "percentile": 25.0, **overrides}
+    config = {
+        "student": str(ASSETS / "student_init"),
+        "teachers": {"arith": str(ASSETS / "teacher_arith"), "reverse": str(ASSETS / "teacher_reverse")},
+        "tokenizer": str(ASSETS / "tokenizer"),
+        "prompts": "p.jsonl",
+        "steps": 3,
+        "prompts_per_step": 8,
+        "rollout_chunk_prompts": 2,
+        "samples_per_prompt": 2,
+        "micro_batch_size": 3,
+        "max_new_tokens": 8,
+        "warmup_steps": 1,
+        "lr": 1e-3,
+        "eval_every": 0,
+        "progress": False,
+        "tensorboard": False,
+        "threads": 1,
+        "seed": 4,
+        "percentile": 25.0,
+        **overrides,
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -40,9 +71,15 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective,parallel,teacher_parallel", [
-    ("full_vocab", "ddp", "replicate"), ("sampled", "ddp", "replicate"), ("full_vocab", "fsdp", "replicate"),
-    ("full_vocab", "fsdp", "fsdp")])
+@pytest.mark.parametrize(
+    "objective,parallel,teacher_parallel",
+    [
+        ("full_vocab", "ddp", "replicate"),
+        ("sampled", "ddp", "replicate"),
+        ("full_vocab", "fsdp", "replicate"),
+        ("full_vocab", "fsdp", "fsdp"),
+    ],
+)
 def test_one_and_two_processes_train_the_same_model(tmp_path, objective, parallel, teacher_parallel):
     """DDP and FSDP2 (each process holds half the student, and with teacher_parallel: fsdp half of
     each teacher) match one process; the FSDP run's checkpoint is a whole Hugging Face folder."""
@@ -54,8 +91,14 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective, paralle
     assert [r["train/world_size"] for r in rows_one] == [1.0] * 3
     assert [r["train/world_size"] for r in rows_two] == [2.0] * 3  # rank 0 alone writes the log
     for a, b in zip(rows_one, rows_two):
-        for key in ("fire/keep_ratio", "fire/threshold", "fire/weight_mean", "train/response_length",
-                    "train/reward", "train/tokens"):
+        for key in (
+            "fire/keep_ratio",
+            "fire/threshold",
+            "fire/weight_mean",
+            "train/response_length",
+            "train/reward",
+            "train/tokens",
+        ):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
         for key in ("train/loss", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
@@ -87,15 +130,32 @@ def test_vocab_parallel_lm_heads_train_the_same_model(tmp_path, objective):
     checkpoint holds the whole head, and a preempted run resumes on 1 process."""
     write_prompts(sample_problems(["arith", "reverse"], 8, seed=1, split="test"), tmp_path / "eval.jsonl")
     # a constant learning rate, so that the 2-step run's schedule is the 4-step run's
-    _config(tmp_path, objective=objective, vocab_parallel=True, steps=4, save_every=2, eval_every=2, eval_size=8,
-            eval_prompts="eval.jsonl", warmup_steps=0, min_lr_ratio=1.0)
+    _config(
+        tmp_path,
+        objective=objective,
+        vocab_parallel=True,
+        steps=4,
+        save_every=2,
+        eval_every=2,
+        eval_size=8,
+        eval_prompts="eval.jsonl",
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+    )
     one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2, "--set", "steps=2")
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     rows_one, rows_two = _rows(tmp_path / "one")[:2], _rows(tmp_path / "two")
     for a, b in zip(rows_one, rows_two):
-        for key in ("fire/keep_ratio", "fire/threshold", "fire/weight_mean", "train/response_length",
-                    "train/reward", "train/tokens", "train/full_vocab_reverse_kl"):
+        for key in (
+            "fire/keep_ratio",
+            "fire/threshold",
+            "fire/weight_mean",
+            "train/response_length",
+            "train/reward",
+            "train/tokens",
+            "train/full_vocab_reverse_kl",
+        ):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
         for key in ("train/loss", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
@@ -125,8 +185,20 @@ def test_a_resumed_run_may_change_the_process_count(tmp_path, parallel):
     _config(tmp_path, steps=8, save_every=2, objective="full_vocab", parallel=parallel)
     whole = _run(tmp_path, "whole", 1)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fire_opd",
-           "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir", str(tmp_path / "mixed")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fire_opd",
+        "train",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--output-dir",
+        str(tmp_path / "mixed"),
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (tmp_path / "mixed" / "step-000002").exists():
@@ -160,11 +232,24 @@ def test_one_rank_failing_mid_run_ends_the_job_with_its_error(tmp_path):
         "    calls += 1\n"
         "    if os.environ.get('RANK') == '1' and calls > 8:\n"
         "        raise MemoryError('rank 1 ran out of memory (simulated)')\n"
-        "    return float(completion.strip() == answer)\n")
+        "    return float(completion.strip() == answer)\n"
+    )
     _config(tmp_path, steps=50, verifier="flaky_verifier:score")
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fire_opd",
-           "train", "--config", str(tmp_path / "cfg.yaml"), "--output-dir", str(tmp_path / "flaky")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fire_opd",
+        "train",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--output-dir",
+        str(tmp_path / "flaky"),
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode != 0
     assert "rank 1 ran out of memory (simulated)" in out.stderr

@@ -1,4 +1,5 @@
-"""Every bad input named in DESIGN.md raises the documented error, naming the argument."""
+"""Every bad input of the kernels (their one input check, fire_kernels/_validation.py) raises the
+documented error, naming the argument."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from fire_kernels import teacher_student_stats, token_stats
 
 
 def _inputs(n=4, vocab=10, d_s=6, d_t=8):
-    return (torch.randn(n, d_s), torch.randn(vocab, d_s), torch.randn(n, d_t), torch.randn(vocab, d_t),
-            torch.randint(0, vocab, (n,)))
+    return (
+        torch.randn(n, d_s),
+        torch.randn(vocab, d_s),
+        torch.randn(n, d_t),
+        torch.randn(vocab, d_t),
+        torch.randint(0, vocab, (n,)),
+    )
 
 
 def test_vocab_mismatch():
@@ -76,11 +82,16 @@ def test_mixed_devices():
         teacher_student_stats(s_h, s_w, t_h.to("meta"), t_w, y)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": 0.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-    ({"divergence": "kl"}, "divergence"), ({"divergence": "jsd", "jsd_beta": 1.5}, "jsd_beta"),
-    ({"backend": "cuda"}, "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"divergence": "kl"}, "divergence"),
+        ({"divergence": "jsd", "jsd_beta": 1.5}, "jsd_beta"),
+        ({"backend": "cuda"}, "backend"),
+    ],
+)
 def test_bad_options(kwargs, match):
     s_h, s_w, t_h, t_w, y = _inputs()
     with pytest.raises(ValueError, match=match):
@@ -99,4 +110,5 @@ def test_shape_errors():
         token_stats(s_h, s_w.numpy(), y)
     with pytest.raises(ValueError, match="divergence needs a teacher"):
         from fire_kernels._validation import validate_stats_inputs
+
         validate_stats_inputs(s_h, s_w, y, divergence="reverse_kl")

@@ -9,11 +9,19 @@ from math import comb
 import pytest
 import torch
 
-from fire_opd.data import TASK_ALPHABET, load_prompts, render_prompts, sample_problems
-from fire_opd.evaluate import k_values, pass_at_k, summarize
-from fire_opd.models import build_char_tokenizer
-from fire_opd.verifiers import BUILTIN_VERIFIERS, boxed, boxed_content, final_answer, last_number, resolve_verifier, \
-    score
+from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
+from fire_opd.demo.tiny_models import build_char_tokenizer
+from fire_opd.train.data import load_prompts, render_prompts
+from fire_opd.train.evaluate import k_values, pass_at_k, summarize
+from fire_opd.train.verifiers import (
+    BUILTIN_VERIFIERS,
+    boxed,
+    boxed_content,
+    final_answer,
+    last_number,
+    resolve_verifier,
+    score,
+)
 
 
 def test_builtin_verifiers():
@@ -30,10 +38,14 @@ def test_builtin_verifiers():
 
 
 def test_custom_verifier_by_import_path_and_its_checks():
-    assert resolve_verifier("fire_opd.verifiers:last_number") is last_number
+    assert resolve_verifier("fire_opd.train.verifiers:last_number") is last_number
     assert resolve_verifier("boxed") is boxed
-    for spec, message in [("nope", "neither a built-in"), ("json:nothing", "has no function 'nothing'"),
-                          ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"), ("", "must be")]:
+    for spec, message in [
+        ("nope", "neither a built-in"),
+        ("json:nothing", "has no function 'nothing'"),
+        ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+        ("", "must be"),
+    ]:
         with pytest.raises(ValueError, match=message):
             resolve_verifier(spec)
     with pytest.raises(ValueError, match="must return a number in \\[0, 1\\]"):
@@ -53,7 +65,9 @@ def test_pass_at_k_is_the_unbiased_estimator(n):
         outcomes = [True] * passed + [False] * (n - passed)
         for k in range(1, n + 1):
             assert pass_at_k(n, passed, k) == pytest.approx(_brute_force_pass_at_k(outcomes, k))
-    assert pass_at_k(10, 3, 1) == pytest.approx(0.3) and pass_at_k(10, 3, 2) == pytest.approx(1 - comb(7, 2) / comb(10, 2))
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3) and pass_at_k(10, 3, 2) == pytest.approx(
+        1 - comb(7, 2) / comb(10, 2)
+    )
     with pytest.raises(ValueError, match="k must be in"):
         pass_at_k(n, 0, n + 1)
 
@@ -65,26 +79,43 @@ def test_summarize_and_k_values():
     assert out["avg@4"] == pytest.approx(6 / 12) and out["pass@1"] == pytest.approx(out["avg@4"])
     assert out["pass@4"] == pytest.approx(2 / 3) and out["problems"] == 3
     assert out["pass@2"] == pytest.approx((1 - comb(2, 2) / comb(4, 2) + 0 + 1) / 3)
-    assert summarize(torch.empty(0, 2, dtype=torch.float64)) == {"avg@2": 0.0, "pass@1": 0.0, "pass@2": 0.0,
-                                                                 "problems": 0}
+    assert summarize(torch.empty(0, 2, dtype=torch.float64)) == {
+        "avg@2": 0.0,
+        "pass@1": 0.0,
+        "pass@2": 0.0,
+        "problems": 0,
+    }
 
 
 def test_chat_rows_with_template_kwargs(tmp_path):
     """messages rows are rendered with add_generation_prompt=True and the config's kwargs."""
     tokenizer = build_char_tokenizer(TASK_ALPHABET)
-    tokenizer.chat_template = ("{%- for m in messages -%}{{ m['content'] }}{%- endfor -%}"
-                               "{%- if add_generation_prompt and not enable_thinking -%}R{%- endif -%}")
+    tokenizer.chat_template = (
+        "{%- for m in messages -%}{{ m['content'] }}{%- endfor -%}"
+        "{%- if add_generation_prompt and not enable_thinking -%}R{%- endif -%}"
+    )
     path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "system", "content": "1"}, {"role": "user", "content": "+2="}],
-                                "answer": "3", "source": "x"}) + "\n" + json.dumps({"prompt": "4=", "answer": "4"}))
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [{"role": "system", "content": "1"}, {"role": "user", "content": "+2="}],
+                "answer": "3",
+                "source": "x",
+            }
+        )
+        + "\n"
+        + json.dumps({"prompt": "4=", "answer": "4"})
+    )
     problems = load_prompts(path)
     assert problems[0].prompt == "" and problems[0].row["source"] == "x"
     rendered = render_prompts(problems, tokenizer, {"enable_thinking": False})
     assert [p.prompt for p in rendered] == ["1+2=R", "4="]
     assert render_prompts(problems, tokenizer, {"enable_thinking": True})[0].prompt == "1+2="
-    for bad, message in [('{"prompt": "1", "messages": [], "answer": "1"}', "exactly one of 'prompt'"),
-                         ('{"answer": "1"}', "exactly one of 'prompt'"),
-                         ('{"messages": "hi", "answer": "1"}', "'messages' must be a non-empty list")]:
+    for bad, message in [
+        ('{"prompt": "1", "messages": [], "answer": "1"}', "exactly one of 'prompt'"),
+        ('{"answer": "1"}', "exactly one of 'prompt'"),
+        ('{"messages": "hi", "answer": "1"}', "'messages' must be a non-empty list"),
+    ]:
         path.write_text(bad + "\n")
         with pytest.raises(ValueError, match=message):
             load_prompts(path)
@@ -93,23 +124,45 @@ def test_chat_rows_with_template_kwargs(tmp_path):
 def test_trainer_trains_on_chat_rows_and_evaluates_with_samples(tmp_path):
     """The trainer renders messages rows (the same prompts as raw rows: same rollouts, same loss)
     and periodic evaluation reports avg@N as eval/accuracy plus pass@k."""
-    from fire_opd.config import TrainConfig
-    from fire_opd.models import tiny_llama
-    from fire_opd.trainer import FireOPDTrainer
+    from fire_opd.demo.tiny_models import tiny_llama
+    from fire_opd.train.config import TrainConfig
+    from fire_opd.train.trainer import FireOPDTrainer
 
     tokenizer = build_char_tokenizer(TASK_ALPHABET)
     raw = sample_problems(["arith"], 12, seed=0, split="train")
     chat = [type(p)("", p.answer, p.teacher, messages=({"role": "user", "content": p.prompt},)) for p in raw]
     histories = []
     for name, problems in (("raw", raw), ("chat", chat)):
-        config = TrainConfig(output_dir=str(tmp_path / name), steps=2, prompts_per_step=4, samples_per_prompt=2,
-                             max_new_tokens=6, warmup_steps=1, eval_every=2, eval_size=6, eval_samples=4,
-                             eval_temperature=1.0, progress=False, tensorboard=False, seed=1,
-                             verifier="fire_opd.verifiers:final_answer")
-        models = [tiny_llama(len(tokenizer), 32, 1, 2, seed=s, pad_id=tokenizer.pad_token_id,
-                             eos_id=tokenizer.eos_token_id) for s in (0, 1)]
-        trainer = FireOPDTrainer(config, student=models[0], teachers={"arith": models[1]}, tokenizer=tokenizer,
-                                 train_problems=problems, eval_problems=problems[:6])
+        config = TrainConfig.from_dict(
+            {
+                "output_dir": str(tmp_path / name),
+                "optim.steps": 2,
+                "sampling.prompts_per_step": 4,
+                "sampling.samples_per_prompt": 2,
+                "sampling.max_new_tokens": 6,
+                "optim.warmup_steps": 1,
+                "eval.every": 2,
+                "eval.size": 6,
+                "eval.samples": 4,
+                "eval.temperature": 1.0,
+                "logging.progress": False,
+                "logging.tensorboard": False,
+                "seed": 1,
+                "data.verifier": "fire_opd.train.verifiers:final_answer",
+            }
+        )
+        models = [
+            tiny_llama(len(tokenizer), 32, 1, 2, seed=s, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+            for s in (0, 1)
+        ]
+        trainer = FireOPDTrainer(
+            config,
+            student=models[0],
+            teachers={"arith": models[1]},
+            tokenizer=tokenizer,
+            train_problems=problems,
+            eval_problems=problems[:6],
+        )
         histories.append(trainer.train())
     for a, b in zip(*histories):
         assert a["train/loss"] == b["train/loss"] and a["train/reward"] == b["train/reward"]

@@ -1,4 +1,4 @@
-"""Heads beyond h @ W^T (DESIGN.md, "Heads"): lm_head bias, logit scale and final-logit soft-capping,
+"""Heads beyond h @ W^T (docs: Kernels): lm_head bias, logit scale and final-logit soft-capping,
 on every backend and in the fused updates, against the materialized oracle.
 
 z = softcap * tanh(((h W^T + b) * scale) / softcap) / tau; the student's bias gets its gradient.
@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_close_grad, assert_close_output, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _helpers import assert_close_grad, assert_close_output, make_problem
 from fire_kernels import teacher_student_stats, token_stats
-from fire_kernels.fused_update import linear_divergence_update, linear_logprob_update
+from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
-HEADS = st.fixed_dictionaries({
-    "bias": st.booleans(),
-    "logit_scale": st.sampled_from([1.0, 0.25, 1.7]),
-    "logit_softcap": st.sampled_from([None, 2.0, 30.0]),
-})
+HEADS = st.fixed_dictionaries(
+    {
+        "bias": st.booleans(),
+        "logit_scale": st.sampled_from([1.0, 0.25, 1.7]),
+        "logit_softcap": st.sampled_from([None, 2.0, 30.0]),
+    }
+)
 
 
 def _head(spec: dict, vocab: int, dtype, seed: int, prefix: str = "") -> dict:
     gen = torch.Generator().manual_seed(seed)
     bias = (torch.randn(vocab, generator=gen) * 2).to(dtype) if spec["bias"] else None
-    return {f"{prefix}bias": bias, f"{prefix}logit_scale": spec["logit_scale"],
-            f"{prefix}logit_softcap": spec["logit_softcap"]}
+    return {
+        f"{prefix}bias": bias,
+        f"{prefix}logit_scale": spec["logit_scale"],
+        f"{prefix}logit_softcap": spec["logit_softcap"],
+    }
 
 
 def _run(backend, s_h, s_w, t_h, t_w, y, heads, *, divergence, temperature):
@@ -36,11 +41,12 @@ def _run(backend, s_h, s_w, t_h, t_w, y, heads, *, divergence, temperature):
     heads = dict(heads)
     if heads["bias"] is not None:
         heads["bias"] = heads["bias"].detach().clone().requires_grad_()
-    out = teacher_student_stats(s_h, s_w, t_h, t_w, y, temperature=temperature, divergence=divergence,
-                                backend=backend, **heads)
+    out = teacher_student_stats(
+        s_h, s_w, t_h, t_w, y, temperature=temperature, divergence=divergence, backend=backend, **heads
+    )
     gen = torch.Generator().manual_seed(1)
     coeffs = [torch.randn(y.shape[0], generator=gen) for _ in range(3)]
-    loss = (coeffs[0] * out.student_logprob).sum() + (coeffs[1] * out.student_entropy).sum()
+    loss = (coeffs[0] * out.student_log_prob).sum() + (coeffs[1] * out.student_entropy).sum()
     if divergence is not None:
         loss = loss + (coeffs[2] * out.divergence).sum()
     inputs = (s_h, s_w) + ((heads["bias"],) if heads["bias"] is not None else ())
@@ -51,10 +57,15 @@ def _run(backend, s_h, s_w, t_h, t_w, y, heads, *, divergence, temperature):
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("divergence", [None, "reverse_kl", "forward_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@given(student=HEADS, teacher=HEADS, vocab=st.sampled_from([1, 7, 37, 101]), n=st.integers(1, 30),
-       temperature=st.sampled_from([1.0, 0.7]), seed=st.integers(0, 1000))
-def test_heads_match_reference(small_chunks, backend, divergence, dtype, student, teacher, vocab, n, temperature,
-                               seed):
+@given(
+    student=HEADS,
+    teacher=HEADS,
+    vocab=st.sampled_from([1, 7, 37, 101]),
+    n=st.integers(1, 30),
+    temperature=st.sampled_from([1.0, 0.7]),
+    seed=st.integers(0, 1000),
+)
+def test_heads_match_reference(small_chunks, backend, divergence, dtype, student, teacher, vocab, n, temperature, seed):
     s_h, s_w, t_h, t_w, y = make_problem(n, vocab, 12, 20, dtype, seed=seed, scale=3.0)
     heads = {**_head(student, vocab, dtype, seed), **_head(teacher, vocab, dtype, seed + 1, "teacher_")}
     ref, ref_grads = _run("reference", s_h, s_w, t_h, t_w, y, heads, divergence=divergence, temperature=temperature)
@@ -79,8 +90,8 @@ def test_softcap_and_scale_change_the_statistics():
     # c bounds every logit by c, so log p >= -2c - log V and the entropy stays positive.
     big = s_h * 1e3
     assert token_stats(big, s_w, y, backend="chunked")[0].min() < -1e3
-    logprob, entropy = token_stats(big, s_w, y, logit_softcap=5.0, backend="chunked")
-    assert bool((logprob >= -10.0 - torch.log(torch.tensor(31.0)) - 1e-4).all()) and bool((entropy > 0).all())
+    log_prob, entropy = token_stats(big, s_w, y, logit_softcap=5.0, backend="chunked")
+    assert bool((log_prob >= -10.0 - torch.log(torch.tensor(31.0)) - 1e-4).all()) and bool((entropy > 0).all())
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
@@ -101,9 +112,22 @@ def test_chunked_heads_gradcheck(small_chunks):
     s_w.requires_grad_()
 
     def f(h, w, b):
-        out = teacher_student_stats(h, w, t_h, t_w, y, divergence="jsd", jsd_beta=0.3, bias=b, logit_scale=0.8,
-                                    logit_softcap=3.0, teacher_logit_scale=1.3, temperature=0.9, backend="chunked")
-        return out.student_logprob, out.student_entropy, out.divergence
+        out = teacher_student_stats(
+            h,
+            w,
+            t_h,
+            t_w,
+            y,
+            divergence="jsd",
+            jsd_beta=0.3,
+            bias=b,
+            logit_scale=0.8,
+            logit_softcap=3.0,
+            teacher_logit_scale=1.3,
+            temperature=0.9,
+            backend="chunked",
+        )
+        return out.student_log_prob, out.student_entropy, out.divergence
 
     assert torch.autograd.gradcheck(f, (s_h, s_w, bias))
 
@@ -118,25 +142,34 @@ def test_fused_updates_with_heads(backend):
 
     # dense: sum_t c_t D_t
     h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, bias))
-    ref = teacher_student_stats(h, w, t_h, t_w, y, divergence="reverse_kl", backend="reference",
-                                **{**heads, "bias": b}, **teacher_heads)
+    ref = teacher_student_stats(
+        h, w, t_h, t_w, y, divergence="reverse_kl", backend="reference", **{**heads, "bias": b}, **teacher_heads
+    )
     (coefficient * ref.divergence).sum().backward()
-    out = linear_divergence_update(s_h, s_w, t_h, t_w, y, coefficient, divergence="reverse_kl", backend=backend,
-                                   **heads, **teacher_heads)
+    out = linear_divergence_update(
+        s_h, s_w, t_h, t_w, y, coefficient, divergence="reverse_kl", backend=backend, **heads, **teacher_heads
+    )
     assert_close_output(out.divergence, ref.divergence, torch.float32, "divergence")
-    for name, got, want in (("hidden", out.grad_hidden, h.grad), ("weight", out.grad_weight, w.grad),
-                            ("bias", out.grad_bias, b.grad)):
+    for name, got, want in (
+        ("hidden", out.grad_hidden, h.grad),
+        ("weight", out.grad_weight, w.grad),
+        ("bias", out.grad_bias, b.grad),
+    ):
         assert_close_grad(got, want, torch.float32, f"dense grad_{name}")
 
-    # log-prob update with a caller's dL/dlogprob
+    # log-prob update with a caller's dL/dlog_prob
     h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, bias))
     lp, _ = token_stats(h, w, y, backend="reference", **{**heads, "bias": b})
     (coefficient * lp).sum().backward()
-    out = linear_logprob_update(s_h, s_w, y, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]),
-                                backend=backend, **heads)
-    for name, got, want in (("hidden", out.grad_hidden, h.grad), ("weight", out.grad_weight, w.grad),
-                            ("bias", out.grad_bias, b.grad)):
-        assert_close_grad(got, want, torch.float32, f"logprob grad_{name}")
+    out = linear_log_prob_update(
+        s_h, s_w, y, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]), backend=backend, **heads
+    )
+    for name, got, want in (
+        ("hidden", out.grad_hidden, h.grad),
+        ("weight", out.grad_weight, w.grad),
+        ("bias", out.grad_bias, b.grad),
+    ):
+        assert_close_grad(got, want, torch.float32, f"log_prob grad_{name}")
 
 
 def test_bad_heads():

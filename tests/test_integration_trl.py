@@ -12,23 +12,43 @@ pytest.importorskip("trl")  # installed by `make test` (the test extra); never s
 from datasets import Dataset  # noqa: E402
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402
 
-from fire_opd.data import sample_problems  # noqa: E402
+from fire_opd.algorithm.objectives import fire_dense_loss, fire_policy_loss  # noqa: E402
+from fire_opd.algorithm.options import FireOptions
+from fire_opd.demo.tasks import sample_problems  # noqa: E402
 from fire_opd.integrations.trl import FireOPDConfig, FireOPDDistillationTrainer  # noqa: E402
-from fire_opd.loss import fire_dense_loss, fire_policy_loss  # noqa: E402
-from fire_opd.models import load_causal_lm, load_tokenizer  # noqa: E402
+from fire_opd.train.models import load_causal_lm, load_tokenizer  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
-COMMON = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=6,
-              learning_rate=1e-3, report_to=[], use_cpu=True, bf16=False, fp16=False, save_strategy="no",
-              logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0, top_k=0, temperature=1.0)
+ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "demo" / "assets"
+COMMON = dict(
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=2,
+    max_completion_length=6,
+    learning_rate=1e-3,
+    report_to=[],
+    use_cpu=True,
+    bf16=False,
+    fp16=False,
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    seed=0,
+    top_k=0,
+    temperature=1.0,
+)
 
 
 def _trainer(tmp_path, cls=FireOPDDistillationTrainer, config_cls=FireOPDConfig, **fields):
     tokenizer = load_tokenizer(ASSETS / "tokenizer")
     dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
     args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, **fields})
-    return cls(model=load_causal_lm(ASSETS / "student_init"), teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
-               args=args, train_dataset=dataset, processing_class=tokenizer)
+    return cls(
+        model=load_causal_lm(ASSETS / "student_init"),
+        teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 def _batch(trainer, rows: int = 6, seed: int = 0) -> dict:
@@ -44,8 +64,13 @@ def _batch(trainer, rows: int = 6, seed: int = 0) -> dict:
     for r, length in enumerate([7, 3, 5, 7, 1, 6][:rows]):
         completion_mask[r, length:] = 0
         completion_ids[r, length:] = trainer.processing_class.pad_token_id
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_mask, "num_items_in_batch": completion_mask.sum()}
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "num_items_in_batch": completion_mask.sum(),
+    }
 
 
 def _materialized(model, batch, temperature=1.0):
@@ -61,8 +86,14 @@ def test_two_training_steps_log_fire_metrics(tmp_path):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     logged = {k for row in trainer.state.log_history for k in row}
-    assert {"fire/keep_ratio", "fire/weight_mean", "fire/full_vocab_reverse_kl", "fire/divergence", "loss",
-            "entropy"} <= logged
+    assert {
+        "fire/keep_ratio",
+        "fire/weight_mean",
+        "fire/full_vocab_reverse_kl",
+        "fire/divergence",
+        "loss",
+        "entropy",
+    } <= logged
     keep = [row["fire/keep_ratio"] for row in trainer.state.log_history if "fire/keep_ratio" in row]
     assert keep and all(0.6 <= k <= 0.8 for k in keep)  # 25 % of 8 rollouts dropped per generation batch
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
@@ -70,8 +101,17 @@ def test_two_training_steps_log_fire_metrics(tmp_path):
 
 @pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
 def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objective):
-    trainer = _trainer(tmp_path, fire_objective=objective, fire_percentile=30.0, fire_alpha=0.7, fire_beta=1.3,
-                       fire_loss_agg_mode="seq-mean-token-mean", fire_backend="chunked", temperature=0.9, beta=0.5)
+    trainer = _trainer(
+        tmp_path,
+        fire_objective=objective,
+        fire_percentile=30.0,
+        fire_alpha=0.7,
+        fire_beta=1.3,
+        fire_loss_agg_mode="seq-mean-token-mean",
+        fire_backend="chunked",
+        temperature=0.9,
+        beta=0.5,
+    )
     batch = _batch(trainer)
     batch.update(trainer._fire_statistics(batch))
     student, teacher = trainer.model, trainer.teacher_model
@@ -86,11 +126,12 @@ def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objectiv
     log_prob = log_s.gather(-1, ids).squeeze(-1)
     teacher_log_prob = log_t.gather(-1, ids).squeeze(-1)
     entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
-    kwargs = dict(method="fire", percentile=30.0, alpha=0.7, beta=1.3, loss_agg_mode="seq-mean-token-mean")
+    kwargs = dict(fire=FireOptions(percentile=30.0, alpha=0.7, beta=1.3), loss_agg_mode="seq-mean-token-mean")
     stats = (log_prob.detach(), teacher_log_prob, entropy(log_s).detach(), entropy(log_t), mask)
     if objective == "full_vocab":  # beta = 0.5: the symmetric JSD
-        mixture = torch.logsumexp(torch.stack([log_s + torch.log(torch.tensor(0.5)),
-                                               log_t + torch.log(torch.tensor(0.5))]), dim=0)
+        mixture = torch.logsumexp(
+            torch.stack([log_s + torch.log(torch.tensor(0.5)), log_t + torch.log(torch.tensor(0.5))]), dim=0
+        )
         jsd = 0.5 * (log_s.exp() * (log_s - mixture)).sum(-1) + 0.5 * (log_t.exp() * (log_t - mixture)).sum(-1)
         expected, _ = fire_dense_loss(jsd, *stats, **kwargs)
     else:
@@ -112,21 +153,37 @@ def test_opd_method_equals_trls_own_loss(tmp_path, beta):
     batch = _batch(ours, seed=1)
     with_stats = {**batch, **ours._fire_statistics(batch)}
     loss, entropy_sum, tokens = ours._compute_loss(ours.model, with_stats, batch["num_items_in_batch"])
-    expected, expected_entropy, expected_tokens = theirs._compute_loss(theirs.model, batch,
-                                                                       batch["num_items_in_batch"])
+    expected, expected_entropy, expected_tokens = theirs._compute_loss(theirs.model, batch, batch["num_items_in_batch"])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(entropy_sum, expected_entropy.to(entropy_sum.dtype), rtol=1e-5, atol=1e-5)
     assert int(tokens) == int(expected_tokens)
-    for g, e in zip(torch.autograd.grad(loss, list(ours.model.parameters())),
-                    torch.autograd.grad(expected, list(theirs.model.parameters()))):
+    for g, e in zip(
+        torch.autograd.grad(loss, list(ours.model.parameters())),
+        torch.autograd.grad(expected, list(theirs.model.parameters())),
+    ):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()) + 1e-8)
 
 
-def test_config_checks_the_fire_fields(tmp_path):
-    with pytest.raises(ValueError, match="fire_method must be one of"):
-        FireOPDConfig(output_dir=str(tmp_path), fire_method="nope", use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match=r"fire_percentile must be in \[0, 100\]"):
-        FireOPDConfig(output_dir=str(tmp_path), fire_percentile=120.0, use_cpu=True, report_to=[])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("fire_method", "nope", "fire_method must be one of"),
+        ("fire_percentile", 120.0, r"fire_percentile must be in \[0, 100\]"),
+        ("fire_percentile", "20", r"fire_percentile must be a finite number in \[0, 100\], got '20'"),
+        ("fire_alpha", -1.0, r"fire_alpha must be in \[0, inf\]"),
+        ("fire_beta", -2.0, r"fire_beta must be in \[0, inf\]"),  # named as written: not TRL's beta
+        ("fire_clip_ratio", -0.2, r"fire_clip_ratio must be a number in \[0, 1\)"),
+        ("fire_filter_score", "median", "fire_filter_score must be one of"),
+        ("fire_teacher_confidence_gate", 1.5, r"fire_teacher_confidence_gate must be in \[0, 1\]"),
+        ("fire_objective", "dense", "fire_objective must be one of"),
+    ],
+)
+def test_config_checks_every_fire_field_when_constructed(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FireOPDConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
+
+
+def test_config_needs_a_fire_config(tmp_path):
     with pytest.raises(TypeError, match="args must be a FireOPDConfig"):
         _trainer(tmp_path, config_cls=DistillationConfig)
 
@@ -140,9 +197,13 @@ def test_peft_lora_student_trains(tmp_path):
     dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 16, seed=0, split="train")])
     args = FireOPDConfig(output_dir=str(tmp_path / "out"), max_steps=2, **{**COMMON, "learning_rate": 1e-2})
     trainer = FireOPDDistillationTrainer(
-        model=load_causal_lm(ASSETS / "student_init"), teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
-        args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        model=load_causal_lm(ASSETS / "student_init"),
+        teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
     adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lm_head" in n}
     assert adapters and frozen

@@ -13,17 +13,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fire_opd.algorithm.options import FireOptions
+
 verl = pytest.importorskip("verl")  # `import verl` loads the plugin through its entry point
 
 from tensordict import TensorDict  # noqa: E402
-from verl.trainer.distillation.losses import (DISTILLATION_LOSS_REGISTRY, distillation_loss,  # noqa: E402
-                                              get_distillation_loss_settings)
+from verl.trainer.distillation.losses import (
+    DISTILLATION_LOSS_REGISTRY,
+    distillation_loss,  # noqa: E402
+    get_distillation_loss_settings,
+)
 from verl.workers.config import DistillationConfig  # noqa: E402
 
-from fire_opd.integrations.verl import (FireDistillationLossConfig, denominator_correction,  # noqa: E402
-                                        fire_linear_cross_entropy, teacher_stats_from_topk,
-                                        use_fire_linear_cross_entropy)
-from fire_opd.loss import compute_fire_advantages, fire_policy_loss  # noqa: E402
+from fire_opd.algorithm.objectives import fire_policy_loss  # noqa: E402
+from fire_opd.algorithm.selection import compute_fire_advantages  # noqa: E402
+from fire_opd.integrations.verl import (
+    FireDistillationLossConfig,
+    denominator_correction,
+    fire_linear_cross_entropy,
+    teacher_stats_from_topk,
+    use_fire_linear_cross_entropy,
+)
 
 
 def test_the_plugin_registers_through_verls_entry_point():
@@ -75,16 +85,23 @@ def _micro_batch(vocab: int, topk: int, seed: int = 0):
 
     entropy = [-(lp.exp() * lp).sum(-1) for lp in log_p_new]
     new_flat = torch.cat([per_token(lp, (p, r), len(p)) for lp, p, r in zip(log_p_new, prompts, responses)])
-    old = [per_token(lp, (p, r), len(p))[len(p) - 1 : len(p) - 1 + len(r)] for lp, p, r in
-           zip(log_p_old, prompts, responses)]
+    old = [
+        per_token(lp, (p, r), len(p))[len(p) - 1 : len(p) - 1 + len(r)]
+        for lp, p, r in zip(log_p_old, prompts, responses)
+    ]
     nested = lambda ts: torch.nested.nested_tensor(ts, layout=torch.jagged)  # noqa: E731
     log_prob = new_flat.clone().requires_grad_(True)
-    data = TensorDict({
-        "prompts": nested(prompts), "responses": nested(responses),
-        "response_mask": nested([torch.ones(n, dtype=torch.bool) for n in response_lens]),
-        "old_log_probs": nested(old),
-        "teacher_logprobs": nested([t.values for t in top]), "teacher_ids": nested([t.indices for t in top]),
-    }, batch_size=[rows])
+    data = TensorDict(
+        {
+            "prompts": nested(prompts),
+            "responses": nested(responses),
+            "response_mask": nested([torch.ones(n, dtype=torch.bool) for n in response_lens]),
+            "old_log_probs": nested(old),
+            "teacher_logprobs": nested([t.values for t in top]),
+            "teacher_ids": nested([t.indices for t in top]),
+        },
+        batch_size=[rows],
+    )
     for key, value in (("dp_size", 1), ("batch_num_tokens", sum(response_lens)), ("global_batch_size", rows)):
         data.set_non_tensor(key, value)  # global batch info, as verl's trainer attaches it
     model_output = {"log_probs": log_prob, "entropy": torch.cat(entropy)}
@@ -97,17 +114,20 @@ def _micro_batch(vocab: int, topk: int, seed: int = 0):
         return out
 
     offsets = torch.tensor([0] + [p + r for p, r in zip(prompt_lens, response_lens)]).cumsum(0)
-    split = lambda flat: [flat[offsets[b]:offsets[b + 1]] for b in range(rows)]  # noqa: E731
+    split = lambda flat: [flat[offsets[b] : offsets[b + 1]] for b in range(rows)]  # noqa: E731
     padded_ids = torch.zeros(rows, max(response_lens), dtype=torch.long)
     mask = torch.zeros(rows, max(response_lens), dtype=torch.bool)
     for b, r in enumerate(responses):
         padded_ids[b, : len(r)], mask[b, : len(r)] = r, True
     exact = {
-        "log_prob": response_part(split(log_prob)), "mask": mask, "ids": padded_ids,
+        "log_prob": response_part(split(log_prob)),
+        "mask": mask,
+        "ids": padded_ids,
         "old_log_prob": torch.stack([torch.nn.functional.pad(o, (0, max(response_lens) - len(o))) for o in old]),
         "student_entropy": response_part(entropy),
-        "teacher_log_prob": response_part([per_token(lp, (p, r), len(p)) for lp, p, r in
-                                           zip(teacher_log_p, prompts, responses)]),
+        "teacher_log_prob": response_part(
+            [per_token(lp, (p, r), len(p)) for lp, p, r in zip(teacher_log_p, prompts, responses)]
+        ),
         "teacher_entropy": response_part([-(lp.exp() * lp).sum(-1) for lp in teacher_log_p]),
         "teacher_top": (response_part([t.values for t in top]), response_part([t.indices.float() for t in top]).long()),
     }
@@ -126,19 +146,35 @@ def test_verls_loss_path_equals_fire_policy_loss(method):
     PPO) gives fire_policy_loss's value and gradient."""
     vocab = 12
     data, model_output, exact = _micro_batch(vocab, topk=vocab)
-    loss_config = FireDistillationLossConfig(loss_mode="fire_opd", topk=vocab, use_task_rewards=False,
-                                             loss_max_clamp=None, fire_method=method, fire_percentile=30.0,
-                                             fire_alpha=0.8, fire_beta=1.2, clip_ratio=0.2, clip_ratio_low=0.2,
-                                             clip_ratio_high=0.2)
+    loss_config = FireDistillationLossConfig(
+        loss_mode="fire_opd",
+        topk=vocab,
+        use_task_rewards=False,
+        loss_max_clamp=None,
+        fire_method=method,
+        fire_percentile=30.0,
+        fire_alpha=0.8,
+        fire_beta=1.2,
+        clip_ratio=0.2,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.2,
+    )
     distillation = DistillationConfig(enabled=False, distillation_loss=loss_config)
     loss, metrics = distillation_loss(_actor_config(), distillation, model_output, data)
     (grad,) = torch.autograd.grad(loss, model_output["log_probs"])
 
     log_prob = exact["log_prob"].clone().requires_grad_(True)
     expected, expected_metrics = fire_policy_loss(
-        log_prob, exact["old_log_prob"], exact["teacher_log_prob"], exact["student_entropy"],
-        exact["teacher_entropy"], exact["mask"], method=method, percentile=30.0, alpha=0.8, beta=1.2,
-        clip_ratio=0.2, loss_agg_mode="token-mean")
+        log_prob,
+        exact["old_log_prob"],
+        exact["teacher_log_prob"],
+        exact["student_entropy"],
+        exact["teacher_entropy"],
+        exact["mask"],
+        fire=FireOptions(method=method, percentile=30.0, alpha=0.8, beta=1.2),
+        clip_ratio=0.2,
+        loss_agg_mode="token-mean",
+    )
     (expected_grad,) = torch.autograd.grad(expected, log_prob)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert metrics["distillation/fire/keep_ratio"] == pytest.approx(expected_metrics["fire/keep_ratio"])
@@ -149,8 +185,9 @@ def test_verls_loss_path_equals_fire_policy_loss(method):
     start = torch.cat([torch.zeros(1, dtype=torch.long), (prompt_lens + response_lens).cumsum(0)[:-1]])
     for b in range(len(prompt_lens)):
         p, r = int(prompt_lens[b]), int(response_lens[b])
-        torch.testing.assert_close(grad[start[b] + p - 1 : start[b] + p - 1 + r], expected_grad[b, :r],
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            grad[start[b] + p - 1 : start[b] + p - 1 + r], expected_grad[b, :r], rtol=1e-5, atol=1e-7
+        )
 
 
 def test_teacher_statistics_from_topk_are_bounded():
@@ -207,23 +244,36 @@ def test_micro_batch_filter_keeps_the_configured_share():
     stats = [torch.randn(64, 6, generator=gen) - 2 for _ in range(2)] + [torch.rand(64, 6, generator=gen)] * 2
     for m in (8, 16, 32):
         for rows in torch.arange(64).split(m):
-            fire = compute_fire_advantages(stats[0][rows], stats[1][rows], stats[2][rows], stats[3][rows], mask[rows],
-                                           percentile=25.0, process_group="local")
-            assert abs(float(fire.keep.float().mean()) - 0.75) <= 1.0 / m + 1e-6
+            fire = compute_fire_advantages(
+                stats[0][rows],
+                stats[1][rows],
+                stats[2][rows],
+                stats[3][rows],
+                mask[rows],
+                fire=FireOptions(percentile=25.0),
+                process_group="local",
+            )
+            assert abs(float(fire.kept_rollouts.float().mean()) - 0.75) <= 1.0 / m + 1e-6
 
 
 def test_errors_name_the_verl_setting():
     vocab = 12
     data, model_output, _ = _micro_batch(vocab, topk=4)
-    loss_config = FireDistillationLossConfig(loss_mode="fire_opd", topk=4, use_policy_gradient=False,
-                                             loss_max_clamp=None)
+    loss_config = FireDistillationLossConfig(
+        loss_mode="fire_opd", topk=4, use_policy_gradient=False, loss_max_clamp=None
+    )
     with pytest.raises(ValueError, match="use_policy_gradient=true"):
-        distillation_loss(_actor_config(), DistillationConfig(enabled=False, distillation_loss=loss_config),
-                              model_output, data)
+        distillation_loss(
+            _actor_config(), DistillationConfig(enabled=False, distillation_loss=loss_config), model_output, data
+        )
     loss_config = FireDistillationLossConfig(loss_mode="fire_opd", topk=4, loss_max_clamp=None)
     with pytest.raises(ValueError, match="calculate_entropy=true"):
-        distillation_loss(_actor_config(), DistillationConfig(enabled=False, distillation_loss=loss_config),
-                              {"log_probs": model_output["log_probs"]}, data)
+        distillation_loss(
+            _actor_config(),
+            DistillationConfig(enabled=False, distillation_loss=loss_config),
+            {"log_probs": model_output["log_probs"]},
+            data,
+        )
 
 
 def test_fire_linear_cross_entropy_matches_verls_contract():

@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
-
 from _helpers import make_problem
+
 from fire_kernels import teacher_student_stats, token_stats
 
 
-@pytest.mark.parametrize("divergence,jsd_beta", [(None, 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5),
-                                                  ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)])
+@pytest.mark.parametrize(
+    "divergence,jsd_beta",
+    [(None, 0.5), ("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)],
+)
 def test_gradcheck_chunked_float64(small_chunks, divergence, jsd_beta):
     s_h, s_w, t_h, t_w, y = make_problem(6, 11, 4, 5, torch.float64, seed=1, ignore_frac=0.2)
     s_h.requires_grad_()
@@ -20,9 +22,10 @@ def test_gradcheck_chunked_float64(small_chunks, divergence, jsd_beta):
     weights = torch.randn(3, 6, dtype=torch.float64)
 
     def f(h, w):
-        out = teacher_student_stats(h, w, t_h, t_w, y, temperature=0.8, divergence=divergence, jsd_beta=jsd_beta,
-                                    backend="chunked")
-        total = (weights[0] * out.student_logprob).sum() + (weights[1] * out.student_entropy).sum()
+        out = teacher_student_stats(
+            h, w, t_h, t_w, y, temperature=0.8, divergence=divergence, jsd_beta=jsd_beta, backend="chunked"
+        )
+        total = (weights[0] * out.student_log_prob).sum() + (weights[1] * out.student_entropy).sum()
         if divergence is not None:
             total = total + (weights[2] * out.divergence).sum()
         return total
@@ -42,7 +45,7 @@ def test_logits_of_magnitude_1e4(backend):
     y = torch.randint(0, vocab, (n,))
     hidden.requires_grad_()
     lp, ent = token_stats(hidden, weight, y, backend=backend)
-    z = (hidden.double() @ weight.double().t())
+    z = hidden.double() @ weight.double().t()
     expected = torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1)
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     torch.testing.assert_close(lp.double(), expected, atol=2e-2, rtol=1e-5)  # fp32 logits at 1e4: ulp ~ 1e-3
@@ -84,6 +87,6 @@ def test_identical_teacher_and_student(backend, divergence):
     s_w.requires_grad_()
     out = teacher_student_stats(s_h, s_w, s_h.detach(), s_w.detach(), y, divergence=divergence, backend=backend)
     assert out.divergence.abs().max().item() < 1e-6
-    torch.testing.assert_close(out.teacher_logprob, out.student_logprob.detach())
+    torch.testing.assert_close(out.teacher_log_prob, out.student_log_prob.detach())
     gh, gw = torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
     assert gh.abs().max().item() < 1e-5 and gw.abs().max().item() < 1e-5

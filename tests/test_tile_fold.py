@@ -1,15 +1,16 @@
-"""The chunked backend's CUDA path (`fire_kernels.tile_fold`: cuBLAS tiles, Triton folds), run on
+"""The chunked backend's CUDA path (`fire_kernels.backends.tile_fold`: cuBLAS tiles, Triton folds), run on
 CPU tensors in Triton's interpreter with tiles small enough that every problem spans many of them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_close_grad, assert_close_output, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _helpers import assert_close_grad, assert_close_output, make_problem
-from fire_kernels import teacher_student_stats, tile_fold, token_stats
+from fire_kernels import teacher_student_stats, token_stats
+from fire_kernels.backends import tile_fold
 
 
 @pytest.fixture
@@ -24,11 +25,12 @@ def _outputs_and_grads(backend, s_h, s_w, t_h, t_w, y, divergence, heads, temper
     h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
     bias = heads.get("bias")
     bias = bias.clone().requires_grad_() if bias is not None else None
-    out = teacher_student_stats(h, w, t_h, t_w, y, divergence=divergence, backend=backend, temperature=temperature,
-                                **{**heads, "bias": bias})
+    out = teacher_student_stats(
+        h, w, t_h, t_w, y, divergence=divergence, backend=backend, temperature=temperature, **{**heads, "bias": bias}
+    )
     gen = torch.Generator().manual_seed(1)
     c = [torch.randn(y.shape[0], generator=gen) for _ in range(3)]
-    loss = (c[0] * out.student_logprob).sum() + (c[1] * out.student_entropy).sum()
+    loss = (c[0] * out.student_log_prob).sum() + (c[1] * out.student_entropy).sum()
     if divergence:
         loss = loss + (c[2] * out.divergence).sum()
     inputs = (h, w) + ((bias,) if bias is not None else ())
@@ -37,13 +39,27 @@ def _outputs_and_grads(backend, s_h, s_w, t_h, t_w, y, divergence, heads, temper
 
 @pytest.mark.parametrize("divergence", [None, "reverse_kl", "forward_kl", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@given(n=st.integers(1, 30), vocab=st.sampled_from([1, 7, 41, 97]), heads=st.booleans(),
-       ignore_frac=st.sampled_from([0.0, 0.3, 1.0]), temperature=st.sampled_from([1.0, 0.7]),
-       seed=st.integers(0, 1000))
+@given(
+    n=st.integers(1, 30),
+    vocab=st.sampled_from([1, 7, 41, 97]),
+    heads=st.booleans(),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    temperature=st.sampled_from([1.0, 0.7]),
+    seed=st.integers(0, 1000),
+)
 def test_fold_matches_reference(fold_on_cpu, divergence, dtype, n, vocab, heads, ignore_frac, temperature, seed):
     s_h, s_w, t_h, t_w, y = make_problem(n, vocab, 12, 20, dtype, seed=seed, ignore_frac=ignore_frac)
-    head = dict(bias=torch.randn(vocab).to(dtype), logit_scale=0.8, logit_softcap=3.0, teacher_logit_softcap=2.0,
-                teacher_bias=torch.randn(vocab).to(dtype)) if heads else {}
+    head = (
+        dict(
+            bias=torch.randn(vocab).to(dtype),
+            logit_scale=0.8,
+            logit_softcap=3.0,
+            teacher_logit_softcap=2.0,
+            teacher_bias=torch.randn(vocab).to(dtype),
+        )
+        if heads
+        else {}
+    )
     ref, ref_grads = _outputs_and_grads("reference", s_h, s_w, t_h, t_w, y, divergence, head, temperature)
     got, got_grads = _outputs_and_grads("chunked", s_h, s_w, t_h, t_w, y, divergence, head, temperature)
     for field in got._fields:
@@ -81,17 +97,17 @@ def test_fold_is_used_and_skips_rows_without_gradient(fold_on_cpu, monkeypatch):
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
 def test_fused_updates_on_the_fold_path(fold_on_cpu, divergence):
     """On CUDA the chunked fused updates run forward fold + backward fold (no whole vocabulary rows)."""
-    from fire_kernels.fused_update import linear_divergence_update, linear_logprob_update
+    from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
     s_h, s_w, t_h, t_w, y = make_problem(21, 53, 10, 14, torch.float32, seed=4)
     coefficient = torch.rand(21)
     heads = dict(bias=torch.randn(53), logit_softcap=4.0)
     h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, heads["bias"]))
-    ref = teacher_student_stats(h, w, t_h, t_w, y, divergence=divergence, backend="reference",
-                                **{**heads, "bias": b})
+    ref = teacher_student_stats(h, w, t_h, t_w, y, divergence=divergence, backend="reference", **{**heads, "bias": b})
     (coefficient * ref.divergence).sum().backward()
-    out = linear_divergence_update(s_h, s_w, t_h, t_w, y, coefficient, divergence=divergence, backend="chunked",
-                                   **heads)
+    out = linear_divergence_update(
+        s_h, s_w, t_h, t_w, y, coefficient, divergence=divergence, backend="chunked", **heads
+    )
     assert_close_output(out.divergence, ref.divergence, torch.float32, "divergence")
     for got, want in ((out.grad_hidden, h.grad), (out.grad_weight, w.grad), (out.grad_bias, b.grad)):
         assert_close_grad(got, want, torch.float32, "dense update")
@@ -99,7 +115,8 @@ def test_fused_updates_on_the_fold_path(fold_on_cpu, divergence):
     h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
     lp, _ = token_stats(h, w, y, backend="reference")
     (coefficient * lp).sum().backward()
-    out = linear_logprob_update(s_h, s_w, y, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]),
-                                backend="chunked")
+    out = linear_log_prob_update(
+        s_h, s_w, y, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]), backend="chunked"
+    )
     assert_close_grad(out.grad_hidden, h.grad, torch.float32, "logprob update dh")
     assert_close_grad(out.grad_weight, w.grad, torch.float32, "logprob update dW")

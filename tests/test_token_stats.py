@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import assert_close_grad, assert_close_output, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _helpers import assert_close_grad, assert_close_output, make_problem
 from fire_kernels import teacher_student_stats, token_stats
-from fire_kernels import triton_token_stats
+from fire_kernels.backends import triton_token_stats
 
 DIVERGENCES = [None, "reverse_kl", "forward_kl", "jsd"]
 HALF_AND_FULL = [torch.float32, torch.float16, torch.bfloat16]
@@ -19,12 +19,13 @@ def _run(backend, s_h, s_w, t_h, t_w, targets, *, divergence, temperature=1.0, j
     """Outputs and the gradients of a random per-row combination of the differentiable outputs."""
     s_h = s_h.detach().clone().requires_grad_()
     s_w = s_w.detach().clone().requires_grad_()
-    out = teacher_student_stats(s_h, s_w, t_h, t_w, targets, temperature=temperature, divergence=divergence,
-                                jsd_beta=jsd_beta, backend=backend)
+    out = teacher_student_stats(
+        s_h, s_w, t_h, t_w, targets, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta, backend=backend
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     n = targets.shape[0]
-    coeffs = [torch.randn(n, generator=gen, dtype=out.student_logprob.dtype) for _ in range(3)]
-    loss = (coeffs[0] * out.student_logprob).sum() + (coeffs[1] * out.student_entropy).sum()
+    coeffs = [torch.randn(n, generator=gen, dtype=out.student_log_prob.dtype) for _ in range(3)]
+    loss = (coeffs[0] * out.student_log_prob).sum() + (coeffs[1] * out.student_entropy).sum()
     if divergence is not None:
         loss = loss + (coeffs[2] * out.divergence).sum()
     grad_h, grad_w = torch.autograd.grad(loss, (s_h, s_w), allow_unused=True)
@@ -45,23 +46,32 @@ def _compare(backend, dtype, s_h, s_w, t_h, t_w, targets, divergence, **kw):
     assert_close_grad(got_gw, ref_gw, dtype, f"{backend}/grad_weight")
 
 
-problem_shapes = st.fixed_dictionaries({
-    "n": st.integers(0, 40),
-    "vocab": st.sampled_from([1, 2, 7, 31, 37, 64, 97, 101, 131]),  # primes and tile-unaligned sizes
-    "d_s": st.integers(1, 48),
-    "d_t": st.integers(1, 48),
-    "temperature": st.sampled_from([1.0, 0.7, 2.0]),
-    "ignore_frac": st.sampled_from([0.0, 0.3, 1.0]),
-    "seed": st.integers(0, 10_000),
-})
+problem_shapes = st.fixed_dictionaries(
+    {
+        "n": st.integers(0, 40),
+        "vocab": st.sampled_from([1, 2, 7, 31, 37, 64, 97, 101, 131]),  # primes and tile-unaligned sizes
+        "d_s": st.integers(1, 48),
+        "d_t": st.integers(1, 48),
+        "temperature": st.sampled_from([1.0, 0.7, 2.0]),
+        "ignore_frac": st.sampled_from([0.0, 0.3, 1.0]),
+        "seed": st.integers(0, 10_000),
+    }
+)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
 @given(shape=problem_shapes)
 def test_chunked_matches_reference(small_chunks, dtype, divergence, shape):
-    s_h, s_w, t_h, t_w, y = make_problem(shape["n"], shape["vocab"], shape["d_s"], shape["d_t"], dtype,
-                                         seed=shape["seed"], ignore_frac=shape["ignore_frac"])
+    s_h, s_w, t_h, t_w, y = make_problem(
+        shape["n"],
+        shape["vocab"],
+        shape["d_s"],
+        shape["d_t"],
+        dtype,
+        seed=shape["seed"],
+        ignore_frac=shape["ignore_frac"],
+    )
     _compare("chunked", dtype, s_h, s_w, t_h, t_w, y, divergence, temperature=shape["temperature"])
 
 
@@ -71,8 +81,15 @@ def test_chunked_matches_reference(small_chunks, dtype, divergence, shape):
 def test_triton_matches_reference(monkeypatch, dtype, divergence, shape, splits):
     if splits is not None:  # force the vocab split + host merge that a GPU uses at small N
         monkeypatch.setattr(triton_token_stats, "_num_splits", lambda *a: splits)
-    s_h, s_w, t_h, t_w, y = make_problem(shape["n"], shape["vocab"], shape["d_s"], shape["d_t"], dtype,
-                                         seed=shape["seed"], ignore_frac=shape["ignore_frac"])
+    s_h, s_w, t_h, t_w, y = make_problem(
+        shape["n"],
+        shape["vocab"],
+        shape["d_s"],
+        shape["d_t"],
+        dtype,
+        seed=shape["seed"],
+        ignore_frac=shape["ignore_frac"],
+    )
     _compare("triton", dtype, s_h, s_w, t_h, t_w, y, divergence, temperature=shape["temperature"])
 
 
@@ -94,7 +111,7 @@ def test_token_stats_matches_teacher_student_student_half(small_chunks, backend)
     s_h, s_w, t_h, t_w, y = make_problem(17, 40, 8, 8, torch.float32, seed=7)
     lp, ent = token_stats(s_h, s_w, y, temperature=0.5, backend=backend)
     full = teacher_student_stats(s_h, s_w, t_h, t_w, y, temperature=0.5, backend="reference")
-    assert_close_output(lp, full.student_logprob, torch.float32, "logprob")
+    assert_close_output(lp, full.student_log_prob, torch.float32, "logprob")
     assert_close_output(ent, full.student_entropy, torch.float32, "entropy")
 
 
@@ -121,7 +138,7 @@ def test_empty_batch(backend):
     s_w.requires_grad_()
     out = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="jsd", backend=backend)
     assert all(getattr(out, f).shape == (0,) for f in out._fields)
-    (out.student_logprob.sum() + out.divergence.sum()).backward()
+    (out.student_log_prob.sum() + out.divergence.sum()).backward()
     assert s_h.grad.shape == (0, 8) and torch.count_nonzero(s_w.grad) == 0
 
 
@@ -134,7 +151,7 @@ def test_ignored_rows_give_zero_and_get_zero_gradient(small_chunks, backend):
     for field in out._fields:
         assert torch.all(getattr(out, field)[::3] == 0), field
     # An upstream gradient on ignored rows must not leak into the inputs.
-    (out.student_logprob.sum() + out.student_entropy.sum() + out.divergence.sum()).backward()
+    (out.student_log_prob.sum() + out.student_entropy.sum() + out.divergence.sum()).backward()
     assert torch.all(s_h.grad[::3] == 0)
     assert torch.all(s_h.grad[1::3].abs().sum(-1) > 0)
 
@@ -146,7 +163,7 @@ def test_every_token_ignored(backend):
     s_w.requires_grad_()
     out = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="forward_kl", backend=backend)
     assert all(torch.all(getattr(out, f) == 0) for f in out._fields)
-    (out.student_logprob.sum() + out.divergence.sum()).backward()
+    (out.student_log_prob.sum() + out.divergence.sum()).backward()
     assert torch.count_nonzero(s_h.grad) == 0 and torch.count_nonzero(s_w.grad) == 0
 
 
@@ -157,7 +174,7 @@ def test_teacher_gets_no_gradient_and_frozen_weight_skips_its_gradient(backend):
     t_h.requires_grad_()
     t_w.requires_grad_()
     out = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend=backend)
-    assert not out.teacher_logprob.requires_grad and not out.teacher_entropy.requires_grad
+    assert not out.teacher_log_prob.requires_grad and not out.teacher_entropy.requires_grad
     out.divergence.sum().backward()
     assert t_h.grad is None and t_w.grad is None and s_w.grad is None
     assert s_h.grad is not None and torch.count_nonzero(s_h.grad) > 0
@@ -165,7 +182,7 @@ def test_teacher_gets_no_gradient_and_frozen_weight_skips_its_gradient(backend):
 
 def test_auto_backend_is_chunked_everywhere():
     """The documented rule (csrc_notes/tile_fold.md): chunked, which on CUDA is cuBLAS + Triton folds."""
-    from fire_kernels import tile_fold
+    from fire_kernels.backends import tile_fold
     from fire_kernels.token_stats import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "chunked"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from fire_opd.config import TrainConfig
-from fire_opd.data import TASK_ALPHABET, load_prompts, sample_problems, write_prompts
-from fire_opd.models import build_char_tokenizer, tiny_llama
-from fire_opd.trainer import FireOPDTrainer
+from fire_opd.algorithm.options import FireOptions
+from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
+from fire_opd.demo.tiny_models import build_char_tokenizer, tiny_llama
+from fire_opd.train.config import TrainConfig, dotted
+from fire_opd.train.data import load_prompts, write_prompts
+from fire_opd.train.trainer import FireOPDTrainer
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +22,45 @@ def tokenizer():
 
 
 def _model(tokenizer, seed, hidden=32, vocab=None):
-    return tiny_llama(vocab or len(tokenizer), hidden, 1, 2, seed=seed, pad_id=tokenizer.pad_token_id,
-                      eos_id=tokenizer.eos_token_id)
+    return tiny_llama(
+        vocab or len(tokenizer), hidden, 1, 2, seed=seed, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id
+    )
 
 
 def _config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), steps=3, prompts_per_step=4, samples_per_prompt=2,
-                micro_batch_size=3, max_new_tokens=6, lr=1e-3, warmup_steps=1, eval_every=2, eval_size=8,
-                progress=False, tensorboard=False, seed=5, percentile=25.0, objective="sampled")
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        steps=3,
+        prompts_per_step=4,
+        samples_per_prompt=2,
+        micro_batch_size=3,
+        max_new_tokens=6,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_every=2,
+        eval_size=8,
+        progress=False,
+        tensorboard=False,
+        seed=5,
+        percentile=25.0,
+        objective="sampled",
+    )
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(dotted(base))
 
 
 def _trainer(tokenizer, config, tasks=("arith",), teacher_names=("arith",), student_seed=0):
     train = sample_problems(tasks, 40, seed=1, split="train")
     held_out = sample_problems(tasks, 8, seed=2, split="test")
     teachers = {name: _model(tokenizer, 10 + i, hidden=48) for i, name in enumerate(teacher_names)}
-    return FireOPDTrainer(config, student=_model(tokenizer, student_seed), teachers=teachers, tokenizer=tokenizer,
-                          train_problems=train, eval_problems=held_out)
+    return FireOPDTrainer(
+        config,
+        student=_model(tokenizer, student_seed),
+        teachers=teachers,
+        tokenizer=tokenizer,
+        train_problems=train,
+        eval_problems=held_out,
+    )
 
 
 @pytest.mark.parametrize("method,fused", [("fire", True), ("fire", False), ("opd", True), ("hard_token", True)])
@@ -58,12 +82,16 @@ def test_single_teacher_run(tmp_path, tokenizer, method, fused):
 
 
 def test_multi_teacher_run_routes_by_key(tmp_path, tokenizer):
-    trainer = _trainer(tokenizer, _config(tmp_path, stats_scope="micro_batch"), tasks=("arith", "reverse"),
-                       teacher_names=("arith", "reverse"))
+    trainer = _trainer(
+        tokenizer,
+        _config(tmp_path, stats_scope="micro_batch"),
+        tasks=("arith", "reverse"),
+        teacher_names=("arith", "reverse"),
+    )
     history = trainer.train()
     assert "eval/accuracy_arith" in history[-1] and "eval/accuracy_reverse" in history[-1]
     # Each rollout is scored by its own teacher: re-score one batch and compare with a manual route.
-    from fire_opd.sampling import generate_rollouts
+    from fire_opd.train.rollouts import generate_rollouts
 
     problems = trainer.train_problems[:4]
     rollouts = generate_rollouts(trainer.student, tokenizer, [p.prompt for p in problems], max_new_tokens=4)
@@ -74,10 +102,15 @@ def test_multi_teacher_run_routes_by_key(tmp_path, tokenizer):
 
 
 def _subset(rollouts, i):
-    from fire_opd.sampling import Rollouts
+    from fire_opd.train.rollouts import Rollouts
 
-    return Rollouts(rollouts.prompt_ids[i:i + 1], rollouts.prompt_mask[i:i + 1], rollouts.response_ids[i:i + 1],
-                    rollouts.response_mask[i:i + 1], rollouts.texts[i:i + 1])
+    return Rollouts(
+        rollouts.prompt_ids[i : i + 1],
+        rollouts.prompt_mask[i : i + 1],
+        rollouts.response_ids[i : i + 1],
+        rollouts.response_mask[i : i + 1],
+        rollouts.texts[i : i + 1],
+    )
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, tokenizer):
@@ -102,8 +135,13 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, tokenizer):
 def test_vocab_mismatch_is_refused(tmp_path, tokenizer):
     config = _config(tmp_path)
     with pytest.raises(ValueError, match="vocab mismatch: teacher 'arith' has V=25"):
-        FireOPDTrainer(config, student=_model(tokenizer, 0), teachers={"arith": _model(tokenizer, 1, vocab=25)},
-                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
+        FireOPDTrainer(
+            config,
+            student=_model(tokenizer, 0),
+            teachers={"arith": _model(tokenizer, 1, vocab=25)},
+            tokenizer=tokenizer,
+            train_problems=sample_problems(["arith"], 4, seed=0, split="train"),
+        )
 
 
 def _family(name: str, tokenizer, seed: int):
@@ -111,31 +149,61 @@ def _family(name: str, tokenizer, seed: int):
     untied embeddings, MoE, GPT-2's own layout) and the heads that are more than h @ W^T."""
     import transformers
 
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     tied = dict(common, tie_word_embeddings=True)
     torch.manual_seed(seed)
     builders = {
         "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**tied, head_dim=16)),
-        "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)),
+        "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+            transformers.Qwen3MoeConfig(
+                **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16
+            )
+        ),
         "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)),
         "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**common, head_dim=16)),
         "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**common)),
         "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**tied, head_dim=16)),
         "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common)),
         "smollm3": lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**tied)),
-        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)),
+        "gpt2": lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=len(tokenizer),
+                n_embd=32,
+                n_layer=1,
+                n_head=2,
+                n_positions=64,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None,
+            )
+        ),
         # heads with more than h @ W^T
-        "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(  # final_logit_softcapping
-            **common, head_dim=16, final_logit_softcapping=3.0)),
-        "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(  # logits * logit_scale
-            **common, logit_scale=0.5)),
-        "granite": lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(  # logits / logits_scaling
-            **common, logits_scaling=4.0)),
+        "gemma2": lambda: transformers.Gemma2ForCausalLM(
+            transformers.Gemma2Config(  # final_logit_softcapping
+                **common, head_dim=16, final_logit_softcapping=3.0
+            )
+        ),
+        "cohere": lambda: transformers.CohereForCausalLM(
+            transformers.CohereConfig(  # logits * logit_scale
+                **common, logit_scale=0.5
+            )
+        ),
+        "granite": lambda: transformers.GraniteForCausalLM(
+            transformers.GraniteConfig(  # logits / logits_scaling
+                **common, logits_scaling=4.0
+            )
+        ),
     }
     if name in builders:
         return builders[name]()
@@ -144,8 +212,21 @@ def _family(name: str, tokenizer, seed: int):
     return model
 
 
-FAMILIES = ["qwen3", "qwen3_moe", "qwen2", "mistral", "phi3", "gemma", "olmo2", "smollm3", "gpt2",
-            "gemma2", "cohere", "granite", "bias"]
+FAMILIES = [
+    "qwen3",
+    "qwen3_moe",
+    "qwen2",
+    "mistral",
+    "phi3",
+    "gemma",
+    "olmo2",
+    "smollm3",
+    "gpt2",
+    "gemma2",
+    "cohere",
+    "granite",
+    "bias",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,8 +234,8 @@ def test_families_equal_the_models_own_logits_and_train(tmp_path, tokenizer, fam
     """The trainer's hidden-state log-probs and entropies equal each model's own logits (scale,
     soft-cap and bias read from its config), and every family trains for two steps under both
     objectives: the head (tied or not) moves, and a bias gets gradient."""
-    from fire_opd.loss_from_hidden import response_token_stats
-    from fire_opd.models import lm_head, response_hidden_states
+    from fire_opd.ops.heads import lm_head, response_hidden_states
+    from fire_opd.ops.loss_from_hidden import response_token_stats
 
     model = _family(family, tokenizer, 0).eval()
     ids = torch.randint(3, len(tokenizer), (3, 9))
@@ -163,19 +244,31 @@ def test_families_equal_the_models_own_logits_and_train(tmp_path, tokenizer, fam
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn).logits[:, prompt_len - 1 : -1] / 0.7
         hidden = response_hidden_states(model, ids, attn, prompt_len)
-        stats = response_token_stats(hidden, lm_head(model), ids[:, prompt_len:], torch.ones(3, 5, dtype=torch.bool),
-                                     temperature=0.7, backend="chunked")
+        stats = response_token_stats(
+            hidden,
+            lm_head(model),
+            ids[:, prompt_len:],
+            torch.ones(3, 5, dtype=torch.bool),
+            temperature=0.7,
+            backend="chunked",
+        )
     log_p = torch.log_softmax(logits.float(), dim=-1)
-    torch.testing.assert_close(stats.student_logprob, log_p.gather(-1, ids[:, prompt_len:, None]).squeeze(-1),
-                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        stats.student_log_prob, log_p.gather(-1, ids[:, prompt_len:, None]).squeeze(-1), atol=2e-5, rtol=1e-5
+    )
     torch.testing.assert_close(stats.student_entropy, -(log_p.exp() * log_p).sum(-1), atol=2e-5, rtol=1e-5)
 
     student = _family(family, tokenizer, 0)
     teacher = _family(family, tokenizer, 1)
     for objective in ("full_vocab", "sampled"):
         config = _config(tmp_path / objective, steps=2, eval_every=0, eval_size=4, objective=objective)
-        trainer = FireOPDTrainer(config, student=student, teachers={"arith": teacher}, tokenizer=tokenizer,
-                                 train_problems=sample_problems(["arith"], 16, seed=0, split="train"))
+        trainer = FireOPDTrainer(
+            config,
+            student=student,
+            teachers={"arith": teacher},
+            tokenizer=tokenizer,
+            train_problems=sample_problems(["arith"], 16, seed=0, split="train"),
+        )
         before = {n: p.detach().clone() for n, p in student.named_parameters()}
         head_before = lm_head(student).weight.detach().clone()
         history = trainer.train()
@@ -191,17 +284,26 @@ def test_unsupported_heads_are_refused(tmp_path, tokenizer):
     student = _model(tokenizer, 0)
     student.config.output_mult = 2.0
     with pytest.raises(ValueError, match=r"output multiplier \(muP-style heads\) \(output_mult=2.0\)"):
-        FireOPDTrainer(_config(tmp_path), student=student, teachers={"arith": _model(tokenizer, 1)},
-                       tokenizer=tokenizer, train_problems=sample_problems(["arith"], 4, seed=0, split="train"))
+        FireOPDTrainer(
+            _config(tmp_path),
+            student=student,
+            teachers={"arith": _model(tokenizer, 1)},
+            tokenizer=tokenizer,
+            train_problems=sample_problems(["arith"], 4, seed=0, split="train"),
+        )
 
 
 def test_missing_teacher_key_in_multi_teacher_mode(tmp_path, tokenizer):
     problems = sample_problems(["arith"], 4, seed=0, split="train")
     problems[2] = type(problems[2])(problems[2].prompt, problems[2].answer, None)
     with pytest.raises(KeyError, match="row 2 has no teacher key"):
-        FireOPDTrainer(_config(tmp_path), student=_model(tokenizer, 0),
-                       teachers={"arith": _model(tokenizer, 1), "reverse": _model(tokenizer, 2)},
-                       tokenizer=tokenizer, train_problems=problems)
+        FireOPDTrainer(
+            _config(tmp_path),
+            student=_model(tokenizer, 0),
+            teachers={"arith": _model(tokenizer, 1), "reverse": _model(tokenizer, 2)},
+            tokenizer=tokenizer,
+            train_problems=problems,
+        )
 
 
 def test_malformed_prompt_files(tmp_path):
@@ -211,9 +313,9 @@ def test_malformed_prompt_files(tmp_path):
     cases = {
         '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n': ":2: not valid JSON",
         '{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2="}\n': ":3: missing or non-string field 'answer'",
-        '[1, 2]\n': ":1: expected a JSON object",
+        "[1, 2]\n": ":1: expected a JSON object",
         '{"prompt": "1=", "answer": "1", "teacher": 3}\n': ":1: field 'teacher' must be a string",
-        '': "no prompts found",
+        "": "no prompts found",
     }
     for i, (text, match) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}.jsonl"
@@ -228,14 +330,14 @@ def test_config_yaml_and_overrides(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("student: s\nteachers: {a: t}\nprompts: p.jsonl\nlr: 0.001\nadam_betas: [0.9, 0.95]\n")
     config = TrainConfig.from_yaml(path, ["lr=3e-4", "method=opd", "teachers={a: t, b: u}", "tokenizer=tok"])
-    assert config.lr == 3e-4 and config.method == "opd" and config.teachers == {"a": "t", "b": "u"}
-    assert config.adam_betas == (0.9, 0.95) and config.tokenizer == "tok"
+    assert config.optim.lr == 3e-4 and config.fire.method == "opd" and config.models.teachers == {"a": "t", "b": "u"}
+    assert config.optim.adam_betas == (0.9, 0.95) and config.models.tokenizer == "tok"
     with pytest.raises(ValueError, match="unknown config field"):
         TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ValueError, match="method must be one of"):
-        TrainConfig(method="ppo")
+        TrainConfig.from_dict({"fire.method": "ppo"})
     with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
-        TrainConfig(micro_batch_size=0)
+        TrainConfig.from_dict({"optim.micro_batch_size": 0})
 
 
 @pytest.mark.parametrize("stats_scope", ["batch", "micro_batch"])
@@ -244,9 +346,20 @@ def test_dense_objective_multi_teacher_accumulates_to_the_whole_batch_gradient(t
     accumulate to the gradient of one whole-batch step; fused and autograd paths agree."""
     grads = {}
     for name, micro_batch_size, fused in (("small", 3, True), ("whole", 64, True), ("autograd", 3, False)):
-        config = _config(tmp_path / name, steps=1, objective="full_vocab", divergence="jsd", jsd_beta=0.7,
-                         micro_batch_size=micro_batch_size, fused_update=fused, eval_every=0, eval_size=0,
-                         loss_agg_mode="seq-mean-token-mean", max_grad_norm=1e9, stats_scope=stats_scope)
+        config = _config(
+            tmp_path / name,
+            steps=1,
+            objective="full_vocab",
+            divergence="jsd",
+            jsd_beta=0.7,
+            micro_batch_size=micro_batch_size,
+            fused_update=fused,
+            eval_every=0,
+            eval_size=0,
+            loss_agg_mode="seq-mean-token-mean",
+            max_grad_norm=1e9,
+            stats_scope=stats_scope,
+        )
         trainer = _trainer(tokenizer, config, tasks=("arith", "reverse"), teacher_names=("arith", "reverse"))
         history = trainer.train()
         assert 0 < history[0]["fire/keep_ratio"] < 1 and history[0]["fire/divergence"] > 0
@@ -260,26 +373,26 @@ def test_dense_objective_multi_teacher_accumulates_to_the_whole_batch_gradient(t
 
 def test_objective_options_are_validated():
     with pytest.raises(ValueError, match="objective must be one of"):
-        TrainConfig(objective="dense")
+        TrainConfig.from_dict({"loss.objective": "dense"})
     with pytest.raises(ValueError, match="divergence must be one of"):
-        TrainConfig(divergence="kl")
+        TrainConfig.from_dict({"loss.divergence": "kl"})
     with pytest.raises(ValueError, match="jsd_beta must be in"):
-        TrainConfig(jsd_beta=1.5)
+        TrainConfig.from_dict({"loss.jsd_beta": 1.5})
     with pytest.raises(ValueError, match="filter_score must be one of"):
-        TrainConfig(filter_score="median")
+        TrainConfig.from_dict({"fire.filter_score": "median"})
     with pytest.raises(ValueError, match=r"teacher_confidence_gate must be in \[0, 1\]"):
-        TrainConfig(teacher_confidence_gate=-0.1)
+        TrainConfig.from_dict({"fire.teacher_confidence_gate": -0.1})
 
 
 def test_trainer_passes_the_hypothesis_options_to_the_loss(tmp_path, tokenizer, monkeypatch):
     """filter_score and teacher_confidence_gate reach compute_fire_advantages from TrainConfig."""
-    import fire_opd.trainer as trainer_module
+    import fire_opd.train.update as trainer_module
 
     seen = []
     real = trainer_module.compute_fire_advantages
 
     def spy(*args, **kwargs):
-        seen.append((kwargs.get("filter_score"), kwargs.get("teacher_confidence_gate")))
+        seen.append((kwargs["fire"].filter_score, kwargs["fire"].teacher_confidence_gate))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "compute_fire_advantages", spy)
@@ -289,8 +402,8 @@ def test_trainer_passes_the_hypothesis_options_to_the_loss(tmp_path, tokenizer, 
 
 
 def _released_fire(old_lp, teacher_lp, student_entropy, teacher_entropy, mask, percentile, alpha=1.0, beta=1.0):
-    """The released FiRe-OPD formula, written again in numpy from the paper's code (DESIGN.md,
-    steps 1-4): batch-wide np.percentile filter on the mean teacher log-prob, confidence and
+    """The released FiRe-OPD formula, written again in numpy from the paper's code (steps
+    1-4 of fire_opd.algorithm): batch-wide np.percentile filter on the mean teacher log-prob, confidence and
     confusion normalized by the batch maxima, weights divided by their mean over valid tokens."""
     import numpy as np
 
@@ -310,8 +423,9 @@ def test_fire_on_the_trainers_own_batches_equals_the_released_formula(tmp_path, 
     """Rule out defects on real batches: rows in the order the trainer holds them, two teachers
     routed by key. Keep decisions, weights and advantages equal the released formula, and the
     trainer's loss equals `fire_policy_loss` on the same batch."""
-    import fire_opd.trainer as trainer_module
-    from fire_opd.loss import compute_fire_advantages, fire_policy_loss
+    import fire_opd.train.update as trainer_module
+    from fire_opd.algorithm.objectives import fire_policy_loss
+    from fire_opd.algorithm.selection import compute_fire_advantages
 
     captured = []
 
@@ -321,41 +435,70 @@ def test_fire_on_the_trainers_own_batches_equals_the_released_formula(tmp_path, 
         return result
 
     monkeypatch.setattr(trainer_module, "compute_fire_advantages", spy)
-    config = _config(tmp_path, steps=2, method="fire", percentile=30.0, micro_batch_size=64, eval_every=0,
-                     eval_size=0, prompts_per_step=6, samples_per_prompt=3)
+    config = _config(
+        tmp_path,
+        steps=2,
+        method="fire",
+        percentile=30.0,
+        micro_batch_size=64,
+        eval_every=0,
+        eval_size=0,
+        prompts_per_step=6,
+        samples_per_prompt=3,
+    )
     trainer = _trainer(tokenizer, config, tasks=("arith", "reverse"), teacher_names=("arith", "reverse"))
     history = trainer.train()
     assert len(captured) == 2
-    for (old_lp, teacher_lp, student_entropy, teacher_entropy, mask), kwargs, fire in captured:
+    for (old_lp, teacher_lp, student_entropy, teacher_entropy, mask), _kwargs, fire in captured:
         keep, weights, advantages = _released_fire(old_lp, teacher_lp, student_entropy, teacher_entropy, mask, 30.0)
-        assert fire.keep.tolist() == keep.tolist()
-        assert 0 < int(fire.keep.sum()) < len(keep)
+        assert fire.kept_rollouts.tolist() == keep.tolist()
+        assert 0 < int(fire.kept_rollouts.sum()) < len(keep)
         loss_mask = fire.loss_mask.numpy()
-        torch.testing.assert_close(fire.token_weights[fire.loss_mask], torch.tensor(weights[loss_mask]).float(),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            fire.token_weights[fire.loss_mask], torch.tensor(weights[loss_mask]).float(), rtol=1e-5, atol=1e-6
+        )
         torch.testing.assert_close(fire.advantages, torch.tensor(advantages).float(), rtol=1e-5, atol=1e-6)
     # the first step's update starts from the sampler's parameters: ratio 1, so the loss is -mean(A)
     (old_lp, teacher_lp, student_entropy, teacher_entropy, mask), _, _ = captured[0]
-    loss, _ = fire_policy_loss(old_lp, old_lp, teacher_lp, student_entropy, teacher_entropy, mask, method="fire",
-                               percentile=30.0)
+    loss, _ = fire_policy_loss(
+        old_lp,
+        old_lp,
+        teacher_lp,
+        student_entropy,
+        teacher_entropy,
+        mask,
+        fire=FireOptions(method="fire", percentile=30.0),
+    )
     assert history[0]["train/loss"] == pytest.approx(float(loss), rel=1e-4, abs=1e-6)
 
 
 def test_reweighting_changes_the_update(tmp_path, tokenizer):
     """reweight_only must not be OPD in disguise: its weights vary over the loss tokens and its
     gradient differs from OPD's on the same rollouts."""
-    from fire_opd.build_assets import ASSETS_DIR
-    from fire_opd.models import load_causal_lm, load_tokenizer
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.train.models import load_causal_lm, load_tokenizer
 
     shipped_tokenizer = load_tokenizer(ASSETS_DIR / "tokenizer")
     teachers = {"arith": load_causal_lm(ASSETS_DIR / "teacher_arith")}
     grads, weights = {}, {}
     for method in ("opd", "reweight_only"):
-        config = _config(tmp_path / method, steps=1, method=method, eval_every=0, eval_size=0, max_grad_norm=1e9,
-                         max_new_tokens=8, micro_batch_size=64)
-        trainer = FireOPDTrainer(config, student=load_causal_lm(ASSETS_DIR / "student_init"), teachers=teachers,
-                                 tokenizer=shipped_tokenizer,
-                                 train_problems=sample_problems(["arith"], 40, seed=1, split="train"))
+        config = _config(
+            tmp_path / method,
+            steps=1,
+            method=method,
+            eval_every=0,
+            eval_size=0,
+            max_grad_norm=1e9,
+            max_new_tokens=8,
+            micro_batch_size=64,
+        )
+        trainer = FireOPDTrainer(
+            config,
+            student=load_causal_lm(ASSETS_DIR / "student_init"),
+            teachers=teachers,
+            tokenizer=shipped_tokenizer,
+            train_problems=sample_problems(["arith"], 40, seed=1, split="train"),
+        )
         history = trainer.train()
         grads[method] = torch.cat([p.grad.flatten() for p in trainer.student.parameters()])
         weights[method] = (history[0]["fire/weight_min"], history[0]["fire/weight_max"])
@@ -374,13 +517,13 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tmp_path, tokenizer):
     trainer.train(until_step=1)
     params = [p.detach().clone() for p in trainer.student.parameters()]
     optimizer_state = copy.deepcopy(trainer.optimizer.state_dict()["state"])
-    finite_forward = trainer.loss_fn.forward
+    finite_forward = trainer.loss_fn.sampled
 
     def poisoned(*args, **kwargs):
         loss, metrics = finite_forward(*args, **kwargs)
         return loss * float("nan"), metrics
 
-    trainer.loss_fn.forward = poisoned
+    trainer.loss_fn.sampled = poisoned
     trainer.train(until_step=2)
     last = trainer.history[-1]
     assert last["train/step_skipped"] == 1.0 and last["train/skipped_steps"] == 1.0
@@ -388,12 +531,12 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tmp_path, tokenizer):
     for index, state in trainer.optimizer.state_dict()["state"].items():
         assert all(torch.equal(value, optimizer_state[index][key]) for key, value in state.items())
 
-    trainer.loss_fn.forward = finite_forward  # a finite step resets the run of skipped steps
+    trainer.loss_fn.sampled = finite_forward  # a finite step resets the run of skipped steps
     trainer.train(until_step=3)
     assert trainer.history[-1]["train/step_skipped"] == 0.0 and trainer.history[-1]["train/skipped_steps"] == 1.0
     assert any(not torch.equal(a, b) for a, b in zip(params, trainer.student.parameters()))
 
-    trainer.loss_fn.forward = poisoned
+    trainer.loss_fn.sampled = poisoned
     with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss or gradient norm"):
         trainer.train()
     assert trainer.skipped_steps == 3
@@ -420,8 +563,10 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tokenizer):
     gradient norm, weights equal to float round-off."""
     runs = {}
     for flag in (False, True):
-        trainer = _trainer(tokenizer, _config(tmp_path / str(flag), steps=2, eval_every=0, objective="full_vocab",
-                                              gradient_checkpointing=flag))
+        trainer = _trainer(
+            tokenizer,
+            _config(tmp_path / str(flag), steps=2, eval_every=0, objective="full_vocab", gradient_checkpointing=flag),
+        )
         assert getattr(trainer.student, "is_activation_checkpointing", None) in (flag, None)
         assert trainer.student.model.layers[0].gradient_checkpointing == flag
         runs[flag] = (trainer.train(), [p.detach().clone() for p in trainer.student.parameters()])
@@ -436,14 +581,95 @@ def test_teacher_dtype_serves_a_float32_student_from_bfloat16_teachers(tmp_path,
     """teacher_dtype loads the teachers in bf16 (half their memory) while the student trains in fp32."""
     from pathlib import Path
 
-    assets = Path(__file__).resolve().parents[1] / "fire_opd" / "assets"
+    assets = Path(__file__).resolve().parents[1] / "fire_opd" / "demo" / "assets"
     problems = sample_problems(["arith"], 16, seed=0, split="train")
-    config = _config(tmp_path, steps=2, eval_every=0, objective="full_vocab", teacher_dtype="bfloat16",
-                     student=str(assets / "student_init"), teachers={"arith": str(assets / "teacher_arith")},
-                     tokenizer=str(assets / "tokenizer"))
+    config = _config(
+        tmp_path,
+        steps=2,
+        eval_every=0,
+        objective="full_vocab",
+        teacher_dtype="bfloat16",
+        student=str(assets / "student_init"),
+        teachers={"arith": str(assets / "teacher_arith")},
+        tokenizer=str(assets / "tokenizer"),
+    )
     trainer = FireOPDTrainer(config, train_problems=problems)
     assert next(trainer.teachers["arith"].parameters()).dtype == torch.bfloat16
     assert next(trainer.student.parameters()).dtype == torch.float32
     history = trainer.train()
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
     assert 0 < history[0]["train/full_vocab_reverse_kl"] < 10
+
+
+def test_group_scope_ranks_each_prompts_own_rollouts(tmp_path, tokenizer, monkeypatch):
+    """fire.filter_scope: group hands the selection each rollout's prompt index (rollouts of one
+    prompt are adjacent), and the run drops rollouts inside every prompt's group."""
+    import fire_opd.train.update as update_module
+
+    seen = []
+    real = update_module.compute_fire_advantages
+
+    def spy(*args, **kwargs):
+        selection = real(*args, **kwargs)
+        seen.append((kwargs["group_ids"], selection.kept_rollouts))
+        return selection
+
+    monkeypatch.setattr(update_module, "compute_fire_advantages", spy)
+    config = _config(tmp_path, steps=2, eval_every=0, samples_per_prompt=4, filter_scope="group", percentile=30.0)
+    history = _trainer(tokenizer, config).train()
+    assert len(seen) == 2
+    for group_ids, kept in seen:
+        assert group_ids.tolist() == [i // 4 for i in range(16)]
+        for group in range(4):  # the 30th percentile of 4 rollouts drops one or two of each prompt's
+            assert 2 <= int(kept[group * 4 : group * 4 + 4].sum()) <= 3
+    assert all(0.5 <= row["fire/keep_ratio"] <= 0.75 for row in history)
+
+
+def test_bf16_student_trains(tmp_path, tokenizer):
+    """models.dtype: bfloat16 keeps the student's parameters in bf16 (the kernels take bf16 hidden
+    states and heads); a step changes them and the loss is finite."""
+    trainer = _trainer(tokenizer, _config(tmp_path, steps=2, eval_every=0, dtype="bfloat16", objective="full_vocab"))
+    assert {p.dtype for p in trainer.student.parameters()} == {torch.bfloat16}
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    history = trainer.train()
+    assert all(math.isfinite(row["train/loss"]) and row["train/step_skipped"] == 0.0 for row in history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+
+
+def test_top_p_sampling_keeps_only_the_nucleus(tokenizer):
+    """top_p near 0 keeps only the most likely token at every position: the rollouts equal greedy
+    decoding whatever the seed; top_p = 1 samples other completions."""
+    from fire_opd.train.rollouts import generate_rollouts
+
+    model = _model(tokenizer, 3)
+    prompts = [p.prompt for p in sample_problems(["arith"], 16, seed=4, split="train")]
+    greedy = generate_rollouts(model, tokenizer, prompts, max_new_tokens=6, do_sample=False)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nucleus = generate_rollouts(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, top_p=1e-6)
+        assert nucleus.texts == greedy.texts
+    torch.manual_seed(0)
+    sampled = generate_rollouts(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, top_p=1.0)
+    assert sampled.texts != greedy.texts
+
+
+def test_sigint_stops_at_the_step_boundary_with_a_checkpoint(tmp_path, tokenizer, monkeypatch):
+    """Ctrl-C (SIGINT) during step 2 ends the run after that step with a checkpoint that a resume
+    continues from, as SIGTERM does."""
+    import os
+    import signal
+
+    trainer = _trainer(tokenizer, _config(tmp_path, steps=5, eval_every=0))
+    real_step = trainer.train_step
+
+    def interrupted_step():
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step()
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_step)
+    history = trainer.train()
+    assert trainer.stopped_by_signal == "SIGINT" and len(history) == 2
+    assert (tmp_path / "run" / "step-000002").is_dir() and not (tmp_path / "run" / "final").exists()
+    resumed = _trainer(tokenizer, _config(tmp_path, steps=5, eval_every=0, resume_from="latest"))
+    assert resumed.step == 2 and len(resumed.train()) == 5

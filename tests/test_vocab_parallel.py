@@ -36,8 +36,7 @@ def _problem(dtype, n=13, vocab=23, d_s=6, d_t=5, seed=0):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
-    return (randn(n, d_s), randn(vocab, d_s), randn(n, d_t), randn(vocab, d_t), randn(vocab), targets,
-            randn(3, n))
+    return (randn(n, d_s), randn(vocab, d_s), randn(n, d_t), randn(vocab, d_t), randn(vocab), targets, randn(3, n))
 
 
 # (backend, dtype, output tolerance, gradient tolerance): chunked in float64 checks the math to
@@ -69,17 +68,31 @@ def _worker(rank: int, world: int, port: int, backend: str) -> None:
                 if divergence is None:
                     lp, ent = token_stats(h, w, targets, bias=b, backend=backend, vocab_process_group=group, **kwargs)
                     return lp, ent, None
-                out = teacher_student_stats(h, w, t_h, tw, targets, divergence=divergence, jsd_beta=beta, bias=b,
-                                            backend=backend, vocab_process_group=group, **kwargs)
-                return out.student_logprob, out.student_entropy, out.divergence
+                out = teacher_student_stats(
+                    h,
+                    w,
+                    t_h,
+                    tw,
+                    targets,
+                    divergence=divergence,
+                    jsd_beta=beta,
+                    bias=b,
+                    backend=backend,
+                    vocab_process_group=group,
+                    **kwargs,
+                )
+                return out.student_log_prob, out.student_entropy, out.divergence
 
             full = [x.clone().requires_grad_(True) for x in (s_h, s_w, bias)]
             ref = run(full[0], full[1], full[2] if with_bias else None, t_w, None, "reference")
             ref_loss = sum((u * r).sum() for u, r in zip(upstream, ref) if r is not None)
             ref_grads = torch.autograd.grad(ref_loss, full[:3] if with_bias else full[:2])
 
-            mine = [s_h.clone().requires_grad_(True), s_w[lo:hi].clone().requires_grad_(True),
-                    bias[lo:hi].clone().requires_grad_(True)]
+            mine = [
+                s_h.clone().requires_grad_(True),
+                s_w[lo:hi].clone().requires_grad_(True),
+                bias[lo:hi].clone().requires_grad_(True),
+            ]
             sent.clear()
             dist.all_reduce = recording
             out = run(mine[0], mine[1], mine[2] if with_bias else None, t_w[lo:hi], dist.group.WORLD, backend)
@@ -112,12 +125,17 @@ def test_vocab_parallel_refuses_the_materializing_reference_backend():
     from fire_kernels import token_stats
 
     with pytest.raises(ValueError, match="vocab_process_group needs a streaming backend"):
-        token_stats(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), backend="reference",
-                    vocab_process_group=object())
+        token_stats(
+            torch.randn(2, 3),
+            torch.randn(4, 3),
+            torch.tensor([0, 1]),
+            backend="reference",
+            vocab_process_group=object(),
+        )
 
 
 def _fused_update_worker(rank: int, world: int, port: int) -> None:
-    from fire_kernels.fused_update import linear_divergence_update, linear_logprob_update
+    from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -130,30 +148,61 @@ def _fused_update_worker(rank: int, world: int, port: int) -> None:
             return (coefficient[rows] * lp * lp / 2).sum(), coefficient[rows] * lp
 
         for reduce in (True, False):
-            whole = linear_logprob_update(s_h, s_w, targets, grad_fn, bias=bias)
-            mine = linear_logprob_update(s_h, s_w[lo:hi], targets, grad_fn, bias=bias[lo:hi],
-                                         vocab_process_group=dist.group.WORLD, reduce_hidden_grad=reduce)
-            for a, b in ((mine.logprob, whole.logprob), (mine.loss, whole.loss),
-                         (mine.grad_weight, whole.grad_weight[lo:hi]), (mine.grad_bias, whole.grad_bias[lo:hi])):
+            whole = linear_log_prob_update(s_h, s_w, targets, grad_fn, bias=bias)
+            mine = linear_log_prob_update(
+                s_h,
+                s_w[lo:hi],
+                targets,
+                grad_fn,
+                bias=bias[lo:hi],
+                vocab_process_group=dist.group.WORLD,
+                reduce_hidden_grad=reduce,
+            )
+            for a, b in (
+                (mine.log_prob, whole.log_prob),
+                (mine.loss, whole.loss),
+                (mine.grad_weight, whole.grad_weight[lo:hi]),
+                (mine.grad_bias, whole.grad_bias[lo:hi]),
+            ):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
             grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
             torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
             for divergence in ("reverse_kl", "forward_kl", "jsd"):
-                whole = linear_divergence_update(s_h, s_w, t_h, t_w, targets, coefficient, divergence=divergence,
-                                                 jsd_beta=0.3)
-                mine = linear_divergence_update(s_h, s_w[lo:hi], t_h, t_w[lo:hi], targets, coefficient,
-                                                divergence=divergence, jsd_beta=0.3,
-                                                vocab_process_group=dist.group.WORLD, reduce_hidden_grad=reduce)
-                for a, b in ((mine.divergence, whole.divergence), (mine.loss, whole.loss),
-                             (mine.grad_weight, whole.grad_weight[lo:hi])):
+                whole = linear_divergence_update(
+                    s_h, s_w, t_h, t_w, targets, coefficient, divergence=divergence, jsd_beta=0.3
+                )
+                mine = linear_divergence_update(
+                    s_h,
+                    s_w[lo:hi],
+                    t_h,
+                    t_w[lo:hi],
+                    targets,
+                    coefficient,
+                    divergence=divergence,
+                    jsd_beta=0.3,
+                    vocab_process_group=dist.group.WORLD,
+                    reduce_hidden_grad=reduce,
+                )
+                for a, b in (
+                    (mine.divergence, whole.divergence),
+                    (mine.loss, whole.loss),
+                    (mine.grad_weight, whole.grad_weight[lo:hi]),
+                ):
                     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
                 grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
                 torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
         # every row ignored (a micro-batch whose rollouts were all filtered) and no rows at all
         for rows in (s_h.shape[0], 0):
             ignored = torch.full((rows,), -100)
-            out = linear_divergence_update(s_h[:rows], s_w[lo:hi], t_h[:rows], t_w[lo:hi], ignored,
-                                           coefficient[:rows], vocab_process_group=dist.group.WORLD)
+            out = linear_divergence_update(
+                s_h[:rows],
+                s_w[lo:hi],
+                t_h[:rows],
+                t_w[lo:hi],
+                ignored,
+                coefficient[:rows],
+                vocab_process_group=dist.group.WORLD,
+            )
             assert float(out.loss) == 0.0 and not out.grad_hidden.any() and not out.grad_weight.any()
     finally:
         dist.destroy_process_group()
@@ -173,28 +222,38 @@ def test_fused_updates_on_a_sharded_vocabulary_equal_the_whole_one(world):
     mp.spawn(_fused_update_worker, args=(world, _free_port()), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"parallel": "fsdp"}, "vocab_parallel: true runs with parallel: ddp"),
-    ({"fused_update": False}, "vocab_parallel: true needs fused_update: true"),
-    ({"stats_scope": "micro_batch"}, "vocab_parallel: true needs stats_scope: batch"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"parallel": "fsdp"}, "parallel.vocab: true runs with parallel.student: ddp"),
+        ({"fused_update": False}, "parallel.vocab: true needs runtime.fused_update: true"),
+        ({"stats_scope": "micro_batch"}, "parallel.vocab: true needs loss.stats_scope: batch"),
+    ],
+)
 def test_vocab_parallel_config_errors_say_what_to_change(overrides, message):
-    from fire_opd.config import TrainConfig
+    from fire_opd.train.config import TrainConfig, dotted
 
     with pytest.raises(ValueError, match=message):
-        TrainConfig(vocab_parallel=True, **overrides)
+        TrainConfig.from_dict({"parallel.vocab": True, **dotted(overrides)})
 
 
 def _single_process_worker(rank: int, port: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fire_opd.sharded_head import ShardedLMHead, shard_rows
+    from fire_opd.parallel.sharded_head import ShardedLMHead, shard_rows
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         assert [shard_rows(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
-        config = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=11,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
         with pytest.raises(ValueError, match="ties its lm_head to its input embeddings"):
             ShardedLMHead.shard(LlamaForCausalLM(config), "the student", dist.group.WORLD)
         config.tie_word_embeddings = False

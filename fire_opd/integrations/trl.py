@@ -18,7 +18,7 @@ PEFT, the optimizer, logging, checkpoints. Two methods change:
       all-reduced over torch.distributed's default group); the per-token loss coefficients ride
       along in the batch as `fire_*` tensors.
   `_compute_loss`  per micro-batch, the loss from hidden states in one fused sweep
-      (fire_opd.loss_from_hidden.FireOPDLoss): `fire_objective="full_vocab"` (default) is
+      (fire_opd.ops.loss_from_hidden.FireOPDLoss): `fire_objective="full_vocab"` (default) is
       sum_t k_t w_t D_t(student || teacher) with D the divergence TRL's `beta` selects (the
       generalized JSD: 1 = reverse KL, 0 = forward KL), exactly TRL's loss when w = 1 and no
       rollout is dropped (`fire_method="opd"`); `fire_objective="sampled"` is the paper's PPO
@@ -40,15 +40,17 @@ loss runs the teacher forward per micro-batch too; that one stays).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from trl import DistillationConfig, DistillationTrainer
 
-from ..loss import (FILTER_SCORES, LOSS_AGG_MODES, METHODS, OBJECTIVES, compute_fire_advantages,
-                    dense_coefficients, loss_normalizer)
-from ..loss_from_hidden import FireOPDLoss, response_token_stats
-from ..models import lm_head
+from fire_opd.algorithm.objectives import dense_coefficients, loss_normalizer
+from fire_opd.algorithm.options import FILTER_SCORES, LOSS_AGG_MODES, METHODS, OBJECTIVES, FireOptions
+from fire_opd.algorithm.selection import compute_fire_advantages
+from fire_opd.ops.heads import lm_head
+from fire_opd.ops.loss_from_hidden import FireOPDLoss, response_token_stats
+from fire_opd.parallel.parallelism import plan_micro_batches
 
 # per-token [B, T] tensors added to TRL's generation batch (split and shuffled with it)
 FIRE_KEYS = ("fire_old_log_prob", "fire_student_entropy", "fire_advantages", "fire_loss_mask", "fire_coefficients")
@@ -62,8 +64,9 @@ class FireOPDConfig(DistillationConfig):
     (fire-opd's `filter_scope: group` has no groups here)."""
 
     fire_method: str = field(default="fire", metadata={"help": f"one of {METHODS}"})
-    fire_percentile: float = field(default=20.0, metadata={"help": "drop rollouts whose score is below this "
-                                                                    "percentile of the generation batch"})
+    fire_percentile: float = field(
+        default=20.0, metadata={"help": "drop rollouts whose score is below this percentile of the generation batch"}
+    )
     fire_alpha: float = field(default=1.0, metadata={"help": "teacher-confidence strength"})
     fire_beta: float = field(default=1.0, metadata={"help": "student-confusion strength"})
     fire_clip_ratio: float = field(default=0.2, metadata={"help": "PPO epsilon (fire_objective='sampled')"})
@@ -71,22 +74,24 @@ class FireOPDConfig(DistillationConfig):
     fire_objective: str = field(default="full_vocab", metadata={"help": f"one of {OBJECTIVES}"})
     fire_filter_score: str = field(default="teacher_mean", metadata={"help": f"one of {FILTER_SCORES}"})
     fire_teacher_confidence_gate: float = field(default=0.0, metadata={"help": "drop tokens with c_t below this"})
-    fire_backend: str = field(default="auto", metadata={"help": "fire_kernels backend: auto | triton | chunked | "
-                                                                "reference"})
+    fire_backend: str = field(
+        default="auto", metadata={"help": "fire_kernels backend: auto | triton | chunked | reference"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        for name, value, allowed in (("fire_method", self.fire_method, METHODS),
-                                     ("fire_loss_agg_mode", self.fire_loss_agg_mode, LOSS_AGG_MODES),
-                                     ("fire_objective", self.fire_objective, OBJECTIVES),
-                                     ("fire_filter_score", self.fire_filter_score, FILTER_SCORES),
-                                     ("fire_backend", self.fire_backend, ("auto", "triton", "chunked", "reference"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-        if not 0.0 <= self.fire_percentile <= 100.0:
-            raise ValueError(f"fire_percentile must be in [0, 100], got {self.fire_percentile}")
-        if not 0.0 <= self.fire_teacher_confidence_gate <= 1.0:
-            raise ValueError(f"fire_teacher_confidence_gate must be in [0, 1], got {self.fire_teacher_confidence_gate}")
+        # the FiRe fields, validated once and named as the user wrote them (fire_beta, not TRL's beta)
+        self.fire = FireOptions.from_fields(vars(self), prefix="fire_")
+        for name, allowed in (
+            ("fire_loss_agg_mode", LOSS_AGG_MODES),
+            ("fire_objective", OBJECTIVES),
+            ("fire_backend", ("auto", "triton", "chunked", "reference")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        clip = self.fire_clip_ratio
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 <= clip < 1.0:
+            raise ValueError(f"fire_clip_ratio must be a number in [0, 1), got {clip!r}")
 
 
 class FireOPDDistillationTrainer(DistillationTrainer):
@@ -97,10 +102,20 @@ class FireOPDDistillationTrainer(DistillationTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, FireOPDConfig):
             raise TypeError(f"args must be a FireOPDConfig, got {type(self.args).__name__}")
-        a = self.args
-        self.fire_loss = FireOPDLoss(clip_ratio=a.fire_clip_ratio, loss_agg_mode=a.fire_loss_agg_mode,
-                                     temperature=self.temperature, backend=a.fire_backend, divergence="jsd",
-                                     jsd_beta=self.beta)
+        a = self.fire_args
+        self.fire_loss = FireOPDLoss(
+            clip_ratio=a.fire_clip_ratio,
+            loss_agg_mode=a.fire_loss_agg_mode,
+            temperature=self.temperature,
+            backend=a.fire_backend,
+            divergence="jsd",
+            jsd_beta=self.beta,
+        )
+
+    @property
+    def fire_args(self) -> FireOPDConfig:
+        """`args`, typed as what `__init__` checked it to be."""
+        return cast(FireOPDConfig, self.args)
 
     # ------------------------------------------------------------------ statistics over the generation batch
 
@@ -111,28 +126,41 @@ class FireOPDDistillationTrainer(DistillationTrainer):
 
     @torch.no_grad()
     def _fire_statistics(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        a = self.args
+        a = self.fire_args
         mask = self._loss_mask(batch)
-        columns = [self._token_stats(rows, batch) for rows in
-                   torch.arange(mask.shape[0], device=mask.device).split(a.per_device_train_batch_size)]
+        # the generation batch in micro-batches of TRL's per-device size (the trainer's planner;
+        # every process scores its own rows, so no process waits on another)
+        rows = {None: torch.arange(mask.shape[0], device=mask.device)}
+        columns = [
+            self._token_stats(part.rows, batch) for part in plan_micro_batches(rows, a.per_device_train_batch_size)
+        ]
         old_log_prob, student_entropy, teacher_log_prob, teacher_entropy, reverse_kl = (
-            torch.cat(c) for c in zip(*columns))
+            torch.cat(c) for c in zip(*columns)
+        )
         fire = compute_fire_advantages(
-            old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask, method=a.fire_method,
-            percentile=a.fire_percentile, alpha=a.fire_alpha, beta=a.fire_beta,
-            filter_score=a.fire_filter_score, teacher_confidence_gate=a.fire_teacher_confidence_gate)
+            old_log_prob,
+            teacher_log_prob,
+            student_entropy,
+            teacher_entropy,
+            mask,
+            fire=a.fire,
+        )
         # Every process's loss is normalized by the count over all processes; DDP then averages the
         # gradients over processes, which the factor num_processes undoes (as TRL does).
         normalizer = loss_normalizer(fire.loss_mask, a.fire_loss_agg_mode) / self.accelerator.num_processes
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if self.model is not None and self.model.training else "eval"
         for key, value in fire.metrics.items():
             self._metrics[mode][key].append(value)
         tokens = max(int(mask.sum()), 1)
         self._metrics[mode]["fire/full_vocab_reverse_kl"].append(float(reverse_kl[mask].sum()) / tokens)
-        return {"fire_old_log_prob": old_log_prob, "fire_student_entropy": student_entropy,
-                "fire_advantages": fire.advantages, "fire_loss_mask": fire.loss_mask,
-                "fire_coefficients": dense_coefficients(fire, a.fire_loss_agg_mode, normalizer),
-                "fire_normalizer": torch.tensor(normalizer, device=mask.device)}
+        return {
+            "fire_old_log_prob": old_log_prob,
+            "fire_student_entropy": student_entropy,
+            "fire_advantages": fire.advantages,
+            "fire_loss_mask": fire.loss_mask,
+            "fire_coefficients": dense_coefficients(fire, a.fire_loss_agg_mode, normalizer),
+            "fire_normalizer": torch.tensor(normalizer, device=mask.device),
+        }
 
     def _token_stats(self, rows: torch.Tensor, batch: dict[str, Any]):
         """Per-token statistics of some rows of the generation batch, from hidden states (no logits)."""
@@ -141,31 +169,54 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             sub["tool_mask"] = batch["tool_mask"][rows]
         student_hidden, teacher_hidden = self._hidden_states(self.model_wrapped, sub, grad=False)
         stats = response_token_stats(
-            student_hidden, self._head(self.accelerator.unwrap_model(self.model_wrapped)).to(student_hidden.dtype),
-            sub["completion_ids"], self._loss_mask(sub), teacher_hidden,
+            student_hidden,
+            self._head(self.accelerator.unwrap_model(self.model_wrapped)).to(student_hidden.dtype),
+            sub["completion_ids"],
+            self._loss_mask(sub),
+            teacher_hidden,
             self._head(self.accelerator.unwrap_model(self.teacher_model)).to(teacher_hidden.dtype),
-            temperature=self.temperature, divergence="reverse_kl", backend=self.args.fire_backend)
-        return stats.student_logprob, stats.student_entropy, stats.teacher_logprob, stats.teacher_entropy, \
-            stats.divergence
+            temperature=self.temperature,
+            divergence="reverse_kl",
+            backend=self.fire_args.fire_backend,
+        )
+        return (
+            stats.student_log_prob,
+            stats.student_entropy,
+            stats.teacher_log_prob,
+            stats.teacher_entropy,
+            stats.divergence,
+        )
 
     # ------------------------------------------------------------------ the loss of one micro-batch
 
     def _compute_loss(self, unwrapped_student, inputs: dict[str, Any], num_items_in_batch):
         """Returns (loss, student entropy sum, valid tokens), the contract of TRL's `_compute_loss`."""
-        a = self.args
-        student_hidden, teacher_hidden = self._hidden_states(unwrapped_student, inputs, grad=True,
-                                                             unwrapped=True)
+        a = self.fire_args
+        student_hidden, teacher_hidden = self._hidden_states(unwrapped_student, inputs, grad=True, unwrapped=True)
         student_head = self._head(unwrapped_student).to(student_hidden.dtype)
         loss_mask = inputs["fire_loss_mask"]
         if a.fire_objective == "full_vocab":
             teacher_head = self._head(self.accelerator.unwrap_model(self.teacher_model)).to(teacher_hidden.dtype)
-            loss, metrics = self.fire_loss.dense(student_hidden, student_head, teacher_hidden, teacher_head,
-                                                 inputs["completion_ids"], inputs["fire_coefficients"], loss_mask)
+            loss, metrics = self.fire_loss.dense(
+                student_hidden,
+                student_head,
+                teacher_hidden,
+                teacher_head,
+                inputs["completion_ids"],
+                inputs["fire_coefficients"],
+                loss_mask,
+            )
         else:
-            loss, metrics = self.fire_loss(student_hidden, student_head, inputs["completion_ids"],
-                                           inputs["fire_old_log_prob"], inputs["fire_advantages"], loss_mask,
-                                           normalizer=float(inputs["fire_normalizer"]))
-        mode = "train" if self.model.training else "eval"
+            loss, metrics = self.fire_loss.sampled(
+                student_hidden,
+                student_head,
+                inputs["completion_ids"],
+                inputs["fire_old_log_prob"],
+                inputs["fire_advantages"],
+                loss_mask,
+                normalizer=float(inputs["fire_normalizer"]),
+            )
+        mode = "train" if self.model is not None and self.model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         mask = self._loss_mask(inputs)
@@ -190,15 +241,21 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             student_hidden = self._get_last_hidden_state(student, input_ids, attention_mask, keep)
         else:
             with torch.set_grad_enabled(grad):
-                student_hidden = self._forward_redirection(student, self.accelerator.unwrap_model(student),
-                                                           self._get_last_hidden_state,
-                                                           self.accelerator.unwrap_model(student), input_ids,
-                                                           attention_mask, keep)
+                student_hidden = self._forward_redirection(
+                    student,
+                    self.accelerator.unwrap_model(student),
+                    self._get_last_hidden_state,
+                    self.accelerator.unwrap_model(student),
+                    input_ids,
+                    attention_mask,
+                    keep,
+                )
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
-            teacher_hidden = self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state,
-                                                       teacher, input_ids, attention_mask, keep)
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, teacher, self._get_last_hidden_state, teacher, input_ids, attention_mask, keep
+            )
         return student_hidden, teacher_hidden
 
     @staticmethod

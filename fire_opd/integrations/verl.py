@@ -48,6 +48,7 @@ want our kernels under verl's actor (`actor_rollout_ref.model.use_fused_kernels=
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -57,8 +58,8 @@ from verl.workers.config import DistillationLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
 from fire_kernels import token_stats
-
-from ..loss import FILTER_SCORES, LOCAL, METHODS, compute_fire_advantages
+from fire_opd.algorithm.options import FireOptions
+from fire_opd.algorithm.selection import LOCAL, compute_fire_advantages
 
 LOSS_NAME = "fire_opd"
 
@@ -77,27 +78,21 @@ class FireDistillationLossConfig(DistillationLossConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.fire_method not in METHODS:
-            raise ValueError(f"fire_method must be one of {METHODS}, got {self.fire_method!r}")
-        if self.fire_filter_score not in FILTER_SCORES:
-            raise ValueError(f"fire_filter_score must be one of {FILTER_SCORES}, got {self.fire_filter_score!r}")
-        if not 0.0 <= self.fire_percentile <= 100.0:
-            raise ValueError(f"fire_percentile must be in [0, 100], got {self.fire_percentile}")
+        fire_options(self)  # validated once, fields named as written (fire_percentile, ...)
 
 
-_DEFAULTS = FireDistillationLossConfig.__dataclass_fields__
-
-
-def _option(loss_config, name: str):
-    """A FiRe field of the loss config, or its default when verl's plain config is used."""
-    return getattr(loss_config, name, _DEFAULTS[name].default)
+def fire_options(loss_config) -> FireOptions:
+    """The FiRe options of a loss config; verl's plain DistillationLossConfig gives the defaults."""
+    names = [f"fire_{f.name}" for f in dataclasses.fields(FireOptions)]
+    return FireOptions.from_fields({n: getattr(loss_config, n) for n in names if hasattr(loss_config, n)}, "fire_")
 
 
 # ----------------------------------------------------------------------------- teacher statistics from top-k
 
 
-def teacher_stats_from_topk(topk_log_probs: torch.Tensor, topk_ids: torch.Tensor,
-                            sampled_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_stats_from_topk(
+    topk_log_probs: torch.Tensor, topk_ids: torch.Tensor, sampled_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log pi_T(y_t) or its upper bound, entropy lower bound, entropy upper-bound gap term).
 
     topk_log_probs, topk_ids: [B, T, k] the teacher's k most likely tokens (sorted or not);
@@ -126,16 +121,19 @@ def _padded(tensor: torch.Tensor, data) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the loss verl calls
 
 
-@register_distillation_loss(DistillationLossSettings(names=[LOSS_NAME], use_topk=True))  # type: ignore[arg-type]
+@register_distillation_loss(DistillationLossSettings(names=[LOSS_NAME], use_topk=True))
 def fire_opd_distillation_loss(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict]:
     """verl DistillationLossFn: per-token -(FiRe advantage) [B, T] and metrics (module docstring)."""
     loss_config = distillation_config.distillation_loss
     if not loss_config.use_policy_gradient:
-        raise ValueError("loss_mode=fire_opd returns per-token advantages for verl's policy-gradient path: set "
-                         "distillation.distillation_loss.use_policy_gradient=true")
+        raise ValueError(
+            "loss_mode=fire_opd returns per-token advantages for verl's policy-gradient path: set "
+            "distillation.distillation_loss.use_policy_gradient=true"
+        )
     if model_output.get("entropy") is None:
-        raise ValueError("loss_mode=fire_opd needs the student's entropy: set actor_rollout_ref.actor."
-                         "calculate_entropy=true")
+        raise ValueError(
+            "loss_mode=fire_opd needs the student's entropy: set actor_rollout_ref.actor.calculate_entropy=true"
+        )
     mask = _padded(data["response_mask"], data).bool()
     old_log_prob = _padded(data["old_log_probs"], data).float()
     student_entropy = no_padding_2_padding(model_output["entropy"], data).float()
@@ -145,11 +143,14 @@ def fire_opd_distillation_loss(config, distillation_config, model_output: dict, 
     teacher_log_prob, teacher_entropy, tail = teacher_stats_from_topk(topk_log_probs, topk_ids, responses)
 
     fire = compute_fire_advantages(
-        old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask,
-        method=_option(loss_config, "fire_method"), percentile=_option(loss_config, "fire_percentile"),
-        alpha=_option(loss_config, "fire_alpha"), beta=_option(loss_config, "fire_beta"),
-        filter_score=_option(loss_config, "fire_filter_score"),
-        teacher_confidence_gate=_option(loss_config, "fire_teacher_confidence_gate"), process_group=LOCAL)
+        old_log_prob,
+        teacher_log_prob,
+        student_entropy,
+        teacher_entropy,
+        mask,
+        fire=fire_options(loss_config),
+        process_group=LOCAL,
+    )
     advantages = fire.advantages * denominator_correction(mask, fire.loss_mask, config.loss_agg_mode)
     metrics: dict[str, Any] = {f"distillation/{key}": value for key, value in fire.metrics.items()}
     outside = mask & ~(topk_ids == responses.unsqueeze(-1)).any(-1)
@@ -173,9 +174,14 @@ def denominator_correction(response_mask: torch.Tensor, loss_mask: torch.Tensor,
 # ----------------------------------------------------------------------------- verl's fused kernel, swapped
 
 
-def fire_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              temperature: Optional[float] = 1.0, reduction: Optional[str] = "none",
-                              dist_process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def fire_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: Optional[float] = 1.0,
+    reduction: Optional[str] = "none",
+    dist_process_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """verl's `linear_cross_entropy` contract: (log-probs, entropy) of `labels` under
     softmax(hidden @ weight.T / temperature), both shaped like `labels`, differentiable w.r.t.
     hidden and weight; computed by `fire_kernels.token_stats` (no [tokens, vocab] logits).
@@ -185,17 +191,26 @@ def fire_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
     the whole vocabulary's, as in verl's kernel; the hidden-state gradient is this shard's part,
     as verl's kernel returns it (Megatron's sequence-parallel gather reduces it)."""
     if reduction != "none":
-        raise NotImplementedError(f"fire_linear_cross_entropy supports reduction='none' (what verl's actor uses), "
-                                  f"got {reduction!r}")
+        raise NotImplementedError(
+            f"fire_linear_cross_entropy supports reduction='none' (what verl's actor uses), got {reduction!r}"
+        )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    log_probs, entropy = token_stats(flat_hidden, weight.to(flat_hidden.dtype), labels.reshape(-1),
-                                     temperature=float(temperature), vocab_process_group=dist_process_group,
-                                     reduce_hidden_grad=False)
+    log_probs, entropy = token_stats(
+        flat_hidden,
+        weight.to(flat_hidden.dtype),
+        labels.reshape(-1),
+        temperature=float(temperature if temperature is not None else 1.0),
+        vocab_process_group=dist_process_group,
+        reduce_hidden_grad=False,
+    )
     return log_probs.view(labels.shape), entropy.view(labels.shape)
 
 
-_PATCHED_MODULES = ("verl.utils.kernel.linear_cross_entropy", "verl.models.mcore.model_forward_fused",
-                    "verl.models.mcore.model_forward_1f1b_overlap")
+_PATCHED_MODULES = (
+    "verl.utils.kernel.linear_cross_entropy",
+    "verl.models.mcore.model_forward_fused",
+    "verl.models.mcore.model_forward_1f1b_overlap",
+)
 
 
 def use_fire_linear_cross_entropy() -> list[str]:
@@ -211,10 +226,17 @@ def use_fire_linear_cross_entropy() -> list[str]:
         if module is None and name == _PATCHED_MODULES[0]:
             module = importlib.import_module(name)
         if module is not None and hasattr(module, "linear_cross_entropy"):
-            module.linear_cross_entropy = fire_linear_cross_entropy
+            setattr(module, "linear_cross_entropy", fire_linear_cross_entropy)  # noqa: B010 (a module's function)
             patched.append(name)
     return patched
 
 
-__all__ = ["FireDistillationLossConfig", "LOSS_NAME", "denominator_correction", "fire_linear_cross_entropy",
-           "fire_opd_distillation_loss", "teacher_stats_from_topk", "use_fire_linear_cross_entropy"]
+__all__ = [
+    "FireDistillationLossConfig",
+    "LOSS_NAME",
+    "denominator_correction",
+    "fire_linear_cross_entropy",
+    "fire_opd_distillation_loss",
+    "teacher_stats_from_topk",
+    "use_fire_linear_cross_entropy",
+]

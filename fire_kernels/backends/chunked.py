@@ -1,0 +1,444 @@
+"""Chunked backend: pure PyTorch, bounded [token_chunk, vocab_chunk] logit tiles, recompute in backward.
+
+This is the CPU path and the fallback on any device. It runs the same streaming algorithm as
+the Triton kernels (see `_row_stats.py`), one tile at a time:
+
+    forward   for each token chunk, for each vocab chunk: z = h W_c^T / tau (and u for the
+              teacher), update the per-row online state (m, S, A, z_y, KL cross term).
+              Generalized JSD needs the final lse of both models, so it takes a second sweep.
+    backward  for each tile: recompute z (and u when a divergence has a gradient), form
+              dL/dz from the saved per-row lse / entropy / divergence, then
+              dh[chunk] += dz @ W_c,  dW[c] += dz^T @ h[chunk].
+
+Per-tile gradient w.r.t. the student logits z (p = softmax z, q = softmax u, upstream
+gradients g_lp, g_H, g_D per row, all multiplied by 1/tau for z = W h / tau):
+
+    d log p(y)   = onehot(y) - p
+    d H          = -p * (log p + H)
+    d KL(p||q)   = p * (log p - log q - KL(p||q))
+    d KL(q||p)   = p - q
+    d JSD_beta   = (1 - beta) * p * (log p - log M - KL(p||M)),   M = (1 - beta) p + beta q
+
+Heads: with r = h W^T + b, z = softcap tanh(r scale / softcap) / tau, so
+dz/dr = (scale / tau) (1 - t^2) with t = tanh(.) = z tau / softcap, read off the recomputed z;
+without a soft-cap dz/dr = scale / tau. dL/db = sum over rows of dL/dr.
+
+Extra memory beyond inputs and gradients: a few tiles of token_chunk * vocab_chunk floats
+plus O(N) row state; float32 accumulation (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fire_kernels._validation import (
+    DIV_FORWARD_KL,
+    DIV_JSD,
+    DIV_NONE,
+    DIV_REVERSE_KL,
+    PLAIN_HEAD,
+    HeadSpec,
+    StatsProblem,
+)
+from fire_kernels.backends import tile_fold
+from fire_kernels.backends._row_stats import RowStats, finalize, finish_jsd
+from fire_kernels.vocab_parallel import VocabShards
+
+# Tile shape. Read at call time, so tests can shrink them to force many tiles on small shapes.
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 4096
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    inv_temperature: float,
+    acc: torch.dtype,
+    head: HeadSpec = PLAIN_HEAD,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    # Upcast before the product so half-precision logits are not rounded (same as the fp32
+    # accumulator of the Triton kernel); the upcast copy is one bounded weight chunk.
+    return apply_head_(hidden.to(acc) @ weight.to(acc).t(), head, bias, inv_temperature)
+
+
+def apply_head_(r: torch.Tensor, head: HeadSpec, bias: Optional[torch.Tensor], inv_temperature: float) -> torch.Tensor:
+    """In place on a fresh [rows, cols] tile r = h W_c^T: z = softcap tanh((r + b_c) scale / softcap) / tau.
+    `bias` is the tile's slice of columns (None when the head has none)."""
+    if bias is not None:
+        r.add_(bias.to(r.dtype))
+    if head.softcap:
+        return r.mul_(head.scale / head.softcap).tanh_().mul_(head.softcap * inv_temperature)
+    return r.mul_(head.scale * inv_temperature)
+
+
+def head_jacobian(z: torch.Tensor, head: HeadSpec, inv_temperature: float):
+    """dz/dr of `apply_head_`, from the finished logits z: a [rows, cols] tensor with a soft-cap,
+    else the scalar scale / tau."""
+    if head.softcap:
+        t = z * (1.0 / (head.softcap * inv_temperature))
+        return t.mul_(t).neg_().add_(1.0).mul_(head.scale * inv_temperature)
+    return head.scale * inv_temperature
+
+
+def _columns(bias: Optional[torch.Tensor], cols: slice) -> Optional[torch.Tensor]:
+    return None if bias is None else bias[cols]
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_j x_ij y_ij per row as a batched GEMV: no [rows, cols] temporary for x * y."""
+    return (x.unsqueeze(1) @ y.unsqueeze(2)).view(-1)
+
+
+def _online_update(m, s, a, z):
+    """One tile of the streaming softmax state (see _row_stats.py). Returns (m, s, a, e, scale)."""
+    m_new = torch.maximum(m, z.amax(dim=1))
+    scale = torch.exp(m - m_new)
+    shifted = z - m_new[:, None]
+    e = torch.exp(shifted)
+    a = scale * (a + (m - m_new) * s) + _row_dot(e, shifted)
+    s = scale * s + e.sum(dim=1)
+    return m_new, s, a, e, scale
+
+
+def _target_logit(z: torch.Tensor, targets: torch.Tensor, v0: int) -> torch.Tensor:
+    local = targets - v0
+    in_tile = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    return torch.where(in_tile, picked, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _jsd_log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log M = log((1 - beta) p + beta q), with one tile temporary besides the result."""
+    out = log_p + math.log(1.0 - beta)
+    return torch.logaddexp(out, log_q + math.log(beta), out=out)
+
+
+def chunked_forward(
+    problem: StatsProblem,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    shards: Optional[VocabShards] = None,
+) -> tuple[RowStats, Optional[torch.Tensor]]:
+    """Streaming forward. Returns the row statistics and `div_aux`, the per-row scalar the
+    divergence backward needs (KL(p||q) for reverse KL, KL(p||M) for JSD, else None).
+    On CUDA the tiles are folded by Triton kernels (`tile_fold`), here by torch ops. With
+    `shards` the weights are this rank's vocabulary shard and the results the whole
+    vocabulary's (`vocab_parallel`)."""
+    if tile_fold.enabled(student_hidden.device) and student_hidden.dtype != torch.float64:
+        return tile_fold.fold_forward(
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            shards=shards,
+        )
+    token_chunk, vocab_chunk = DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK  # module constants: tests shrink them
+    n, vocab = problem.num_tokens, problem.vocab_size
+    acc = _acc_dtype(student_hidden)
+    dev = student_hidden.device
+    inv_t = problem.inv_temperature
+    teacher = problem.has_teacher
+    kind = problem.divergence
+    s_head, t_head = problem.student_head, problem.teacher_head
+    lowest = torch.finfo(acc).min  # finite "-inf": (m - m_new) * S stays 0 * finite
+
+    def new_state():
+        return (
+            torch.full((n,), lowest, dtype=acc, device=dev),
+            torch.zeros(n, dtype=acc, device=dev),
+            torch.zeros(n, dtype=acc, device=dev),
+            torch.zeros(n, dtype=acc, device=dev),
+        )
+
+    m_s, s_s, a_s, zy = new_state()
+    m_t, s_t, a_t, uy = new_state() if teacher else (None,) * 4
+    cross = torch.zeros(n, dtype=acc, device=dev) if kind in (DIV_REVERSE_KL, DIV_FORWARD_KL) else None
+
+    for n0 in range(0, n, token_chunk):
+        rows = slice(n0, min(n0 + token_chunk, n))
+        h_s, y = student_hidden[rows], targets[rows]
+        h_t = teacher_hidden[rows] if teacher else None
+        for v0 in range(0, vocab, vocab_chunk):
+            # Tiles are released as soon as they are done with (at most 4 [rows, cols] tiles live:
+            # the forward-KL step), so the working set does not grow with N or V.
+            cols = slice(v0, min(v0 + vocab_chunk, vocab))
+            z = _logits(h_s, student_weight[cols], inv_t, acc, s_head, _columns(student_bias, cols))
+            zy[rows] += _target_logit(z, y, v0)
+            m_s[rows], s_s[rows], a_s[rows], e_s, scale_s = _online_update(m_s[rows], s_s[rows], a_s[rows], z)
+            if kind != DIV_REVERSE_KL:
+                del e_s
+            if not teacher:
+                del z
+                continue
+            u = _logits(h_t, teacher_weight[cols], inv_t, acc, t_head, _columns(teacher_bias, cols))
+            uy[rows] += _target_logit(u, y, v0)
+            if kind == DIV_REVERSE_KL:  # sum e^{z - m} (z - u), before the teacher's update
+                cross[rows] = scale_s * cross[rows] + _row_dot(e_s, z.sub_(u))
+                del e_s
+            if kind != DIV_FORWARD_KL:
+                del z
+            m_t[rows], s_t[rows], a_t[rows], e_t, scale_t = _online_update(m_t[rows], s_t[rows], a_t[rows], u)
+            if kind == DIV_FORWARD_KL:  # sum e^{u - m_u} (u - z)
+                cross[rows] = scale_t * cross[rows] + _row_dot(e_t, u.sub_(z))
+                del z
+            del u, e_t
+
+    valid = targets != problem.ignore_index
+    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind, shards=shards)
+    if kind == DIV_REVERSE_KL:
+        return stats, stats.divergence
+    if kind != DIV_JSD:
+        return stats, None
+
+    # Generalized JSD: log M needs both final lse values, hence a second sweep. Its tiles are half
+    # as tall: log p, log q, log M and the mixture's temporaries live together.
+    jsd_rows = max(1, token_chunk // 2)
+    beta = problem.jsd_beta
+    kl_q_m = torch.zeros(n, dtype=acc, device=dev)
+    kl_p_m = torch.zeros(n, dtype=acc, device=dev)
+    for n0 in range(0, n, jsd_rows):
+        rows = slice(n0, min(n0 + jsd_rows, n))
+        for v0 in range(0, vocab, vocab_chunk):
+            cols = slice(v0, min(v0 + vocab_chunk, vocab))
+            log_p = _logits(
+                student_hidden[rows], student_weight[cols], inv_t, acc, s_head, _columns(student_bias, cols)
+            ).sub_(stats.student_lse[rows, None])
+            log_q = _logits(
+                teacher_hidden[rows], teacher_weight[cols], inv_t, acc, t_head, _columns(teacher_bias, cols)
+            ).sub_(stats.teacher_lse[rows, None])
+            log_m = _jsd_log_mixture(log_p, log_q, beta)
+            # in place: q (log q - log M), then p (log p - log M), each difference reusing a tile
+            diff = log_q - log_m
+            kl_q_m[rows] += _row_dot(log_q.exp_(), diff)
+            del log_q, diff
+            diff = log_m.neg_().add_(log_p)
+            kl_p_m[rows] += _row_dot(log_p.exp_(), diff)
+            del log_p, log_m, diff
+    return finish_jsd(stats, valid, torch.stack([kl_q_m, kl_p_m]), beta, shards)
+
+
+def full_row_divergence(
+    log_p: torch.Tensor, p: torch.Tensor, log_q: torch.Tensor, divergence: int, jsd_beta: float
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-row divergence from whole rows of log-probabilities [rows, V] (student p = exp(log p),
+    teacher q), and the per-row `div_aux` that `divergence_grad_terms` needs:
+
+        reverse KL   KL(p||q) = sum p (log p - log q)                 aux = KL(p||q)
+        forward KL   KL(q||p) = sum q (log q - log p)                 aux = None
+        JSD_beta     beta KL(q||M) + (1 - beta) KL(p||M),
+                     M = (1 - beta) p + beta q                        aux = KL(p||M)
+    """
+    if divergence == DIV_REVERSE_KL:
+        kl = (p * (log_p - log_q)).sum(dim=1)
+        return kl, kl
+    if divergence == DIV_FORWARD_KL:
+        return (log_q.exp() * (log_q - log_p)).sum(dim=1), None
+    if divergence != DIV_JSD:
+        raise ValueError(f"full_row_divergence needs a divergence, got {divergence}")
+    log_m = _jsd_log_mixture(log_p, log_q, jsd_beta)
+    kl_p_m = (p * (log_p - log_m)).sum(dim=1)
+    kl_q_m = (log_q.exp() * (log_q - log_m)).sum(dim=1)
+    return jsd_beta * kl_q_m + (1.0 - jsd_beta) * kl_p_m, kl_p_m
+
+
+def divergence_grad_terms(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    div_aux: Optional[torch.Tensor],
+    grad_divergence: torch.Tensor,
+    divergence: int,
+    jsd_beta: float,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The divergence's share of dL/dz as (coef, extra) with dL/dz = p * coef + extra, for the
+    per-row upstream gradient g (before the 1/tau chain factor):
+
+        reverse KL   coef = g (log p - log q - KL(p||q))                  extra = None
+        forward KL   coef = g                                             extra = -g q
+        JSD_beta     coef = g (1 - beta) (log p - log M - KL(p||M))       extra = None
+
+    `coef` is [rows, V] or, for forward KL, [rows, 1]. `log_q` is consumed: reverse KL and
+    forward KL overwrite it (with coef, and with -g q) to save a tile.
+    """
+    g = grad_divergence[:, None]
+    if divergence == DIV_REVERSE_KL:
+        return log_q.neg_().add_(log_p).sub_(div_aux[:, None]).mul_(g), None
+    if divergence == DIV_FORWARD_KL:
+        return g, log_q.exp_().mul_(-g)
+    coef = _jsd_log_mixture(log_p, log_q, jsd_beta).neg_().add_(log_p).sub_(div_aux[:, None])
+    return coef.mul_(g * (1.0 - jsd_beta)), None
+
+
+def grad_logits_tile(
+    z: torch.Tensor,
+    u: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    v0: int,
+    student_lse: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_lse: Optional[torch.Tensor],
+    div_aux: Optional[torch.Tensor],
+    grad_log_prob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_divergence: Optional[torch.Tensor],
+    divergence: int,
+    jsd_beta: float,
+) -> torch.Tensor:
+    """dL/dz for one [rows, cols] tile of student logits (before the 1/tau chain factor)."""
+    # z is a fresh tile owned by the caller: reuse it in place (log p, then the coefficient, then dz).
+    log_p = z.sub_(student_lse[:, None])
+    p = log_p.exp()
+    # dz = p * (coef + div_coef) + extra, with div_coef / extra the divergence's share.
+    div_coef, extra = None, None
+    if divergence != DIV_NONE and grad_divergence is not None:
+        div_coef, extra = divergence_grad_terms(
+            log_p, u.sub_(teacher_lse[:, None]), div_aux, grad_divergence, divergence, jsd_beta
+        )
+    # Row-wise coefficient of p from the log-prob and entropy: -g_lp - g_H (log p + H).
+    coef = log_p.add_(student_entropy[:, None]).mul_(-grad_entropy[:, None]).sub_(grad_log_prob[:, None])
+    if div_coef is not None:
+        coef.add_(div_coef)
+    dz = coef.mul_(p)
+    if extra is not None:
+        dz.add_(extra)
+    local = targets - v0
+    in_tile = (local >= 0) & (local < z.shape[1])
+    rows = torch.nonzero(in_tile).squeeze(1)
+    dz[rows, local[rows]] += grad_log_prob[rows]
+    return dz
+
+
+def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+    """out = a @ b for the first product into `out` (mm out=), out += a @ b after. A weight
+    gradient [V, D] so built needs no zero-fill pass (1.5 GB at V = 152k, D = 2560, as much as a
+    third of a product on the CPU); its owner zeroes it only if no product ever came."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def chunked_backward(
+    problem: StatsProblem,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor],
+    teacher_weight: Optional[torch.Tensor],
+    student_lse: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_lse: Optional[torch.Tensor],
+    div_aux: Optional[torch.Tensor],
+    grad_log_prob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_divergence: Optional[torch.Tensor],
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    need_hidden_grad: bool = True,
+    need_weight_grad: bool = True,
+    need_bias_grad: bool = False,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Recompute tiles and accumulate (grad_student_hidden, grad_student_weight,
+    grad_student_bias) in the accumulation dtype; the caller casts to the parameter dtype.
+    Ignored rows must arrive with zero upstream gradients. On CUDA: `tile_fold`."""
+    if tile_fold.enabled(student_hidden.device) and student_hidden.dtype != torch.float64:
+        return tile_fold.fold_backward(
+            problem,
+            student_hidden,
+            student_weight,
+            targets,
+            teacher_hidden,
+            teacher_weight,
+            student_lse,
+            student_entropy,
+            teacher_lse,
+            div_aux,
+            grad_log_prob,
+            grad_entropy,
+            grad_divergence,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            need_hidden_grad=need_hidden_grad,
+            need_weight_grad=need_weight_grad,
+            need_bias_grad=need_bias_grad,
+        )
+    token_chunk, vocab_chunk = DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK  # module constants: tests shrink them
+    n, vocab = problem.num_tokens, problem.vocab_size
+    acc = _acc_dtype(student_hidden)
+    inv_t = problem.inv_temperature
+    use_teacher = problem.divergence != DIV_NONE and grad_divergence is not None
+    s_head, t_head = problem.student_head, problem.teacher_head
+    grad_hidden = (
+        torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device) if need_hidden_grad else None
+    )
+    grad_bias = torch.zeros(vocab, dtype=acc, device=student_hidden.device) if need_bias_grad else None
+    # dW is written (mm out=) by the first token chunk that has gradient and accumulated after:
+    # no zero-fill pass over a V x D buffer (1.5 GB at V = 152k, D = 2560).
+    grad_weight = (
+        torch.empty(student_weight.shape, dtype=acc, device=student_weight.device) if need_weight_grad else None
+    )
+    weight_written = False
+    row_has_grad = (grad_log_prob != 0) | (grad_entropy != 0)
+    if grad_divergence is not None:
+        row_has_grad |= grad_divergence != 0
+    if use_teacher and problem.divergence == DIV_JSD:
+        token_chunk = max(1, token_chunk // 2)  # the JSD gradient holds ~6 tiles (log M and its temporaries)
+
+    for n0 in range(0, n, token_chunk):
+        rows = slice(n0, min(n0 + token_chunk, n))
+        if not bool(row_has_grad[rows].any()):
+            continue  # every row masked or with zero upstream gradient: skip the recompute
+        h_s = student_hidden[rows].to(acc)
+        for v0 in range(0, vocab, vocab_chunk):
+            cols = slice(v0, min(v0 + vocab_chunk, vocab))
+            w_c = student_weight[cols].to(acc)
+            z = apply_head_(h_s @ w_c.t(), s_head, _columns(student_bias, cols), inv_t)
+            u = (
+                _logits(teacher_hidden[rows], teacher_weight[cols], inv_t, acc, t_head, _columns(teacher_bias, cols))
+                if use_teacher
+                else None
+            )
+            jacobian = head_jacobian(z, s_head, inv_t)  # before grad_logits_tile reuses z
+            dz = grad_logits_tile(
+                z,
+                u,
+                targets[rows],
+                v0,
+                student_lse[rows],
+                student_entropy[rows],
+                teacher_lse[rows] if use_teacher else None,
+                div_aux[rows] if div_aux is not None else None,
+                grad_log_prob[rows],
+                grad_entropy[rows],
+                grad_divergence[rows] if use_teacher else None,
+                problem.divergence,
+                problem.jsd_beta,
+            ).mul_(jacobian)  # dL/dr, r = h W^T + b
+            if grad_bias is not None:
+                grad_bias[cols] += dz.sum(dim=0)
+            if grad_hidden is not None:
+                grad_hidden[rows].addmm_(dz, w_c)
+            if grad_weight is not None:
+                accumulate_product(grad_weight[cols], dz.t(), h_s, first=not weight_written)
+        weight_written = True
+    if grad_weight is not None and not weight_written:
+        grad_weight.zero_()  # no row carried gradient
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,101 @@
+"""The FiRe-OPD options: one frozen dataclass, validated once, and the names of every choice.
+
+`FireOptions` is what every entry point takes: `TrainConfig.fire`, TRL's `FireOPDConfig` (its
+`fire_*` fields), verl's loss config and the loss functions (`fire=`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping, get_args
+
+Method = Literal["opd", "fire", "filter_only", "reweight_only", "hard_token"]
+FilterScope = Literal["batch", "group"]
+FilterScore = Literal["teacher_mean", "teacher_sum", "advantage_mean"]
+Objective = Literal["sampled", "full_vocab"]
+Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+FILTER_SCOPES: tuple[str, ...] = get_args(FilterScope)
+FILTER_SCORES: tuple[str, ...] = get_args(FilterScore)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
+FILTER_METHODS = ("fire", "filter_only")  # the methods that drop rollouts
+REWEIGHT_METHODS = ("fire", "reweight_only")  # the methods that weight tokens by c_t and u_t
+
+
+@dataclass(frozen=True)
+class FireOptions:
+    """Which rollouts FiRe-OPD keeps and how it weights their tokens (steps 1-3 of the algorithm).
+
+    method: "fire" (filter, then reweight), "opd" (plain on-policy distillation: keep all,
+        weight 1), "filter_only", "reweight_only", or "hard_token" (keep the tokens whose
+        score (1 + alpha c)(1 + beta u) is at or above its `percentile`-th percentile, weight 1).
+    percentile: p of the filter threshold quantile(s, p / 100) in [0, 100]; 0 keeps everything.
+    alpha: teacher-confidence strength (>= 0).
+    beta: student-confusion strength (>= 0).
+    filter_scope: "batch" (the paper: one quantile over the rollout batch) or "group" (over
+        each prompt's own rollouts; beyond the paper).
+    filter_score: what the filter ranks: "teacher_mean" (the paper: mean log pi_T over the
+        response), "teacher_sum" (no length normalization) or "advantage_mean"
+        (mean log pi_T - log pi_old).
+    teacher_confidence_gate: g in [0, 1] (beyond the paper; 0 disables): tokens with teacher
+        confidence c = 1 - H_T / max H_T below g leave the loss, for every method.
+    """
+
+    method: Method = "fire"
+    percentile: float = 20.0
+    alpha: float = 1.0
+    beta: float = 1.0
+    filter_scope: FilterScope = "batch"
+    filter_score: FilterScore = "teacher_mean"
+    teacher_confidence_gate: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_fire_options({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @property
+    def filters(self) -> bool:
+        """Whether this method drops rollouts."""
+        return self.method in FILTER_METHODS
+
+    @property
+    def reweights(self) -> bool:
+        """Whether this method weights tokens by teacher confidence and student confusion."""
+        return self.method in REWEIGHT_METHODS
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any], prefix: str = "") -> FireOptions:
+        """FireOptions from `{prefix + field: value}`, with errors that name the fields as the
+        caller spells them (TRL's `fire_alpha`, ...)."""
+        picked = {f.name: values[prefix + f.name] for f in fields(cls) if prefix + f.name in values}
+        check_fire_options(picked, prefix)
+        return cls(**picked)
+
+
+def check_fire_options(values: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise ValueError naming the first invalid field (as `prefix + name`)."""
+
+    def number(name: str, low: float, high: float) -> None:
+        if name not in values:
+            return
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{prefix}{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{prefix}{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+    def choice(name: str, choices: tuple[str, ...]) -> None:
+        if name in values and values[name] not in choices:
+            raise ValueError(f"{prefix}{name} must be one of {', '.join(choices)}; got {values[name]!r}")
+
+    choice("method", METHODS)
+    number("percentile", 0.0, 100.0)
+    number("alpha", 0.0, math.inf)
+    number("beta", 0.0, math.inf)
+    choice("filter_scope", FILTER_SCOPES)
+    choice("filter_score", FILTER_SCORES)
+    number("teacher_confidence_gate", 0.0, 1.0)

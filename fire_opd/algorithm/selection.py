@@ -1,0 +1,280 @@
+"""Steps 1-3 of the algorithm: the rollout filter, the token weights and the advantages, over a rollout batch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from fire_kernels.fire_weights import confidence_and_confusion, fire_row_stats, inverse_max
+from fire_opd.algorithm.options import FireOptions
+
+
+@dataclass
+class FireSelection:
+    """What the filter and reweight steps select from a rollout batch (all detached)."""
+
+    advantages: torch.Tensor  # [B, T] w_t * A_t on loss tokens, 0 elsewhere
+    loss_mask: torch.Tensor  # [B, T] bool: tokens that enter the loss
+    kept_rollouts: torch.Tensor  # [B] bool: rollouts the filter keeps
+    token_weights: torch.Tensor  # [B, T] normalized weights (1 for opd / filter_only), 0 off the mask
+    threshold: float  # tau_q (rollout filter) or the token-score threshold (hard_token)
+    metrics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_per_token(names_and_tensors: dict, response_mask: torch.Tensor) -> torch.Tensor:
+    if not isinstance(response_mask, torch.Tensor):
+        raise TypeError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be [batch, response_len], got shape {tuple(response_mask.shape)}")
+    for name, t in names_and_tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != response_mask.shape:
+            raise ValueError(
+                f"{name} must have the shape of response_mask {tuple(response_mask.shape)}, got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != response_mask.device:
+            raise ValueError(f"{name} is on {t.device} but response_mask is on {response_mask.device}")
+    if response_mask.dtype != torch.bool:
+        if not bool(((response_mask == 0) | (response_mask == 1)).all()):
+            raise ValueError("response_mask must be boolean or hold only 0 and 1")
+        response_mask = response_mask.bool()
+    return response_mask
+
+
+# process_group=LOCAL: statistics over this process's rows only, with no collective (for callers
+# whose processes do not call the loss the same number of times, e.g. verl's dynamic micro-batches)
+LOCAL = "local"
+
+
+def _distributed(group) -> bool:
+    if group == LOCAL:
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    if _distributed(group):
+        x = x.clone()
+        _count_comm(x)
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _count_comm(*tensors: torch.Tensor) -> None:
+    from fire_opd.parallel.distributed import count
+
+    count(*tensors)
+
+
+def _all_gather_varlen(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate 1-D tensors of different lengths from every rank."""
+    if not _distributed(group):
+        return x
+    from fire_opd.parallel.distributed import all_gather_rows
+
+    return all_gather_rows(x, group)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default, as the released code uses)."""
+    if values.numel() == 0:
+        return float("-inf")
+    return float(torch.quantile(values.double(), q))
+
+
+# ----------------------------------------------------------------------------- steps 1-3
+
+
+def compute_fire_advantages(
+    old_log_prob: torch.Tensor,
+    teacher_log_prob: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    fire: FireOptions = FireOptions(),
+    group_ids: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    process_group: Optional[ProcessGroup | str] = None,
+) -> FireSelection:
+    """Filter and reweight a rollout batch; returns detached advantages and the loss mask.
+
+    Args:
+        old_log_prob: [B, T] log pi_old(y_t) (the sampler).
+        teacher_log_prob: [B, T] log pi_T(y_t) from the teacher each rollout is routed to.
+        teacher_entropy: [B, T] that teacher's full-vocab entropy.
+        student_entropy: [B, T] full-vocab entropy of the student.
+        response_mask: [B, T] bool (or 0/1), True on response tokens.
+        fire: the method and its options (`FireOptions`).
+        group_ids: [B] integer prompt id of each rollout, required for fire.filter_scope="group"; a
+            group's rollouts must sit on one rank.
+        backend: where the weights are computed ("auto": Triton kernel on CUDA, else torch).
+        process_group: maxima, means and quantiles span this data-parallel group when
+            torch.distributed is initialized (default group when None; `LOCAL`: this process only).
+    """
+    mask = _check_per_token(
+        {
+            "old_log_prob": old_log_prob,
+            "teacher_log_prob": teacher_log_prob,
+            "student_entropy": student_entropy,
+            "teacher_entropy": teacher_entropy,
+        },
+        response_mask,
+    )
+    if not isinstance(fire, FireOptions):
+        raise TypeError(f"fire must be a FireOptions, got {type(fire).__name__}")
+    method, percentile, filter_scope = fire.method, fire.percentile, fire.filter_scope
+    if filter_scope == "group" and (not isinstance(group_ids, torch.Tensor) or group_ids.shape != mask.shape[:1]):
+        raise ValueError(
+            f"filter_scope='group' needs group_ids, a [{mask.shape[0]}] tensor of prompt ids, got "
+            f"{getattr(group_ids, 'shape', group_ids)}"
+        )
+    with torch.no_grad():
+        old_log_prob, teacher_log_prob = old_log_prob.detach().float(), teacher_log_prob.detach().float()
+        student_entropy, teacher_entropy = student_entropy.detach().float(), teacher_entropy.detach().float()
+        zero = torch.zeros((), device=mask.device)
+        neg_inf = torch.tensor(float("-inf"), device=mask.device)
+        max_t = _all_reduce(
+            torch.where(mask, teacher_entropy, neg_inf).amax() if mask.numel() else neg_inf,
+            dist.ReduceOp.MAX,
+            process_group,
+        )
+        max_s = _all_reduce(
+            torch.where(mask, student_entropy, neg_inf).amax() if mask.numel() else neg_inf,
+            dist.ReduceOp.MAX,
+            process_group,
+        )
+        # -inf when no rank has a valid token
+        max_teacher_entropy, max_student_entropy = float(max_t), float(max_s)
+        rows = fire_row_stats(
+            teacher_log_prob,
+            teacher_entropy,
+            student_entropy,
+            mask.float(),
+            alpha=fire.alpha,
+            beta=fire.beta,
+            max_teacher_entropy=max_teacher_entropy,
+            max_student_entropy=max_student_entropy,
+            backend=backend,
+        )
+        totals = _all_reduce(
+            torch.stack([rows.row_weight_sum.sum(), rows.row_tokens.sum()])
+            if mask.numel()
+            else torch.zeros(2, device=mask.device),
+            dist.ReduceOp.SUM,
+            process_group,
+        )
+        global_tokens = float(totals[1])
+        weight_mean = float(totals[0]) / global_tokens if global_tokens > 0 else 1.0
+        has_tokens = rows.row_tokens > 0
+        score = _trajectory_score(fire.filter_score, rows.sequence_score, teacher_log_prob, old_log_prob, mask)
+
+        # 1. rollout filter
+        kept_rollouts = has_tokens.clone()
+        threshold = float("-inf")
+        if fire.filters and filter_scope == "group":
+            group_thresholds = []  # one per prompt; fire/threshold reports their mean
+            for group in torch.unique(group_ids):
+                members = (group_ids == group).to(mask.device) & has_tokens
+                if bool(members.any()):
+                    tau = _quantile(score[members], percentile / 100.0)
+                    kept_rollouts &= ~members | (score >= tau)
+                    group_thresholds.append(tau)
+            threshold = sum(group_thresholds) / len(group_thresholds) if group_thresholds else float("-inf")
+        elif fire.filters:
+            threshold = _quantile(_all_gather_varlen(score[has_tokens], process_group), percentile / 100.0)
+            kept_rollouts &= score >= threshold
+        loss_mask = mask & kept_rollouts[:, None]
+        confidence, confusion = confidence_and_confusion(
+            teacher_entropy, student_entropy, inverse_max(max_teacher_entropy), inverse_max(max_student_entropy)
+        )
+        if fire.teacher_confidence_gate > 0:
+            loss_mask &= confidence >= fire.teacher_confidence_gate
+
+        # 2. token weights
+        if fire.reweights:
+            weights = rows.weights / weight_mean
+        elif method == "hard_token":
+            score = rows.weights
+            threshold = _quantile(_all_gather_varlen(score[mask], process_group), percentile / 100.0)
+            loss_mask &= score >= threshold
+            weights = torch.ones_like(score)
+        else:
+            weights = torch.ones_like(rows.weights)
+        weights = torch.where(loss_mask, weights, zero)
+
+        # 3. advantages: the per-token negative sampled reverse KL, weighted
+        advantage = teacher_log_prob - old_log_prob
+        advantages = torch.where(loss_mask, weights * advantage, zero)
+
+        metrics = {
+            "fire/keep_ratio": _ratio(kept_rollouts.sum(), has_tokens.sum(), process_group),
+            "fire/token_keep_ratio": _ratio(loss_mask.sum(), mask.sum(), process_group),
+            "fire/threshold": threshold,
+            **_masked_stats("fire/weight", weights, loss_mask, process_group),
+            "fire/teacher_confidence_mean": _masked_mean(confidence, mask, process_group),
+            "fire/student_confusion_mean": _masked_mean(confusion, mask, process_group),
+            "fire/reverse_kl": _masked_mean(-advantage, mask, process_group),
+            "fire/advantage_mean": _masked_mean(advantages, loss_mask, process_group),
+            "fire/teacher_entropy_mean": _masked_mean(teacher_entropy, mask, process_group),
+            "fire/student_entropy_mean": _masked_mean(student_entropy, mask, process_group),
+            "fire/response_tokens": global_tokens,
+        }
+    return FireSelection(advantages, loss_mask, kept_rollouts, weights, threshold, metrics)
+
+
+def _trajectory_score(
+    kind: str,
+    teacher_mean: torch.Tensor,
+    teacher_log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """[B] score of each rollout that the filter ranks (see `filter_score`); `teacher_mean` is
+    the kernel's own row statistic."""
+    if kind == "teacher_mean":
+        return teacher_mean
+    if kind == "teacher_sum":
+        return torch.where(mask, teacher_log_prob, 0.0).sum(dim=-1)
+    tokens = mask.sum(dim=-1).clamp_min(1)
+    return torch.where(mask, teacher_log_prob - old_log_prob, 0.0).sum(dim=-1) / tokens
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, group) -> float:
+    both = _all_reduce(torch.stack([num.float(), den.float()]), dist.ReduceOp.SUM, group)
+    return float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, group) -> float:
+    both = _all_reduce(torch.stack([torch.where(mask, x, 0.0).sum(), mask.sum().float()]), dist.ReduceOp.SUM, group)
+    return float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
+
+
+def _masked_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor, group) -> dict:
+    any_token = bool(mask.any())
+    lo = _all_reduce(
+        x[mask].min() if any_token else torch.tensor(float("inf"), device=x.device), dist.ReduceOp.MIN, group
+    )
+    hi = _all_reduce(
+        x[mask].max() if any_token else torch.tensor(float("-inf"), device=x.device), dist.ReduceOp.MAX, group
+    )
+    has = math.isfinite(float(lo))
+    return {
+        f"{prefix}_mean": _masked_mean(x, mask, group),
+        f"{prefix}_min": float(lo) if has else 0.0,
+        f"{prefix}_max": float(hi) if has else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------- step 4

@@ -1,0 +1,244 @@
+"""`fire-opd` command line: train, eval, demo.
+
+A mistake in the command line, the YAML or the files they name is one line on stderr and exit
+status 2 (fire_opd/cli/preflight.py checks it before any model is loaded); `--debug` shows the traceback.
+
+    fire-opd train --student PATH --teacher PATH --prompts train.jsonl [--config cfg.yaml] [--set key=value ...]
+    fire-opd train --student PATH --teacher math=PATH --teacher code=PATH --prompts train.jsonl
+    fire-opd eval  --model PATH --prompts held_out.jsonl [--samples N --temperature T --top-p P --output F]
+    fire-opd demo  [--setting steps|brittle-teacher|chain|single|multi-teacher] [--objective sampled|full_vocab]
+                   [--steps N] [--seed S] [--samples K]
+    fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/demo/study.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from fire_opd.cli.preflight import check_model, check_prompts, check_tokenizer, check_train, load_config
+from fire_opd.errors import TrainingStopped, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our error format (one line, exit 2) and no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _teachers(values: list[str]) -> dict[str, str]:
+    teachers = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep:  # a bare path: the single, default teacher
+            name, path = "default", item
+        if not name or not path:
+            raise UsageError(f"--teacher {item!r}: expected PATH or NAME=PATH")
+        if name in teachers:
+            raise UsageError(f"--teacher {name!r} given twice")
+        teachers[name] = path
+    return teachers
+
+
+# fire_opd.demo.recipes.SETTINGS' names, default first (spelled out so that `--help` imports no torch; a test
+# keeps the two equal)
+DEMO_SETTINGS = ("steps", "brittle-teacher", "chain", "single", "multi-teacher")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fire-opd", description="FiRe-OPD on-policy distillation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    train = sub.add_parser("train", parents=[debug], help="distill a student from one or more teachers")
+    train.add_argument("--config", help="YAML file with TrainConfig fields")
+    train.add_argument("--student", help="student model path (Hugging Face format)")
+    train.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="teacher path; repeat as NAME=PATH for several teachers routed by the prompts' 'teacher' key",
+    )
+    train.add_argument("--tokenizer", help="tokenizer path (default: the student's folder)")
+    train.add_argument("--prompts", help="JSONL training prompts")
+    train.add_argument("--eval-prompts", help="JSONL held-out prompts")
+    train.add_argument("--output-dir")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any TrainConfig field, e.g. --set fire.method=opd --set checkpoint.resume_from=latest",
+    )
+
+    ev = sub.add_parser("eval", parents=[debug], help="avg@N and pass@k of a model on a prompt file")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--prompts", required=True)
+    ev.add_argument("--tokenizer", help="tokenizer path (default: the model's folder)")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--samples", type=int, default=1, help="completions per problem (N of avg@N, pass@k)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy (needs --samples 1)")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument(
+        "--verifier", default="final_answer", help="final_answer | last_number | boxed | package.module:function"
+    )
+    ev.add_argument(
+        "--chat-template-kwargs",
+        default="{}",
+        metavar="JSON",
+        help='for "messages" rows, e.g. \'{"enable_thinking": false}\'',
+    )
+    ev.add_argument("--batch-size", type=int, default=64, help="completions per generate call")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--output", help="also write the JSON to this file")
+    ev.add_argument("--no-progress", action="store_true")
+
+    demo = sub.add_parser("demo", help="OPD vs FiRe-OPD on the built-in tasks and tiny models")
+    demo.add_argument("--setting", choices=DEMO_SETTINGS, default=DEMO_SETTINGS[0])
+    demo.add_argument(
+        "--objective", choices=["sampled", "full_vocab"], help="training signal (default: the setting's recipe)"
+    )
+    demo.add_argument("--steps", type=int, help="training steps per method (default: the demo recipe)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-size", type=int, help="held-out problems (default 400)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument(
+        "--samples",
+        type=int,
+        default=8,
+        help="sampled completions per held-out problem for avg@K and pass@K (default 8)",
+    )
+    demo.add_argument("--no-plot", action="store_true")
+    sub.add_parser(
+        "study", help="every method x objective x seed on the demo settings (fire-opd study --help)", add_help=False
+    )
+    return parser
+
+
+def train(args: argparse.Namespace) -> int:
+    config = load_config(
+        args.config,
+        {
+            "models.student": args.student,
+            "models.tokenizer": args.tokenizer,
+            "data.prompts": args.prompts,
+            "data.eval_prompts": args.eval_prompts,
+            "output_dir": args.output_dir,
+            "models.teachers": _teachers(args.teacher) if args.teacher else None,
+            "checkpoint.overwrite": True if args.overwrite else None,
+        },
+        args.set,
+    )
+    check_train(config)
+    from fire_opd.parallel import distributed
+    from fire_opd.train.trainer import FireOPDTrainer
+
+    trainer = FireOPDTrainer(config)
+    history = trainer.train()
+    distributed.teardown()  # a process group left to interpreter exit can abort it (gloo's threads)
+    if not trainer.is_main:  # under torchrun rank 0 reports
+        return 0
+    print(json.dumps(history[-1] if history else {}, indent=1))
+    if trainer.stopped_by_signal:
+        print(
+            f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step}; resume with "
+            "--set checkpoint.resume_from=latest",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from fire_opd.train.evaluate import evaluate_by_teacher
+    from fire_opd.train.verifiers import resolve_verifier
+
+    try:
+        kwargs = json.loads(args.chat_template_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--chat-template-kwargs {args.chat_template_kwargs!r}: not valid JSON ({exc.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
+    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--samples, --batch-size and --max-new-tokens must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.samples > 1 and args.temperature == 0:
+        raise UsageError(f"--samples {args.samples} needs --temperature > 0 (greedy decoding repeats one completion)")
+    try:
+        verifier = resolve_verifier(args.verifier)
+    except ValueError as exc:
+        raise UsageError(f"--verifier: {exc}") from None
+    check_model(args.model, "--model")
+    tokenizer = check_tokenizer(
+        args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model", "pass --tokenizer PATH"
+    )
+    problems = check_prompts(args.prompts, "--prompts", tokenizer, kwargs)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise UsageError(f"--output {args.output}: its folder does not exist")
+
+    from fire_opd.train.models import load_causal_lm
+    from fire_opd.train.trainer import resolve_device
+
+    model = load_causal_lm(args.model, device=resolve_device(args.device))
+    results = evaluate_by_teacher(
+        model,
+        tokenizer,
+        problems,
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        verifier=verifier,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "study":  # its own parser: python -m fire_opd study --help
+        from fire_opd.demo.study import main as study_main
+
+        return study_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from fire_opd.demo.run import run_demo
+
+        run_demo(
+            args.setting,
+            steps=args.steps,
+            seed=args.seed,
+            out_dir=args.out,
+            eval_size=args.eval_size,
+            objective=args.objective,
+            plot=not args.no_plot,
+            samples=args.samples,
+        )
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return train(args) if args.command == "train" else evaluate(args)
+    except (UsageError, TrainingStopped) as exc:
+        if args.debug:
+            raise
+        print(f"fire-opd {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Checks that run before any model is loaded, so a mistake costs seconds, not a 30B load.
+
+Each check raises `UsageError` with one line that names the file, field or value and what to
+do; the CLI prints it and exits with status 2 (`--debug` shows the traceback). Loading a model's
+config.json and tokenizer is cheap and happens here; weights are not touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from fire_opd.errors import UsageError
+from fire_opd.train.config import TrainConfig, UnknownKey, flatten_keys, parse_override, read_yaml
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.pt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_config(config_path: Optional[str], cli_fields: dict[str, Any], overrides: list[str]) -> TrainConfig:
+    """TrainConfig from the YAML file, the CLI flags (dotted keys) and `--set key=value` (later wins)."""
+    data: dict = {}
+    try:
+        if config_path:
+            data = read_yaml(config_path)
+            flatten_keys(data)  # unknown keys are named with the file
+    except UnknownKey as exc:
+        raise UsageError(f"{config_path}: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--config {exc}" if "no such file" in str(exc) else str(exc)) from None
+    data = {**data, **{key: value for key, value in cli_fields.items() if value is not None}}
+    for item in overrides:
+        try:
+            parse_override(item)
+        except ValueError as exc:
+            raise UsageError(f"--set {item}: {exc}") from None
+    try:
+        return TrainConfig.from_dict(data, overrides)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"config: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- models and tokenizers
+
+
+def check_model(path: str, what: str):
+    """The model's Hugging Face config (config.json only), after checking the folder holds a
+    model. `what` names it in errors ("student", "teacher 'math'")."""
+    from transformers import AutoConfig
+
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise UsageError(f"{what} {path}: is a file; expected a Hugging Face model folder (config.json + weights)")
+        if not (local / "config.json").is_file():
+            raise UsageError(
+                f"{what} {path}: no config.json; expected a Hugging Face model folder (save_pretrained output)"
+            )
+        if not any(any(local.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+            raise UsageError(f"{what} {path}: no weights (*.safetensors or pytorch_model*.bin)")
+    elif not _HUB_ID.match(path) or Path(path.split("/")[0]).is_dir():  # a local path, mistyped
+        raise UsageError(
+            f"{what} {path}: no such directory; expected a Hugging Face model folder (config.json + "
+            "weights) or a Hub id like 'Qwen/Qwen3-0.6B'"
+        )
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001  (any failure here is the user's path or file)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{what} {path}: cannot read its config ({first})") from None
+
+
+def has_tokenizer_files(path: str) -> bool:
+    local = Path(path)
+    return not local.is_dir() or any((local / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_tokenizer(path: str, what: str, hint: str):
+    """The tokenizer at `path`, loaded (cheap), or a UsageError that says how to point at one."""
+    from fire_opd.train.models import load_tokenizer
+
+    if not has_tokenizer_files(path):
+        raise UsageError(f"{what} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); {hint}")
+    try:
+        return load_tokenizer(path)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{what} {path}: cannot load its tokenizer ({first}); {hint}") from None
+
+
+def vocab_size(model_config) -> Optional[int]:
+    size = getattr(model_config, "vocab_size", None)
+    if size is None and getattr(model_config, "text_config", None) is not None:
+        size = getattr(model_config.text_config, "vocab_size", None)
+    return size
+
+
+def check_same_tokenizer(student_tok, teacher_tok, teacher: str) -> None:
+    """Teachers score the student's token ids: their token -> id maps must be the same."""
+    ours, theirs = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if ours == theirs:
+        return
+    differ = sorted(tok for tok in set(ours) | set(theirs) if ours.get(tok) != theirs.get(tok))
+    example = differ[0]
+    ids = [str(vocab[example]) if example in vocab else "absent" for vocab in (ours, theirs)]
+    raise UsageError(
+        f"{teacher} uses a different tokenizer from the student's: {len(differ)} of {len(ours)} tokens "
+        f"differ (e.g. {example!r}: student id {ids[0]}, teacher id {ids[1]}); a teacher must share the "
+        "student's tokenizer"
+    )
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def check_prompts(
+    path: Optional[str],
+    field: str,
+    tokenizer,
+    chat_template_kwargs: dict,
+    teachers: Optional[dict] = None,
+    default_teacher: Optional[str] = None,
+):
+    """Read and validate a prompt file (rows, chat messages, teacher keys); return the problems."""
+    from fire_opd.algorithm.routing import route_rows
+    from fire_opd.train.data import load_prompts, render_prompts
+
+    if not path:
+        return []
+    try:
+        problems = load_prompts(path)
+        problems = render_prompts(problems, tokenizer, chat_template_kwargs, source=f"{field} {path}")
+    except FileNotFoundError:
+        raise UsageError(f"{field} {path}: no such file") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001  (a chat template that fails on these messages)
+        raise UsageError(
+            f"{field} {path}: the chat template failed ({exc}); check the messages and chat_template_kwargs"
+        ) from None
+    if teachers is not None:
+        try:
+            route_rows([p.teacher for p in problems], teachers, default=default_teacher)
+        except KeyError as exc:
+            raise UsageError(f"{field} {path}: {exc.args[0]}") from None
+    return problems
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def check_train(config: TrainConfig) -> None:
+    """Everything `fire-opd train` can check before loading weights."""
+    from fire_opd.train.checkpoint import check_output_dir
+    from fire_opd.train.verifiers import resolve_verifier
+
+    if not config.models.student:
+        raise UsageError("no student: pass --student PATH (or 'student:' in --config)")
+    if not config.models.teachers:
+        raise UsageError("no teacher: pass --teacher PATH or --teacher NAME=PATH (or 'teachers:' in --config)")
+    if not config.data.prompts:
+        raise UsageError("no prompts: pass --prompts FILE.jsonl (or 'prompts:' in --config)")
+    for name in config.models.teachers:
+        if not re.match(r"^[\w.-]+$", name):
+            raise UsageError(
+                f"teacher name {name!r}: use letters, digits, '_', '.' or '-' (it is the prompts' "
+                "'teacher' key and a metric suffix)"
+            )
+    try:
+        check_output_dir(
+            config.output_dir, resume=bool(config.checkpoint.resume_from), overwrite=config.checkpoint.overwrite
+        )
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    if (
+        config.checkpoint.resume_from
+        and config.checkpoint.resume_from != "latest"
+        and not Path(config.checkpoint.resume_from).is_dir()
+    ):
+        raise UsageError(f"resume_from {config.checkpoint.resume_from}: no such checkpoint folder (or use 'latest')")
+    try:
+        resolve_verifier(config.data.verifier)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    student_config = check_model(config.models.student, "student")
+    tokenizer_path = config.models.tokenizer or config.models.student
+    tokenizer = check_tokenizer(
+        tokenizer_path,
+        "tokenizer" if config.models.tokenizer else "student",
+        "pass --tokenizer PATH (or models.tokenizer in --config)",
+    )
+    for name, path in config.models.teachers.items():
+        what = f"teacher {name!r} ({path})"
+        teacher_config = check_model(path, f"teacher {name!r}")
+        if vocab_size(teacher_config) != vocab_size(student_config):
+            raise UsageError(
+                f"{what} has vocab_size {vocab_size(teacher_config)} but the student has "
+                f"{vocab_size(student_config)}; teachers must share the student's vocabulary"
+            )
+        if has_tokenizer_files(path):
+            check_same_tokenizer(tokenizer, check_tokenizer(path, what, "fix or remove its tokenizer files"), what)
+    default = config.models.default_teacher or (
+        next(iter(config.models.teachers)) if len(config.models.teachers) == 1 else None
+    )
+    check_prompts(
+        config.data.prompts, "prompts", tokenizer, config.data.chat_template_kwargs, config.models.teachers, default
+    )
+    check_prompts(config.data.eval_prompts, "eval_prompts", tokenizer, config.data.chat_template_kwargs)

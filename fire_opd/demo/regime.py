@@ -1,0 +1,124 @@
+"""Which regime a distillation setting is in, measured on the student's own rollouts.
+
+Four statistics, measured on the initial student before any update (docs: "The demo settings"):
+
+    initial_reverse_kl_per_token   full-vocab KL(student || teacher), nats per response token
+    mean_response_tokens           response tokens per rollout (EOS included)
+    degenerate_rollout_fraction    rollouts that loop, run to the token limit without EOS, or
+                                   break the task's answer format
+    teacher_entropy_mean           teacher entropy, nats per response token
+
+and `continuation_accuracy`: how often the teacher finishes a prefix correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fire_opd.train.data import Problem
+from fire_opd.train.health import rollout_health
+from fire_opd.train.rollouts import generate_rollouts
+from fire_opd.train.verifiers import Verifier, final_answer, score
+
+
+def measure_regime(trainer, problems: list[Problem], *, seed: int = 0, batch_size: Optional[int] = None) -> dict:
+    """The regime statistics of `trainer`'s current student on `problems` (one temperature-`tau`
+    rollout each, the trainer's sampling settings), scored by the routed teachers."""
+    cfg = trainer.config
+    torch.manual_seed(seed)
+    batch_size = batch_size or max(cfg.sampling.rollouts_per_step, 1)
+    totals = {"kl": 0.0, "teacher_entropy": 0.0, "student_entropy": 0.0, "tokens": 0, "rollouts": 0}
+    flags: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        rollouts = generate_rollouts(
+            trainer.student,
+            trainer.tokenizer,
+            [p.prompt for p in chunk],
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            temperature=cfg.sampling.temperature,
+            top_p=cfg.sampling.top_p,
+        )
+        scores = trainer.score(rollouts, [p.teacher for p in chunk])
+        mask = rollouts.response_mask
+        totals["kl"] += float(scores.divergence[mask].sum())
+        totals["teacher_entropy"] += float(scores.teacher_entropy[mask].sum())
+        totals["student_entropy"] += float(scores.student_entropy[mask].sum())
+        totals["tokens"] += int(mask.sum())
+        totals["rollouts"] += len(chunk)
+        for name, value in rollout_health(rollouts, chunk, trainer.tokenizer.eos_token_id).items():
+            flags.setdefault(name, []).append(value)
+    tokens = max(totals["tokens"], 1)
+    health = {name: torch.cat(values) for name, values in flags.items()}
+    return {
+        "initial_reverse_kl_per_token": totals["kl"] / tokens,
+        "mean_response_tokens": totals["tokens"] / max(totals["rollouts"], 1),
+        "degenerate_rollout_fraction": float(health["degenerate"].float().mean()),
+        "teacher_entropy_mean": totals["teacher_entropy"] / tokens,
+        # the parts of the degenerate fraction, and two more numbers that place the setting
+        "truncated_rollout_fraction": float(health["truncated"].float().mean()),
+        "looping_rollout_fraction": float(health["looping"].float().mean()),
+        "malformed_rollout_fraction": float(health["malformed"].float().mean()),
+        "student_entropy_mean": totals["student_entropy"] / tokens,
+        "sampled_reward": float(health["correct"].float().mean()),
+        "rollouts": totals["rollouts"],
+    }
+
+
+@torch.no_grad()
+def continuation_accuracy(
+    teacher,
+    student,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    cut: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 256,
+    verifier: Verifier = final_answer,
+) -> dict:
+    """How reliable the teacher is off its own distribution, measured directly: the teacher's
+    greedy accuracy when it must continue a prefix of a sampled rollout (the first `cut` of its
+    response tokens), for prefixes of the student's rollouts and, as the control, of its own.
+
+    A teacher whose token-level signal can be trusted on the student's rollouts solves about as
+    many problems from the student's prefixes as from its own, minus the prefixes that are
+    already wrong; `..._from_correct_student_prefixes` leaves those out (prefixes of student
+    rollouts that end correct). FiRe's premise is a teacher for which these are much lower."""
+    torch.manual_seed(seed)
+    out = {}
+    for name, sampler, sampled_by in (("student_prefixes", student, "student"), ("own_prefixes", teacher, "teacher")):
+        solved, rollouts_correct = [], []
+        for start in range(0, len(problems), batch_size):
+            chunk = problems[start : start + batch_size]
+            rollouts = generate_rollouts(
+                sampler, tokenizer, [p.prompt for p in chunk], max_new_tokens=max_new_tokens, temperature=temperature
+            )
+            prefixes = []
+            for ids, mask in zip(rollouts.response_ids, rollouts.response_mask):
+                body = ids[mask & (ids != tokenizer.eos_token_id)]
+                prefixes.append(tokenizer.decode(body[: int(len(body) * cut)].tolist()))
+            continued = generate_rollouts(
+                teacher,
+                tokenizer,
+                [p.prompt + pre for p, pre in zip(chunk, prefixes)],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+            solved += [
+                score(verifier, pre + text, p.answer, p.row or {})
+                for p, pre, text in zip(chunk, prefixes, continued.texts)
+            ]
+            rollouts_correct += [score(verifier, text, p.answer, p.row or {}) for p, text in zip(chunk, rollouts.texts)]
+        out[f"teacher_accuracy_from_{name}"] = sum(solved) / max(len(solved), 1)
+        out[f"{sampled_by}_rollouts_correct"] = sum(rollouts_correct) / max(len(rollouts_correct), 1)
+        from_correct = [s for s, c in zip(solved, rollouts_correct) if c >= 1.0]
+        out[f"teacher_accuracy_from_correct_{name}"] = (
+            sum(from_correct) / len(from_correct) if from_correct else float("nan")
+        )
+    out["prefix_cut"] = cut
+    return out

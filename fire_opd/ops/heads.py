@@ -1,0 +1,119 @@
+"""What the losses read from a model: its output head and its final hidden states.
+
+The fused loss computes the logits from the final hidden states and the head (docs:
+"Kernels"): softcap * tanh(((h W^T + b) * scale) / softcap). `lm_head` reads W, the bias and
+the scale / soft-cap from the Hugging Face config of each family that has one; anything else
+that changes the logits is refused with a clear error rather than trained on the wrong logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output head as the kernels take it:
+    logits = logit_softcap * tanh(((h @ weight.T + bias) * logit_scale) / logit_softcap).
+
+    Every fire_opd function that takes a `*_weight` also takes an LMHead in its place."""
+
+    weight: torch.Tensor  # [V, D]
+    bias: Optional[torch.Tensor] = None  # [V]
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
+
+    def to(self, dtype: torch.dtype) -> "LMHead":
+        """Weight and bias in `dtype` (differentiable casts: gradients reach the parameters)."""
+        return LMHead(
+            self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+            self.logit_scale,
+            self.logit_softcap,
+        )
+
+    def kernel_kwargs(self, prefix: str = "") -> dict:
+        """The head's keyword arguments of `fire_kernels` (`prefix="teacher_"` for a teacher)."""
+        return {
+            f"{prefix}bias": self.bias,
+            f"{prefix}logit_scale": self.logit_scale,
+            f"{prefix}logit_softcap": self.logit_softcap,
+        }
+
+
+WeightOrHead = Union[torch.Tensor, LMHead]
+
+
+def as_head(weight_or_head: WeightOrHead) -> LMHead:
+    return weight_or_head if isinstance(weight_or_head, LMHead) else LMHead(weight_or_head)
+
+
+# Config attributes that change the logits beyond the head above (model families that use them).
+_UNSUPPORTED_HEAD_ATTRS = {
+    "output_mult": "an output multiplier (muP-style heads)",
+}
+
+
+def _config_value(config, attr: str):
+    value = getattr(config, attr, None)
+    return value if value is not None else getattr(getattr(config, "text_config", None), attr, None)
+
+
+def lm_head(model: nn.Module, name: str = "model") -> LMHead:
+    """The output head of a Hugging Face causal LM: weight [V, D], bias, and the logit scale /
+    soft-cap of the families that have one (Gemma 2 / 3 `final_logit_softcapping`, Cohere
+    `logit_scale`, Granite `logits_scaling`, which divides)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{name} has no output embedding (lm_head) weight; expected a causal LM")
+    config = getattr(model, "config", None)
+    for attr, what in _UNSUPPORTED_HEAD_ATTRS.items():
+        value = _config_value(config, attr)
+        if value not in (None, 0, 1, 1.0, False):
+            raise ValueError(
+                f"{name} uses {what} ({attr}={value}); fire-opd's fused loss supports a bias, a logit "
+                "scale and a final soft-cap, not this"
+            )
+    scale = 1.0
+    if _config_value(config, "logit_scale") not in (None, False):  # Cohere: logits * logit_scale
+        scale *= float(_config_value(config, "logit_scale"))
+    if _config_value(config, "logits_scaling") not in (None, False):  # Granite: logits / logits_scaling
+        scale /= float(_config_value(config, "logits_scaling"))
+    softcap = _config_value(config, "final_logit_softcapping")
+    return LMHead(head.weight, getattr(head, "bias", None), scale, float(softcap) if softcap else None)
+
+
+def lm_head_weight(model: nn.Module, name: str = "model") -> torch.Tensor:
+    """The [V, D] output projection (see `lm_head` for the whole head)."""
+    return lm_head(model, name).weight
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The backbone that returns final (normed) hidden states, without the LM head."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(
+            f"cannot find the decoder of {type(model).__name__} (expected a *ForCausalLM with "
+            "a base_model); wrap it or pass hidden states yourself"
+        )
+    return base
+
+
+def response_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+) -> torch.Tensor:
+    """Hidden states that predict the response tokens: [B, T_resp, D].
+
+    input_ids = left-padded prompt (prompt_len columns) followed by the response. Position t of
+    the result predicts input_ids[:, prompt_len + t]. Position ids follow the attention mask
+    (left padding), as `generate` does, so scores match the sampler.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[:, prompt_len - 1 : -1]

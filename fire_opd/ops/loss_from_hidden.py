@@ -1,0 +1,471 @@
+"""From hidden states and lm_head weights to the FiRe-OPD loss, with no [tokens, vocab] logits.
+
+Every `*_weight` argument is the [V, D] lm_head weight or an `LMHead` (`fire_opd.train.models.lm_head(model)`:
+the weight with the model's bias, logit scale and soft-cap).
+
+`response_token_stats` flattens `[batch, response_len, D]` hidden states, marks padding with
+`ignore_index` and calls `fire_kernels`; `fire_policy_loss_from_hidden` is the whole loss for
+one batch; `FireOPDLoss` is the update-step module the trainer calls per micro-batch.
+
+`vocab_process_group` (the trainer's `vocab_parallel: true`, `fire_opd.parallel.sharded_head`): the
+weights are this process's rows of the lm_heads, the statistics run over the response tokens of
+every process (gathered), and each process keeps its own tokens' values. A loss is then that of
+every process's tokens, so that each lm_head shard gets the whole batch's gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.distributed import ProcessGroup
+
+from fire_kernels import TeacherStudentStats, teacher_student_stats, token_stats
+from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
+from fire_opd.algorithm.objectives import (
+    clipped_surrogate,
+    dense_metrics,
+    fire_dense_loss,
+    fire_policy_loss,
+    ppo_clip,
+    token_loss_scale,
+)
+from fire_opd.algorithm.options import OBJECTIVES
+from fire_opd.ops.heads import WeightOrHead, as_head
+from fire_opd.parallel.sharded_head import gather_tokens
+
+IGNORE_INDEX = -100
+
+
+def _flat_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    if response_ids.dim() != 2 or response_mask.shape != response_ids.shape:
+        raise ValueError(
+            f"response_ids and response_mask must both be [batch, response_len], got "
+            f"{tuple(response_ids.shape)} and {tuple(response_mask.shape)}"
+        )
+    return torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, IGNORE_INDEX)).reshape(-1)
+
+
+def _flat_hidden(name: str, hidden: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+    if hidden.dim() != 3 or hidden.shape[:2] != response_ids.shape:
+        raise ValueError(
+            f"{name} must be [batch, response_len, D] matching response_ids "
+            f"{tuple(response_ids.shape)}, got {tuple(hidden.shape)}"
+        )
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def response_token_stats(
+    student_hidden: torch.Tensor,
+    student_weight: WeightOrHead,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[WeightOrHead] = None,
+    *,
+    temperature: float = 1.0,
+    divergence: Optional[str] = None,
+    jsd_beta: float = 0.5,
+    backend: str = "auto",
+    vocab_process_group: Optional[ProcessGroup] = None,
+) -> TeacherStudentStats:
+    """Per-token student (and teacher) log-prob and entropy for response tokens.
+
+    Args:
+        student_hidden: [B, T, D_s] hidden states whose position t predicts response_ids[:, t].
+        student_weight: [V, D_s] lm_head weight.
+        response_ids: [B, T] the sampled token ids.
+        response_mask: [B, T] True on response tokens.
+        teacher_hidden: [B, T, D_t], optional; scored in the same sweep.
+        teacher_weight: [V, D_t] the teacher's lm_head weight (with `teacher_hidden`).
+        divergence: also return this full-vocab divergence per token ("reverse_kl" is
+            KL(student || teacher); "forward_kl", "jsd" with `jsd_beta`), differentiable.
+        vocab_process_group: vocabulary-sharded weights (module docstring); scoring only (no
+            gradient: a loss must cover every process's tokens, as `FireOPDLoss` does).
+    """
+    targets = _flat_targets(response_ids, response_mask)
+    shape, n = response_ids.shape, targets.shape[0]
+    if vocab_process_group is not None and torch.is_grad_enabled() and student_hidden.requires_grad:
+        raise ValueError(
+            "response_token_stats with vocab_process_group scores (no gradient); train with "
+            "FireOPDLoss(fused_update=True, vocab_process_group=...)"
+        )
+    s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
+    t_h = None if teacher_hidden is None else _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+    s_h, targets, (t_h,), mine, valid_rows = _gathered(vocab_process_group, s_h, targets, t_h)
+    student = as_head(student_weight)
+    out: tuple[Optional[torch.Tensor], ...]
+    if t_h is None:
+        out = (
+            token_stats(
+                s_h,
+                student.weight,
+                targets,
+                temperature=temperature,
+                backend=backend,
+                vocab_process_group=vocab_process_group,
+                **student.kernel_kwargs(),
+            )
+            + (None,) * 3
+        )
+    else:
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight")
+        teacher = as_head(teacher_weight)
+        out = teacher_student_stats(
+            s_h,
+            student.weight,
+            t_h,
+            teacher.weight,
+            targets,
+            temperature=temperature,
+            divergence=divergence,
+            jsd_beta=jsd_beta,
+            backend=backend,
+            vocab_process_group=vocab_process_group,
+            **student.kernel_kwargs(),
+            **teacher.kernel_kwargs("teacher_"),
+        )
+    student_log_prob, student_entropy, *teacher_part = (
+        None if t is None else _own(t, mine, valid_rows, n).view(shape) for t in out
+    )
+    assert student_log_prob is not None and student_entropy is not None
+    return TeacherStudentStats(student_log_prob, student_entropy, *teacher_part)
+
+
+def _scatter_own(values: torch.Tensor, valid_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] with `values` at rows `valid_rows` and 0 elsewhere."""
+    return values.new_zeros(n).index_copy(0, valid_rows, values)
+
+
+def _gathered(group, hidden: torch.Tensor, targets: torch.Tensor, *per_token: Optional[torch.Tensor]):
+    """This process's scored rows (targets not ignored) of each [N] / [N, D] tensor, gathered
+    from every process: (hidden, targets, *per_token) over all processes, this process's slice,
+    the rows kept. Without a group: everything as given."""
+    if group is None:
+        return hidden, targets, list(per_token), slice(0, targets.shape[0]), None
+    valid_rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    (h, y, *rest), mine = gather_tokens(
+        group, hidden[valid_rows], targets[valid_rows], *(None if t is None else t[valid_rows] for t in per_token)
+    )
+    return h, y, rest, mine, valid_rows
+
+
+def _own(values: torch.Tensor, mine: slice, valid_rows: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    return values if valid_rows is None else _scatter_own(values[mine], valid_rows, n)
+
+
+def fire_policy_loss_from_hidden(
+    student_hidden: torch.Tensor,
+    student_weight: WeightOrHead,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: WeightOrHead,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    old_log_prob: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    objective: str = "sampled",
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    backend: str = "auto",
+    **loss_kwargs,
+) -> tuple[torch.Tensor, dict]:
+    """`fire_policy_loss` (objective "sampled") or `fire_dense_loss` (objective "full_vocab",
+    with `divergence` and `jsd_beta`) straight from hidden states: one fused sweep gives the
+    student's log-prob and entropy, the teacher's log-prob and entropy and, for the dense
+    objective, the divergence (with gradient).
+
+    old_log_prob: [B, T] from the sampler; None means fully on-policy (old = current, detached).
+    loss_kwargs: fire (FireOptions), group_ids, loss_agg_mode
+        and, for "sampled", clip_ratio.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    dense = objective == "full_vocab"
+    stats = response_token_stats(
+        student_hidden,
+        student_weight,
+        response_ids,
+        response_mask,
+        teacher_hidden,
+        teacher_weight,
+        temperature=temperature,
+        divergence=divergence if dense else None,
+        jsd_beta=jsd_beta,
+        backend=backend,
+    )
+    old = stats.student_log_prob.detach() if old_log_prob is None else old_log_prob
+    teacher_log_prob, teacher_entropy = stats.teacher_log_prob, stats.teacher_entropy
+    assert teacher_log_prob is not None and teacher_entropy is not None  # scored with the teacher
+    per_token = (old, teacher_log_prob, stats.student_entropy.detach(), teacher_entropy, response_mask)
+    if dense:
+        assert stats.divergence is not None
+        return fire_dense_loss(stats.divergence, *per_token, **loss_kwargs)
+    return fire_policy_loss(stats.student_log_prob, *per_token, **loss_kwargs)
+
+
+class _GradientsFromForward(torch.autograd.Function):
+    """A loss whose hidden / weight / bias gradients were formed in its forward sweep
+    (`fire_kernels.fused_update`); backward only scales them by the upstream gradient.
+
+    `sweep()` returns the update (loss, per-token statistic [N], grad_hidden, grad_weight,
+    grad_bias); the statistic comes back as a second, non-differentiable output (log-probs or
+    divergences for metrics). `bias` is None for bias-free heads."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, sweep):
+        loss, per_token, grad_hidden, grad_weight, grad_bias = sweep()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(per_token)
+        return loss.float(), per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token):
+        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None)
+
+
+def fused_clipped_surrogate(
+    student_hidden: torch.Tensor,
+    student_weight: WeightOrHead,
+    response_ids: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    loss_agg_mode: str = "token-mean",
+    normalizer: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    vocab_process_group: Optional[ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clipped_surrogate(log pi_theta, ...)` from hidden states with the gradient formed in the
+    forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob).
+    With `vocab_process_group` the loss is that of every process's tokens (module docstring)."""
+    targets = _flat_targets(response_ids, loss_mask)
+    hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
+    n = targets.shape[0]
+    hidden, targets, (old, adv, scale), mine, valid_rows = _gathered(
+        vocab_process_group,
+        hidden,
+        targets,
+        old_log_prob.detach().reshape(-1).float(),
+        advantages.detach().reshape(-1).float(),
+        token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer).reshape(-1).float(),
+    )
+
+    def grad_fn(lp: torch.Tensor, rows: slice):
+        # pg = max(-A r, -A clip(r)); d pg / d lp = r d pg / d r = -A r where the unclipped branch is taken
+        ratio = torch.exp(torch.where(scale[rows] > 0, lp - old[rows], 0.0))
+        pg, unclipped, clipped = ppo_clip(ratio, adv[rows], clip_ratio)
+        return (scale[rows] * pg).sum(), torch.where(unclipped >= clipped, unclipped, 0.0) * scale[rows]
+
+    student = as_head(student_weight)
+
+    def sweep():
+        out = linear_log_prob_update(
+            hidden,
+            student.weight,
+            targets,
+            grad_fn,
+            temperature=temperature,
+            backend=backend,
+            vocab_process_group=vocab_process_group,
+            reduce_hidden_grad=False,
+            **student.kernel_kwargs(),
+        )
+        return out.loss, out.log_prob, out.grad_hidden, out.grad_weight, out.grad_bias
+
+    loss, log_prob = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
+    return loss, _own(log_prob, mine, valid_rows, n).view(response_ids.shape)
+
+
+def dense_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_weight: WeightOrHead,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: WeightOrHead,
+    response_ids: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    fused_update: bool = True,
+    vocab_process_group: Optional[ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense objective sum_t coefficients_t * D_t(student || teacher) from hidden states,
+    with no [tokens, vocab] logits. Returns (loss, per-token divergence [B, T], detached).
+
+    Shapes: student_hidden [B, T, D_s], teacher_hidden [B, T, D_t], weights [V, D_*], response_ids
+    and coefficients [B, T] (from `dense_coefficients`; tokens with coefficient 0, off the loss
+    mask, are skipped and give D = 0). `fused_update` forms the gradients in the
+    forward sweep (`fire_kernels.fused_update.linear_divergence_update`); otherwise autograd runs
+    through `fire_kernels.teacher_student_stats`. With `vocab_process_group` (fused only) the
+    loss is that of every process's tokens (module docstring).
+    """
+    targets = _flat_targets(response_ids, coefficients != 0)
+    hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
+    t_hidden = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
+    student, teacher = as_head(student_weight), as_head(teacher_weight)
+    heads = {**student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_")}
+    if vocab_process_group is not None and not fused_update:
+        raise ValueError(
+            "vocab_process_group needs fused_update=True (the gradients of every process's tokens are "
+            "formed in the sweep)"
+        )
+    n = targets.shape[0]
+    hidden, targets, (t_hidden, coefficient), mine, valid_rows = _gathered(
+        vocab_process_group, hidden, targets, t_hidden, coefficients.reshape(-1).detach()
+    )
+    if not fused_update:
+        out = teacher_student_stats(
+            hidden,
+            student.weight,
+            t_hidden,
+            teacher.weight,
+            targets,
+            temperature=temperature,
+            divergence=divergence,
+            jsd_beta=jsd_beta,
+            backend=backend,
+            **heads,
+        )
+        values = out.divergence
+        assert values is not None  # asked for
+        loss = (values * coefficient.to(values.dtype)).sum()
+        return loss, values.detach().view(response_ids.shape)
+
+    def sweep():
+        out = linear_divergence_update(
+            hidden,
+            student.weight,
+            t_hidden,
+            teacher.weight,
+            targets,
+            coefficient,
+            divergence=divergence,
+            jsd_beta=jsd_beta,
+            temperature=temperature,
+            backend=backend,
+            vocab_process_group=vocab_process_group,
+            reduce_hidden_grad=False,
+            **heads,
+        )
+        return out.loss, out.divergence, out.grad_hidden, out.grad_weight, out.grad_bias
+
+    loss, values = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
+    return loss, _own(values, mine, valid_rows, n).view(response_ids.shape)
+
+
+class FireOPDLoss:
+    """Update-step loss from hidden states: advantages, weights and the loss mask are
+    precomputed for the whole rollout batch (`compute_fire_advantages`). `sampled` is the
+    sampled objective (log pi_theta through `fire_kernels`, then the clipped surrogate);
+    `dense` is the full-vocab objective. Only the student's hidden states and lm_head weight
+    receive gradient.
+
+    `vocab_process_group` (fused_update only): vocabulary-sharded lm_heads; the returned loss is
+    that of every process's tokens, its metrics (`fire/pg_loss`, `fire/dense_loss`, ...) this
+    process's, as without a group."""
+
+    def __init__(
+        self,
+        *,
+        clip_ratio: float = 0.2,
+        loss_agg_mode: str = "token-mean",
+        temperature: float = 1.0,
+        backend: str = "auto",
+        fused_update: bool = True,
+        divergence: str = "reverse_kl",
+        jsd_beta: float = 0.5,
+        vocab_process_group: Optional[ProcessGroup] = None,
+    ):
+        if vocab_process_group is not None and not fused_update:
+            raise ValueError("vocab_process_group needs fused_update=True")
+        self.clip_ratio, self.loss_agg_mode = clip_ratio, loss_agg_mode
+        self.temperature, self.backend, self.fused_update = temperature, backend, fused_update
+        self.divergence, self.jsd_beta = divergence, jsd_beta
+        self.vocab_process_group = vocab_process_group
+
+    def dense(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: WeightOrHead,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: WeightOrHead,
+        response_ids: torch.Tensor,
+        coefficients: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict]:
+        """sum_t coefficients_t D_t(student || teacher); coefficients [B, T] from `dense_coefficients`
+        over the whole batch, so micro-batches accumulate to the whole-batch gradient."""
+        loss, values = dense_divergence_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            response_ids,
+            coefficients,
+            divergence=self.divergence,
+            jsd_beta=self.jsd_beta,
+            temperature=self.temperature,
+            backend=self.backend,
+            fused_update=self.fused_update,
+            vocab_process_group=self.vocab_process_group,
+        )
+        own = loss if self.vocab_process_group is None else (coefficients.detach() * values).sum()
+        return loss, dense_metrics(values, loss_mask.bool(), own)
+
+    def sampled(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: WeightOrHead,
+        response_ids: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        normalizer: Optional[float] = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """Shapes: hidden [B, T, D]; weight [V, D]; ids, old_log_prob, advantages, loss_mask [B, T]."""
+        if self.fused_update:
+            loss, log_prob = fused_clipped_surrogate(
+                student_hidden,
+                student_weight,
+                response_ids,
+                old_log_prob,
+                advantages,
+                loss_mask,
+                clip_ratio=self.clip_ratio,
+                loss_agg_mode=self.loss_agg_mode,
+                normalizer=normalizer,
+                temperature=self.temperature,
+                backend=self.backend,
+                vocab_process_group=self.vocab_process_group,
+            )
+            own, metrics = clipped_surrogate(
+                log_prob,
+                old_log_prob,
+                advantages,
+                loss_mask,
+                clip_ratio=self.clip_ratio,
+                loss_agg_mode=self.loss_agg_mode,
+                normalizer=normalizer,
+            )
+            own = loss if self.vocab_process_group is None else own
+            return loss, {**metrics, "fire/pg_loss": float(own.detach())}
+        stats = response_token_stats(
+            student_hidden, student_weight, response_ids, loss_mask, temperature=self.temperature, backend=self.backend
+        )
+        return clipped_surrogate(
+            stats.student_log_prob,
+            old_log_prob,
+            advantages,
+            loss_mask,
+            clip_ratio=self.clip_ratio,
+            loss_agg_mode=self.loss_agg_mode,
+            normalizer=normalizer,
+        )

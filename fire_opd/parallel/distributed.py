@@ -1,0 +1,292 @@
+"""Data parallelism for the trainer: process group from torchrun's environment, rollout chunks
+dealt to ranks, the update under DistributedDataParallel, and rank-0 logging (docs: Many
+processes).
+
+    torchrun --nproc_per_node K -m fire_opd train ...   (gloo on CPU, nccl on CUDA)
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process.
+
+Reproducibility across world sizes: a step's prompts are cut into chunks of
+`rollout_chunk_prompts` prompts; chunk c of step s is sampled with its own seed
+(seed, s, c), whatever rank holds it, and rank r holds chunks [r n / K, (r + 1) n / K). The FiRe
+statistics are reduced over all ranks (fire_opd.algorithm), the loss of every rank is normalized by
+the global count, and DistributedDataParallel averages the gradients (the loss is scaled by K):
+1 or K processes give the same rollouts, statistics and parameters up to floating-point
+reduction order.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+# Payload bytes of the collectives this process took part in (gradients, FiRe statistics,
+# metrics, FSDP's parameter all-gathers and gradient reduce-scatters); the trainer logs the
+# per-step difference as train/comm_bytes. The payload b of an all-reduce is its tensor, of an
+# all-gather its output, of a reduce-scatter its input. Over a ring each process sends and
+# receives about 2 (K - 1) / K * b for an all-reduce and (K - 1) / K * b for the other two.
+COMM_BYTES = [0]
+
+
+def count(*tensors: torch.Tensor) -> None:
+    COMM_BYTES[0] += sum(t.numel() * t.element_size() for t in tensors)
+
+
+def setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): initialize the default process group when launched by
+    torchrun (WORLD_SIZE > 1); on CUDA each rank takes cuda:LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown() -> None:
+    """Destroy the process group `setup` made, once every process is done with it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    """Sampling seed of one rollout chunk; chunk 0 keeps the single-chunk trainer's step seed."""
+    return (seed * 1_000_003 + step + chunk * 7_919_113) % (2**31)
+
+
+def my_chunks(num_chunks: int, rank: int, world: int) -> range:
+    """The contiguous block of chunk indices rank `rank` samples and trains on."""
+    if num_chunks % world:
+        raise ValueError(
+            f"{num_chunks} rollout chunks per step cannot be dealt evenly to {world} processes; make "
+            "sampling.prompts_per_step / sampling.rollout_chunk_prompts a multiple of the number of processes"
+        )
+    per_rank = num_chunks // world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp", ignore: Iterable[str] = ()):
+    """The student's data-parallel wrapper when several processes run, else None.
+
+    "ddp": DistributedDataParallel (every process holds the whole student; buffers are not
+    broadcast, decoder LMs have no running statistics). "fsdp": FSDP2 (`fully_shard`) on every
+    decoder layer (the model's `_no_split_modules` classes) and on the whole model, so each
+    process holds 1 / K of the parameters, gradients and optimizer state; the returned wrapper is
+    the model itself. `ignore`: names of parameters DDP leaves alone (vocab_parallel's lm_head
+    shards, which differ between processes)."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if not active():
+        return None
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(
+                f"parallel: fsdp found no decoder layers in {type(model).__name__} (its "
+                "_no_split_modules names none); use parallel: ddp"
+            )
+        for layer in layers:
+            fully_shard(layer)
+            _count_fsdp_collectives(layer)
+        fully_shard(model)
+        _count_fsdp_collectives(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    ignore = list(ignore)
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _count_fsdp_collectives(module) -> None:
+    """Count an FSDP2 module's all-gathers and reduce-scatters in COMM_BYTES, through FSDP2's
+    custom-collective hooks (torch >= 2.8; on older torch they go uncounted)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+    except ImportError:
+        return
+    if not hasattr(module, "set_custom_all_gather"):
+        return
+
+    class CountingAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            count(output_tensor)
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    class CountingReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            count(input_tensor)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    module.set_custom_all_gather(CountingAllGather())
+    module.set_custom_reduce_scatter(CountingReduceScatter())
+
+
+def wrap_teacher(model: torch.nn.Module, teacher_parallel: str = "replicate"):
+    """A frozen teacher sharded with FSDP2 ("fsdp": each process holds 1 / K of it, gathered layer
+    by layer for every forward) or left whole on every process ("replicate", None returned)."""
+    if teacher_parallel not in ("replicate", "fsdp"):
+        raise ValueError(f"teacher_parallel must be 'replicate' or 'fsdp', got {teacher_parallel!r}")
+    if teacher_parallel == "replicate" or not active():
+        return None
+    return wrap(model, torch.device("cpu"), "fsdp")
+
+
+def is_fsdp(wrapper) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(wrapper, FSDPModule)
+
+
+@contextmanager
+def gradient_sync(wrapper, sync: bool):
+    """Accumulate gradients locally (sync=False) or reduce them in this backward (sync=True)."""
+    if wrapper is None or sync:
+        yield
+    elif is_fsdp(wrapper):
+        wrapper.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapper.set_requires_gradient_sync(True)
+    else:
+        with wrapper.no_sync():
+            yield
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full tensors on CPU, optimizer keyed by parameter
+    names: the same format for one process, DDP and FSDP (a collective under FSDP: every rank
+    calls it; rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Inverse of `full_state_dicts`: every rank passes the full dicts it read from disk."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def forward_through(wrapper, module: torch.nn.Module, fn, *args, **kwargs):
+    """`fn(*args)` run as the forward of `wrapper` (DDP or FSDP2), so that the wrapper's forward
+    and backward hooks see it although `fn` computes hidden states and the fused loss, not the
+    module's logits. Under FSDP2 the root's parameters (embeddings, lm_head) are gathered only
+    inside this forward, so `fn` must use the lm_head there. Without a wrapper, `fn(*args)`."""
+    if wrapper is None:
+        return fn(*args, **kwargs)
+    original = module.forward
+
+    def redirected(*_args, **_kwargs):
+        module.forward = original
+        return fn(*args, **kwargs)
+
+    module.forward = redirected
+    try:
+        return wrapper()
+    finally:
+        module.forward = original
+
+
+def local_numel(parameters: Iterable[torch.nn.Parameter]) -> int:
+    """Parameters this process holds: its shards under FSDP, everything otherwise."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in parameters)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows`."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+
+
+def all_gather_rows(x: torch.Tensor, group=None, counts: Optional[list[int]] = None) -> torch.Tensor:
+    """Every process's rows of x ([n_r, ...], n_r may differ between processes) concatenated in
+    rank order: one all-gather padded to the longest, after one of the row counts unless `counts`
+    gives them."""
+    from fire_kernels.vocab_parallel import gathered_sizes
+
+    if counts is None:
+        counts = gathered_sizes(x.shape[0], group)
+        count(torch.zeros(len(counts), dtype=torch.int64))
+    padded = pad_rows(x.contiguous(), max(counts))
+    parts = [padded.new_empty(padded.shape) for _ in counts]
+    count(*parts)  # an all-gather's payload is its output
+    if dist.get_backend(group) == "gloo" and x.device.type != "cpu":  # gloo gathers CPU tensors only
+        cpu_parts = [p.cpu() for p in parts]
+        dist.all_gather(cpu_parts, padded.cpu(), group=group)
+        parts = [p.to(x.device) for p in cpu_parts]
+    else:
+        dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def count_gradients(parameters: Iterable[torch.nn.Parameter], skip: Iterable[torch.nn.Parameter] = ()) -> None:
+    """Record the gradient payload DDP all-reduced (every gradient once per step, but `skip`'s)."""
+    skipped = {id(p) for p in skip}
+    count(*[p.grad for p in parameters if p.grad is not None and id(p) not in skipped])
+
+
+def max_over_ranks_each(values: list[int]) -> list[int]:
+    """Element-wise maximum over ranks of a list of counts (one collective)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    count(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def mean_over_ranks(metrics: dict[str, float], *, summed: Iterable[str] = ()) -> dict[str, float]:
+    """Metrics of this rank's rows -> the global value: the mean over ranks (ranks hold equal
+    numbers of rollouts), or the sum for the keys in `summed`. Every rank must pass the same keys."""
+    if not active():
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    count(values)
+    dist.all_reduce(values)
+    world = dist.get_world_size()
+    summed = set(summed)
+    return {k: float(v) if k in summed else float(v) / world for k, v in zip(keys, values.tolist())}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a stop signal seen by one process)."""
+    if not active():
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    count(value)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,328 @@
+"""Checkpoints that survive crashes, and the output directory they live in.
+
+A checkpoint is a folder `output_dir/step-000040` (or `final`) holding
+
+    model.safetensors, config.json, tokenizer files   the student, in Hugging Face format
+    trainer_state.json      step, skipped steps, history, config, scheduler and Python RNG
+    optimizer.pt            optimizer state and torch RNG states: tensors only, read back with
+                            torch.load(weights_only=True), so loading runs no pickled code
+
+It is written to a hidden temporary folder, flushed to disk, and renamed into place in one
+`os.replace`: a folder named like a checkpoint is always complete, and a kill during a save
+leaves only a `.tmp-*` folder that the next save or `resume_from: latest` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("fire_opd")
+
+STATE_FILE = "trainer_state.json"
+TENSOR_STATE_FILE = "optimizer.pt"
+METRICS_FILE = "metrics.jsonl"
+_CHECKPOINT_NAME = re.compile(r"^(step-\d+|final)$")
+# What a run writes into its output directory (a new run refuses a directory that holds any).
+RUN_FILES = ("config.json", METRICS_FILE, "tensorboard")
+
+
+def save_checkpoint(
+    path: str | Path, *, model, tokenizer, state: dict, tensor_state: dict, weights: Optional[dict] = None
+) -> Path:
+    """Write a checkpoint atomically. `state` must be JSON-serializable; `tensor_state` holds
+    tensors (and plain containers of numbers) only; `weights`: the model's full state dict when
+    its parameters are sharded (FSDP), else the model's own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    if weights is not None:
+        model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    torch.save(tensor_state, tmp / TENSOR_STATE_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    _fsync_tree(tmp)
+    if path.exists():  # re-saving a step (e.g. "final" of a finished run resumed to more steps)
+        old = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def read_state(path: str | Path) -> dict:
+    """trainer_state.json of a checkpoint, with a clear error if `path` is not one."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        old = (path / "trainer_state.pt").is_file()
+        raise FileNotFoundError(
+            f"{path} is not a fire-opd checkpoint (no {STATE_FILE})"
+            + (
+                "; it was written by an older fire-opd that stored a pickle, which this version does not load"
+                if old
+                else ""
+            )
+        )
+    return json.loads(state_file.read_text())
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.device) -> tuple[dict, dict]:
+    """Load the student's weights (and the optimizer state) from `path` into `model` (plain, DDP's
+    module or FSDP-sharded); return (state, tensor_state)."""
+    from safetensors.torch import load_file
+
+    from fire_opd.parallel.distributed import load_full_state_dicts
+
+    path = Path(path)
+    state = read_state(path)
+    weights = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(str(shard), device="cpu"))
+    names = set(model.state_dict())
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a tied head is saved once, as its embedding
+    missing = sorted(names - set(weights) - tied)
+    unexpected = sorted(set(weights) - names)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
+    tensor_state = torch.load(path / TENSOR_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer_state = tensor_state["optimizer"] if optimizer is not None else None
+    from fire_opd.parallel.sharded_head import slice_state
+
+    slice_state(model, weights, optimizer_state or {})  # this process's rows of whole lm_heads (vocab_parallel)
+    load_full_state_dicts(model, optimizer, weights, optimizer_state or {})
+    return state, tensor_state
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        if child.is_dir() and _CHECKPOINT_NAME.match(child.name) and (child / STATE_FILE).is_file():
+            step = int(read_state(child)["step"]) if child.name == "final" else int(child.name.split("-")[1])
+            found.append((step, child))
+    return sorted(found, key=lambda item: (item[0], item[1].name == "final"))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step-* checkpoints ("final" is always kept)."""
+    if keep_last <= 0:
+        return []
+    steps = [path for _, path in checkpoints(output_dir) if path.name != "final"]
+    doomed = steps[:-keep_last]
+    for path in doomed:  # renamed first, so a kill mid-delete leaves no half checkpoint under its name
+        trash = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+    return doomed
+
+
+def holds_a_run(output_dir: str | Path) -> bool:
+    """Whether `output_dir` already holds a fire-opd run (its config, metrics or checkpoints)."""
+    output_dir = Path(output_dir)
+    return output_dir.is_dir() and (
+        any((output_dir / name).exists() for name in RUN_FILES)
+        or any(_CHECKPOINT_NAME.match(c.name) for c in output_dir.iterdir())
+    )
+
+
+def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """A new run into a directory that holds a run is refused unless it resumes or overwrites."""
+    if not resume and not overwrite and holds_a_run(output_dir):
+        raise FileExistsError(
+            f"output_dir {output_dir} already holds a run; resume it with checkpoint.resume_from: latest "
+            "(--set checkpoint.resume_from=latest), pass --overwrite to replace it, or choose another "
+            "--output-dir"
+        )
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove what a previous run wrote into `output_dir` (for `overwrite`); nothing else."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for child in output_dir.iterdir():
+        if child.name in RUN_FILES or _CHECKPOINT_NAME.match(child.name):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    remove_partial_saves(output_dir)
+
+
+def resolve_resume(resume_from: str, output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint to resume from: "latest" is the newest complete one in `output_dir` (None,
+    with a warning, when there is none yet: a re-queued job starts at step 0)."""
+    if resume_from != "latest":
+        return Path(resume_from)
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        logger.warning(
+            "checkpoint.resume_from: latest found no complete checkpoint in %s; starting at step 0", output_dir
+        )
+    return path
+
+
+@contextmanager
+def stop_signals():
+    """Record SIGTERM / SIGINT (a cluster preempting the job, Ctrl-C) instead of dying mid-step, so
+    the trainer can checkpoint at the next step boundary. Main thread only; elsewhere a no-op."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def remove_partial_saves(output_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp-*` / `.old-*` folders a save killed midway left behind."""
+    output_dir = Path(output_dir)
+    doomed = (
+        [c for c in output_dir.iterdir() if c.is_dir() and c.name.startswith((".tmp-", ".old-"))]
+        if output_dir.is_dir()
+        else []
+    )
+    for path in doomed:
+        logger.warning("removing %s, left by a save that did not finish", path)
+        shutil.rmtree(path)
+    return doomed
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(JSON part, tensor part) of the Python and torch RNG states."""
+    version, internal, gauss = random.getstate()
+    tensors: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return {"version": version, "internal": list(internal), "gauss": gauss}, tensors
+
+
+def set_rng_state(state: dict, tensors: dict) -> None:
+    random.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+    torch.set_rng_state(tensors["torch"].cpu())
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in tensors["cuda"]])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_file():
+            with child.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- a training run's checkpoints
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides the weights, the optimizer and the schedule: where the run is
+    and what it logged. Saved in trainer_state.json with the scheduler, the RNG states, the
+    config and the number of processes that wrote it."""
+
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
+    history: list[dict] = field(default_factory=list)  # every step's metrics
+
+
+def save_training_checkpoint(
+    path: str | Path, *, state: TrainState, config, student, tokenizer, optimizer, scheduler, parallel
+) -> Path:
+    """The student and tokenizer in Hugging Face format plus the trainer's state, written
+    atomically by rank 0; then prunes step checkpoints beyond `checkpoint.keep_last`. Weights and
+    optimizer state are saved whole (gathered from the shards under FSDP or parallel.vocab), so
+    one copy serves a resume with any number of processes and either mode, and the model folder
+    loads into a single process with `from_pretrained`. Every process calls it."""
+    from fire_opd.parallel import distributed, sharded_head
+
+    path = Path(path)
+    weights, optimizer_state = distributed.full_state_dicts(student, optimizer)  # all ranks (FSDP)
+    sharded_head.gather_state(student, optimizer, weights, optimizer_state)  # whole lm_heads (parallel.vocab)
+    if parallel.is_main:
+        python_rng, tensor_rng = rng_state()
+        saved = {
+            "step": state.step,
+            "skipped_steps": state.skipped_steps,
+            "history": state.history,
+            "config": config.to_dict(),
+            "scheduler": scheduler.state_dict(),
+            "python_rng": python_rng,
+            "world_size": parallel.world_size,
+        }
+        save_checkpoint(
+            path,
+            model=student,
+            tokenizer=tokenizer,
+            state=saved,
+            tensor_state={"optimizer": optimizer_state, "rng": tensor_rng},
+            weights=weights,
+        )
+        if path.parent == Path(config.output_dir):
+            prune_checkpoints(config.output_dir, config.checkpoint.keep_last)
+    distributed.barrier()
+    return path
+
+
+def load_training_checkpoint(path: str | Path, *, student, optimizer, scheduler, parallel) -> TrainState:
+    """Weights, optimizer, schedule and RNG states from a checkpoint; returns the run's state."""
+    saved, tensors = load_checkpoint(path, model=student, optimizer=optimizer, device=parallel.device)
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["python_rng"], tensors["rng"])
+    written_by = saved.get("world_size", 1)
+    if written_by != parallel.world_size and parallel.is_main:
+        # rollouts depend on (seed, step, chunk) only, so the run continues as it would have
+        logger.warning(
+            "checkpoint %s was written by %d process(es), resuming with %d: the rollouts and statistics are the "
+            "same; parameters agree up to floating-point reduction order",
+            path,
+            written_by,
+            parallel.world_size,
+        )
+    return TrainState(step=saved["step"], skipped_steps=saved["skipped_steps"], history=saved["history"])

@@ -1,0 +1,507 @@
+"""Trainer configuration: sections of documented dataclasses, validated once, from YAML and `--set`.
+
+A run's config reads as sections (YAML mappings, or dotted keys on the command line):
+
+    models:     student, teachers, tokenizer, default_teacher, dtype, teacher_dtype, gradient_checkpointing
+    data:       prompts, eval_prompts, chat_template_kwargs, verifier
+    sampling:   prompts_per_step, samples_per_prompt, rollout_chunk_prompts, max_new_tokens, temperature, top_p
+    loss:       objective, divergence, jsd_beta, clip_ratio, agg_mode, stats_scope
+    fire:       method, percentile, alpha, beta, filter_scope, filter_score, teacher_confidence_gate
+    optim:      steps, lr, weight_decay, adam_betas, warmup_steps, min_lr_ratio, max_grad_norm,
+                micro_batch_size, max_skipped_steps
+    parallel:   student, teachers, vocab
+    runtime:    device, threads, backend, fused_update
+    eval:       every, size, samples, temperature, top_p
+    checkpoint: save_every, keep_last, resume_from, overwrite
+    logging:    every, tensorboard, progress
+    seed, output_dir
+
+The flat keys of earlier versions (`lr`, `method`, `eval_every`, ...) are still accepted, in YAML
+and in `--set`, with one warning line that names their new spelling (`LEGACY_KEYS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from fire_opd.algorithm.options import DIVERGENCES, LOSS_AGG_MODES, OBJECTIVES, FireOptions
+
+logger = logging.getLogger("fire_opd")
+
+
+def _choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _at_least(section: str, obj: Any, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ValueError(f"{section}.{name} must be >= {low}, got {getattr(obj, name)}")
+
+
+def _in_range(section: str, name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    ok = (low < value if open_low else low <= value) and value <= high and math.isfinite(value)
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{section}.{name} must be in {bracket}{low:g}, {high:g}], got {value}")
+
+
+@dataclass
+class ModelsConfig:
+    """The models of a run (Hugging Face format: a folder or a hub id in the local cache)."""
+
+    student: str = ""  # the student (AutoModelForCausalLM)
+    teachers: dict[str, str] = field(default_factory=dict)  # name -> path; one entry for single-teacher runs
+    tokenizer: Optional[str] = None  # tokenizer path; defaults to the student's
+    default_teacher: Optional[str] = None  # teacher for prompts without a "teacher" key
+    dtype: str = "float32"  # student parameter dtype: float32 | bfloat16; on CUDA float32 runs under bf16 autocast
+    teacher_dtype: Optional[str] = None  # teachers' dtype (default: dtype), e.g. bfloat16 teachers for a float32
+    #                                      student: half the teacher memory
+    gradient_checkpointing: bool = False  # the student's own activation checkpointing (recompute in backward)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.teachers, dict):
+            raise TypeError(f"models.teachers must be a mapping name -> path, got {type(self.teachers).__name__}")
+        if self.default_teacher is not None and self.teachers and self.default_teacher not in self.teachers:
+            raise ValueError(
+                f"models.default_teacher {self.default_teacher!r} is not among teachers {sorted(self.teachers)}"
+            )
+        _choice("models", "dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("models", "teacher_dtype", self.teacher_dtype, (None, "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig:
+    """Prompts and how completions are scored."""
+
+    prompts: str = ""  # JSONL training prompts: {"prompt" or "messages", "answer", optional "teacher", ...}
+    eval_prompts: Optional[str] = None  # JSONL held-out prompts for periodic evaluation
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to apply_chat_template for "messages" rows,
+    #                                                           e.g. {enable_thinking: false} for Qwen3
+    verifier: str = "final_answer"  # scores completions for train/reward and evaluation (never the loss): a
+    #                                 built-in (final_answer | last_number | boxed) or "package.module:function"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chat_template_kwargs, dict):
+            raise TypeError(
+                f"data.chat_template_kwargs must be a mapping, got {type(self.chat_template_kwargs).__name__}"
+            )
+
+
+@dataclass
+class SamplingConfig:
+    """The rollouts of a step: the student samples `samples_per_prompt` answers per prompt."""
+
+    prompts_per_step: int = 16  # global: over all processes under torchrun
+    samples_per_prompt: int = 4
+    rollout_chunk_prompts: int = 0  # prompts per sampling chunk, each with its own seed (seed, step, chunk);
+    #                                 chunks are dealt to processes, so the same config gives the same rollouts
+    #                                 with 1 or K processes. 0: one chunk per step (single process only)
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # sampling temperature, also used for every log-prob and entropy
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least("sampling", self, ("prompts_per_step", "samples_per_prompt", "max_new_tokens"), 1)
+        _at_least("sampling", self, ("rollout_chunk_prompts",), 0)
+        _in_range("sampling", "temperature", self.temperature, 0.0, math.inf, open_low=True)
+        _in_range("sampling", "top_p", self.top_p, 0.0, 1.0, open_low=True)
+        if self.rollout_chunk_prompts and self.prompts_per_step % self.rollout_chunk_prompts:
+            raise ValueError(
+                f"sampling.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"sampling.rollout_chunk_prompts ({self.rollout_chunk_prompts})"
+            )
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class LossConfig:
+    """The training signal on the selected tokens."""
+
+    objective: str = "full_vocab"  # "full_vocab": the exact per-token divergence (TRL's DistillationTrainer; the
+    #                                default: it won on both demo settings' validation splits); "sampled": the PPO
+    #                                surrogate on the sampled token's advantage (the paper, verl)
+    divergence: str = "reverse_kl"  # full_vocab only: reverse_kl | forward_kl | jsd
+    jsd_beta: float = 0.5  # full_vocab with divergence=jsd: 0 = forward KL, 1 = reverse KL (TRL / Liger)
+    clip_ratio: float = 0.2  # PPO epsilon (sampled)
+    agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    stats_scope: str = "batch"  # "batch": FiRe statistics over the whole rollout batch;
+    #                             "micro_batch": per micro-batch, as the authors' released code does
+
+    def __post_init__(self) -> None:
+        _choice("loss", "objective", self.objective, OBJECTIVES)
+        _choice("loss", "divergence", self.divergence, DIVERGENCES)
+        _choice("loss", "agg_mode", self.agg_mode, LOSS_AGG_MODES)
+        _choice("loss", "stats_scope", self.stats_scope, ("batch", "micro_batch"))
+        _in_range("loss", "jsd_beta", self.jsd_beta, 0.0, 1.0)
+        _in_range("loss", "clip_ratio", self.clip_ratio, 0.0, 1.0)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; micro-batches accumulate to one step."""
+
+    steps: int = 100  # optimizer steps (one rollout batch each)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 32  # rollouts per forward/backward
+    max_skipped_steps: int = 10  # a step whose loss or gradient norm is not finite changes no weight or optimizer
+    #                              state and is counted (train/skipped_steps); this many in a row stop the run
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)
+        _at_least("optim", self, ("steps", "micro_batch_size", "max_skipped_steps"), 1)
+        _at_least("optim", self, ("warmup_steps",), 0)
+        _in_range("optim", "lr", self.lr, 0.0, math.inf, open_low=True)
+        _in_range("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+
+
+@dataclass
+class ParallelConfig:
+    """How processes share the work under torchrun (ignored in a single process)."""
+
+    student: str = "ddp"  # "ddp" (every process holds the student) or "fsdp" (FSDP2: each holds 1 / K of the
+    #                       student's parameters, gradients and optimizer state)
+    teachers: str = "replicate"  # "replicate" (each process scores its own rollouts with a whole teacher, no
+    #                              communication) or "fsdp" (FSDP2: 1 / K of each teacher per process, gathered
+    #                              layer by layer for every forward; for a teacher that does not fit one device)
+    vocab: bool = False  # each process holds 1 / K of the rows of the student's and every teacher's lm_head (and of
+    #                      the student's head gradient and AdamW state); statistics run over all processes' tokens
+    #                      (parallel/sharded_head.py); needs student: ddp, runtime.fused_update and untied heads
+
+    def __post_init__(self) -> None:
+        _choice("parallel", "student", self.student, ("ddp", "fsdp"))
+        _choice("parallel", "teachers", self.teachers, ("replicate", "fsdp"))
+        if self.vocab and (self.student != "ddp" or self.teachers != "replicate"):
+            raise ValueError(
+                "parallel.vocab: true runs with parallel.student: ddp and parallel.teachers: replicate (FSDP2 "
+                "shards the lm_heads its own way)"
+            )
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the kernels run."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
+    #                   on it: fix it to reproduce a seed
+    backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
+    fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
+
+    def __post_init__(self) -> None:
+        _at_least("runtime", self, ("threads",), 0)
+        _choice("runtime", "backend", self.backend, ("auto", "triton", "chunked", "reference"))
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training: eval/accuracy is avg@samples, plus eval/pass@k."""
+
+    every: int = 20  # steps between evaluations; 0: only at the end
+    size: int = 256  # held-out problems (the first `size` of data.eval_prompts)
+    samples: int = 1  # completions per problem
+    temperature: float = 0.0  # 0: greedy (then samples must be 1)
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least("eval", self, ("every", "size"), 0)
+        _at_least("eval", self, ("samples",), 1)
+        _in_range("eval", "temperature", self.temperature, 0.0, math.inf)
+        _in_range("eval", "top_p", self.top_p, 0.0, 1.0, open_low=True)
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(
+                f"eval.samples={self.samples} needs eval.temperature > 0 (greedy decoding would repeat one completion)"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in output_dir: step-NNNNNN/ and final/ (Hugging Face format plus the trainer state)."""
+
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_last: int = 0  # keep only the newest N step-* checkpoints ("final" is always kept); 0: keep all
+    resume_from: Optional[str] = None  # "latest" (the newest complete checkpoint in output_dir) or a checkpoint
+    #                                    directory written by this trainer
+    overwrite: bool = False  # replace a run already in output_dir (otherwise a new run there is refused)
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint", self, ("save_every", "keep_last"), 0)
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics: output_dir/metrics.jsonl, TensorBoard, the progress bar."""
+
+    every: int = 1  # steps between metrics rows (the last step is always logged)
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        _at_least("logging", self, ("every",), 0)
+
+
+SECTIONS: dict[str, type] = {
+    "models": ModelsConfig,
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "loss": LossConfig,
+    "fire": FireOptions,
+    "optim": OptimConfig,
+    "parallel": ParallelConfig,
+    "runtime": RuntimeConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+TOP_LEVEL = ("seed", "output_dir")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a FiRe-OPD run needs, by section; each field's comment is its documentation."""
+
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    fire: FireOptions = field(default_factory=FireOptions)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    output_dir: str = "runs/fire-opd"
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section checks its own fields)."""
+        if self.parallel.teachers == "fsdp" and not self.runtime.fused_update:
+            raise ValueError(
+                "parallel.teachers: fsdp needs runtime.fused_update: true (the unfused backward would read the "
+                "teacher's lm_head after its shards were released)"
+            )
+        if self.parallel.vocab and not self.runtime.fused_update:
+            raise ValueError(
+                "parallel.vocab: true needs runtime.fused_update: true (each lm_head shard's gradient over every "
+                "process's tokens is formed in the fused sweep)"
+            )
+        if self.parallel.vocab and self.loss.stats_scope != "batch":
+            raise ValueError(
+                "parallel.vocab: true needs loss.stats_scope: batch (the loss covers every process's tokens, so its "
+                "per-token weights must be the batch's)"
+            )
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], overrides: Optional[list[str]] = None) -> TrainConfig:
+        """A config from a mapping of sections, dotted keys (`optim.lr`) or the earlier flat keys
+        (`lr`, with one warning line), then `key=value` overrides (`--set`; later wins)."""
+        values, deprecated = flatten_keys(data)
+        for item in overrides or []:
+            key, value, old = parse_override(item)
+            values[key] = value
+            if old:
+                deprecated.append((old, key))
+        if deprecated:
+            logger.warning(
+                "config: flat keys are deprecated, write them in their sections: %s",
+                ", ".join(f"{old} -> {new}" for old, new in dict(deprecated).items()),
+            )
+        return cls._build(values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> TrainConfig:
+        """A config from a YAML file (see `from_dict`); errors name the file."""
+        data = read_yaml(path)
+        try:
+            return cls.from_dict(data, overrides)
+        except UnknownKey as exc:
+            raise UnknownKey(f"{path}: {exc}") from None
+
+    def updated(self, values: Mapping[str, Any]) -> TrainConfig:
+        """A copy with some fields changed, by dotted key: `cfg.updated({"optim.lr": 1e-3})`."""
+        merged, _ = flatten_keys(self.to_dict())
+        new, _ = flatten_keys(values)
+        return type(self)._build({**merged, **new})
+
+    @classmethod
+    def _build(cls, values: dict[str, Any]) -> TrainConfig:
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in values.items():
+            section, _, name = key.rpartition(".")
+            hint = _hint(key)
+            value = _coerce(key, value, hint)
+            (sections[section] if section else top)[name] = value
+        built = {}
+        for name, section_cls in SECTIONS.items():
+            try:
+                built[name] = section_cls(**sections[name])
+            except ValueError as exc:
+                message = str(exc)
+                # FireOptions names its fields without the section
+                raise ValueError(
+                    message if name != "fire" or message.startswith("fire.") else f"fire.{message}"
+                ) from None
+        return cls(**built, **top)
+
+    def to_dict(self) -> dict:
+        """Sections as nested mappings (what config.json and checkpoints hold)."""
+        out = dataclasses.asdict(self)
+        out["optim"]["adam_betas"] = list(self.optim.adam_betas)
+        return out
+
+
+class UnknownKey(ValueError):
+    """A config key that names no field."""
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file; ValueError naming the file (and line) otherwise."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+# the flat keys of fire-opd <= 0.1 and where they live now
+LEGACY_KEYS: dict[str, str] = {
+    **{k: f"models.{k}" for k in ("student", "teachers", "tokenizer", "default_teacher", "dtype", "teacher_dtype")},
+    "gradient_checkpointing": "models.gradient_checkpointing",
+    **{k: f"data.{k}" for k in ("prompts", "eval_prompts", "chat_template_kwargs", "verifier")},
+    **{
+        k: f"sampling.{k}"
+        for k in (
+            "prompts_per_step",
+            "samples_per_prompt",
+            "rollout_chunk_prompts",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+        )
+    },
+    **{k: f"loss.{k}" for k in ("objective", "divergence", "jsd_beta", "clip_ratio", "stats_scope")},
+    "loss_agg_mode": "loss.agg_mode",
+    **{f.name: f"fire.{f.name}" for f in dataclasses.fields(FireOptions)},
+    **{f.name: f"optim.{f.name}" for f in dataclasses.fields(OptimConfig)},
+    "parallel": "parallel.student",
+    "teacher_parallel": "parallel.teachers",
+    "vocab_parallel": "parallel.vocab",
+    **{k: f"runtime.{k}" for k in ("device", "threads", "backend", "fused_update")},
+    **{f"eval_{k}": f"eval.{k}" for k in ("every", "size", "samples", "temperature", "top_p")},
+    **{k: f"checkpoint.{k}" for k in ("save_every", "keep_last", "resume_from", "overwrite")},
+    "log_every": "logging.every",
+    "tensorboard": "logging.tensorboard",
+    "progress": "logging.progress",
+}
+
+
+def dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys of earlier versions spelled as dotted keys (`{"lr": 1e-3}` -> `{"optim.lr": 1e-3}`)."""
+    return {LEGACY_KEYS.get(key, key): value for key, value in values.items()}
+
+
+def field_names() -> list[str]:
+    """Every config key: the dotted names and the top-level ones."""
+    return [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)] + list(TOP_LEVEL)
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, field_names() + list(LEGACY_KEYS), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _resolve(key: str) -> tuple[str, Optional[str]]:
+    """(dotted key, the deprecated flat key it was given as, or None); UnknownKey otherwise."""
+    key = key.strip().replace("-", "_")
+    if key in TOP_LEVEL or key in _FIELD_SET:
+        return key, None
+    if key in LEGACY_KEYS:
+        return LEGACY_KEYS[key], key
+    raise UnknownKey(
+        f"unknown config field {key!r}{_did_you_mean(key)}; the fields are documented in fire_opd/train/config.py"
+    )
+
+
+def flatten_keys(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Dotted keys from sections, dotted keys or flat legacy keys; and the legacy keys met."""
+    values: dict[str, Any] = {}
+    deprecated: list[tuple[str, str]] = []
+    for key, value in data.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, Mapping):  # a section; "parallel: ddp" is the legacy key
+            for name, item in value.items():
+                dotted, _ = _resolve(f"{key}.{name}")
+                values[dotted] = item
+            continue
+        dotted, old = _resolve(key)
+        values[dotted] = value
+        if old:
+            deprecated.append((old, dotted))
+    return values, deprecated
+
+
+def _hint(key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    return typing.get_type_hints(SECTIONS[section] if section else TrainConfig)[name]
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads `3e-4` as a string and `1` where a float is meant: convert scalars to the
+    field's type, with an error that names the field."""
+    target = {float: float, int: int, Optional[float]: float, Optional[int]: int}.get(hint)
+    if target is None or value is None or isinstance(value, bool):
+        return value
+    try:
+        return target(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {key!r} expects {target.__name__}, got {value!r}") from None
+
+
+def parse_override(item: str) -> tuple[str, Any, Optional[str]]:
+    """`key=value` with the value parsed as YAML (numbers, booleans, lists, mappings); returns
+    (dotted key, value, the deprecated flat key or None)."""
+    import yaml
+
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value")
+    raw_key, raw = item.split("=", 1)
+    key, old = _resolve(raw_key)
+    value = yaml.safe_load(raw)
+    hint = _hint(key)
+    if hint is str or hint == Optional[str] or typing.get_origin(hint) is typing.Literal:
+        value = raw if value is not None or hint is str else None
+    return key, value, old
+
+
+_FIELD_SET = frozenset(field_names())

@@ -1,0 +1,86 @@
+"""Loading the student, the teachers and the tokenizer for a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fire_opd.ops.heads import lm_head_weight
+
+
+def check_same_vocab(student: nn.Module, teachers: dict[str, nn.Module]) -> None:
+    vocab = lm_head_weight(student, "student").shape[0]
+    for name, teacher in teachers.items():
+        t_vocab = lm_head_weight(teacher, f"teacher {name!r}").shape[0]
+        if t_vocab != vocab:
+            raise ValueError(
+                f"vocab mismatch: teacher {name!r} has V={t_vocab} but the student has V={vocab}; "
+                "teachers must share the student's vocabulary (and tokenizer)"
+            )
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepare_models(
+    config, device: torch.device, *, student=None, teachers: Optional[dict] = None, tokenizer=None, vocab_group=None
+):
+    """(student, teachers, tokenizer) for a TrainConfig: loaded from its paths unless given, on
+    `device` and in the configured dtypes (`models.dtype`, `models.teacher_dtype`; also when given),
+    teachers frozen, the student with gradient checkpointing if asked.
+    With `vocab_group` (vocab_parallel) the models are loaded on the CPU and keep this process's
+    rows of their lm_heads before they move to `device`, which never holds a whole head."""
+    if not config.models.teachers and teachers is None:
+        raise ValueError("no teacher: set config.teachers (name -> path) or pass teachers=")
+    dtype = DTYPES[config.models.dtype]
+    teacher_dtype = DTYPES[config.models.teacher_dtype or config.models.dtype]
+    load_on = torch.device("cpu") if vocab_group is not None else device
+    student = student if student is not None else load_causal_lm(config.models.student, dtype=dtype, device=load_on)
+    teachers = (
+        teachers
+        if teachers is not None
+        else {
+            name: load_causal_lm(path, dtype=teacher_dtype, device=load_on)
+            for name, path in config.models.teachers.items()
+        }
+    )
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.models.tokenizer or config.models.student)
+    check_same_vocab(student, teachers)
+    if vocab_group is not None:
+        from fire_opd.parallel.sharded_head import shard_lm_heads
+
+        shard_lm_heads(student, teachers, vocab_group)
+    # models passed in take the configured dtypes too (a no-op when they already have them)
+    student.to(device=device, dtype=dtype)
+    for teacher in teachers.values():
+        teacher.requires_grad_(False).eval().to(device=device, dtype=teacher_dtype)
+    if config.models.gradient_checkpointing:
+        # the model's own activation checkpointing; non-reentrant, so the fused update's autograd
+        # Functions see ordinary tensors
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student, teachers, tokenizer
+
+
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(torch.device(device))  # type: ignore[arg-type]  # transformers' `to` is typed for dtypes only
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -1,0 +1,300 @@
+"""A thin FiRe-OPD trainer for Hugging Face causal LMs. `train` is the loop; each stage is a call
+into the unit that owns it:
+
+    1. sample     rollouts.sample_step   the student answers `samples_per_prompt` times per prompt
+    2. score      scoring.score_rollouts no grad: per token, student and teacher log-prob and
+                                         entropy and the reverse KL, from hidden states (no logits)
+    3. select     update.Updater.step    FiRe's filter and weights over the whole rollout batch
+    4. update     (same)                 micro-batches accumulate one AdamW step (clipped)
+    5. evaluate   evaluate.eval_metrics  held-out avg@N / pass@k, every `eval.every` steps
+    6. log        run_log.RunLog         metrics.jsonl, TensorBoard
+    7. checkpoint checkpoint             atomic saves; `TrainState` is what a resume needs
+
+`parallel.parallelism.Parallelism` holds every factor the number of processes puts into a step.
+Every rollout chunk is seeded by (seed, step, chunk), so a resumed run continues exactly and 1 or K
+processes (torchrun) sample the same rollouts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fire_kernels import TeacherStudentStats
+from fire_opd.algorithm.routing import route_rows
+from fire_opd.parallel import distributed
+from fire_opd.parallel.parallelism import Parallelism
+from fire_opd.train import checkpoint
+from fire_opd.train.checkpoint import TrainState
+from fire_opd.train.config import TrainConfig
+from fire_opd.train.data import Problem, prepare_problems, prompt_batch
+from fire_opd.train.evaluate import eval_metrics
+from fire_opd.train.health import health_metrics, rollout_health
+from fire_opd.train.models import prepare_models
+from fire_opd.train.rollouts import Rollouts, sample_step
+from fire_opd.train.run_log import RunLog
+from fire_opd.train.scoring import score_rollouts
+from fire_opd.train.update import Updater
+from fire_opd.train.verifiers import resolve_verifier
+
+logger = logging.getLogger("fire_opd")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class FireOPDTrainer:
+    """Train a student by on-policy distillation from its teachers with the FiRe-OPD loss.
+
+    Models, tokenizer and prompts are loaded from the config unless given directly (tests and
+    the demo pass them in). Teachers must share the student's vocabulary.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        student=None,
+        teachers: Optional[dict] = None,
+        tokenizer=None,
+        train_problems: Optional[list[Problem]] = None,
+        eval_problems: Optional[list[Problem]] = None,
+    ):
+        self.config = config
+        if config.runtime.threads:
+            torch.set_num_threads(config.runtime.threads)
+        self.parallel = Parallelism.start(resolve_device(config.runtime.device), vocab=config.parallel.vocab)
+        self.output_dir = Path(config.output_dir)
+        resume = bool(config.checkpoint.resume_from)
+        checkpoint.check_output_dir(self.output_dir, resume=resume, overwrite=config.checkpoint.overwrite)
+        distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
+        sampling = config.sampling
+        self.chunk_size = sampling.rollout_chunk_prompts or sampling.prompts_per_step
+        self.chunks = self.parallel.my_chunks(sampling.prompts_per_step // self.chunk_size)  # this process's
+        self.student, self.teachers, self.tokenizer = prepare_models(
+            config, self.device, student=student, teachers=teachers, tokenizer=tokenizer,
+            vocab_group=self.parallel.vocab_group,
+        )  # fmt: skip
+        self.verifier = resolve_verifier(config.data.verifier)
+        self.train_problems, self.eval_problems = prepare_problems(
+            config, self.tokenizer, train_problems, eval_problems
+        )
+        self.default_teacher = config.models.default_teacher or (
+            next(iter(self.teachers)) if len(self.teachers) == 1 else None
+        )
+        # Fail now, not mid-run, on a prompt that names no loaded teacher.
+        route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
+        self.parallel.wrap(
+            self.student, self.teachers, mode=config.parallel.student, teacher_mode=config.parallel.teachers
+        )
+        self.updater = Updater(config, self.student, self.teachers, self.default_teacher, self.parallel)
+        self.optimizer, self.scheduler, self.loss_fn = (
+            self.updater.optimizer,
+            self.updater.scheduler,
+            self.updater.loss_fn,
+        )
+        self.state = TrainState()
+        self.run_log = RunLog(self.output_dir, tensorboard=config.logging.tensorboard)
+        self.stopped_by_signal: Optional[str] = None
+        if config.checkpoint.resume_from:
+            path = checkpoint.resolve_resume(config.checkpoint.resume_from, self.output_dir)
+            if path is not None:
+                self.load_checkpoint(path)
+                if self.is_main:
+                    logger.warning("resuming from %s (step %d)", path, self.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, until_step: Optional[int] = None) -> list[dict]:
+        """Run to `optim.steps` (or stop after `until_step`, e.g. to checkpoint and resume).
+
+        SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) ends the run at the next step
+        boundary with a checkpoint; `checkpoint.resume_from: latest` continues it."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.config, self.state
+        self._start_run()
+        stop = cfg.optim.steps if until_step is None else min(until_step, cfg.optim.steps)
+        bar = tqdm(
+            total=cfg.optim.steps,
+            initial=state.step,
+            disable=not cfg.logging.progress or not self.is_main,
+            desc="fire-opd",
+        )
+        with checkpoint.stop_signals() as received:
+            while state.step < stop:
+                metrics = self.train_step()
+                state.step += 1
+                last = state.step == cfg.optim.steps
+                if self._due(cfg.eval.every, last) and self.eval_problems and self.parallel.generates_for_eval:
+                    metrics.update(self.evaluate())
+                self.log(metrics)
+                saved = self._due(cfg.checkpoint.save_every, last)
+                if saved:
+                    self.save_checkpoint(self.output_dir / ("final" if last else f"step-{state.step:06d}"))
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k in _BAR_KEYS})
+                if distributed.any_rank(bool(received)) and not last:
+                    self._stop(received[0] if received else "SIGTERM", saved)
+                    break
+        bar.close()
+        self.run_log.close()
+        return state.history
+
+    def train_step(self) -> dict:
+        """One step: sample, score, select and update; returns the step's metrics."""
+        t0, comm0 = time.perf_counter(), distributed.COMM_BYTES[0]
+        problems, rollouts = self.sample()
+        t_sample = time.perf_counter()
+        keys = [p.teacher for p in problems]
+        scores = self.score(rollouts, keys)
+        t_score = time.perf_counter()
+        health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier)
+        metrics = self.updater.step(rollouts, keys, scores, health, state=self.state)
+        t_update = time.perf_counter()
+
+        mask = rollouts.response_mask
+        tokens = int(mask.sum())
+        assert scores.divergence is not None  # scoring asks for the reverse KL
+        # this process's rows -> global values (means over processes of equal size; token counts summed)
+        local = {
+            **health_metrics(health),
+            "train/response_length": tokens / len(problems),
+            "train/full_vocab_reverse_kl": float(scores.divergence[mask].sum()),  # a token mean below
+            "train/reward": float(health["correct"].mean()),
+            "train/tokens": float(tokens),
+        }
+        local = distributed.mean_over_ranks(local, summed=("train/tokens", "train/full_vocab_reverse_kl"))
+        local["train/full_vocab_reverse_kl"] /= max(local["train/tokens"], 1.0)
+        teacher_params = sum(distributed.local_numel(t.parameters()) for t in self.teachers.values())
+        return {
+            **metrics,
+            **local,
+            "train/skipped_steps": float(self.state.skipped_steps),
+            "train/step": self.step + 1,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/world_size": float(self.parallel.world_size),
+            "train/student_params_per_process": float(distributed.local_numel(self.student.parameters())),
+            "train/teacher_params_per_process": float(teacher_params),
+            "time/sample_s": t_sample - t0,
+            "time/score_s": t_score - t_sample,
+            "time/update_s": t_update - t_score,
+            "train/tokens_per_s": local["train/tokens"] / max(t_update - t0, 1e-9),
+            "train/comm_bytes": float(distributed.COMM_BYTES[0] - comm0),  # this process's collective payload
+        }
+
+    # ------------------------------------------------------------------ the stages
+
+    def sample(self) -> tuple[list[Problem], Rollouts]:
+        """This process's rollouts of the current step (rollouts.sample_step)."""
+        cfg = self.config.sampling
+        return sample_step(
+            self.student, self.tokenizer,
+            prompt_batch(self.train_problems, self.step, cfg.prompts_per_step, self.config.seed),
+            chunks=self.chunks, chunk_size=self.chunk_size,
+            samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.seed, step=self.step,
+            synced_gpus=self.parallel.synced_generation,
+        )  # fmt: skip
+
+    def score(self, rollouts: Rollouts, keys: list[Optional[str]]) -> TeacherStudentStats:
+        """Per-token [B, T] statistics of the rollouts, each by its own teacher (scoring.score_rollouts)."""
+        cfg = self.config
+        return score_rollouts(
+            rollouts, keys, student=self.student, teachers=self.teachers, default_teacher=self.default_teacher,
+            parallel=self.parallel, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.sampling.temperature,
+            backend=cfg.runtime.backend, model_dtype=cfg.models.dtype,
+        )  # fmt: skip
+
+    def evaluate(self) -> dict:
+        """Held-out `eval/accuracy` (avg@N), `eval/pass@k` and the same per teacher key."""
+        cfg = self.config
+        return eval_metrics(
+            self.student, self.tokenizer, self.eval_problems, samples=cfg.eval.samples,
+            temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
+            verifier=self.verifier, seed=cfg.seed * 1_000_003 + self.step, synced_gpus=self.parallel.synced_generation,
+        )  # fmt: skip
+
+    def log(self, metrics: dict) -> None:
+        self.state.history.append(metrics)
+        if (
+            self.is_main
+            and self.config.logging.every
+            and self._due(self.config.logging.every, self.step == self.config.optim.steps)
+        ):
+            self.run_log.write(self.step, metrics)
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """The student, tokenizer and training state (checkpoint.save_training_checkpoint)."""
+        return checkpoint.save_training_checkpoint(
+            path, state=self.state, config=self.config, student=self.student, tokenizer=self.tokenizer,
+            optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel,
+        )  # fmt: skip
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self.state = checkpoint.load_training_checkpoint(
+            path, student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel
+        )
+
+    # ------------------------------------------------------------------ around the loop
+
+    def _start_run(self) -> None:
+        if self.is_main:
+            if self.config.checkpoint.overwrite and not self.config.checkpoint.resume_from:
+                checkpoint.clear_run(self.output_dir)
+            checkpoint.remove_partial_saves(self.output_dir)
+            self.run_log.start(self.step)
+            (self.output_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+
+    def _due(self, every: int, last: bool) -> bool:
+        return bool(every and self.step % every == 0) or last
+
+    def _stop(self, signal_name: str, saved: bool) -> None:
+        """A stop signal: a checkpoint at this step boundary, then the loop ends."""
+        self.stopped_by_signal = signal_name
+        path = self.output_dir / f"step-{self.step:06d}"
+        if not saved:
+            self.save_checkpoint(path)
+        if self.is_main:
+            logger.warning(
+                "%s received: stopped after step %d with checkpoint %s; resume with checkpoint.resume_from: latest",
+                signal_name,
+                self.step,
+                path,
+            )
+
+    # the run's position, kept in `state` (what a resume restores)
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.state.skipped_steps
+
+    @property
+    def is_main(self) -> bool:
+        return self.parallel.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.parallel.device
+
+
+_BAR_KEYS = ("train/loss", "fire/keep_ratio", "eval/accuracy")

@@ -1,0 +1,273 @@
+"""Steps 3 and 4 of the loop: select with FiRe, then one optimizer step on the selected tokens.
+
+`Updater.step` takes a step's scored rollouts and:
+1. runs the FiRe selection over the whole rollout batch (every process's rows:
+   `compute_fire_advantages` reduces over the process group), or per micro-batch with
+   `loss.stats_scope: micro_batch` (the authors' released code);
+2. plans micro-batches (one teacher each for the dense objective, whose loss needs the
+   teacher's hidden states again, recomputed per micro-batch rather than held through the update);
+3. accumulates each micro-batch's loss, normalized by the batch-wide count, into the gradient
+   (`Parallelism` supplies every world-size factor);
+4. clips, skips a non-finite step, steps AdamW and the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Callable, Optional
+
+import torch
+
+from fire_kernels import TeacherStudentStats
+from fire_opd.algorithm.objectives import dense_coefficients, loss_normalizer
+from fire_opd.algorithm.routing import route_rows
+from fire_opd.algorithm.selection import LOCAL, FireSelection, compute_fire_advantages
+from fire_opd.errors import TrainingStopped
+from fire_opd.ops.heads import lm_head, response_hidden_states
+from fire_opd.ops.loss_from_hidden import FireOPDLoss
+from fire_opd.parallel import distributed
+from fire_opd.parallel.parallelism import MicroBatch, Parallelism
+from fire_opd.train.checkpoint import TrainState
+from fire_opd.train.config import TrainConfig
+from fire_opd.train.health import filter_diagnostics
+from fire_opd.train.rollouts import Rollouts
+from fire_opd.train.scoring import autocast
+
+logger = logging.getLogger("fire_opd")
+
+
+def warmup_cosine(config: TrainConfig) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warmup, then cosine decay to optim.min_lr_ratio."""
+    optim = config.optim
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+class Updater:
+    """The optimizer, the schedule, the loss and the step that uses them."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        student: torch.nn.Module,
+        teachers: dict[str, torch.nn.Module],
+        default_teacher: Optional[str],
+        parallel: Parallelism,
+    ):
+        self.config, self.student, self.teachers = config, student, teachers
+        self.default_teacher, self.parallel = default_teacher, parallel
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            student.parameters(), lr=optim.lr, betas=optim.adam_betas, weight_decay=optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
+        self.loss_fn = FireOPDLoss(
+            clip_ratio=config.loss.clip_ratio,
+            loss_agg_mode=config.loss.agg_mode,
+            temperature=config.sampling.temperature,
+            backend=config.runtime.backend,
+            fused_update=config.runtime.fused_update,
+            divergence=config.loss.divergence,
+            jsd_beta=config.loss.jsd_beta,
+            vocab_process_group=parallel.vocab_group,
+        )
+        self.skipped_in_a_row = 0
+
+    def step(
+        self,
+        rollouts: Rollouts,
+        keys: list[Optional[str]],
+        scores: TeacherStudentStats,
+        health: Optional[dict] = None,
+        *,
+        state: TrainState,
+    ) -> dict:
+        """One optimizer step on a step's scored rollouts; returns its metrics (the loss, the
+        gradient norm, FiRe's selection statistics, `train/step_skipped`). A skipped step is
+        counted in `state`."""
+        cfg, parallel = self.config, self.parallel
+        mask = rollouts.response_mask
+        old_log_prob, student_entropy = scores.student_log_prob, scores.student_entropy
+        teacher_log_prob, teacher_entropy = scores.teacher_log_prob, scores.teacher_entropy
+        assert teacher_log_prob is not None and teacher_entropy is not None  # scored with the teachers
+        # rollouts of one prompt are adjacent: prompt index of each row, for fire.filter_scope="group"
+        group_ids = torch.arange(mask.shape[0], device=mask.device) // cfg.sampling.samples_per_prompt
+        micro_batches = self._plan(keys, mask)
+
+        metrics: dict = {}
+        by_micro_batch = cfg.loss.stats_scope == "micro_batch"
+        if not by_micro_batch:
+            selection = compute_fire_advantages(
+                old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask, fire=cfg.fire,
+                group_ids=group_ids,
+            )  # fmt: skip
+            normalizer = loss_normalizer(selection.loss_mask, cfg.loss.agg_mode)
+            metrics = dict(selection.metrics)
+            if health is not None and cfg.fire.filters:
+                diagnostics = filter_diagnostics(
+                    selection.kept_rollouts,
+                    health,
+                    mask,
+                    teacher_log_prob,
+                    old_log_prob,
+                    cfg.sampling.samples_per_prompt,
+                )
+                metrics.update(distributed.mean_over_ranks(diagnostics))
+
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, loss_metrics = 0.0, dict[str, float]()
+        real = sum(1 for batch in micro_batches if not batch.padding)
+        for index, batch in enumerate(micro_batches):
+            rows = batch.rows
+            if by_micro_batch:
+                # the released code: statistics inside each micro-batch (of this process: no
+                # collective), its loss averaged over its own tokens, then over every process's
+                # micro-batches
+                part = compute_fire_advantages(
+                    old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows], teacher_entropy[rows],
+                    mask[rows], fire=cfg.fire, group_ids=group_ids[rows], process_group=LOCAL,
+                )  # fmt: skip
+                part_normalizer, scale = None, parallel.micro_batch_scale(real)
+                if not batch.padding:
+                    metrics = _accumulate(metrics, part.metrics, real)
+            else:
+                part, part_normalizer, scale = _select_rows(selection, rows), normalizer, 1.0
+            if batch.padding:  # only there to keep every process's collectives in step
+                part = _without_tokens(part)
+            with parallel.gradient_sync(index, len(micro_batches)):
+                loss, batch_metrics = self._micro_batch_loss(rollouts, batch, part, part_normalizer, old_log_prob[rows])
+                (loss * scale * parallel.backward_scale).backward()
+            total_loss += float(loss.detach()) * scale / parallel.reported_loss_divisor
+            if not batch.padding:
+                loss_metrics = _accumulate(loss_metrics, batch_metrics, real)
+        total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
+        loss_metrics = distributed.mean_over_ranks(loss_metrics)
+        if by_micro_batch:
+            metrics = distributed.mean_over_ranks(metrics)
+        grad_norm = parallel.clip_grad_norm(self.student, cfg.optim.max_grad_norm)
+        skipped = self._skip_if_not_finite(total_loss, grad_norm, state)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # the schedule follows the step count either way
+        return {
+            **metrics,
+            **loss_metrics,
+            "train/loss": total_loss,
+            "train/grad_norm": grad_norm,
+            "train/step_skipped": float(skipped),
+        }
+
+    def _plan(self, keys: list[Optional[str]], mask: torch.Tensor) -> list[MicroBatch]:
+        if self.config.loss.objective == "full_vocab":  # the dense loss reads one teacher per micro-batch
+            routes = route_rows(keys, self.teachers, default=self.default_teacher)
+            return self.parallel.plan_micro_batches(routes, self.config.optim.micro_batch_size, sorted(self.teachers))
+        # the clipped surrogate needs no teacher: micro-batches of any rows
+        rows = {None: torch.arange(mask.shape[0], device=mask.device)}
+        return self.parallel.plan_micro_batches(rows, self.config.optim.micro_batch_size)
+
+    def _micro_batch_loss(
+        self,
+        rollouts: Rollouts,
+        batch: MicroBatch,
+        part: FireSelection,
+        normalizer: Optional[float],
+        old_log_prob: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict]:
+        """(loss, metrics) of some rows: the dense divergence to their teacher's distribution, or
+        (objective "sampled") the clipped surrogate. Run as the student wrapper's forward (DDP /
+        FSDP hooks see it, FSDP gathers the lm_head), itself inside the teacher's forward when the
+        teacher is sharded."""
+        cfg, parallel, rows = self.config, self.parallel, batch.rows
+        ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
+        name = batch.teacher if cfg.loss.objective == "full_vocab" else None
+        teacher = self.teachers[name] if name is not None else None
+        dtype = cfg.models.dtype
+
+        def student_loss(teacher_hidden):
+            with autocast(parallel.device, dtype):
+                hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
+            head = lm_head(self.student).to(hidden.dtype)
+            if teacher is not None:
+                coefficients = dense_coefficients(part, cfg.loss.agg_mode, normalizer)
+                teacher_head = lm_head(teacher).to(teacher_hidden.dtype)
+                return self.loss_fn.dense(
+                    hidden, head, teacher_hidden, teacher_head, rollouts.response_ids[rows], coefficients,
+                    part.loss_mask,
+                )  # fmt: skip
+            return self.loss_fn.sampled(
+                hidden, head, rollouts.response_ids[rows], old_log_prob, part.advantages, part.loss_mask,
+                normalizer=normalizer,
+            )  # fmt: skip
+
+        def with_teacher():
+            teacher_hidden = None
+            if teacher is not None:
+                with torch.no_grad(), autocast(parallel.device, dtype):
+                    teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
+            return parallel.through_student(self.student, student_loss, teacher_hidden)
+
+        return parallel.through_teacher(name, teacher, with_teacher)
+
+    def _skip_if_not_finite(self, loss: float, grad_norm: float, state: TrainState) -> bool:
+        """A step whose loss or gradient norm is not finite leaves the weights and the optimizer
+        state as they are: its gradients are dropped, it is logged with its cause, and
+        `optim.max_skipped_steps` such steps in a row stop the run with an error."""
+        cause = None
+        if not math.isfinite(loss):
+            cause = f"loss {loss}"
+        elif not math.isfinite(grad_norm):
+            cause = f"gradient norm {grad_norm}"
+        if cause is None:
+            self.skipped_in_a_row = 0
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        step = state.step
+        logger.warning("step %d skipped: %s is not finite (weights and optimizer state unchanged)", step + 1, cause)
+        if self.skipped_in_a_row >= self.config.optim.max_skipped_steps:
+            raise TrainingStopped(
+                f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                f"(last: {cause}, step {step + 1}); stopping. Lower optim.lr, check the data, or raise "
+                "optim.max_skipped_steps"
+            )
+        return True
+
+
+def _without_tokens(part: FireSelection) -> FireSelection:
+    """The same rows with no token in the loss."""
+    return replace(
+        part,
+        loss_mask=torch.zeros_like(part.loss_mask),
+        advantages=torch.zeros_like(part.advantages),
+        token_weights=torch.zeros_like(part.token_weights),
+    )
+
+
+def _select_rows(selection: FireSelection, rows: torch.Tensor) -> FireSelection:
+    """The rows of a batch-level selection that one micro-batch trains on."""
+    return FireSelection(
+        selection.advantages[rows],
+        selection.loss_mask[rows],
+        selection.kept_rollouts[rows],
+        selection.token_weights[rows],
+        selection.threshold,
+    )
+
+
+def _accumulate(total: dict, metrics: dict, count: int) -> dict:
+    """Running mean of metric dicts over `count` micro-batches."""
+    total = dict(total)
+    for key, value in metrics.items():
+        total[key] = total.get(key, 0.0) + value / count
+    return total

@@ -1,0 +1,94 @@
+"""TrainConfig: sections, dotted keys, the flat keys of earlier versions, and checkpoints they wrote."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+
+from fire_opd.algorithm.options import FireOptions
+from fire_opd.train.config import LEGACY_KEYS, SECTIONS, TrainConfig, field_names
+
+
+def test_sections_dotted_keys_and_overrides_agree(tmp_path):
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(
+        "models:\n  student: s\n  teachers: {a: t}\ndata:\n  prompts: p.jsonl\n"
+        "optim:\n  lr: 0.001\n  adam_betas: [0.9, 0.95]\nfire:\n  method: opd\n  percentile: 30\n"
+    )
+    config = TrainConfig.from_yaml(nested, ["optim.lr=3e-4", "fire.alpha=0.5", "checkpoint.resume_from=latest"])
+    assert config.optim.lr == 3e-4 and config.optim.adam_betas == (0.9, 0.95)
+    assert config.fire == FireOptions(method="opd", percentile=30.0, alpha=0.5)
+    assert config.models.teachers == {"a": "t"} and config.checkpoint.resume_from == "latest"
+    dotted = TrainConfig.from_dict({"models.student": "s", "models.teachers": {"a": "t"}, "optim.lr": 3e-4})
+    assert dotted.models == config.models and dotted.optim.lr == config.optim.lr
+    # to_dict round-trips, and `updated` changes one field
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert config.updated({"sampling.top_p": 0.9}).sampling.top_p == 0.9 and config.sampling.top_p == 1.0
+
+
+def test_every_flat_key_of_earlier_versions_still_works_with_one_warning(tmp_path, caplog):
+    """Each flat key maps to one field; a YAML and --set that use them load the same config as the
+    sections, and say so in one warning line."""
+    fields = set(field_names())
+    assert set(LEGACY_KEYS.values()) <= fields and len(set(LEGACY_KEYS.values())) == len(LEGACY_KEYS)
+    assert len(LEGACY_KEYS) == sum(len(dataclasses.fields(cls)) for cls in SECTIONS.values())  # none is missing
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("student: s\nteachers: {a: t}\nlr: 0.001\nmethod: opd\nparallel: fsdp\neval_every: 5\n")
+    with caplog.at_level(logging.WARNING, logger="fire_opd"):
+        config = TrainConfig.from_yaml(flat, ["percentile=30", "log_every=2"])
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 1 and "lr -> optim.lr" in warnings[0] and "log_every -> logging.every" in warnings[0]
+    assert config.optim.lr == 1e-3 and config.fire.method == "opd" and config.fire.percentile == 30.0
+    assert config.parallel.student == "fsdp" and config.eval.every == 5 and config.logging.every == 2
+
+
+def test_errors_name_the_field_as_written():
+    with pytest.raises(ValueError, match=r"unknown config field 'optim.lrr' \(did you mean 'optim.lr'"):
+        TrainConfig.from_dict({"optim": {"lrr": 1}})
+    with pytest.raises(ValueError, match=r"unknown config field 'percentil' \(did you mean 'percentile'"):
+        TrainConfig.from_dict({"percentil": 20})
+    with pytest.raises(ValueError, match=r"fire.percentile must be in \[0, 100\], got 120"):
+        TrainConfig.from_dict({"fire": {"percentile": 120}})
+    with pytest.raises(ValueError, match=r"optim.lr must be in \(0, inf\]"):
+        TrainConfig.from_dict({"optim.lr": 0})
+    with pytest.raises(ValueError, match="config field 'sampling.top_p' expects float"):
+        TrainConfig.from_dict({"sampling.top_p": "high"})
+    with pytest.raises(ValueError, match="override 'lr' must look like key=value"):
+        TrainConfig.from_dict({}, ["lr"])
+
+
+def test_checkpoints_written_with_the_flat_config_still_resume(tmp_path):
+    """A checkpoint's trainer_state.json of fire-opd 0.1 holds the flat config; resuming reads
+    only the step, history, schedule and RNG states from it."""
+    from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
+    from fire_opd.demo.tiny_models import build_char_tokenizer, tiny_llama
+    from fire_opd.train.checkpoint import STATE_FILE
+    from fire_opd.train.trainer import FireOPDTrainer
+
+    tokenizer = build_char_tokenizer(TASK_ALPHABET)
+
+    def trainer(config):
+        model = lambda seed: tiny_llama(  # noqa: E731
+            len(tokenizer), 32, 1, 2, seed=seed, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id
+        )
+        return FireOPDTrainer(
+            config, student=model(0), teachers={"arith": model(1)}, tokenizer=tokenizer,
+            train_problems=sample_problems(["arith"], 16, seed=1, split="train"),
+        )  # fmt: skip
+
+    base = {
+        "output_dir": str(tmp_path / "run"), "optim.steps": 3, "sampling.prompts_per_step": 2,
+        "sampling.samples_per_prompt": 2, "sampling.max_new_tokens": 4, "checkpoint.save_every": 1,
+        "logging.progress": False, "logging.tensorboard": False, "eval.every": 0,
+    }  # fmt: skip
+    first = trainer(TrainConfig.from_dict(base))
+    first.train(until_step=2)
+    state_file = tmp_path / "run" / "step-000002" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["config"] = {"steps": 3, "lr": 1e-4, "method": "fire", "prompts_per_step": 2}  # as 0.1 wrote it
+    state_file.write_text(json.dumps(state))
+    resumed = trainer(TrainConfig.from_dict({**base, "checkpoint.resume_from": "latest"}))
+    assert resumed.step == 2 and len(resumed.train()) == 3
