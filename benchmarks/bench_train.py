@@ -168,6 +168,7 @@ def worker(args) -> dict:
             trainer.step += 1
 
         tensor_peak, _ = tensor_peak_bytes(one_step)  # one more step under the profiler (not timed)
+    trainer.close()
     return {
         "step_s": statistics.median(steps),
         **{f"{k}_s": statistics.median(p[k] for p in parts) for k in ("sample", "score", "update")},

@@ -162,7 +162,8 @@ def validate_stats_inputs(
         if t_weight.shape[0] != vocab_size:
             raise ValueError(
                 f"vocab mismatch: teacher_weight has V={t_weight.shape[0]} rows but student_weight has "
-                f"V={vocab_size}; teacher and student must share a vocabulary"
+                f"V={vocab_size}; teacher and student must share a vocabulary (heads padded to different sizes "
+                "for one tokenizer: pass vocab_size=<the tokenizer's size>)"
             )
         if t_hidden.shape[0] != num_tokens:
             raise ValueError(

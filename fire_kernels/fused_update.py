@@ -46,7 +46,7 @@ from fire_kernels.backends.chunked import (
     head_jacobian,
 )
 from fire_kernels.token_stats import prepare_call
-from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad
+from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_rows
 
 # grad_fn(log_prob[C], rows: slice) -> (loss contribution (scalar), dL/dlog_prob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
@@ -76,6 +76,7 @@ def linear_log_prob_update(
     logit_softcap: Optional[float] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int] = None,
 ) -> LogprobUpdate:
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature) and the gradients
     of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and weight [V, D] (and `bias` [V] when
@@ -87,7 +88,35 @@ def linear_log_prob_update(
 
     `vocab_process_group`, `reduce_hidden_grad`: a vocabulary-sharded `weight`, as in
     `token_stats` (the streaming two-pass path on every device; `grad_weight` is the shard's).
+    `vocab_size`: padded heads, as in `token_stats`; the padding rows' gradient is zero.
     """
+    rows, bias_rows = weight.shape[0], None if bias is None else bias.shape[0]
+    weight, bias = valid_rows(vocab_size, vocab_process_group, weight, bias)
+    update = _log_prob_update(
+        hidden, weight, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        bias=bias, logit_scale=logit_scale, logit_softcap=logit_softcap, vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
+    )  # fmt: skip
+    grad_weight, grad_bias = _pad_rows(update.grad_weight, rows), _pad_rows(update.grad_bias, bias_rows)
+    assert grad_weight is not None
+    return update._replace(grad_weight=grad_weight, grad_bias=grad_bias)
+
+
+def _log_prob_update(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    grad_fn: GradFn,
+    *,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    bias: Optional[torch.Tensor],
+    logit_scale: float,
+    logit_softcap: Optional[float],
+    vocab_process_group: Optional[ProcessGroup],
+    reduce_hidden_grad: bool,
+) -> LogprobUpdate:
     problem, targets, valid, shards, backend = prepare_call(
         hidden,
         weight,
@@ -180,6 +209,15 @@ def linear_log_prob_update(
     )
 
 
+def _pad_rows(grad: Optional[torch.Tensor], rows: Optional[int]) -> Optional[torch.Tensor]:
+    """A gradient of a head's valid rows, with zero rows for the padding after them."""
+    if grad is None or rows is None or grad.shape[0] == rows:
+        return grad
+    padded = grad.new_zeros((rows, *grad.shape[1:]))
+    padded[: grad.shape[0]] = grad
+    return padded
+
+
 def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] = None):
     """(forward, backward) of the streaming path for `backend` on `device`, or None for the
     whole-row torch path (chunked on the CPU, which needs the whole vocabulary in one process:
@@ -226,6 +264,7 @@ def linear_divergence_update(
     teacher_logit_softcap: Optional[float] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int] = None,
 ) -> DivergenceUpdate:
     """Per-token full-vocabulary divergence D_t between the student's softmax(h W^T / tau) and the
     teacher's softmax(g U^T / tau), and the gradients of loss = sum_t coefficient_t * D_t w.r.t.
@@ -237,8 +276,48 @@ def linear_divergence_update(
     (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger). The heads are
     those of `teacher_student_stats`; the student's `bias` gets a gradient (`grad_bias`).
     `vocab_process_group`, `reduce_hidden_grad`: vocabulary-sharded weights, as in
-    `linear_log_prob_update`.
+    `linear_log_prob_update`. `vocab_size`: padded heads (the two may have different numbers of
+    rows), as in `teacher_student_stats`; the padding rows' gradient is zero.
     """
+    rows, bias_rows = student_weight.shape[0], None if bias is None else bias.shape[0]
+    student_weight, teacher_weight, bias, teacher_bias = valid_rows(
+        vocab_size, vocab_process_group, student_weight, teacher_weight, bias, teacher_bias
+    )
+    update = _divergence_update(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, coefficient,
+        divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index,
+        backend=backend, bias=bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
+        teacher_bias=teacher_bias, teacher_logit_scale=teacher_logit_scale,
+        teacher_logit_softcap=teacher_logit_softcap, vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad,
+    )  # fmt: skip
+    grad_weight, grad_bias = _pad_rows(update.grad_weight, rows), _pad_rows(update.grad_bias, bias_rows)
+    assert grad_weight is not None
+    return update._replace(grad_weight=grad_weight, grad_bias=grad_bias)
+
+
+def _divergence_update(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    targets: torch.Tensor,
+    coefficient: torch.Tensor,
+    *,
+    divergence: str,
+    jsd_beta: float,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    bias: Optional[torch.Tensor],
+    logit_scale: float,
+    logit_softcap: Optional[float],
+    teacher_bias: Optional[torch.Tensor],
+    teacher_logit_scale: float,
+    teacher_logit_softcap: Optional[float],
+    vocab_process_group: Optional[ProcessGroup],
+    reduce_hidden_grad: bool,
+) -> DivergenceUpdate:
     if divergence is None:
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
     problem, targets, valid, shards, backend = prepare_call(

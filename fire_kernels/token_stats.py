@@ -244,7 +244,14 @@ def _stats(
     heads,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad=True,
+    vocab_size: Optional[int] = None,
 ):
+    if vocab_size is not None:  # padded heads: the rows past the vocabulary, as views
+        biases = [name for name in ("student_bias", "teacher_bias") if heads.get(name) is not None]
+        student_weight, teacher_weight, *cut = vocab_parallel.valid_rows(
+            vocab_size, vocab_process_group, student_weight, teacher_weight, *(heads[b] for b in biases)
+        )
+        heads = {**heads, **dict(zip(biases, cut))}
     problem, targets, _, shards, backend = prepare_call(
         student_hidden,
         student_weight,
@@ -307,6 +314,7 @@ def token_stats(
     logit_softcap: Optional[float] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target token and full-vocab entropy of softmax(z), with logits
     z = logit_softcap * tanh(((hidden @ weight.T + bias) * logit_scale) / logit_softcap) / temperature.
@@ -325,6 +333,10 @@ def token_stats(
             gradient is the rank's shard's, the hidden-state gradient is complete on every rank
             (fire_kernels/vocab_parallel.py; chunked or triton backend; O(N) floats communicated per
             statistic in the forward, dL/dh [N, D] in the backward).
+        vocab_size: the tokenizer's vocabulary size when the head has padding rows past it (models
+            round V up: Qwen2.5-7B has 152,064 rows for 151,665 tokens). Rows at or past it take
+            no part in the softmax and get zero gradient; the weight is sliced (a view), never
+            copied. With `vocab_process_group`, the whole vocabulary's size. None: every row.
         reduce_hidden_grad: with `vocab_process_group`, False returns this shard's part of dL/dh
             (not all-reduced), for callers whose layer before the head reduces it (Megatron's
             column-parallel input copy; verl's `linear_cross_entropy` contract).
@@ -347,6 +359,7 @@ def token_stats(
         heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap),
         vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
+        vocab_size=vocab_size,
     )
     return log_prob, entropy
 
@@ -371,6 +384,7 @@ def teacher_student_stats(
     teacher_logit_softcap: Optional[float] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int] = None,
 ) -> TeacherStudentStats:
     """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
 
@@ -386,6 +400,8 @@ def teacher_student_stats(
             the teacher's head (its bias gets no gradient).
         vocab_process_group: vocabulary-sharded lm_heads of student and teacher (the same rows on
             each rank), as in `token_stats`; every divergence is exact. `reduce_hidden_grad` as there.
+        vocab_size: the tokenizer's vocabulary when either head has padding rows past it, as in
+            `token_stats`: the two heads may then have different numbers of rows.
     Returns:
         TeacherStudentStats of [N] tensors. Student outputs and the divergence are differentiable
         w.r.t. the student hidden states and weight; teacher outputs carry no gradient.
@@ -414,5 +430,6 @@ def teacher_student_stats(
         ),
         vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
+        vocab_size=vocab_size,
     )
     return TeacherStudentStats(*outputs)

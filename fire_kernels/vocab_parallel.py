@@ -155,3 +155,34 @@ __all__ = [
     "shard_offset",
     "shards_of",
 ]
+
+
+def valid_rows(vocab_size: Optional[int], group, *weights_and_biases: Any) -> tuple[Any, ...]:
+    """The rows of each lm_head weight [V_pad, D] / bias [V_pad] that lie inside the vocabulary's
+    first `vocab_size` ids, as views (nothing is copied): the rows past it are the padding models
+    add to round V up (Qwen2.5-7B has 152,064 rows, Qwen2.5-1.5B 151,936, for one tokenizer), and
+    they take no part in any softmax. None leaves every row in.
+
+    With a vocab `group` the tensors are this rank's shards and `vocab_size` counts the whole
+    vocabulary: each rank keeps the part of its shard below it (the padding is the last rows)."""
+    if vocab_size is None:
+        return weights_and_biases
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int (the tokenizer's vocabulary size), got {vocab_size!r}")
+    tensors = [t for t in weights_and_biases if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not tensors:
+        return weights_and_biases
+    offset, total = shard_offset(tensors[0].shape[0], group) if group is not None else (0, tensors[0].shape[0])
+    out: list[Any] = []
+    for t in weights_and_biases:
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            out.append(t)
+            continue
+        rows = t.shape[0] if group is None else total
+        if vocab_size > rows:
+            raise ValueError(
+                f"vocab_size {vocab_size} exceeds the {rows} rows of an lm_head weight or bias; it must be at "
+                "most every head's number of rows"
+            )
+        out.append(t[: max(0, min(vocab_size - offset, t.shape[0]))])
+    return tuple(out)

@@ -58,7 +58,7 @@ def _steps(run: Path) -> list[int]:
 
 def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path):
     """SIGKILL after the checkpoint of step 4 (mid-training, possibly mid-save), `resume_from:
-    latest`, SIGTERM after step 8 (a checkpoint at the next step boundary, exit 0), resume again:
+    latest`, SIGTERM after step 8 (a checkpoint at the next step boundary, exit 75), resume again:
     the final weights equal an uninterrupted run's bit for bit and every step is logged once."""
     write_prompts(sample_problems(["arith"], 32, seed=0, split="train"), tmp_path / "p.jsonl")
     config = {
@@ -93,8 +93,9 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     _wait_for(tmp_path / "resumed" / "step-000008", preempted)
     preempted.send_signal(signal.SIGTERM)
     _, err = preempted.communicate(timeout=120)
-    assert preempted.returncode == 0, err[-2000:]
-    assert "resuming from" in err and "stopped by SIGTERM" in err
+    assert preempted.returncode == 75, err[-2000:]  # stopped with a checkpoint: resume it
+    assert "resuming from" in err and "SIGTERM received: the run stops after the current step" in err
+    assert err.strip().splitlines()[-1].startswith("fire-opd train: stopped by SIGTERM after step")
     assert not (tmp_path / "resumed" / "final").exists()
     stopped_at = checkpoint.checkpoints(tmp_path / "resumed")[-1][0]
     assert 8 <= stopped_at < STEPS
@@ -103,6 +104,10 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     _, err = last.communicate(timeout=300)
     assert last.returncode == 0, err[-2000:]
     assert f"step {stopped_at})" in err
+    assert (
+        err.strip().splitlines()[-1]
+        == f"fire-opd train: finished {STEPS} steps; final model {tmp_path / 'resumed' / 'final'}"
+    )
     _, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err[-2000:]
 
@@ -203,3 +208,36 @@ def test_output_dir_guard_and_overwrite(tmp_path):
     checkpoint.check_output_dir(run, resume=True, overwrite=False)
     checkpoint.clear_run(run)
     assert [p.name for p in run.iterdir()] == ["notes.txt"]  # only what a run writes is removed
+
+
+def test_a_second_interrupt_stops_at_once_and_keeps_the_checkpoints(tmp_path):
+    """Ctrl-C twice: the first says the run will stop after the step, the second stops it at once
+    (exit 130, its own last line), and the newest complete checkpoint is intact and resumes."""
+    write_prompts(sample_problems(["arith"], 32, seed=0, split="train"), tmp_path / "p.jsonl")
+    config = {
+        "models": {"student": str(ASSETS / "student_init"), "teachers": {"arith": str(ASSETS / "teacher_arith")},
+                   "tokenizer": str(ASSETS / "tokenizer")},
+        "data": {"prompts": "p.jsonl"},
+        "optim": {"steps": 200}, "sampling": {"prompts_per_step": 8, "max_new_tokens": 8},
+        "checkpoint": {"save_every": 1}, "eval": {"every": 0}, "logging": {"progress": False, "tensorboard": False},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    run = _launch(tmp_path, "run")
+    _wait_for(tmp_path / "run" / "step-000002", run)
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert any("SIGINT received: the run stops after the current step" in line for line in lines)
+    assert lines[-1].startswith("fire-opd train: aborted by a second SIGINT during step"), lines[-1]
+    newest = checkpoint.latest_checkpoint(tmp_path / "run")
+    assert newest is not None and checkpoint.read_state(newest)["step"] >= 2
+    resumed = _launch(
+        tmp_path, "run", "--set", "checkpoint.resume_from=latest", "--set", "optim.steps=4",
+        "--set", "checkpoint.allow_config_change=true",
+    )  # fmt: skip
+    _, err = resumed.communicate(timeout=300)
+    assert "resuming from" in err and "taking over the lock of a run that is gone" in err
+    assert resumed.returncode == 0, err[-2000:]

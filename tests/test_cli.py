@@ -136,7 +136,7 @@ def test_model_tokenizer_and_prompt_errors(workdir, capsys):
     assert "names teacher 'arith', which is not among the loaded teachers ['default']" in line
     # a teacher with another vocabulary size
     line = _error(capsys, _train()[:4] + [f"arith={ASSETS / 'chain' / 'teacher'}"] + _train()[5:])
-    assert "has vocab_size 17 but the student has 18" in line
+    assert "has vocab_size 17 but the student's tokenizer has 18 tokens" in line
     # a teacher with a tokenizer of the same size but different token ids
     other = tiny_models.build_char_tokenizer(TASK_ALPHABET.replace("R", "X"), workdir / "other_tok")
     assert len(other) == 18
@@ -238,7 +238,7 @@ def test_eval_prints_avg_and_pass_at_k(tmp_path, capsys, monkeypatch):
     ]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((tmp_path / "scores.json").read_text())
+    assert printed == json.loads((tmp_path / "scores.json").read_text())["results"]
     assert set(printed) == {"all", "arith", "reverse"}
     for summary in printed.values():
         assert set(summary) == {"avg@4", "pass@1", "pass@2", "pass@4", "problems"}
@@ -263,3 +263,28 @@ def test_chat_rows_render_to_the_same_token_ids(tmp_path, capsys, monkeypatch):
     raw = json.loads(capsys.readouterr().out)
     cli.main(base + ["--prompts", "chat.jsonl", "--chat-template-kwargs", '{"enable_thinking": false}'])
     assert json.loads(capsys.readouterr().out) == raw
+
+
+def test_eval_output_keeps_every_completion_and_finds_a_runs_model(tmp_path, capsys, monkeypatch):
+    """`--output` holds the settings and each problem's completions and scores; `--model RUN_DIR`
+    evaluates the run's final checkpoint."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    write_prompts(sample_problems(["arith"], 4, seed=0, split="test"), tmp_path / "p.jsonl")
+    run = tmp_path / "run"
+    shutil.copytree(TEACHER, run / "final")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, run / "final" / name)
+    (run / "config.json").write_text("{}")  # the run's TrainConfig, not a model's
+    argv = ["eval", "--model", str(run), "--prompts", "p.jsonl", "--samples", "2", "--temperature", "1.0",
+            "--output", "out.json", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"evaluating {run / 'final'}" in err
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert record["settings"]["samples"] == 2 and record["settings"]["model"] == str(run / "final")
+    assert len(record["problems"]) == 4
+    for row in record["problems"]:
+        assert len(row["completions"]) == 2 and len(row["scores"]) == 2 and row["answer"]
+    assert record["results"]["all"]["problems"] == 4

@@ -212,3 +212,22 @@ def test_peft_lora_student_trains(tmp_path):
     assert any(not torch.equal(v, params[n]) for n, v in adapters.items())
     assert all(torch.equal(v, params[n]) for n, v in frozen.items())
     assert any("fire/keep_ratio" in row for row in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("filter_eval", [False, True])
+def test_evaluation_filters_only_when_asked(tmp_path, filter_eval):
+    """In evaluation every completion keeps weight 1 (eval_loss is plain TRL's) unless
+    fire_filter_eval; training filters either way."""
+    trainer = _trainer(tmp_path, fire_percentile=40.0, fire_filter_eval=filter_eval, fire_backend="chunked")
+    batch = _batch(trainer)
+    mask = trainer._loss_mask(batch)
+    trainer.model.eval()
+    evaluated = trainer._fire_statistics(batch)
+    trainer.model.train()
+    trained = trainer._fire_statistics(batch)
+    assert int(trained["fire_loss_mask"].sum()) < int(mask.sum())  # training drops rollouts
+    if filter_eval:
+        assert torch.equal(evaluated["fire_loss_mask"], trained["fire_loss_mask"])
+    else:
+        assert torch.equal(evaluated["fire_loss_mask"], mask.bool())
+        assert float(trainer._metrics["eval"]["fire/keep_ratio"][-1]) == 1.0

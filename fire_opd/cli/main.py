@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from fire_opd.cli.preflight import check_model, check_prompts, check_tokenizer, check_train, load_config
 from fire_opd.errors import TrainingStopped, UsageError
+
+# Exit statuses of `fire-opd train` beside 0 (finished), 1 (stopped by an error) and 2 (bad input):
+EXIT_STOPPED = 75  # stopped at a step boundary by SIGTERM / Ctrl-C, with a checkpoint: resume it (EX_TEMPFAIL)
+EXIT_ABORTED = 130  # stopped at once by a second signal, without a new checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,22 +148,41 @@ def train(args: argparse.Namespace) -> int:
     from fire_opd.train.trainer import FireOPDTrainer
 
     trainer = FireOPDTrainer(config)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    except KeyboardInterrupt as exc:  # a second Ctrl-C / SIGTERM: stop at once
+        from fire_opd.train.checkpoint import latest_checkpoint
+
+        if trainer.is_main:
+            newest = latest_checkpoint(config.output_dir)
+            print(
+                f"fire-opd train: aborted by {exc or 'an interrupt'} during step {trainer.step + 1}; the newest "
+                f"complete checkpoint is {newest or 'none'}"
+                + (" (--set checkpoint.resume_from=latest)" if newest else ""),
+                file=sys.stderr,
+            )
+        return EXIT_ABORTED
     distributed.teardown()  # a process group left to interpreter exit can abort it (gloo's threads)
     if not trainer.is_main:  # under torchrun rank 0 reports
-        return 0
+        return EXIT_STOPPED if trainer.stopped_by_signal else 0
     print(json.dumps(history[-1] if history else {}, indent=1))
     if trainer.stopped_by_signal:
         print(
-            f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step}; resume with "
-            "--set checkpoint.resume_from=latest",
+            f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step} of "
+            f"{config.optim.steps} with checkpoint {Path(config.output_dir) / f'step-{trainer.step:06d}'}; resume "
+            "with --set checkpoint.resume_from=latest",
             file=sys.stderr,
         )
+        return EXIT_STOPPED
+    print(
+        f"fire-opd train: finished {trainer.step} steps; final model {Path(config.output_dir) / 'final'}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from fire_opd.train.evaluate import evaluate_by_teacher
+    from fire_opd.train.evaluate import sample_scores, summarize_by_teacher
     from fire_opd.train.verifiers import resolve_verifier
 
     try:
@@ -177,9 +201,10 @@ def evaluate(args: argparse.Namespace) -> int:
         verifier = resolve_verifier(args.verifier)
     except ValueError as exc:
         raise UsageError(f"--verifier: {exc}") from None
-    check_model(args.model, "--model")
+    model_path = _model_of_run(args.model)
+    check_model(model_path, "--model")
     tokenizer = check_tokenizer(
-        args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model", "pass --tokenizer PATH"
+        args.tokenizer or model_path, "--tokenizer" if args.tokenizer else "--model", "pass --tokenizer PATH"
     )
     problems = check_prompts(args.prompts, "--prompts", tokenizer, kwargs)
     if args.output and not Path(args.output).resolve().parent.is_dir():
@@ -188,8 +213,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from fire_opd.train.models import load_causal_lm
     from fire_opd.train.trainer import resolve_device
 
-    model = load_causal_lm(args.model, device=resolve_device(args.device))
-    results = evaluate_by_teacher(
+    model = load_causal_lm(model_path, device=resolve_device(args.device))
+    completions: list[str] = []
+    scores = sample_scores(
         model,
         tokenizer,
         problems,
@@ -201,12 +227,49 @@ def evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress,
+        completions=completions,
     )
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    results = summarize_by_teacher(problems, scores)
+    print(json.dumps(results, indent=1))
+    if args.output:  # everything needed to read the numbers again: settings, and each problem's samples
+        settings = {
+            "model": str(model_path), "prompts": args.prompts, "samples": args.samples,
+            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "verifier": args.verifier, "seed": args.seed, "chat_template_kwargs": kwargs,
+        }  # fmt: skip
+        per_problem = [
+            {"prompt": p.prompt, "answer": p.answer, "teacher": p.teacher,
+             "completions": completions[i * args.samples : (i + 1) * args.samples], "scores": scores[i].tolist()}
+            for i, p in enumerate(problems)
+        ]  # fmt: skip
+        record = {"settings": settings, "results": results, "problems": per_problem}
+        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _model_of_run(path: str) -> str:
+    """A model folder as given, or, for a training run's output directory, its final checkpoint
+    (else its newest one), said on stderr."""
+    from fire_opd.train.checkpoint import latest_checkpoint
+
+    folder = Path(path)
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    if not folder.is_dir() or weights:
+        return path
+    newest = folder / "final" if (folder / "final").is_dir() else latest_checkpoint(folder)
+    if newest is None:
+        return path
+    print(f"fire-opd eval: --model {path} is a training run: evaluating {newest}", file=sys.stderr)
+    return str(newest)
+
+
+def _quiet_third_party() -> None:
+    """Model loading and shard writing keep their progress bars out of the run's output (the
+    trainer has its own)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -216,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return study_main(argv[1:])
     args = build_parser().parse_args(argv)
+    _quiet_third_party()
     if args.command == "demo":
         from fire_opd.demo.run import run_demo
 

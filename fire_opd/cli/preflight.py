@@ -201,13 +201,22 @@ def check_train(config: TrainConfig) -> None:
         "tokenizer" if config.models.tokenizer else "student",
         "pass --tokenizer PATH (or models.tokenizer in --config)",
     )
+    tokens = len(tokenizer)
+    # heads may be padded past the tokenizer (differently for student and teacher), never short of it
+    rows = vocab_size(student_config)
+    if rows is not None and rows < tokens:
+        raise UsageError(
+            f"student {config.models.student} has vocab_size {rows} but the tokenizer has {tokens} tokens; "
+            "pass the student's own tokenizer"
+        )
     for name, path in config.models.teachers.items():
         what = f"teacher {name!r} ({path})"
         teacher_config = check_model(path, f"teacher {name!r}")
-        if vocab_size(teacher_config) != vocab_size(student_config):
+        rows = vocab_size(teacher_config)
+        if rows is not None and rows < tokens:
             raise UsageError(
-                f"{what} has vocab_size {vocab_size(teacher_config)} but the student has "
-                f"{vocab_size(student_config)}; teachers must share the student's vocabulary"
+                f"{what} has vocab_size {rows} but the student's tokenizer has {tokens} tokens; teachers must "
+                "share the student's tokenizer"
             )
         if has_tokenizer_files(path):
             check_same_tokenizer(tokenizer, check_tokenizer(path, what, "fix or remove its tokenizer files"), what)

@@ -173,6 +173,7 @@ def run_demo(
     initial_row = {"model": "student (initial)", **evaluate_row(initial.student, tokenizer, held_out, base, samples)}
     rows.append(initial_row)
     regime = measure_regime(initial, train[:REGIME_ROLLOUTS], seed=seed)
+    initial.close()
 
     curves = {}
     for method in methods:

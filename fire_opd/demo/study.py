@@ -202,6 +202,7 @@ def run_job(job: dict) -> dict:
                 temperature=config.sampling.temperature,
                 seed=job["seed"],
             )
+        trainer.close()
     elif job["kind"] == "trl":
         student = train_with_trl(config, loaded, train)
         final = metrics(student, evaluation)

@@ -39,7 +39,7 @@ loss runs the teacher forward per micro-batch too; that one stays).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -51,6 +51,7 @@ from fire_opd.algorithm.selection import compute_fire_advantages
 from fire_opd.ops.heads import lm_head
 from fire_opd.ops.loss_from_hidden import FireOPDLoss, response_token_stats
 from fire_opd.parallel.parallelism import plan_micro_batches
+from fire_opd.train.models import shared_vocabulary
 
 # per-token [B, T] tensors added to TRL's generation batch (split and shuffled with it)
 FIRE_KEYS = ("fire_old_log_prob", "fire_student_entropy", "fire_advantages", "fire_loss_mask", "fire_coefficients")
@@ -76,6 +77,13 @@ class FireOPDConfig(DistillationConfig):
     fire_teacher_confidence_gate: float = field(default=0.0, metadata={"help": "drop tokens with c_t below this"})
     fire_backend: str = field(
         default="auto", metadata={"help": "fire_kernels backend: auto | triton | chunked | reference"}
+    )
+    fire_filter_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "filter and reweight in evaluation too; by default evaluation scores every completion with "
+            "weight 1, so that eval_loss is plain TRL's"
+        },
     )
 
     def __post_init__(self):
@@ -103,6 +111,12 @@ class FireOPDDistillationTrainer(DistillationTrainer):
         if not isinstance(self.args, FireOPDConfig):
             raise TypeError(f"args must be a FireOPDConfig, got {type(self.args).__name__}")
         a = self.fire_args
+        # heads padded past the tokenizer (differently for student and teacher): the statistics
+        # run over the tokenizer's vocabulary
+        self.fire_vocab_size = shared_vocabulary(
+            self.accelerator.unwrap_model(self.model), {"teacher": self.accelerator.unwrap_model(self.teacher_model)},
+            self.processing_class,
+        )  # fmt: skip
         self.fire_loss = FireOPDLoss(
             clip_ratio=a.fire_clip_ratio,
             loss_agg_mode=a.fire_loss_agg_mode,
@@ -110,6 +124,7 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             backend=a.fire_backend,
             divergence="jsd",
             jsd_beta=self.beta,
+            vocab_size=self.fire_vocab_size,
         )
 
     @property
@@ -137,18 +152,15 @@ class FireOPDDistillationTrainer(DistillationTrainer):
         old_log_prob, student_entropy, teacher_log_prob, teacher_entropy, reverse_kl = (
             torch.cat(c) for c in zip(*columns)
         )
+        mode = "train" if self.model is not None and self.model.training else "eval"
+        # evaluation keeps every completion at weight 1 unless asked: eval_loss is then plain TRL's
+        options = a.fire if mode == "train" or a.fire_filter_eval else replace(a.fire, method="opd")
         fire = compute_fire_advantages(
-            old_log_prob,
-            teacher_log_prob,
-            student_entropy,
-            teacher_entropy,
-            mask,
-            fire=a.fire,
+            old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask, fire=options
         )
         # Every process's loss is normalized by the count over all processes; DDP then averages the
         # gradients over processes, which the factor num_processes undoes (as TRL does).
         normalizer = loss_normalizer(fire.loss_mask, a.fire_loss_agg_mode) / self.accelerator.num_processes
-        mode = "train" if self.model is not None and self.model.training else "eval"
         for key, value in fire.metrics.items():
             self._metrics[mode][key].append(value)
         tokens = max(int(mask.sum()), 1)
@@ -178,6 +190,7 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             temperature=self.temperature,
             divergence="reverse_kl",
             backend=self.fire_args.fire_backend,
+            vocab_size=self.fire_vocab_size,
         )
         return (
             stats.student_log_prob,

@@ -1,13 +1,15 @@
 """From hidden states and lm_head weights to the FiRe-OPD loss, with no [tokens, vocab] logits.
 
-Every `*_weight` argument is the [V, D] lm_head weight or an `LMHead` (`fire_opd.train.models.lm_head(model)`:
-the weight with the model's bias, logit scale and soft-cap).
+Every `*_weight` argument is the [V, D] lm_head weight or an `LMHead` (`fire_opd.ops.heads.lm_head(model)`:
+the weight with the model's bias, logit scale and soft-cap). `vocab_size`: the tokenizer's vocabulary
+when the heads are padded past it (the two may have different numbers of rows); rows past it take
+no part in any softmax (fire_kernels' `vocab_size`).
 
 `response_token_stats` flattens `[batch, response_len, D]` hidden states, marks padding with
 `ignore_index` and calls `fire_kernels`; `fire_policy_loss_from_hidden` is the whole loss for
 one batch; `FireOPDLoss` is the update-step module the trainer calls per micro-batch.
 
-`vocab_process_group` (the trainer's `vocab_parallel: true`, `fire_opd.parallel.sharded_head`): the
+`vocab_process_group` (the trainer's `parallel.vocab: true`, `fire_opd.parallel.sharded_head`): the
 weights are this process's rows of the lm_heads, the statistics run over the response tokens of
 every process (gathered), and each process keeps its own tokens' values. A loss is then that of
 every process's tokens, so that each lm_head shard gets the whole batch's gradient.
@@ -68,6 +70,7 @@ def response_token_stats(
     jsd_beta: float = 0.5,
     backend: str = "auto",
     vocab_process_group: Optional[ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
 ) -> TeacherStudentStats:
     """Per-token student (and teacher) log-prob and entropy for response tokens.
 
@@ -104,6 +107,7 @@ def response_token_stats(
                 temperature=temperature,
                 backend=backend,
                 vocab_process_group=vocab_process_group,
+                vocab_size=vocab_size,
                 **student.kernel_kwargs(),
             )
             + (None,) * 3
@@ -123,6 +127,7 @@ def response_token_stats(
             jsd_beta=jsd_beta,
             backend=backend,
             vocab_process_group=vocab_process_group,
+            vocab_size=vocab_size,
             **student.kernel_kwargs(),
             **teacher.kernel_kwargs("teacher_"),
         )
@@ -169,6 +174,7 @@ def fire_policy_loss_from_hidden(
     divergence: str = "reverse_kl",
     jsd_beta: float = 0.5,
     backend: str = "auto",
+    vocab_size: Optional[int] = None,
     **loss_kwargs,
 ) -> tuple[torch.Tensor, dict]:
     """`fire_policy_loss` (objective "sampled") or `fire_dense_loss` (objective "full_vocab",
@@ -194,6 +200,7 @@ def fire_policy_loss_from_hidden(
         divergence=divergence if dense else None,
         jsd_beta=jsd_beta,
         backend=backend,
+        vocab_size=vocab_size,
     )
     old = stats.student_log_prob.detach() if old_log_prob is None else old_log_prob
     teacher_log_prob, teacher_entropy = stats.teacher_log_prob, stats.teacher_entropy
@@ -240,6 +247,7 @@ def fused_clipped_surrogate(
     temperature: float = 1.0,
     backend: str = "auto",
     vocab_process_group: Optional[ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`clipped_surrogate(log pi_theta, ...)` from hidden states with the gradient formed in the
     forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob).
@@ -273,6 +281,7 @@ def fused_clipped_surrogate(
             temperature=temperature,
             backend=backend,
             vocab_process_group=vocab_process_group,
+            vocab_size=vocab_size,
             reduce_hidden_grad=False,
             **student.kernel_kwargs(),
         )
@@ -296,6 +305,7 @@ def dense_divergence_loss(
     backend: str = "auto",
     fused_update: bool = True,
     vocab_process_group: Optional[ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense objective sum_t coefficients_t * D_t(student || teacher) from hidden states,
     with no [tokens, vocab] logits. Returns (loss, per-token divergence [B, T], detached).
@@ -332,6 +342,7 @@ def dense_divergence_loss(
             divergence=divergence,
             jsd_beta=jsd_beta,
             backend=backend,
+            vocab_size=vocab_size,
             **heads,
         )
         values = out.divergence
@@ -352,6 +363,7 @@ def dense_divergence_loss(
             temperature=temperature,
             backend=backend,
             vocab_process_group=vocab_process_group,
+            vocab_size=vocab_size,
             reduce_hidden_grad=False,
             **heads,
         )
@@ -383,6 +395,7 @@ class FireOPDLoss:
         divergence: str = "reverse_kl",
         jsd_beta: float = 0.5,
         vocab_process_group: Optional[ProcessGroup] = None,
+        vocab_size: Optional[int] = None,
     ):
         if vocab_process_group is not None and not fused_update:
             raise ValueError("vocab_process_group needs fused_update=True")
@@ -390,6 +403,7 @@ class FireOPDLoss:
         self.temperature, self.backend, self.fused_update = temperature, backend, fused_update
         self.divergence, self.jsd_beta = divergence, jsd_beta
         self.vocab_process_group = vocab_process_group
+        self.vocab_size = vocab_size  # padded heads: the tokenizer's vocabulary (fire_kernels' vocab_size)
 
     def dense(
         self,
@@ -416,6 +430,7 @@ class FireOPDLoss:
             backend=self.backend,
             fused_update=self.fused_update,
             vocab_process_group=self.vocab_process_group,
+            vocab_size=self.vocab_size,
         )
         own = loss if self.vocab_process_group is None else (coefficients.detach() * values).sum()
         return loss, dense_metrics(values, loss_mask.bool(), own)
@@ -445,6 +460,7 @@ class FireOPDLoss:
                 temperature=self.temperature,
                 backend=self.backend,
                 vocab_process_group=self.vocab_process_group,
+                vocab_size=self.vocab_size,
             )
             own, metrics = clipped_surrogate(
                 log_prob,
@@ -458,8 +474,9 @@ class FireOPDLoss:
             own = loss if self.vocab_process_group is None else own
             return loss, {**metrics, "fire/pg_loss": float(own.detach())}
         stats = response_token_stats(
-            student_hidden, student_weight, response_ids, loss_mask, temperature=self.temperature, backend=self.backend
-        )
+            student_hidden, student_weight, response_ids, loss_mask, temperature=self.temperature, backend=self.backend,
+            vocab_size=self.vocab_size,
+        )  # fmt: skip
         return clipped_surrogate(
             stats.student_log_prob,
             old_log_prob,

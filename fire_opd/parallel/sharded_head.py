@@ -44,6 +44,19 @@ def shard_rows(vocab_size: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+def shard_layout(rows: int, world: int, vocab_size: Optional[int] = None) -> list[tuple[int, int]]:
+    """[lo, hi) of every process's rows of a `rows`-row head: the vocabulary's `vocab_size` rows
+    (all of them by default) dealt evenly, and the padding rows past it to the last process, so
+    that every process's shard starts at the same row in every head (student and teachers may
+    be padded differently) and none holds padding only."""
+    valid = rows if vocab_size is None else vocab_size
+    if valid < world:
+        raise ValueError(f"parallel.vocab: a vocabulary of {valid} tokens cannot be sharded over {world} processes")
+    bounds = [shard_rows(valid, r, world) for r in range(world)]
+    bounds[-1] = (bounds[-1][0], rows)
+    return bounds
+
+
 class _GatherTokens(torch.autograd.Function):
     """Forward: all processes' rows; backward: each process's rows of the summed gradient."""
 
@@ -87,20 +100,23 @@ class ShardedLMHead(nn.Module):
     no gradient) returns whole-vocabulary logits for the caller's own hidden states; training
     reads `weight` through the fused kernels with `vocab_process_group=group`."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], vocab_size: int, group):
+    def __init__(
+        self, weight: torch.Tensor, bias: Optional[torch.Tensor], vocab_size: int, group, valid: Optional[int] = None
+    ):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
         self.vocab_size, self.group = vocab_size, group
-        world = dist.get_world_size(group)
-        # every process's rows [lo, hi), fixed by shard_rows: no collective needed to know them
-        self.rows_per_process = [hi - lo for lo, hi in (shard_rows(vocab_size, r, world) for r in range(world))]
-        self.offset = shard_rows(vocab_size, dist.get_rank(group), world)[0]
+        # every process's rows [lo, hi), fixed by shard_layout: no collective needed to know them
+        layout = shard_layout(vocab_size, dist.get_world_size(group), valid)
+        self.rows_per_process = [hi - lo for lo, hi in layout]
+        self.offset = layout[dist.get_rank(group)][0]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def shard(cls, model: nn.Module, name: str, group) -> "ShardedLMHead":
-        """Replace `model`'s lm_head by this process's rows of it (a copy; the whole head is freed)."""
+    def shard(cls, model: nn.Module, name: str, group, valid: Optional[int] = None) -> "ShardedLMHead":
+        """Replace `model`'s lm_head by this process's rows of it (a copy; the whole head is freed).
+        `valid`: the tokenizer's vocabulary when the head is padded past it (`shard_layout`)."""
         head: Any = model.get_output_embeddings()  # type: ignore[operator]
         get_inputs = getattr(model, "get_input_embeddings", None)
         inputs = get_inputs() if callable(get_inputs) else None
@@ -110,12 +126,12 @@ class ShardedLMHead(nn.Module):
                 "embeddings (tie_word_embeddings); untie it or use parallel: fsdp"
             )
         vocab = head.weight.shape[0]
-        lo, hi = shard_rows(vocab, dist.get_rank(group), dist.get_world_size(group))
+        lo, hi = shard_layout(vocab, dist.get_world_size(group), valid)[dist.get_rank(group)]
 
         def rows(t):
             return None if t is None else t.detach()[lo:hi].clone().requires_grad_(t.requires_grad)
 
-        sharded = cls(rows(head.weight), rows(getattr(head, "bias", None)), vocab, group)
+        sharded = cls(rows(head.weight), rows(getattr(head, "bias", None)), vocab, group, valid)
         model.set_output_embeddings(sharded)  # type: ignore[operator]
         return sharded
 
@@ -170,11 +186,12 @@ def _all_to_all(recv: list[torch.Tensor], send: list[torch.Tensor], group) -> No
             work.wait()
 
 
-def shard_lm_heads(student: nn.Module, teachers: dict[str, nn.Module], group) -> None:
-    """Keep this process's rows of the student's and every teacher's lm_head, over `group`."""
-    ShardedLMHead.shard(student, "the student", group)
+def shard_lm_heads(student: nn.Module, teachers: dict[str, nn.Module], group, vocab_size: Optional[int] = None) -> None:
+    """Keep this process's rows of the student's and every teacher's lm_head, over `group`
+    (`vocab_size`: the shared vocabulary of padded heads, `shard_layout`)."""
+    ShardedLMHead.shard(student, "the student", group, vocab_size)
     for name, teacher in teachers.items():
-        ShardedLMHead.shard(teacher, f"teacher {name!r}", group)
+        ShardedLMHead.shard(teacher, f"teacher {name!r}", group, vocab_size)
 
 
 def sharded_heads(model: nn.Module) -> dict[str, ShardedLMHead]:

@@ -21,13 +21,18 @@ import random
 import re
 import shutil
 import signal
+import socket
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from fire_opd.errors import UsageError
 
 logger = logging.getLogger("fire_opd")
 
@@ -36,7 +41,8 @@ TENSOR_STATE_FILE = "optimizer.pt"
 METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT_NAME = re.compile(r"^(step-\d+|final)$")
 # What a run writes into its output directory (a new run refuses a directory that holds any).
-RUN_FILES = ("config.json", METRICS_FILE, "tensorboard")
+CONFIG_HISTORY_FILE = "config-history.jsonl"
+RUN_FILES = ("config.json", METRICS_FILE, "tensorboard", CONFIG_HISTORY_FILE)
 
 
 def save_checkpoint(
@@ -104,7 +110,12 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     missing = sorted(names - set(weights) - tied)
     unexpected = sorted(set(weights) - names)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the student: missing {missing}, unexpected {unexpected}")
+        raise UsageError(
+            f"checkpoint {path} does not fit the student: {len(missing)} of its weights missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
+            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); resume it with the student it was "
+            "trained from"
+        )
     tensor_state = torch.load(path / TENSOR_STATE_FILE, map_location="cpu", weights_only=True)
     optimizer_state = tensor_state["optimizer"] if optimizer is not None else None
     from fire_opd.parallel.sharded_head import slice_state
@@ -165,6 +176,95 @@ def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -
         )
 
 
+LOCK_FILE = ".fire-opd.lock"
+STALE_LOCK_SECONDS = 600.0  # a lock from another machine not refreshed for this long is a dead run's
+
+
+def lock_run(output_dir: str | Path) -> None:
+    """Claim `output_dir` for this process, or refuse in one line when a live run holds it.
+
+    The lock holds the holder's host and pid and is refreshed every step (`refresh_lock`). A lock
+    of a process that is gone (on this machine), or one from another machine that has not been
+    refreshed for STALE_LOCK_SECONDS (a preempted job re-queued elsewhere), is taken over with a
+    warning."""
+    path = Path(output_dir) / LOCK_FILE
+    host, pid = socket.gethostname(), os.getpid()
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, ValueError):
+            held = {}
+        holder = f"pid {held.get('pid')} on {held.get('host')}"
+        if held.get("host") == host and held.get("pid") == pid:
+            pass  # ours
+        elif held.get("host") == host and _alive(held.get("pid")):
+            raise UsageError(f"output_dir {output_dir} is in use by a live run ({holder}); wait for it to end or "
+                             "choose another --output-dir")  # fmt: skip
+        elif held.get("host") != host and time.time() - path.stat().st_mtime < STALE_LOCK_SECONDS:
+            raise UsageError(f"output_dir {output_dir} is in use by a run on another machine ({holder}, active "
+                             f"{time.time() - path.stat().st_mtime:.0f} s ago); wait for it to end or choose another "
+                             "--output-dir")  # fmt: skip
+        else:
+            logger.warning("output_dir %s: taking over the lock of a run that is gone (%s)", output_dir, holder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{LOCK_FILE}.{pid}")
+    tmp.write_text(json.dumps({"host": host, "pid": pid, "since": time.time()}))
+    os.replace(tmp, path)
+
+
+def refresh_lock(output_dir: str | Path) -> None:
+    """Mark the lock of `output_dir` as held by a live run (its modification time)."""
+    path = Path(output_dir) / LOCK_FILE
+    if path.is_file():
+        os.utime(path)
+
+
+def unlock_run(output_dir: str | Path) -> None:
+    """Release `output_dir` if this process holds it."""
+    path = Path(output_dir) / LOCK_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def check_resume(path: str | Path, config) -> list[tuple[str, object, object]]:
+    """The changes of `config` against the one the checkpoint at `path` was written with, among
+    the fields that define a run: refused in one line listing each (old -> new) unless
+    `checkpoint.allow_config_change`, else returned (to be logged and kept)."""
+    saved = read_state(path).get("config", {})
+    changes = config.changes_from(saved)
+    if changes and not config.checkpoint.allow_config_change:
+        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise UsageError(
+            f"checkpoint.resume_from: {path} was written with another config ({listed}); resume with the same "
+            "config, or set checkpoint.allow_config_change: true to continue with the changes"
+        )
+    return changes
+
+
+def record_config_changes(output_dir: str | Path, step: int, changes: list) -> None:
+    """Append the changes a resume made to output_dir/config-history.jsonl."""
+    if not changes:
+        return
+    entry = {"step": step, "time": time.time(), "changes": {key: [old, new] for key, old, new in changes}}
+    with (Path(output_dir) / CONFIG_HISTORY_FILE).open("a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+
+
 def clear_run(output_dir: str | Path) -> None:
     """Remove what a previous run wrote into `output_dir` (for `overwrite`); nothing else."""
     output_dir = Path(output_dir)
@@ -190,16 +290,29 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Optional[Path]:
 
 
 @contextmanager
-def stop_signals():
+def stop_signals(announce: bool = True):
     """Record SIGTERM / SIGINT (a cluster preempting the job, Ctrl-C) instead of dying mid-step, so
-    the trainer can checkpoint at the next step boundary. Main thread only; elsewhere a no-op."""
+    the trainer can checkpoint at the next step boundary, and say so at once (`announce`: this
+    process speaks for the run). A second signal raises KeyboardInterrupt there and then: the run
+    stops without a new checkpoint, the complete ones stay as they are (saves are atomic). Main
+    thread only; elsewhere a no-op."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
     def handler(signum, frame):
-        received.append(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if received:
+            raise KeyboardInterrupt(f"a second {name}")
+        received.append(name)
+        if announce:
+            print(
+                f"fire-opd: {name} received: the run stops after the current step with a checkpoint; "
+                f"{'Ctrl-C' if signum == signal.SIGINT else name} again stops it at once",
+                file=sys.stderr,
+                flush=True,
+            )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -239,6 +239,8 @@ class CheckpointConfig:
     resume_from: Optional[str] = None  # "latest" (the newest complete checkpoint in output_dir) or a checkpoint
     #                                    directory written by this trainer
     overwrite: bool = False  # replace a run already in output_dir (otherwise a new run there is refused)
+    allow_config_change: bool = False  # resume although a field that defines the run changed (RUN_DEFINING):
+    #                                    the changes are logged and kept in output_dir/config-history.jsonl
 
     def __post_init__(self) -> None:
         _at_least("checkpoint", self, ("save_every", "keep_last"), 0)
@@ -363,11 +365,40 @@ class TrainConfig:
                 ) from None
         return cls(**built, **top)
 
+    def changes_from(self, saved: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(key, saved value, this value) for each field that defines the run (`RUN_DEFINING`) and
+        differs from `saved`, a config as a checkpoint holds it (sections, or the flat keys of
+        earlier versions)."""
+        try:
+            before, _ = flatten_keys(saved)
+        except UnknownKey:  # written by another version: compare the keys both know
+            before = {}
+            for key, value in saved.items():
+                try:
+                    before.update(flatten_keys({key: value})[0])
+                except UnknownKey:
+                    continue
+        now, _ = flatten_keys(self.to_dict())
+        out = []
+        for key, value in now.items():
+            if key.split(".")[0] in RUN_DEFINING and key in before and _comparable(before[key]) != _comparable(value):
+                out.append((key, before[key], value))
+        return out
+
     def to_dict(self) -> dict:
         """Sections as nested mappings (what config.json and checkpoints hold)."""
         out = dataclasses.asdict(self)
         out["optim"]["adam_betas"] = list(self.optim.adam_betas)
         return out
+
+
+# The sections (and top-level fields) that define a run: a resume that changes one of them is not
+# the same run (logging, evaluation, checkpoints, the runtime and the process layout may change).
+RUN_DEFINING = ("models", "data", "sampling", "loss", "fire", "optim", "seed")
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 class UnknownKey(ValueError):

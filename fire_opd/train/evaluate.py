@@ -55,9 +55,11 @@ def sample_scores(
     seed: Optional[int] = None,
     progress: bool = False,
     synced_gpus: Optional[bool] = None,
+    completions: Optional[list[str]] = None,
 ) -> torch.Tensor:
     """[problems, samples] verifier scores. Prompts are decoded in batches of `batch_size`
-    completions; `seed` makes sampling repeatable."""
+    completions; `seed` makes sampling repeatable. `completions`: a list that receives the
+    completions, problem by problem (`samples` each)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -86,6 +88,8 @@ def sample_scores(
             synced_gpus=synced_gpus,
         )
         scores += [score(verifier, text, p.answer, p.row or {}) for text, p in zip(rollouts.texts, chunk)]
+        if completions is not None:
+            completions += rollouts.texts
     return torch.tensor(scores, dtype=torch.float64).view(len(problems), samples)
 
 
@@ -105,6 +109,12 @@ def evaluate_by_teacher(model, tokenizer, problems: Iterable[Problem], **kwargs)
     samples (keyword arguments as `sample_scores`)."""
     problems = list(problems)
     scores = sample_scores(model, tokenizer, problems, **kwargs)
+    return summarize_by_teacher(problems, scores)
+
+
+def summarize_by_teacher(problems: list[Problem], scores: torch.Tensor) -> dict[str, dict]:
+    """`summarize` of [problems, samples] scores overall ("all") and per teacher key (when there
+    are several)."""
     out = {"all": summarize(scores)}
     keys = sorted({p.teacher for p in problems if p.teacher is not None})
     if len(keys) > 1:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -11,24 +11,37 @@ from torch import nn
 from fire_opd.ops.heads import lm_head_weight
 
 
-def check_same_vocab(student: nn.Module, teachers: dict[str, nn.Module]) -> None:
-    vocab = lm_head_weight(student, "student").shape[0]
-    for name, teacher in teachers.items():
-        t_vocab = lm_head_weight(teacher, f"teacher {name!r}").shape[0]
-        if t_vocab != vocab:
+def shared_vocabulary(student: nn.Module, teachers: dict[str, nn.Module], tokenizer) -> Optional[int]:
+    """The vocabulary the statistics run over: None (every row) when every lm_head has exactly
+    the tokenizer's size, else the tokenizer's size. Models pad their heads past it (Qwen2.5-7B
+    has 152,064 rows, Qwen2.5-1.5B 151,936, for one tokenizer of 151,665 tokens): those rows are
+    left out of every softmax and never sampled. A head smaller than the tokenizer is refused."""
+    tokens = len(tokenizer)
+    rows = {"the student": lm_head_weight(student, "student").shape[0]}
+    rows.update({f"teacher {name!r}": lm_head_weight(t, f"teacher {name!r}").shape[0] for name, t in teachers.items()})
+    for who, count in rows.items():
+        if count < tokens:
             raise ValueError(
-                f"vocab mismatch: teacher {name!r} has V={t_vocab} but the student has V={vocab}; "
-                "teachers must share the student's vocabulary (and tokenizer)"
+                f"{who} has {count} lm_head rows but the tokenizer has {tokens} tokens; the student and its "
+                "teachers must share the tokenizer"
             )
+    return None if all(count == tokens for count in rows.values()) else tokens
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class Models(NamedTuple):
+    student: nn.Module
+    teachers: dict[str, nn.Module]
+    tokenizer: Any
+    vocab_size: Optional[int]  # the shared vocabulary of padded heads (`shared_vocabulary`), or None
+
+
 def prepare_models(
     config, device: torch.device, *, student=None, teachers: Optional[dict] = None, tokenizer=None, vocab_group=None
-):
-    """(student, teachers, tokenizer) for a TrainConfig: loaded from its paths unless given, on
+) -> Models:
+    """(student, teachers, tokenizer, vocab_size) for a TrainConfig: loaded from its paths unless given, on
     `device` and in the configured dtypes (`models.dtype`, `models.teacher_dtype`; also when given),
     teachers frozen, the student with gradient checkpointing if asked.
     With `vocab_group` (vocab_parallel) the models are loaded on the CPU and keep this process's
@@ -48,11 +61,11 @@ def prepare_models(
         }
     )
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.models.tokenizer or config.models.student)
-    check_same_vocab(student, teachers)
+    vocab_size = shared_vocabulary(student, teachers, tokenizer)
     if vocab_group is not None:
         from fire_opd.parallel.sharded_head import shard_lm_heads
 
-        shard_lm_heads(student, teachers, vocab_group)
+        shard_lm_heads(student, teachers, vocab_group, vocab_size)
     # models passed in take the configured dtypes too (a no-op when they already have them)
     student.to(device=device, dtype=dtype)
     for teacher in teachers.values():
@@ -64,7 +77,7 @@ def prepare_models(
             student.activation_checkpointing_enable({"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return student, teachers, tokenizer
+    return Models(student, teachers, tokenizer, vocab_size)
 
 
 def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

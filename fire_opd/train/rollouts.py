@@ -44,6 +44,23 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tor
 
 
 @torch.no_grad()
+def _outside_the_vocabulary(model, vocab_size: int):
+    """A logits processor that rules out the head's padding rows (ids >= the tokenizer's size),
+    or None when the head has none."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(rows, int) or rows <= vocab_size:
+        return None
+
+    class NoPaddingRows(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            scores[:, vocab_size:] = float("-inf")
+            return scores
+
+    return LogitsProcessorList([NoPaddingRows()])
+
+
 def generate_rollouts(
     model,
     tokenizer,
@@ -57,7 +74,8 @@ def generate_rollouts(
 ) -> Rollouts:
     """Sample one response per prompt. `synced_gpus=True` keeps every process decoding until all
     are done (each forward is a collective: vocab_parallel's lm_head); None lets `generate`
-    decide (it does for FSDP)."""
+    decide (it does for FSDP). A model whose head has rows past the tokenizer's vocabulary
+    (padding) never samples them."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -75,6 +93,7 @@ def generate_rollouts(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         synced_gpus=synced_gpus,
+        logits_processor=_outside_the_vocabulary(model, len(tokenizer)),
         **sample_args,
     )
     model.train(was_training)

@@ -40,6 +40,7 @@ def score_rollouts(
     temperature: float,
     backend: str,
     model_dtype: str,
+    vocab_size: Optional[int] = None,
 ) -> TeacherStudentStats:
     """Per-token [B, T] statistics of this process's rollouts (`keys`: each row's teacher key).
 
@@ -67,6 +68,7 @@ def score_rollouts(
                 divergence="reverse_kl",
                 backend=backend,
                 vocab_process_group=parallel.vocab_group,
+                vocab_size=vocab_size,
             )
 
         def with_teacher(teacher=teacher, rows=rows, student_stats=student_stats):

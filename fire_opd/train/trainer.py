@@ -75,11 +75,17 @@ class FireOPDTrainer:
         self.output_dir = Path(config.output_dir)
         resume = bool(config.checkpoint.resume_from)
         checkpoint.check_output_dir(self.output_dir, resume=resume, overwrite=config.checkpoint.overwrite)
+        if self.is_main:
+            checkpoint.lock_run(self.output_dir)  # one live run per output_dir
+        # the checkpoint to resume, and what the new config changes, before any model loads
+        resume_from = config.checkpoint.resume_from
+        resume_path = checkpoint.resolve_resume(resume_from, self.output_dir) if resume_from else None
+        changes = checkpoint.check_resume(resume_path, config) if resume_path is not None else []
         distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
         sampling = config.sampling
         self.chunk_size = sampling.rollout_chunk_prompts or sampling.prompts_per_step
         self.chunks = self.parallel.my_chunks(sampling.prompts_per_step // self.chunk_size)  # this process's
-        self.student, self.teachers, self.tokenizer = prepare_models(
+        self.student, self.teachers, self.tokenizer, self.vocab_size = prepare_models(
             config, self.device, student=student, teachers=teachers, tokenizer=tokenizer,
             vocab_group=self.parallel.vocab_group,
         )  # fmt: skip
@@ -95,7 +101,9 @@ class FireOPDTrainer:
         self.parallel.wrap(
             self.student, self.teachers, mode=config.parallel.student, teacher_mode=config.parallel.teachers
         )
-        self.updater = Updater(config, self.student, self.teachers, self.default_teacher, self.parallel)
+        self.updater = Updater(
+            config, self.student, self.teachers, self.default_teacher, self.parallel, vocab_size=self.vocab_size
+        )
         self.optimizer, self.scheduler, self.loss_fn = (
             self.updater.optimizer,
             self.updater.scheduler,
@@ -104,12 +112,15 @@ class FireOPDTrainer:
         self.state = TrainState()
         self.run_log = RunLog(self.output_dir, tensorboard=config.logging.tensorboard)
         self.stopped_by_signal: Optional[str] = None
-        if config.checkpoint.resume_from:
-            path = checkpoint.resolve_resume(config.checkpoint.resume_from, self.output_dir)
-            if path is not None:
-                self.load_checkpoint(path)
-                if self.is_main:
-                    logger.warning("resuming from %s (step %d)", path, self.step)
+        if resume_path is not None:
+            self.load_checkpoint(resume_path)
+            if self.is_main:
+                logger.warning("resuming from %s (step %d)", resume_path, self.step)
+                for key, old, new in changes:
+                    logger.warning("resumed with a changed config: %s %r -> %r", key, old, new)
+                checkpoint.record_config_changes(self.output_dir, self.step, changes)
+        # a run resumed after its last step has nothing to do, and changes nothing
+        self.finished = self.step >= config.optim.steps
 
     # ------------------------------------------------------------------ the loop
 
@@ -121,6 +132,12 @@ class FireOPDTrainer:
         from tqdm.auto import tqdm
 
         cfg, state = self.config, self.state
+        if self.finished:
+            if self.is_main:
+                logger.warning("the run in %s already finished (step %d of %d): nothing to do", self.output_dir,
+                               state.step, cfg.optim.steps)  # fmt: skip
+            self.close()
+            return state.history
         self._start_run()
         stop = cfg.optim.steps if until_step is None else min(until_step, cfg.optim.steps)
         bar = tqdm(
@@ -129,10 +146,12 @@ class FireOPDTrainer:
             disable=not cfg.logging.progress or not self.is_main,
             desc="fire-opd",
         )
-        with checkpoint.stop_signals() as received:
+        with checkpoint.stop_signals(announce=self.is_main) as received:
             while state.step < stop:
                 metrics = self.train_step()
                 state.step += 1
+                if self.is_main:
+                    checkpoint.refresh_lock(self.output_dir)
                 last = state.step == cfg.optim.steps
                 if self._due(cfg.eval.every, last) and self.eval_problems and self.parallel.generates_for_eval:
                     metrics.update(self.evaluate())
@@ -146,7 +165,7 @@ class FireOPDTrainer:
                     self._stop(received[0] if received else "SIGTERM", saved)
                     break
         bar.close()
-        self.run_log.close()
+        self.close()
         return state.history
 
     def train_step(self) -> dict:
@@ -211,7 +230,7 @@ class FireOPDTrainer:
         return score_rollouts(
             rollouts, keys, student=self.student, teachers=self.teachers, default_teacher=self.default_teacher,
             parallel=self.parallel, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.sampling.temperature,
-            backend=cfg.runtime.backend, model_dtype=cfg.models.dtype,
+            backend=cfg.runtime.backend, model_dtype=cfg.models.dtype, vocab_size=self.vocab_size,
         )  # fmt: skip
 
     def evaluate(self) -> dict:
@@ -243,6 +262,12 @@ class FireOPDTrainer:
         self.state = checkpoint.load_training_checkpoint(
             path, student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel
         )
+
+    def close(self) -> None:
+        """Release the output directory (its lock) and the logs; `train` does it when it ends."""
+        self.run_log.close()
+        if self.is_main:
+            checkpoint.unlock_run(self.output_dir)
 
     # ------------------------------------------------------------------ around the loop
 

@@ -62,6 +62,8 @@ class Updater:
         teachers: dict[str, torch.nn.Module],
         default_teacher: Optional[str],
         parallel: Parallelism,
+        *,
+        vocab_size: Optional[int] = None,
     ):
         self.config, self.student, self.teachers = config, student, teachers
         self.default_teacher, self.parallel = default_teacher, parallel
@@ -79,6 +81,7 @@ class Updater:
             divergence=config.loss.divergence,
             jsd_beta=config.loss.jsd_beta,
             vocab_process_group=parallel.vocab_group,
+            vocab_size=vocab_size,
         )
         self.skipped_in_a_row = 0
 
