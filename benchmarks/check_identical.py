@@ -3,7 +3,7 @@
 Each case trains the built-in `steps` student from its teacher for a few steps through
 `python -m fire_opd train` (one process, or two under torchrun) and reduces the run to a
 fingerprint: the SHA-256 of the final weights (every tensor's bytes, by name) and of every
-logged metric except wall-clock times. Record the fingerprints on the code before a change, run
+training step's logged metrics except wall-clock times. Record the fingerprints on the code before a change, run
 again after it and compare:
 
     python benchmarks/check_identical.py --write benchmarks/results/restructure-identity/before.json
@@ -142,7 +142,8 @@ def _fingerprint(out: Path) -> dict:
         digest.update(key.encode())
         digest.update(weights[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
+    # the training steps' rows (a row at step 0, the initial evaluation, came after 68c95db)
+    rows = [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows if row.get("train/step")]
     last = rows[-1] if rows else {}
     return {
         "weights": digest.hexdigest(),

@@ -32,7 +32,7 @@ triton:  the forward kernel (z and u tiles on-chip) then the backward kernel wit
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 from torch.distributed import ProcessGroup
@@ -97,9 +97,7 @@ def linear_log_prob_update(
         bias=bias, logit_scale=logit_scale, logit_softcap=logit_softcap, vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    grad_weight, grad_bias = _pad_rows(update.grad_weight, rows), _pad_rows(update.grad_bias, bias_rows)
-    assert grad_weight is not None
-    return update._replace(grad_weight=grad_weight, grad_bias=grad_bias)
+    return _with_padding_rows(update, rows, bias_rows)
 
 
 def _log_prob_update(
@@ -209,6 +207,13 @@ def _log_prob_update(
     )
 
 
+def _with_padding_rows(update: UpdateT, rows: int, bias_rows: Optional[int]) -> UpdateT:
+    """An update whose weight (and bias) gradients cover the head's padding rows too (zero)."""
+    grad_weight, grad_bias = _pad_rows(update.grad_weight, rows), _pad_rows(update.grad_bias, bias_rows)
+    assert grad_weight is not None
+    return update._replace(grad_weight=grad_weight, grad_bias=grad_bias)
+
+
 def _pad_rows(grad: Optional[torch.Tensor], rows: Optional[int]) -> Optional[torch.Tensor]:
     """A gradient of a head's valid rows, with zero rows for the padding after them."""
     if grad is None or rows is None or grad.shape[0] == rows:
@@ -241,6 +246,9 @@ class DivergenceUpdate(NamedTuple):
     grad_hidden: torch.Tensor  # [N, D_s] in student_hidden's dtype
     grad_weight: torch.Tensor  # [V, D_s] in student_weight's dtype
     grad_bias: Optional[torch.Tensor] = None  # [V] in bias's dtype, when a student bias was given
+
+
+UpdateT = TypeVar("UpdateT", LogprobUpdate, DivergenceUpdate)
 
 
 def linear_divergence_update(
@@ -291,9 +299,7 @@ def linear_divergence_update(
         teacher_logit_softcap=teacher_logit_softcap, vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    grad_weight, grad_bias = _pad_rows(update.grad_weight, rows), _pad_rows(update.grad_bias, bias_rows)
-    assert grad_weight is not None
-    return update._replace(grad_weight=grad_weight, grad_bias=grad_bias)
+    return _with_padding_rows(update, rows, bias_rows)
 
 
 def _divergence_update(

@@ -288,3 +288,31 @@ def test_eval_output_keeps_every_completion_and_finds_a_runs_model(tmp_path, cap
     for row in record["problems"]:
         assert len(row["completions"]) == 2 and len(row["scores"]) == 2 and row["answer"]
     assert record["results"]["all"]["problems"] == 4
+
+
+def test_a_run_reports_itself(tmp_path, capsys, monkeypatch):
+    """A CLI run evaluates the initial student (a metrics row at step 0), ends with a summary
+    (stdout and summary.json), the before -> after evaluation and its curves; `fire-opd plot`
+    overlays runs."""
+    monkeypatch.chdir(tmp_path)
+    write_prompts(sample_problems(["arith"], 16, seed=0, split="train"), tmp_path / "p.jsonl")
+    write_prompts(sample_problems(["arith"], 8, seed=1, split="test"), tmp_path / "held.jsonl")
+    base = _train("--eval-prompts", "held.jsonl", "--set", "optim.steps=2", "--set", "sampling.prompts_per_step=4",
+                  "--set", "sampling.max_new_tokens=6", "--set", "eval.every=1", "--set", "logging.progress=false",
+                  "--set", "logging.tensorboard=false")  # fmt: skip
+    assert cli.main(base) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train/step"] == 0 and "eval/accuracy" in rows[0] and "train/loss" not in rows[0]
+    assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_model"] == str(tmp_path / "run" / "final") and summary["steps"] == 2
+    assert summary["initial_eval"]["eval/accuracy"] == rows[0]["eval/accuracy"]
+    assert summary["final_eval"]["eval/accuracy"] == rows[-1]["eval/accuracy"] and summary["tokens_per_s"] > 0
+    err = captured.err.strip().splitlines()
+    assert any(line.startswith("fire-opd train: eval/accuracy ") and "(step 0) -> " in line for line in err)
+    assert err[-1] == "fire-opd train: finished 2 steps; final model run/final"
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    assert cli.main(["plot", "run", "run", "--out", "both.png"]) == 0 and (tmp_path / "both.png").is_file()
+    assert cli.main(["plot", "nothing_here"]) == 2
+    assert "nothing_here: no metrics.jsonl" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_every_flat_key_of_earlier_versions_still_works_with_one_warning(tmp_pat
     sections, and say so in one warning line."""
     fields = set(field_names())
     assert set(LEGACY_KEYS.values()) <= fields and len(set(LEGACY_KEYS.values())) == len(LEGACY_KEYS)
-    new_in_0_2 = {"checkpoint.allow_config_change"}  # fields that had no flat key
+    new_in_0_2 = {"checkpoint.allow_config_change", "eval.at_start"}  # fields that had no flat key
     assert set(LEGACY_KEYS.values()) | new_in_0_2 == fields - {"seed", "output_dir"}  # none is missing
     flat = tmp_path / "flat.yaml"
     flat.write_text("student: s\nteachers: {a: t}\nlr: 0.001\nmethod: opd\nparallel: fsdp\neval_every: 5\n")

@@ -68,7 +68,15 @@ def _config(tmp_path: Path, **overrides) -> None:
 
 
 def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The training steps' metrics rows (the initial evaluation's row, step 0, left out)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["train/step"]]
+
+
+def _initial_eval(run: Path) -> dict:
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/step"] == 0
+    return first
 
 
 @pytest.mark.parametrize(
@@ -160,12 +168,13 @@ def test_vocab_parallel_lm_heads_train_the_same_model(tmp_path, objective):
         for key in ("train/loss", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     assert rows_one[1]["eval/accuracy"] == rows_two[1]["eval/accuracy"]  # generation with sharded heads
+    assert _initial_eval(tmp_path / "one") == _initial_eval(tmp_path / "two")  # before step 1, too
     head = 18 * 96  # the demo models' lm_head
     for key in ("train/student_params_per_process", "train/teacher_params_per_process"):
         models = 1 if "student" in key else 2
         assert rows_one[0][key] - rows_two[0][key] == models * head // 2, key  # half of each lm_head
     # resume the 2-process run's step-2 checkpoint on 1 process: it ends where the 1-process run does
-    resumed = _run(tmp_path, "two", 1, "--set", "resume_from=latest")
+    resumed = _run(tmp_path, "two", 1, "--set", "resume_from=latest", "--set", "checkpoint.allow_config_change=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))

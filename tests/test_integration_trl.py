@@ -112,6 +112,7 @@ def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objectiv
         temperature=0.9,
         beta=0.5,
     )
+    trainer.model.train()  # a training batch: evaluation would not filter (fire_filter_eval)
     batch = _batch(trainer)
     batch.update(trainer._fire_statistics(batch))
     student, teacher = trainer.model, trainer.teacher_model

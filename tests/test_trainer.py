@@ -74,7 +74,9 @@ def test_single_teacher_run(tmp_path, tokenizer, method, fused):
         assert key in history[0], key
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["train/step"] == 1
+    # the initial student's evaluation (step 0), then one row per step
+    assert len(lines) == 4 and [json.loads(line)["train/step"] for line in lines] == [0, 1, 2, 3]
+    assert trainer.state.initial_eval == {k: v for k, v in json.loads(lines[0]).items() if k.startswith("eval/")}
     final = tmp_path / "run" / "final"
     assert (final / "model.safetensors").is_file() and (final / "trainer_state.json").is_file()
     assert (final / "optimizer.pt").is_file() and not (final / "trainer_state.pt").exists()

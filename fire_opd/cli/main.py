@@ -1,11 +1,12 @@
-"""`fire-opd` command line: train, eval, demo.
+"""`fire-opd` command line: train, eval, plot, demo, study.
 
 A mistake in the command line, the YAML or the files they name is one line on stderr and exit
 status 2 (fire_opd/cli/preflight.py checks it before any model is loaded); `--debug` shows the traceback.
 
     fire-opd train --student PATH --teacher PATH --prompts train.jsonl [--config cfg.yaml] [--set key=value ...]
     fire-opd train --student PATH --teacher math=PATH --teacher code=PATH --prompts train.jsonl
-    fire-opd eval  --model PATH --prompts held_out.jsonl [--samples N --temperature T --top-p P --output F]
+    fire-opd eval  --model PATH|RUN_DIR --prompts held_out.jsonl [--samples N --temperature T --top-p P --output F]
+    fire-opd plot  RUN_DIR [RUN_DIR ...] [--out curves.png]
     fire-opd demo  [--setting steps|brittle-teacher|chain|single|multi-teacher] [--objective sampled|full_vocab]
                    [--steps N] [--seed S] [--samples K]
     fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/demo/study.py)
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampled completions per held-out problem for avg@K and pass@K (default 8)",
     )
     demo.add_argument("--no-plot", action="store_true")
+    plot_parser = sub.add_parser("plot", parents=[debug], help="overlay the curves of training runs")
+    plot_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directories of training runs")
+    plot_parser.add_argument("--out", default="curves.png", help="the figure (PNG)")
     sub.add_parser(
         "study", help="every method x objective x seed on the demo settings (fire-opd study --help)", add_help=False
     )
@@ -144,28 +148,35 @@ def train(args: argparse.Namespace) -> int:
         args.set,
     )
     check_train(config)
-    from fire_opd.parallel import distributed
     from fire_opd.train.trainer import FireOPDTrainer
 
     trainer = FireOPDTrainer(config)
     try:
-        history = trainer.train()
-    except KeyboardInterrupt as exc:  # a second Ctrl-C / SIGTERM: stop at once
+        trainer.train()
+        return _finish(trainer, config)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C / SIGTERM (or one after the loop): stop at once
         from fire_opd.train.checkpoint import latest_checkpoint
 
         if trainer.is_main:
             newest = latest_checkpoint(config.output_dir)
             print(
-                f"fire-opd train: aborted by {exc or 'an interrupt'} during step {trainer.step + 1}; the newest "
-                f"complete checkpoint is {newest or 'none'}"
-                + (" (--set checkpoint.resume_from=latest)" if newest else ""),
+                f"fire-opd train: aborted by {exc or 'an interrupt'} at step {trainer.step}; the newest complete "
+                f"checkpoint is {newest or 'none'}" + (" (--set checkpoint.resume_from=latest)" if newest else ""),
                 file=sys.stderr,
             )
         return EXIT_ABORTED
+
+
+def _finish(trainer, config) -> int:
+    """What a run that ended prints, and its exit status."""
+    from fire_opd.parallel import distributed
+
     distributed.teardown()  # a process group left to interpreter exit can abort it (gloo's threads)
     if not trainer.is_main:  # under torchrun rank 0 reports
         return EXIT_STOPPED if trainer.stopped_by_signal else 0
-    print(json.dumps(history[-1] if history else {}, indent=1))
+    summary = trainer.summary()
+    print(json.dumps(summary, indent=1))  # also in output_dir/summary.json
+    _report(summary, config.output_dir)
     if trainer.stopped_by_signal:
         print(
             f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step} of "
@@ -178,6 +189,34 @@ def train(args: argparse.Namespace) -> int:
         f"fire-opd train: finished {trainer.step} steps; final model {Path(config.output_dir) / 'final'}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _report(summary: dict, output_dir: str) -> None:
+    """The run's result in a few lines on stderr, and its curves (output_dir/curves.png)."""
+    initial, final = summary["initial_eval"], summary["final_eval"]
+    for key in [k for k in final if k in initial] or list(final):
+        before = f"{initial[key]:.3f} (step 0) -> " if key in initial else ""
+        print(f"fire-opd train: {key} {before}{final[key]:.3f} (step {summary['final_eval_step']})", file=sys.stderr)
+    if summary["tokens_per_s"]:
+        print(f"fire-opd train: {summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    try:
+        from fire_opd.train.plots import plot_runs
+
+        plot_runs([output_dir], Path(output_dir) / "curves.png")
+    except ImportError:
+        print("fire-opd train: no curves.png (matplotlib is not installed: pip install matplotlib)", file=sys.stderr)
+
+
+def plot(args: argparse.Namespace) -> int:
+    from fire_opd.train.plots import plot_runs
+
+    for run in args.runs:
+        if not (Path(run) / "metrics.jsonl").is_file():
+            raise UsageError(f"{run}: no metrics.jsonl; expected the output_dir of a fire-opd training run")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out {args.out}: its folder does not exist")
+    print(plot_runs(args.runs, args.out))
     return 0
 
 
@@ -296,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
-        return train(args) if args.command == "train" else evaluate(args)
+        return {"train": train, "eval": evaluate, "plot": plot}[args.command](args)
     except (UsageError, TrainingStopped) as exc:
         if args.debug:
             raise

@@ -42,6 +42,7 @@ SINGLE_RECIPE = TrainConfig.from_dict(
         "fire.percentile": 20.0,
         "logging.tensorboard": False,
         "checkpoint.overwrite": True,
+        "eval.at_start": False,  # the demo evaluates the initial student itself
     }
 )
 # chain's 40-token limit sits below its longest solutions (up to 46 tokens, "steps" format with
@@ -62,6 +63,7 @@ CHAIN_RECIPE = TrainConfig.from_dict(
         "fire.percentile": 20.0,
         "logging.tensorboard": False,
         "checkpoint.overwrite": True,
+        "eval.at_start": False,  # the demo evaluates the initial student itself
     }
 )
 # brittle-teacher (and steps-100, the pre-registered control): chain's recipe with a 44-token limit,

@@ -42,7 +42,8 @@ METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT_NAME = re.compile(r"^(step-\d+|final)$")
 # What a run writes into its output directory (a new run refuses a directory that holds any).
 CONFIG_HISTORY_FILE = "config-history.jsonl"
-RUN_FILES = ("config.json", METRICS_FILE, "tensorboard", CONFIG_HISTORY_FILE)
+SUMMARY_FILE, CURVES_FILE = "summary.json", "curves.png"
+RUN_FILES = ("config.json", METRICS_FILE, "tensorboard", CONFIG_HISTORY_FILE, SUMMARY_FILE, CURVES_FILE)
 
 
 def save_checkpoint(
@@ -383,6 +384,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     history: list[dict] = field(default_factory=list)  # every step's metrics
+    initial_eval: dict = field(default_factory=dict)  # the initial student's evaluation (eval.at_start)
+    seconds: float = 0.0  # training time so far, over every resume
 
 
 def save_training_checkpoint(
@@ -404,6 +407,8 @@ def save_training_checkpoint(
             "step": state.step,
             "skipped_steps": state.skipped_steps,
             "history": state.history,
+            "initial_eval": state.initial_eval,
+            "seconds": state.seconds,
             "config": config.to_dict(),
             "scheduler": scheduler.state_dict(),
             "python_rng": python_rng,
@@ -438,4 +443,10 @@ def load_training_checkpoint(path: str | Path, *, student, optimizer, scheduler,
             written_by,
             parallel.world_size,
         )
-    return TrainState(step=saved["step"], skipped_steps=saved["skipped_steps"], history=saved["history"])
+    return TrainState(
+        step=saved["step"],
+        skipped_steps=saved["skipped_steps"],
+        history=saved["history"],
+        initial_eval=saved.get("initial_eval", {}),  # absent from checkpoints of fire-opd 0.1
+        seconds=saved.get("seconds", 0.0),
+    )

@@ -214,6 +214,7 @@ class EvalConfig:
     """Held-out evaluation during training: eval/accuracy is avg@samples, plus eval/pass@k."""
 
     every: int = 20  # steps between evaluations; 0: only at the end
+    at_start: bool = True  # evaluate the initial student before step 1 (a metrics row with train/step 0)
     size: int = 256  # held-out problems (the first `size` of data.eval_prompts)
     samples: int = 1  # completions per problem
     temperature: float = 0.0  # 0: greedy (then samples must be 1)

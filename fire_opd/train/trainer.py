@@ -139,6 +139,11 @@ class FireOPDTrainer:
             self.close()
             return state.history
         self._start_run()
+        started = time.perf_counter()
+        if state.step == 0 and cfg.eval.at_start and self.eval_problems and self.parallel.generates_for_eval:
+            state.initial_eval = self.evaluate()  # where the student starts, on the same problems
+            if self.is_main:
+                self.run_log.write(0, {"train/step": 0, **state.initial_eval})
         stop = cfg.optim.steps if until_step is None else min(until_step, cfg.optim.steps)
         bar = tqdm(
             total=cfg.optim.steps,
@@ -150,6 +155,8 @@ class FireOPDTrainer:
             while state.step < stop:
                 metrics = self.train_step()
                 state.step += 1
+                state.seconds += time.perf_counter() - started
+                started = time.perf_counter()
                 if self.is_main:
                     checkpoint.refresh_lock(self.output_dir)
                 last = state.step == cfg.optim.steps
@@ -165,6 +172,8 @@ class FireOPDTrainer:
                     self._stop(received[0] if received else "SIGTERM", saved)
                     break
         bar.close()
+        if self.is_main:
+            (self.output_dir / checkpoint.SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=1) + "\n")
         self.close()
         return state.history
 
@@ -262,6 +271,25 @@ class FireOPDTrainer:
         self.state = checkpoint.load_training_checkpoint(
             path, student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel
         )
+
+    def summary(self) -> dict:
+        """How the run went: the final model, steps, time, throughput, and the initial against
+        the last evaluation (written to output_dir/summary.json when a run ends)."""
+        history, state = self.state.history, self.state
+        evaluated = [row for row in history if "eval/accuracy" in row]
+        tokens = sum(row.get("train/tokens", 0.0) for row in history)
+        final = self.output_dir / "final"
+        return {
+            "final_model": str(final.resolve()) if final.is_dir() else None,
+            "steps": state.step,
+            "of_steps": self.config.optim.steps,
+            "seconds": state.seconds,
+            "tokens_per_s": tokens / state.seconds if state.seconds > 0 else None,
+            "skipped_steps": state.skipped_steps,
+            "initial_eval": state.initial_eval,
+            "final_eval": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else {},
+            "final_eval_step": evaluated[-1]["train/step"] if evaluated else None,
+        }
 
     def close(self) -> None:
         """Release the output directory (its lock) and the logs; `train` does it when it ends."""
