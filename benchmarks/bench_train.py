@@ -156,7 +156,7 @@ def worker(args) -> dict:
         if i:
             steps.append(time.perf_counter() - t0)
             parts.append({k: metrics[f"time/{k}_s"] for k in ("sample", "score", "update")})
-            tokens.append(metrics["train/response_length"] * config.rollouts_per_step)
+            tokens.append(metrics["train/response_length"] * config.sampling.rollouts_per_step)
     if cuda:
         tensor_peak = torch.cuda.max_memory_allocated() - base
         rss_peak = None
