@@ -10,8 +10,10 @@ linear cross-entropy does):
     loss, g = grad_fn(lp)      dz = g (onehot(y) - p) / tau
     dh = dz W                  dW = dz^T h
 
-chunked: token chunks of whole vocabulary rows (lse must be known before dz), sized so that
-         chunk * V <= chunk_elements; 3 matrix products, one [chunk, V] fp32 buffer.
+chunked: whole vocabulary rows (lse must be known before dz) when every row of the call fits
+         in the statistics' working set (`_whole_row_limit`): 3 matrix products. A larger call
+         takes the statistics' streaming tiles (forward, then the backward's recompute:
+         4 products), so no fused update holds more than the statistics do, at any N.
 triton:  the streaming forward kernel gives lse (1 product), then the one-recompute backward
          kernel forms dz on-chip (1 + 2 products); no [N, V] or [chunk, V] buffer.
 chunked on CUDA: the same two passes on cuBLAS tiles with Triton folds (`tile_fold`): whole
@@ -23,9 +25,10 @@ with per-token coefficients c known before the sweep (q the teacher, u = g U^T /
     dz = c * dD/dz / tau,   reverse KL: p (log p - log q - KL);  forward KL: p - q;
                             JSD_beta: (1 - beta) p (log p - log M - KL(p||M))
 
-chunked: whole rows of z and u per token chunk (each D needs both final lse values and, for
-         KL / JSD, its own value before dz exists): 2 student + 1 teacher products against
-         5 + 2 for the autograd path (forward sweep, then backward recompute).
+chunked: whole rows of z and u (each D needs both final lse values and, for KL / JSD, its own
+         value before dz exists) when they fit as above: 2 student + 1 teacher products against
+         5 + 2 for the autograd path (forward sweep, then backward recompute); else the
+         statistics' streaming tiles.
 triton:  the forward kernel (z and u tiles on-chip) then the backward kernel with upstream
          gradient c on the divergence.
 """
@@ -39,11 +42,11 @@ from torch.distributed import ProcessGroup
 
 from fire_kernels.backends import chunked, tile_fold, triton_token_stats
 from fire_kernels.backends.chunked import (
-    accumulate_product,
     apply_head_,
     divergence_grad_terms,
     full_row_divergence,
     head_jacobian,
+    row_logsumexp,
 )
 from fire_kernels.token_stats import prepare_call
 from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_rows
@@ -51,7 +54,13 @@ from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid
 # grad_fn(log_prob[C], rows: slice) -> (loss contribution (scalar), dL/dlog_prob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 logits per chunk
+
+def _whole_row_limit(vocab: int, buffers: int, tiles: int) -> int:
+    """The most rows whose `buffers` [rows, V] fp32 temporaries fit in `tiles` of the chunked
+    statistics' [token_chunk, vocab_chunk] tiles (their working set: 3 tiles for log-probs and
+    entropies, 4 with a teacher). Read at call time, as the tile shape is."""
+    tile = chunked.DEFAULT_TOKEN_CHUNK * chunked.DEFAULT_VOCAB_CHUNK
+    return max(1, tiles * tile // max(buffers * vocab, 1))
 
 
 class LogprobUpdate(NamedTuple):
@@ -130,7 +139,9 @@ def _log_prob_update(
         student_logit_softcap=logit_softcap,
     )
     bias = bias.detach() if bias is not None else None
-    two_pass = _two_pass(backend, hidden.device, shards)
+    # the whole-row path's buffers: the logits / p / dz tile and logsumexp's temporary (+ the soft-cap Jacobian)
+    rows_per_chunk = _whole_row_limit(problem.vocab_size, 3 if problem.student_head.softcap else 2, tiles=3)
+    two_pass = _two_pass(backend, hidden.device, shards, whole_rows=problem.num_tokens <= rows_per_chunk)
     if two_pass is not None:
         forward, backward = two_pass
         stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, shards=shards)
@@ -165,14 +176,12 @@ def _log_prob_update(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
-    # the logits tile (and under a soft-cap its Jacobian) per chunk
-    rows_per_chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab * (2 if problem.student_head.softcap else 1), 1))
     log_prob = torch.zeros(n, dtype=acc, device=hidden.device)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
-    # Written by the first chunk with gradient (mm out=), accumulated after: no zero-fill pass
-    # over the V x D buffer, which on the CPU costs as much as a third of a product.
-    grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
-    weight_written = False
+    # Made by the first chunk's product (no zero-fill pass over the V x D buffer, which on the CPU
+    # costs as much as a third of a product), after the logits: the two are never live with
+    # logsumexp's temporaries, so the peak stays at the materialized path's.
+    weight_grad: Optional[torch.Tensor] = None
     weight_acc = weight.to(acc)  # a no-op for fp32 weights
     head = problem.student_head
     grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if bias is not None else None
@@ -184,7 +193,7 @@ def _log_prob_update(
         safe_y = torch.where(ok, y, torch.zeros_like(y)).long()
         probs = apply_head_(h @ weight_acc.t(), head, bias, inv_t)  # [C, V] logits, becomes p, then dz in place
         jacobian = head_jacobian(probs, head, inv_t)  # dz/dr: scale / tau, or a [C, V] tile under a soft-cap
-        lse = torch.logsumexp(probs, dim=-1)
+        lse = row_logsumexp(probs)
         lp = torch.where(ok, probs.gather(1, safe_y[:, None]).squeeze(1) - lse, 0.0)
         log_prob[rows] = lp
         chunk_loss, g = grad_fn(lp, rows)
@@ -198,12 +207,11 @@ def _log_prob_update(
         if grad_bias is not None:
             grad_bias += probs.sum(dim=0)
         torch.mm(probs, weight_acc, out=grad_hidden[rows])
-        accumulate_product(grad_weight, probs.t(), h, first=not weight_written)
-        weight_written = True
-    if not weight_written:
-        grad_weight.zero_()
+        weight_grad = torch.mm(probs.t(), h) if weight_grad is None else weight_grad.addmm_(probs.t(), h)
+    if weight_grad is None:  # no row carried gradient
+        weight_grad = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     return LogprobUpdate(
-        log_prob, loss, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), _cast(grad_bias, bias)
+        log_prob, loss, grad_hidden.to(hidden.dtype), weight_grad.to(weight.dtype), _cast(grad_bias, bias)
     )
 
 
@@ -223,15 +231,16 @@ def _pad_rows(grad: Optional[torch.Tensor], rows: Optional[int]) -> Optional[tor
     return padded
 
 
-def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] = None):
+def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] = None, *, whole_rows: bool):
     """(forward, backward) of the streaming path for `backend` on `device`, or None for the
-    whole-row torch path (chunked on the CPU, which needs the whole vocabulary in one process:
-    a sharded one takes the chunked backend's streaming passes)."""
+    whole-row torch path: chunked on the CPU, when the call's rows fit in the statistics'
+    working set (`whole_rows`) and one process holds the whole vocabulary (a sharded one takes
+    the chunked backend's streaming passes)."""
     if backend == "triton":
         return triton_token_stats.triton_forward, triton_token_stats.triton_backward
     if tile_fold.enabled(device):
         return tile_fold.fold_forward, tile_fold.fold_backward
-    if shards is not None:
+    if shards is not None or not whole_rows:
         return chunked.chunked_forward, chunked.chunked_backward
     return None
 
@@ -356,7 +365,9 @@ def _divergence_update(
     bias = bias.detach() if bias is not None else None
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     kind, beta = problem.divergence, problem.jsd_beta
-    two_pass = _two_pass(backend, student_hidden.device, shards)
+    # the whole-row path's buffers: log p (in z), log q (in u), p, and two temporaries (+ the soft-cap Jacobian)
+    rows_per_chunk = _whole_row_limit(problem.vocab_size, 6 if problem.student_head.softcap else 5, tiles=4)
+    two_pass = _two_pass(backend, student_hidden.device, shards, whole_rows=problem.num_tokens <= rows_per_chunk)
     if two_pass is not None:
         forward, backward = two_pass
         stats, div_aux = forward(
@@ -404,13 +415,10 @@ def _divergence_update(
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature
     dev = student_hidden.device
-    # log p (in z), log q (in u), p and two [rows, V] temporaries live together: 1.25 chunk_elements floats
-    rows_per_chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max((5 if problem.student_head.softcap else 4) * vocab, 1))
     coef_all = torch.where(valid, coefficient.detach().to(acc), 0.0)
     values = torch.zeros(n, dtype=acc, device=dev)
     grad_hidden = torch.zeros(student_hidden.shape, dtype=acc, device=dev)
-    grad_weight = torch.empty(student_weight.shape, dtype=acc, device=dev)  # written by the first chunk (see above)
-    weight_written = False
+    weight_grad: Optional[torch.Tensor] = None  # made by the first chunk's product (see above)
     student_w, teacher_w = student_weight.to(acc), teacher_weight.to(acc)
     s_head, t_head = problem.student_head, problem.teacher_head
     grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if bias is not None else None
@@ -423,8 +431,8 @@ def _divergence_update(
         z = apply_head_(h @ student_w.t(), s_head, bias, inv_t)
         u = apply_head_(teacher_hidden[rows].to(acc) @ teacher_w.t(), t_head, teacher_bias, inv_t)
         jacobian = head_jacobian(z, s_head, inv_t)  # before z becomes log p
-        log_p = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
-        log_q = u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))
+        log_p = z.sub_(row_logsumexp(z)[:, None])
+        log_q = u.sub_(row_logsumexp(u)[:, None])
         p = log_p.exp()
         value, aux = full_row_divergence(log_p, p, log_q, kind, beta)
         values[rows] = torch.where(ok, value, 0.0)
@@ -438,11 +446,10 @@ def _divergence_update(
         if grad_bias is not None:
             grad_bias += dz.sum(dim=0)
         torch.mm(dz, student_w, out=grad_hidden[rows])
-        accumulate_product(grad_weight, dz.t(), h, first=not weight_written)
-        weight_written = True
-    if not weight_written:
-        grad_weight.zero_()
+        weight_grad = torch.mm(dz.t(), h) if weight_grad is None else weight_grad.addmm_(dz.t(), h)
+    if weight_grad is None:  # no row carried gradient
+        weight_grad = torch.zeros(student_weight.shape, dtype=acc, device=dev)
     loss = (coef_all * values).sum()
     return DivergenceUpdate(
-        values, loss, grad_hidden.to(student_hidden.dtype), grad_weight.to(student_weight.dtype), _cast(grad_bias, bias)
+        values, loss, grad_hidden.to(student_hidden.dtype), weight_grad.to(student_weight.dtype), _cast(grad_bias, bias)
     )

@@ -219,3 +219,48 @@ def test_opd_dense_jsd_equals_trl_distillation_trainer_loss(jsd_beta):
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(s_h1.grad, s_h2.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(s_w1.grad, s_w2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", [None, "reverse_kl", "jsd"])
+def test_fused_update_holds_no_more_than_the_statistics_tiles(small_chunks, monkeypatch, divergence):
+    """On the CPU a fused update takes whole vocabulary rows only when every row of the call fits
+    in the statistics' working set; a larger call streams the statistics' tiles. Both match the
+    autograd reference."""
+    from fire_kernels import fused_update, teacher_student_stats, token_stats
+    from fire_kernels.backends import chunked
+
+    streamed = []
+    forward = chunked.chunked_forward
+    monkeypatch.setattr(chunked, "chunked_forward", lambda *a, **k: streamed.append(1) or forward(*a, **k))
+    torch.manual_seed(0)
+    vocab, d = 13, 6
+    weight, teacher_weight = torch.randn(vocab, d, dtype=torch.float64), torch.randn(vocab, d, dtype=torch.float64)
+    tiles = 4 if divergence else 3
+    limit = tiles * chunked.DEFAULT_TOKEN_CHUNK * chunked.DEFAULT_VOCAB_CHUNK // ((5 if divergence else 2) * vocab)
+    for n, streams in ((limit, False), (limit + 1, True), (9 * limit + 3, True)):
+        hidden = torch.randn(n, d, dtype=torch.float64)
+        teacher_hidden = torch.randn(n, d, dtype=torch.float64)
+        targets = torch.randint(0, vocab, (n,))
+        coefficient = torch.rand(n, dtype=torch.float64)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if divergence:
+            stats = teacher_student_stats(
+                h, w, teacher_hidden, teacher_weight, targets, divergence=divergence, backend="reference"
+            )
+            expected = (coefficient * stats.divergence).sum()
+            got = fused_update.linear_divergence_update(
+                hidden, weight, teacher_hidden, teacher_weight, targets, coefficient,
+                divergence=divergence, backend="chunked",
+            )  # fmt: skip
+        else:  # grad_fn: the loss sum_t c_t log p_t
+            expected = (coefficient * token_stats(h, w, targets, backend="reference")[0]).sum()
+            got = fused_update.linear_log_prob_update(
+                hidden, weight, targets, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]),
+                backend="chunked",
+            )  # fmt: skip
+        expected.backward()
+        assert torch.allclose(got.loss.double(), expected.detach(), rtol=1e-9, atol=1e-10)
+        assert torch.allclose(got.grad_hidden, h.grad, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(got.grad_weight, w.grad, rtol=1e-8, atol=1e-10)
+        assert bool(streamed) == streams, (n, limit)
+        streamed.clear()

@@ -92,6 +92,17 @@ def _columns(bias: Optional[torch.Tensor], cols: slice) -> Optional[torch.Tensor
     return None if bias is None else bias[cols]
 
 
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over each row of a [rows, V] tile, with temporaries of [rows, vocab_chunk] only
+    (torch.logsumexp holds a whole [rows, V] exp)."""
+    m = x.amax(dim=1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of -inf: lse -inf, not nan
+    total = torch.zeros_like(m)
+    for v0 in range(0, x.shape[1], DEFAULT_VOCAB_CHUNK):
+        total += torch.sub(x[:, v0 : v0 + DEFAULT_VOCAB_CHUNK], m[:, None]).exp_().sum(dim=1)
+    return m + total.log()
+
+
 def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sum_j x_ij y_ij per row as a batched GEMV: no [rows, cols] temporary for x * y."""
     return (x.unsqueeze(1) @ y.unsqueeze(2)).view(-1)
