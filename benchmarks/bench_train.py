@@ -5,7 +5,8 @@
 Models: the demo's shipped tiny teacher and student (V = 18), a random Llama-style pair
 with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates, and a random ~100M-parameter
 Llama student and teacher built from a config (`llama-100m`: 12 layers, d = 640, V = 32,000), run
-on the fused path with and without the student's gradient checkpointing. Paths:
+on the fused path with and without the student's gradient checkpointing, and as a LoRA student
+(`--lora-memory`: full fine-tuning against LoRA r = 16 on all linear layers). Paths:
   fused       backend chunked (auto on CPU), fused student update (fire-opd's default)
   reference   backend reference: materialized [tokens, V] logits and autograd
 Each (model, path) runs in a fresh process: median step time over --steps after one warm-up
@@ -127,7 +128,7 @@ def worker(args) -> dict:
             "eval.every": 0,
             "eval.size": 0,
             "logging.progress": False,
-            "logging.tensorboard": False,
+            "logging.report_to": [],
             "runtime.backend": "auto" if fused else "reference",
             "runtime.fused_update": fused,
             "output_dir": "/tmp/fire-bench",
@@ -135,6 +136,7 @@ def worker(args) -> dict:
             "runtime.device": args.device,
             "loss.objective": objective,
             "models.gradient_checkpointing": args.checkpointing,
+            "lora.r": args.lora,
         }
     )
     trainer = FireOPDTrainer(
@@ -169,7 +171,14 @@ def worker(args) -> dict:
 
         tensor_peak, _ = tensor_peak_bytes(one_step)  # one more step under the profiler (not timed)
     trainer.close()
+    state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+    trainable = [p for p in trainer.student.parameters() if p.requires_grad]
     return {
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        # what a step keeps between steps besides the weights: AdamW's two moments of each trainable weight
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state),
+        # and what each step adds at its peak: a gradient per trainable weight, activations, the loss sweep
+        "gradient_bytes": sum(p.numel() * p.element_size() for p in trainable),
         "step_s": statistics.median(steps),
         **{f"{k}_s": statistics.median(p[k] for p in parts) for k in ("sample", "score", "update")},
         "response_tokens": statistics.median(tokens),
@@ -204,6 +213,26 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_lora_table(rows: list[dict]) -> str:
+    lines = [
+        "| student | trainable params | AdamW state (MiB) | gradients (MiB) | step peak above models (MiB) | "
+        "state + step peak (MiB) | step (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        what = f"LoRA r = {r['lora']}" if r["lora"] else "full fine-tuning"
+        if "error" in r:
+            lines.append(f"| {what} | error: {r['error'][:80]} | | | | | |")
+            continue
+        state, peak = r["optimizer_state_bytes"], r["peak_above_models_bytes"]
+        lines.append(
+            f"| {what} | {r['trainable_parameters'] / 1e6:.3g}M of {r['student_parameters'] / 1e6:.3g}M | "
+            f"{state / 2**20:.0f} | {r['gradient_bytes'] / 2**20:.0f} | {peak / 2**20:.0f} | "
+            f"{(state + peak) / 2**20:.0f} | {r['step_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
@@ -215,6 +244,10 @@ def main(argv=None) -> int:
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--objective", default="sampled", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lora-memory", action="store_true", help="only llama-100m: full fine-tuning against a LoRA (r = 16) student"
+    )
     parser.add_argument("--objectives", nargs="+", default=["sampled", "full_vocab"], choices=["sampled", "full_vocab"])
     args = parser.parse_args(argv)
     if args.worker:
@@ -228,9 +261,12 @@ def main(argv=None) -> int:
         for o in args.objectives
         for p in ("fused", "reference")
     ]
+    runs = [(*run, 0) for run in runs]
     if not args.quick:  # a real-sized student: memory of one step with and without gradient checkpointing
-        runs += [("llama-100m", "full_vocab", "fused", checkpointing) for checkpointing in (False, True)]
-    for model, objective, path, checkpointing in runs:
+        runs += [("llama-100m", "full_vocab", "fused", checkpointing, 0) for checkpointing in (False, True)]
+    if args.lora_memory:  # what a LoRA student saves against full fine-tuning, on the 100M model
+        runs = [("llama-100m", "full_vocab", "fused", False, rank) for rank in (0, 16)]
+    for model, objective, path, checkpointing, lora in runs:
         cmd = [
             sys.executable,
             __file__,
@@ -245,24 +281,31 @@ def main(argv=None) -> int:
             args.device,
             "--objective",
             objective,
+            "--lora",
+            str(lora),
         ] + (["--checkpointing"] if checkpointing else [])
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         )
-        row = {"model": model, "objective": objective, "path": path, "checkpointing": checkpointing}
+        row = {"model": model, "objective": objective, "path": path, "checkpointing": checkpointing, "lora": lora}
         if proc.returncode:
             rows.append({**row, "error": proc.stderr.strip().splitlines()[-1][:200]})
         else:
             rows.append({**row, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
-    table = render_table(rows)
+    table = render_lora_table(rows) if args.lora_memory else render_table(rows)
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
         import torch
         from _results import device_label, write_results
 
-        write_results(out, "train", "Trainer step benchmark", rows, table, device_label(torch.cuda.is_available()))
+        name, title = (
+            ("lora-memory", "LoRA against full fine-tuning")
+            if args.lora_memory
+            else ("train", "Trainer step benchmark")
+        )
+        write_results(out, name, title, rows, table, device_label(torch.cuda.is_available()))
     return 1 if any("error" in r for r in rows) else 0
 
 

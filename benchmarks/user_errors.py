@@ -36,6 +36,11 @@ COMMANDS = [
     "fire-opd train --config distill.yaml --output-dir runs/old",
     "fire-opd train --config distill.yaml --set data.verifier=my_rewards:score",
     "fire-opd eval --model assets/teacher_arith --tokenizer assets/tokenizer --prompts train.jsonl --samples 8",
+    "fire-opd train --config distill.yaml --prompts questions.csv",
+    "fire-opd train --config distill.yaml --prompts questions.csv --set data.prompt_field=question "
+    "--set data.prompts_split=test",
+    "fire-opd train --config distill.yaml --prompts my-org/not-downloaded",
+    "fire-opd train --config distill.yaml --set lora.r=16 --set lora.target_modules=[q_proj,query]",
 ]
 
 
@@ -59,6 +64,7 @@ def _setup(work: Path) -> None:
         config = json.loads((ASSETS / "tokenizer" / name).read_text())
         config.pop("chat_template", None)
         (plain / name).write_text(json.dumps(config))
+    (work / "questions.csv").write_text("question,answer\n1+2=,3\n2+2=,4\n")
     old = work / "runs" / "old"
     old.mkdir(parents=True)
     (old / "metrics.jsonl").write_text("{}\n")

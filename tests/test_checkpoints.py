@@ -221,7 +221,7 @@ def test_a_second_interrupt_stops_at_once_and_keeps_the_checkpoints(tmp_path):
                    "tokenizer": str(ASSETS / "tokenizer")},
         "data": {"prompts": "p.jsonl"},
         "optim": {"steps": 200}, "sampling": {"prompts_per_step": 8, "max_new_tokens": 8},
-        "checkpoint": {"save_every": 1}, "eval": {"every": 0}, "logging": {"progress": False, "tensorboard": False},
+        "checkpoint": {"save_every": 1}, "eval": {"every": 0}, "logging": {"progress": False, "report_to": []},
     }  # fmt: skip
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     run = _launch(tmp_path, "run")

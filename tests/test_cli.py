@@ -152,8 +152,11 @@ def test_model_tokenizer_and_prompt_errors(workdir, capsys):
     (no_template / "chat_template.jinja").unlink()
     line = _error(capsys, _train("--prompts", "chat.jsonl", "--tokenizer", str(no_template)))
     assert "'messages' rows but the tokenizer has no chat template" in line
-    (workdir / "chat_bad.jsonl").write_text('{"messages": [{"role": "user"}], "answer": "3"}\n')
-    assert "chat_bad.jsonl:1: 'messages' must be a non-empty list" in _error(
+    (workdir / "chat_bad.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "1+2="}], "answer": "3"}\n'
+        '{"messages": [{"role": "user", "content": null}], "answer": "3"}\n'
+    )
+    assert "chat_bad.jsonl:2: 'messages' must be a non-empty list" in _error(
         capsys, _train("--prompts", "chat_bad.jsonl")
     )
     # teacher flags
@@ -299,7 +302,7 @@ def test_a_run_reports_itself(tmp_path, capsys, monkeypatch):
     write_prompts(sample_problems(["arith"], 8, seed=1, split="test"), tmp_path / "held.jsonl")
     base = _train("--eval-prompts", "held.jsonl", "--set", "optim.steps=2", "--set", "sampling.prompts_per_step=4",
                   "--set", "sampling.max_new_tokens=6", "--set", "eval.every=1", "--set", "logging.progress=false",
-                  "--set", "logging.tensorboard=false")  # fmt: skip
+                  "--set", "logging.report_to=none")  # fmt: skip
     assert cli.main(base) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)

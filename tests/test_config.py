@@ -34,6 +34,11 @@ def test_every_flat_key_of_earlier_versions_still_works_with_one_warning(tmp_pat
     fields = set(field_names())
     assert set(LEGACY_KEYS.values()) <= fields and len(set(LEGACY_KEYS.values())) == len(LEGACY_KEYS)
     new_in_0_2 = {"checkpoint.allow_config_change", "eval.at_start"}  # fields that had no flat key
+    new_in_0_2 |= {f"data.{k}" for k in ("prompts_split", "eval_prompts_split")}
+    new_in_0_2 |= {f"data.{k}_field" for k in ("prompt", "answer", "messages")}
+    new_in_0_2 |= {"logging.report_to"} | {
+        f"lora.{k}" for k in ("r", "alpha", "dropout", "target_modules", "merge_lora")
+    }
     assert set(LEGACY_KEYS.values()) | new_in_0_2 == fields - {"seed", "output_dir"}  # none is missing
     flat = tmp_path / "flat.yaml"
     flat.write_text("student: s\nteachers: {a: t}\nlr: 0.001\nmethod: opd\nparallel: fsdp\neval_every: 5\n")
@@ -82,7 +87,7 @@ def test_checkpoints_written_with_the_flat_config_still_resume(tmp_path):
     base = {
         "output_dir": str(tmp_path / "run"), "optim.steps": 3, "sampling.prompts_per_step": 2,
         "sampling.samples_per_prompt": 2, "sampling.max_new_tokens": 4, "checkpoint.save_every": 1,
-        "logging.progress": False, "logging.tensorboard": False, "eval.every": 0,
+        "logging.progress": False, "logging.report_to": [], "eval.every": 0,
     }  # fmt: skip
     first = trainer(TrainConfig.from_dict(base))
     first.train(until_step=2)

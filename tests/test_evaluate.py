@@ -113,8 +113,10 @@ def test_chat_rows_with_template_kwargs(tmp_path):
     assert render_prompts(problems, tokenizer, {"enable_thinking": True})[0].prompt == "1+2="
     for bad, message in [
         ('{"prompt": "1", "messages": [], "answer": "1"}', "exactly one of 'prompt'"),
-        ('{"answer": "1"}', "exactly one of 'prompt'"),
-        ('{"messages": "hi", "answer": "1"}', "'messages' must be a non-empty list"),
+        ('{"answer": "1"}', "no column 'prompt' or 'messages'"),
+        ('{"prompt": "1", "answer": "1"}\n{"answer": "2"}', r"chat.jsonl:2: give exactly one of 'prompt'"),
+        ('{"messages": "hi", "answer": "1"}', "column 'messages' must hold lists of"),
+        ('{"messages": [{"role": "user"}], "answer": "1"}', "column 'messages' must hold lists of"),
     ]:
         path.write_text(bad + "\n")
         with pytest.raises(ValueError, match=message):
@@ -146,7 +148,7 @@ def test_trainer_trains_on_chat_rows_and_evaluates_with_samples(tmp_path):
                 "eval.samples": 4,
                 "eval.temperature": 1.0,
                 "logging.progress": False,
-                "logging.tensorboard": False,
+                "logging.report_to": [],
                 "seed": 1,
                 "data.verifier": "fire_opd.train.verifiers:final_answer",
             }

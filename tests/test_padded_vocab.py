@@ -137,7 +137,7 @@ def test_a_padded_pair_trains_as_the_unpadded_pair(tmp_path, objective):
         config = TrainConfig.from_dict(
             {"output_dir": str(tmp_path / name), "optim.steps": 3, "sampling.prompts_per_step": 4,
              "sampling.samples_per_prompt": 2, "sampling.max_new_tokens": 6, "optim.lr": 1e-3, "eval.every": 0,
-             "logging.progress": False, "logging.tensorboard": False, "loss.objective": objective,
+             "logging.progress": False, "logging.report_to": [], "loss.objective": objective,
              "sampling.top_p": 1e-6}  # nucleus of one token: sampling draws the same from 18 or 24 columns
         )  # fmt: skip
         trainer = FireOPDTrainer(

@@ -28,7 +28,7 @@ def _trainer(tmp_path, **values):
     base = {
         "output_dir": str(tmp_path / "run"), "optim.steps": 3, "sampling.prompts_per_step": 2,
         "sampling.samples_per_prompt": 2, "sampling.max_new_tokens": 4, "checkpoint.save_every": 1,
-        "logging.progress": False, "logging.tensorboard": False, "eval.every": 0,
+        "logging.progress": False, "logging.report_to": [], "eval.every": 0,
     }  # fmt: skip
     student = values.pop("student", None) or model(0)
     return FireOPDTrainer(

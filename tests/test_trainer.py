@@ -40,13 +40,12 @@ def _config(tmp_path, **overrides):
         eval_every=2,
         eval_size=8,
         progress=False,
-        tensorboard=False,
         seed=5,
         percentile=25.0,
         objective="sampled",
     )
     base.update(overrides)
-    return TrainConfig.from_dict(dotted(base))
+    return TrainConfig.from_dict({"logging.report_to": [], **dotted(base)})
 
 
 def _trainer(tokenizer, config, tasks=("arith",), teacher_names=("arith",), student_seed=0):
@@ -316,8 +315,9 @@ def test_malformed_prompt_files(tmp_path):
     cases = {
         '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n': ":2: not valid JSON",
         '{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2="}\n': ":3: missing or non-string field 'answer'",
-        "[1, 2]\n": ":1: expected a JSON object",
-        '{"prompt": "1=", "answer": "1", "teacher": 3}\n': ":1: field 'teacher' must be a string",
+        '{"prompt": "1+1=", "answer": "2"}\n[1, 2]\n': ":2: expected a JSON object, got list",
+        "[1, 2]\n": "expected JSON lines \\(one object per line\\) or a JSON array of objects",
+        '{"prompt": "1=", "answer": "1", "teacher": 3}\n': "column 'teacher' must hold strings, not int64",
         "": "no prompts found",
     }
     for i, (text, match) in enumerate(cases.items()):
@@ -545,13 +545,24 @@ def test_non_finite_steps_change_nothing_and_stop_the_run(tmp_path, tokenizer):
     assert trainer.skipped_steps == 3
 
 
-def test_tensorboard_event_files_are_readable(tmp_path, tokenizer):
-    """With `tensorboard: true` a run writes event files that TensorBoard's own reader loads, one
-    scalar per metric and step."""
+def test_metrics_reach_tensorboard_and_wandb(tmp_path, tokenizer, monkeypatch):
+    """`report_to: [tensorboard, wandb]`: TensorBoard's own reader loads one scalar per metric and
+    step; Weights & Biases (offline) records the run under output_dir/wandb with its config and
+    the last step's metrics, and a resumed run continues the same wandb run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = _trainer(tokenizer, _config(tmp_path, steps=2, eval_every=0, tensorboard=True))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = _config(tmp_path, steps=2, eval_every=0, **{"logging.report_to": ["tensorboard", "wandb"]})
+    trainer = _trainer(tokenizer, config)
     trainer.train()
+    run_id = (tmp_path / "run" / "wandb-run-id").read_text().strip()
+    (offline,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    data = offline.read_bytes()  # protobuf records: each history item holds its key and its value as JSON
+    for row in trainer.history:
+        value = json.dumps(row["train/loss"]).encode()
+        assert b"train/loss\x82\x01" + bytes([len(value)]) + value in data
+    assert b"percentile" in data and b"samples_per_prompt" in data  # the run's config
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

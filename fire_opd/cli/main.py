@@ -3,9 +3,10 @@
 A mistake in the command line, the YAML or the files they name is one line on stderr and exit
 status 2 (fire_opd/cli/preflight.py checks it before any model is loaded); `--debug` shows the traceback.
 
-    fire-opd train --student PATH --teacher PATH --prompts train.jsonl [--config cfg.yaml] [--set key=value ...]
+    fire-opd train --student PATH --teacher PATH --prompts FILE|DIR|DATASET_ID [--config cfg.yaml] [--set key=value ...]
     fire-opd train --student PATH --teacher math=PATH --teacher code=PATH --prompts train.jsonl
-    fire-opd eval  --model PATH|RUN_DIR --prompts held_out.jsonl [--samples N --temperature T --top-p P --output F]
+    fire-opd eval  --model PATH|RUN_DIR --prompts FILE|DIR|DATASET_ID [--split S] [--samples N --temperature T
+                   --top-p P --output F]
     fire-opd plot  RUN_DIR [RUN_DIR ...] [--out curves.png]
     fire-opd demo  [--setting steps|brittle-teacher|chain|single|multi-teacher] [--objective sampled|full_vocab]
                    [--steps N] [--seed S] [--samples K]
@@ -73,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher path; repeat as NAME=PATH for several teachers routed by the prompts' 'teacher' key",
     )
     train.add_argument("--tokenizer", help="tokenizer path (default: the student's folder)")
-    train.add_argument("--prompts", help="JSONL training prompts")
-    train.add_argument("--eval-prompts", help="JSONL held-out prompts")
+    train.add_argument(
+        "--prompts", help="training prompts: .jsonl/.json/.csv/.tsv/.parquet, a folder, or a Hugging Face dataset id"
+    )
+    train.add_argument("--eval-prompts", help="held-out prompts (the same kinds of source)")
     train.add_argument("--output-dir")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     train.add_argument(
@@ -87,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[debug], help="avg@N and pass@k of a model on a prompt file")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--prompts", required=True)
+    ev.add_argument("--prompts", required=True, help="a prompt file, folder or dataset id, as for train")
+    ev.add_argument("--split", default="train", help="the split of a dataset id or folder (default: train)")
+    ev.add_argument("--prompt-field", default="prompt", help="the column with the prompt (default: prompt)")
+    ev.add_argument("--answer-field", default="answer", help="the column with the answer (default: answer)")
+    ev.add_argument("--messages-field", default="messages", help="the column with chat messages (default: messages)")
     ev.add_argument("--tokenizer", help="tokenizer path (default: the model's folder)")
     ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--samples", type=int, default=1, help="completions per problem (N of avg@N, pass@k)")
@@ -171,7 +178,8 @@ def _finish(trainer, config) -> int:
     """What a run that ended prints, and its exit status."""
     from fire_opd.parallel import distributed
 
-    distributed.teardown()  # a process group left to interpreter exit can abort it (gloo's threads)
+    trainer.parallel.release()  # DDP's reducer first, then the process group: either left to interpreter
+    distributed.teardown()  # exit can hang or abort it (gloo's threads)
     if not trainer.is_main:  # under torchrun rank 0 reports
         return EXIT_STOPPED if trainer.stopped_by_signal else 0
     summary = trainer.summary()
@@ -245,7 +253,15 @@ def evaluate(args: argparse.Namespace) -> int:
     tokenizer = check_tokenizer(
         args.tokenizer or model_path, "--tokenizer" if args.tokenizer else "--model", "pass --tokenizer PATH"
     )
-    problems = check_prompts(args.prompts, "--prompts", tokenizer, kwargs)
+    from fire_opd.train.data import PromptColumns
+
+    try:
+        columns = PromptColumns(prompt=args.prompt_field, answer=args.answer_field, messages=args.messages_field)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    problems = check_prompts(
+        args.prompts, "--prompts", tokenizer, kwargs, columns=columns, split=args.split, split_field="--split"
+    )
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UsageError(f"--output {args.output}: its folder does not exist")
 
@@ -272,7 +288,8 @@ def evaluate(args: argparse.Namespace) -> int:
     print(json.dumps(results, indent=1))
     if args.output:  # everything needed to read the numbers again: settings, and each problem's samples
         settings = {
-            "model": str(model_path), "prompts": args.prompts, "samples": args.samples,
+            "model": str(model_path), "prompts": args.prompts, "split": args.split, "samples": args.samples,
+            "columns": {"prompt": args.prompt_field, "answer": args.answer_field, "messages": args.messages_field},
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "verifier": args.verifier, "seed": args.seed, "chat_template_kwargs": kwargs,
         }  # fmt: skip

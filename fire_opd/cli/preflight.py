@@ -8,6 +8,7 @@ config.json and tokenizer is cheap and happens here; weights are not touched.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -60,6 +61,8 @@ def check_model(path: str, what: str):
     from transformers import AutoConfig
 
     local = Path(path)
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        return _check_adapters(local, what)
     if local.exists():
         if not local.is_dir():
             raise UsageError(f"{what} {path}: is a file; expected a Hugging Face model folder (config.json + weights)")
@@ -79,6 +82,45 @@ def check_model(path: str, what: str):
     except Exception as exc:  # noqa: BLE001  (any failure here is the user's path or file)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"{what} {path}: cannot read its config ({first})") from None
+
+
+def _check_adapters(folder: Path, what: str):
+    """A peft adapter folder (a LoRA run's checkpoint): peft installed, its base model checked."""
+    import json
+
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{what} {folder}: a LoRA adapter folder; loading it needs peft (pip install peft)") from None
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{what} {folder}: its adapter_config.json names no base_model_name_or_path")
+    return check_model(base, f"{what} {folder}'s base model")
+
+
+def check_lora(config: TrainConfig, student_config) -> None:
+    """peft is installed, and every module name in lora.target_modules is a module of the student
+    (its architecture built on the meta device: no weights are read)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UsageError("lora.r > 0 needs peft: pip install 'fire-opd[lora]'") from None
+    targets = config.lora.target_modules
+    if isinstance(targets, str):
+        return  # "all-linear"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(student_config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UsageError(
+            f"lora.target_modules: no module of the student is named {missing[0]!r}; its linear layers are "
+            f"{', '.join(linear)}"
+        )
 
 
 def has_tokenizer_files(path: str) -> bool:
@@ -125,35 +167,49 @@ def check_same_tokenizer(student_tok, teacher_tok, teacher: str) -> None:
 
 
 def check_prompts(
-    path: Optional[str],
+    source: Optional[str],
     field: str,
     tokenizer,
     chat_template_kwargs: dict,
     teachers: Optional[dict] = None,
     default_teacher: Optional[str] = None,
+    *,
+    columns=None,
+    split: str = "train",
+    split_field: str = "prompts_split",
 ):
-    """Read and validate a prompt file (rows, chat messages, teacher keys); return the problems."""
-    from fire_opd.algorithm.routing import route_rows
-    from fire_opd.train.data import load_prompts, render_prompts
+    """Open and check a prompt set (columns, empty cells, teacher keys, the chat template on its
+    first chat row); return it (rows are converted when a step draws them)."""
+    from fire_opd.train.data import PromptColumns, PromptError, check_teacher_keys, load_prompts
 
-    if not path:
+    if not source:
         return []
     try:
-        problems = load_prompts(path)
-        problems = render_prompts(problems, tokenizer, chat_template_kwargs, source=f"{field} {path}")
+        problems = load_prompts(source, columns=columns or PromptColumns(), split=split, split_field=split_field)
+        problems = problems.rendered(tokenizer, chat_template_kwargs)
     except FileNotFoundError:
-        raise UsageError(f"{field} {path}: no such file") from None
-    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{field} {source}: no such file") from None
+    except (PromptError, ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001  (a chat template that fails on these messages)
-        raise UsageError(
-            f"{field} {path}: the chat template failed ({exc}); check the messages and chat_template_kwargs"
-        ) from None
+    if problems.has_messages:
+        import pyarrow.compute as pc
+
+        column = problems.table.data.column(problems.columns.messages)
+        first_chat = pc.index(pc.is_valid(column), True).as_py()
+        try:
+            problems[first_chat]
+        except PromptError as exc:
+            raise UsageError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001  (a chat template that fails on these messages)
+            raise UsageError(
+                f"{field} {source}: the chat template failed on {problems.where(first_chat)} ({exc}); check the "
+                "messages and chat_template_kwargs"
+            ) from None
     if teachers is not None:
         try:
-            route_rows([p.teacher for p in problems], teachers, default=default_teacher)
+            check_teacher_keys(problems, teachers, default_teacher)
         except KeyError as exc:
-            raise UsageError(f"{field} {path}: {exc.args[0]}") from None
+            raise UsageError(f"{field} {source}: {exc.args[0]}") from None
     return problems
 
 
@@ -163,6 +219,7 @@ def check_prompts(
 def check_train(config: TrainConfig) -> None:
     """Everything `fire-opd train` can check before loading weights."""
     from fire_opd.train.checkpoint import check_output_dir
+    from fire_opd.train.data import columns_of
     from fire_opd.train.verifiers import resolve_verifier
 
     if not config.models.student:
@@ -194,7 +251,25 @@ def check_train(config: TrainConfig) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    import importlib.util
+
+    # (TensorBoard, the default, is only warned about when it is missing: the trainer says so)
+    if "wandb" in config.logging.report_to and importlib.util.find_spec("wandb") is None:
+        raise UsageError("logging.report_to: wandb is not installed (pip install wandb); or leave it out")
+    from fire_opd.parallel.distributed import my_prompts
+
+    try:  # under torchrun: can the step's prompts be dealt to the processes?
+        my_prompts(
+            config.sampling.prompts_per_step,
+            config.sampling.rollout_chunk_prompts,
+            0,
+            int(os.environ.get("WORLD_SIZE", "1")),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     student_config = check_model(config.models.student, "student")
+    if config.lora.enabled:
+        check_lora(config, student_config)
     tokenizer_path = config.models.tokenizer or config.models.student
     tokenizer = check_tokenizer(
         tokenizer_path,
@@ -223,7 +298,13 @@ def check_train(config: TrainConfig) -> None:
     default = config.models.default_teacher or (
         next(iter(config.models.teachers)) if len(config.models.teachers) == 1 else None
     )
+    data = config.data
+    columns = columns_of(data)
     check_prompts(
-        config.data.prompts, "prompts", tokenizer, config.data.chat_template_kwargs, config.models.teachers, default
-    )
-    check_prompts(config.data.eval_prompts, "eval_prompts", tokenizer, config.data.chat_template_kwargs)
+        data.prompts, "prompts", tokenizer, data.chat_template_kwargs, config.models.teachers, default,
+        columns=columns, split=data.prompts_split, split_field="data.prompts_split",
+    )  # fmt: skip
+    check_prompts(
+        data.eval_prompts, "eval_prompts", tokenizer, data.chat_template_kwargs,
+        columns=columns, split=data.eval_prompts_split, split_field="data.eval_prompts_split",
+    )  # fmt: skip

@@ -40,7 +40,7 @@ SINGLE_RECIPE = TrainConfig.from_dict(
         "eval.every": 50,
         "eval.size": 400,
         "fire.percentile": 20.0,
-        "logging.tensorboard": False,
+        "logging.report_to": [],
         "checkpoint.overwrite": True,
         "eval.at_start": False,  # the demo evaluates the initial student itself
     }
@@ -61,7 +61,7 @@ CHAIN_RECIPE = TrainConfig.from_dict(
         "eval.every": 50,
         "eval.size": 400,
         "fire.percentile": 20.0,
-        "logging.tensorboard": False,
+        "logging.report_to": [],
         "checkpoint.overwrite": True,
         "eval.at_start": False,  # the demo evaluates the initial student itself
     }

@@ -94,7 +94,10 @@ def lm_head_weight(model: nn.Module, name: str = "model") -> torch.Tensor:
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The backbone that returns final (normed) hidden states, without the LM head."""
+    """The backbone that returns final (normed) hidden states, without the LM head (inside a peft
+    wrapper too: its adapters live in the backbone's layers)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # type: ignore[operator]  # peft's PeftModel
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise ValueError(

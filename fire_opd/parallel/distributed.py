@@ -6,9 +6,9 @@ processes).
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process.
 
-Reproducibility across world sizes: a step's prompts are cut into chunks of
-`rollout_chunk_prompts` prompts; chunk c of step s is sampled with its own seed
-(seed, s, c), whatever rank holds it, and rank r holds chunks [r n / K, (r + 1) n / K). The FiRe
+Reproducibility across world sizes: rank r samples prompts [r P / K, (r + 1) P / K) of a step's
+P prompts, and every rollout row draws from its own seed (seed, step, prompt, sample), whatever
+rank holds it (fire_opd/train/rollouts.py; `my_prompts`). The FiRe
 statistics are reduced over all ranks (fire_opd.algorithm), the loss of every rank is normalized by
 the global count, and DistributedDataParallel averages the gradients (the loss is scaled by K):
 1 or K processes give the same rollouts, statistics and parameters up to floating-point
@@ -66,20 +66,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def chunk_seed(seed: int, step: int, chunk: int) -> int:
-    """Sampling seed of one rollout chunk; chunk 0 keeps the single-chunk trainer's step seed."""
-    return (seed * 1_000_003 + step + chunk * 7_919_113) % (2**31)
+def my_prompts(prompts_per_step: int, chunk_prompts: int, rank: int, world: int) -> tuple[range, int]:
+    """(the step's prompts rank `rank` samples and trains on, prompts per `generate` call).
 
-
-def my_chunks(num_chunks: int, rank: int, world: int) -> range:
-    """The contiguous block of chunk indices rank `rank` samples and trains on."""
-    if num_chunks % world:
+    chunk_prompts 0: the step's prompts are dealt evenly, each process samples its share in one
+    call. chunk_prompts c: the step is cut into chunks of c prompts, dealt evenly, one call each,
+    so every process count batches the same prompts together (bit-identical rollouts, not only
+    the same random draws)."""
+    per_call = chunk_prompts or prompts_per_step // max(world, 1)
+    chunks = prompts_per_step // per_call if per_call else 0
+    if per_call == 0 or prompts_per_step % per_call or chunks % world:
+        unit = f"chunks of sampling.rollout_chunk_prompts = {chunk_prompts} prompts" if chunk_prompts else "prompts"
         raise ValueError(
-            f"{num_chunks} rollout chunks per step cannot be dealt evenly to {world} processes; make "
-            "sampling.prompts_per_step / sampling.rollout_chunk_prompts a multiple of the number of processes"
+            f"sampling.prompts_per_step = {prompts_per_step} cannot be dealt evenly to {world} processes in {unit}; "
+            f"use a number of processes that divides {chunks if chunk_prompts else prompts_per_step}"
         )
-    per_rank = num_chunks // world
-    return range(rank * per_rank, (rank + 1) * per_rank)
+    per_rank = chunks // world * per_call
+    return range(rank * per_rank, (rank + 1) * per_rank), per_call
 
 
 PARALLEL_MODES = ("ddp", "fsdp")

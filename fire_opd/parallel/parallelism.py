@@ -19,6 +19,7 @@ of one process holding the whole batch because of the factors collected here, an
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
@@ -95,6 +96,14 @@ class Parallelism:
             if (wrapper := distributed.wrap_teacher(teacher, teacher_mode)) is not None
         }
 
+    def release(self) -> None:
+        """Drop the wrappers (DDP's reducer) while the process group still lives: a reducer freed
+        after it, at interpreter exit, can deadlock in gloo's destructor (its thread waits for
+        the GIL the exiting main thread holds). The end of a run calls it before `teardown`."""
+        self.wrapper = None
+        self.teacher_wrappers = {}
+        gc.collect()
+
     # ------------------------------------------------------------------ roles
 
     @property
@@ -118,9 +127,9 @@ class Parallelism:
         last one is done (None: `generate` decides, as it does for FSDP)."""
         return True if self.vocab_group is not None else None
 
-    def my_chunks(self, num_chunks: int) -> range:
-        """The rollout chunks of a step this process samples."""
-        return distributed.my_chunks(num_chunks, self.rank, self.world_size)
+    def my_prompts(self, prompts_per_step: int, chunk_prompts: int) -> tuple[range, int]:
+        """(the step's prompts this process samples, prompts per `generate` call)."""
+        return distributed.my_prompts(prompts_per_step, chunk_prompts, self.rank, self.world_size)
 
     # ------------------------------------------------------------------ the world-size factors
 

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from fire_opd.errors import UsageError
+from fire_opd.train.models import is_lora
 
 logger = logging.getLogger("fire_opd")
 
@@ -43,7 +44,8 @@ _CHECKPOINT_NAME = re.compile(r"^(step-\d+|final)$")
 # What a run writes into its output directory (a new run refuses a directory that holds any).
 CONFIG_HISTORY_FILE = "config-history.jsonl"
 SUMMARY_FILE, CURVES_FILE = "summary.json", "curves.png"
-RUN_FILES = ("config.json", METRICS_FILE, "tensorboard", CONFIG_HISTORY_FILE, SUMMARY_FILE, CURVES_FILE)
+MERGED_DIR = "final-merged"  # a LoRA run's merged student (lora.merge_lora)
+RUN_FILES = ("config.json", METRICS_FILE, "tensorboard", CONFIG_HISTORY_FILE, SUMMARY_FILE, CURVES_FILE, MERGED_DIR)
 
 
 def save_checkpoint(
@@ -58,10 +60,11 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    options: dict = {"save_embedding_layers": False} if is_lora(model) else {}  # a LoRA student: its adapters
     if weights is not None:
-        model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+        model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True, **options)
     else:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **options)
     tokenizer.save_pretrained(str(tmp))
     torch.save(tensor_state, tmp / TENSOR_STATE_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state))
@@ -106,8 +109,14 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     weights = {}
     for shard in sorted(path.glob("*.safetensors")):
         weights.update(load_file(str(shard), device="cpu"))
-    names = set(model.state_dict())
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a tied head is saved once, as its embedding
+    if is_lora(model):  # adapters only, named as peft saves them
+        from peft import get_peft_model_state_dict
+
+        names = set(get_peft_model_state_dict(model))
+        tied: set = set()
+    else:
+        names = set(model.state_dict())
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a tied head is saved once, as its embedding
     missing = sorted(names - set(weights) - tied)
     unexpected = sorted(set(weights) - names)
     if missing or unexpected:
@@ -122,8 +131,32 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     from fire_opd.parallel.sharded_head import slice_state
 
     slice_state(model, weights, optimizer_state or {})  # this process's rows of whole lm_heads (vocab_parallel)
+    if is_lora(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+        weights = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     load_full_state_dicts(model, optimizer, weights, optimizer_state or {})
     return state, tensor_state
+
+
+def save_merged(path: str | Path, *, student, tokenizer) -> Path:
+    """A LoRA student's adapters merged into a copy of its weights, written atomically as a plain
+    model folder (`from_pretrained` loads it without peft); the student keeps its adapters."""
+    import copy
+
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    copy.deepcopy(student).merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    _fsync_tree(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

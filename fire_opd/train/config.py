@@ -3,7 +3,9 @@
 A run's config reads as sections (YAML mappings, or dotted keys on the command line):
 
     models:     student, teachers, tokenizer, default_teacher, dtype, teacher_dtype, gradient_checkpointing
-    data:       prompts, eval_prompts, chat_template_kwargs, verifier
+    lora:       r, alpha, dropout, target_modules, merge_lora
+    data:       prompts, eval_prompts, prompts_split, eval_prompts_split, prompt_field, answer_field,
+                messages_field, chat_template_kwargs, verifier
     sampling:   prompts_per_step, samples_per_prompt, rollout_chunk_prompts, max_new_tokens, temperature, top_p
     loss:       objective, divergence, jsd_beta, clip_ratio, agg_mode, stats_scope
     fire:       method, percentile, alpha, beta, filter_scope, filter_score, teacher_confidence_gate
@@ -13,7 +15,7 @@ A run's config reads as sections (YAML mappings, or dotted keys on the command l
     runtime:    device, threads, backend, fused_update
     eval:       every, size, samples, temperature, top_p
     checkpoint: save_every, keep_last, resume_from, overwrite
-    logging:    every, tensorboard, progress
+    logging:    every, report_to, progress
     seed, output_dir
 
 The flat keys of earlier versions (`lr`, `method`, `eval_every`, ...) are still accepted, in YAML
@@ -28,7 +30,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from fire_opd.algorithm.options import DIVERGENCES, LOSS_AGG_MODES, OBJECTIVES, FireOptions
 
@@ -78,11 +80,50 @@ class ModelsConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA student (through peft): only the adapters train, and checkpoints hold only them.
+    r = 0 (the default) trains every weight."""
+
+    r: int = 0  # adapter rank; 0: full fine-tuning
+    alpha: float = 16.0  # scale alpha / r of the adapters' product
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: Union[str, list] = "all-linear"  # "all-linear" (every linear layer but the lm_head) or a
+    #                                                  list of module names, e.g. [q_proj, v_proj]
+    merge_lora: bool = False  # also write output_dir/final-merged: the adapters merged into the student's
+    #                           weights, a plain model folder for from_pretrained
+
+    def __post_init__(self) -> None:
+        _at_least("lora", self, ("r",), 0)
+        _in_range("lora", "alpha", self.alpha, 0.0, math.inf, open_low=True)
+        _in_range("lora", "dropout", self.dropout, 0.0, 1.0)
+        modules = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(f"lora.target_modules must be 'all-linear' or a list of module names, got {modules!r}")
+        if "lm_head" in modules:
+            raise ValueError(
+                "lora.target_modules: not lm_head (fire-opd's kernels read the lm_head weight directly, so an "
+                "adapter on it would not train)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass
 class DataConfig:
     """Prompts and how completions are scored."""
 
-    prompts: str = ""  # JSONL training prompts: {"prompt" or "messages", "answer", optional "teacher", ...}
-    eval_prompts: Optional[str] = None  # JSONL held-out prompts for periodic evaluation
+    prompts: str = ""  # training prompts: a .jsonl/.json/.csv/.tsv/.parquet file, a folder (of such files, or
+    #                    written by datasets' save_to_disk) or a Hugging Face dataset id; rows hold a prompt or chat
+    #                    messages, an answer, optionally a "teacher" key (fire_opd/train/data.py)
+    eval_prompts: Optional[str] = None  # held-out prompts for periodic evaluation (the same kinds of source)
+    prompts_split: str = "train"  # the split of a dataset id or folder that `prompts` reads
+    eval_prompts_split: str = "train"  # the split `eval_prompts` reads (e.g. "test" of the same dataset id)
+    prompt_field: str = "prompt"  # the column with the raw prompt text
+    answer_field: str = "answer"  # the column with the reference answer
+    messages_field: str = "messages"  # the column with chat messages ({role, content} lists), used instead of
+    #                                   a prompt on the rows that have them
     chat_template_kwargs: dict = field(default_factory=dict)  # passed to apply_chat_template for "messages" rows,
     #                                                           e.g. {enable_thinking: false} for Qwen3
     verifier: str = "final_answer"  # scores completions for train/reward and evaluation (never the loss): a
@@ -93,6 +134,14 @@ class DataConfig:
             raise TypeError(
                 f"data.chat_template_kwargs must be a mapping, got {type(self.chat_template_kwargs).__name__}"
             )
+        columns = {"prompt_field": self.prompt_field, "answer_field": self.answer_field}
+        columns["messages_field"] = self.messages_field
+        splits = {"prompts_split": self.prompts_split, "eval_prompts_split": self.eval_prompts_split}
+        for name, value in {**columns, **splits}.items():
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
+        if len(set(columns.values())) < len(columns):
+            raise ValueError(f"data.prompt_field, answer_field and messages_field must differ, got {columns}")
 
 
 @dataclass
@@ -101,9 +150,10 @@ class SamplingConfig:
 
     prompts_per_step: int = 16  # global: over all processes under torchrun
     samples_per_prompt: int = 4
-    rollout_chunk_prompts: int = 0  # prompts per sampling chunk, each with its own seed (seed, step, chunk);
-    #                                 chunks are dealt to processes, so the same config gives the same rollouts
-    #                                 with 1 or K processes. 0: one chunk per step (single process only)
+    rollout_chunk_prompts: int = 0  # prompts per generate call (a memory bound). 0: each process samples its
+    #                                 share of the step in one call. Every row draws from its own seed, so 1 or K
+    #                                 processes draw the same rollouts either way; with chunks (dealt to processes)
+    #                                 they also batch the same rows together: bit-identical rollouts
     max_new_tokens: int = 16
     temperature: float = 1.0  # sampling temperature, also used for every log-prob and entropy
     top_p: float = 1.0
@@ -247,20 +297,39 @@ class CheckpointConfig:
         _at_least("checkpoint", self, ("save_every", "keep_last"), 0)
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 @dataclass
 class LoggingConfig:
-    """Metrics: output_dir/metrics.jsonl, TensorBoard, the progress bar."""
+    """Metrics: output_dir/metrics.jsonl always, the trackers of `report_to`, the progress bar."""
 
     every: int = 1  # steps between metrics rows (the last step is always logged)
-    tensorboard: bool = True  # also log to TensorBoard when it is installed
+    report_to: Union[str, list] = field(default_factory=lambda: ["tensorboard"])  # also send the metrics to:
+    #   tensorboard (output_dir/tensorboard), wandb (Weights & Biases; project $WANDB_PROJECT or "fire-opd",
+    #   WANDB_MODE=offline to sync later), "all", or "none" / []
+    tensorboard: Optional[bool] = None  # deprecated: logging.report_to (true adds tensorboard, false removes it)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
         _at_least("logging", self, ("every",), 0)
+        targets = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"logging.report_to must be a name or a list of names, got {self.report_to!r}")
+        targets = list(REPORT_TO) if targets == ["all"] else [] if targets == ["none"] else list(targets)
+        unknown = [t for t in targets if t not in REPORT_TO]
+        if unknown:
+            raise ValueError(f"logging.report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO)}, all, none")
+        if self.tensorboard is not None:
+            logger.warning("config: logging.tensorboard is deprecated, use logging.report_to")
+            targets = [t for t in targets if t != "tensorboard"] + (["tensorboard"] if self.tensorboard else [])
+            self.tensorboard = None
+        self.report_to = targets
 
 
 SECTIONS: dict[str, type] = {
     "models": ModelsConfig,
+    "lora": LoraConfig,
     "data": DataConfig,
     "sampling": SamplingConfig,
     "loss": LossConfig,
@@ -280,6 +349,7 @@ class TrainConfig:
     """Everything a FiRe-OPD run needs, by section; each field's comment is its documentation."""
 
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -300,6 +370,8 @@ class TrainConfig:
                 "parallel.teachers: fsdp needs runtime.fused_update: true (the unfused backward would read the "
                 "teacher's lm_head after its shards were released)"
             )
+        if self.lora.enabled and self.parallel.student == "fsdp":
+            raise ValueError("lora.r > 0 needs parallel.student: ddp (FSDP of a LoRA student is not supported)")
         if self.parallel.vocab and not self.runtime.fused_update:
             raise ValueError(
                 "parallel.vocab: true needs runtime.fused_update: true (each lm_head shard's gradient over every "
@@ -395,7 +467,7 @@ class TrainConfig:
 
 # The sections (and top-level fields) that define a run: a resume that changes one of them is not
 # the same run (logging, evaluation, checkpoints, the runtime and the process layout may change).
-RUN_DEFINING = ("models", "data", "sampling", "loss", "fire", "optim", "seed")
+RUN_DEFINING = ("models", "lora", "data", "sampling", "loss", "fire", "optim", "seed")
 
 
 def _comparable(value: Any) -> Any:

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from fire_opd.train.data import Problem
-from fire_opd.train.rollouts import generate_rollouts
+from fire_opd.train.rollouts import generate_rollouts, rollout_seed
 from fire_opd.train.verifiers import Verifier, final_answer, score
 
 
@@ -69,11 +69,13 @@ def sample_scores(
             f"samples={samples} with temperature 0 (greedy) would repeat one completion; "
             "set a temperature > 0 for sampled evaluation"
         )
-    if seed is not None:
-        torch.manual_seed(seed)
     from tqdm.auto import tqdm
 
     flat = [p for p in problems for _ in range(samples)]
+    # sample k of problem i draws from its own seed: the same completions for any batch size
+    seeds = (
+        [rollout_seed(seed, i, k) for i in range(len(problems)) for k in range(samples)] if seed is not None else None
+    )
     scores = []
     for start in tqdm(range(0, len(flat), batch_size), disable=not progress, desc="eval", unit="batch"):
         chunk = flat[start : start + batch_size]
@@ -85,6 +87,7 @@ def sample_scores(
             do_sample=temperature > 0,
             temperature=temperature or 1.0,
             top_p=top_p,
+            row_seeds=seeds[start : start + batch_size] if seeds is not None else None,
             synced_gpus=synced_gpus,
         )
         scores += [score(verifier, text, p.answer, p.row or {}) for text, p in zip(rollouts.texts, chunk)]

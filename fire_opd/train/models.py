@@ -68,6 +68,8 @@ def prepare_models(
         shard_lm_heads(student, teachers, vocab_group, vocab_size)
     # models passed in take the configured dtypes too (a no-op when they already have them)
     student.to(device=device, dtype=dtype)
+    if config.lora.enabled:
+        student = add_lora(student, config.lora, seed=config.seed)
     for teacher in teachers.values():
         teacher.requires_grad_(False).eval().to(device=device, dtype=teacher_dtype)
     if config.models.gradient_checkpointing:
@@ -80,11 +82,46 @@ def prepare_models(
     return Models(student, teachers, tokenizer, vocab_size)
 
 
-def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    from transformers import AutoModelForCausalLM
+def is_lora(model: nn.Module) -> bool:
+    """Whether `model` is a peft model (a LoRA student)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(torch.device(device))  # type: ignore[arg-type]  # transformers' `to` is typed for dtypes only
+
+def add_lora(student: nn.Module, lora, *, seed: int = 0) -> nn.Module:
+    """The student as a peft model whose LoRA adapters (`lora`: a LoraConfig section) are its
+    only trainable weights; the base weights are frozen and stay where they are. The adapters'
+    random initialization is a function of `seed` alone (the same for any number of processes)."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("lora.r > 0 needs peft: pip install 'fire-opd[lora]'") from None
+    adapters = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    device = next(student.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(student, adapters)
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A folder written by peft (adapter_config.json, no config.json of its own)."""
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A causal LM from a model folder or Hub id; a LoRA checkpoint (an adapter folder, such as a
+    LoRA run's final/) is loaded onto its base model and merged."""
+    if is_adapter_folder(path):
+        from peft import AutoPeftModelForCausalLM
+
+        model: Any = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(torch.device(device))
 
 
 def load_tokenizer(path: str | Path):

@@ -1,15 +1,25 @@
-"""On-policy sampling with `generate`: left-padded prompts, EOS-terminated responses."""
+"""On-policy sampling with `generate`: left-padded prompts, EOS-terminated responses.
+
+Every sampled row has its own seed, and its t-th token is drawn with the uniform number
+u = splitmix64(row seed, t) by inverting the row's (temperature, top-p) distribution:
+
+    token = min { i : sum_{j <= i} p_j > u * sum_j p_j }
+
+so a row's response depends on its seed and its logits only, not on which rows share its batch,
+which process samples it, or how a step is cut into `generate` calls. A training row's seed is
+`rollout_seed(seed, step, prompt, sample)`, the prompt counted within the step.
+"""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional, Sequence
 
 import torch
 
-from fire_opd.parallel.distributed import chunk_seed
 from fire_opd.train.data import Problem
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -43,22 +53,70 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tor
     return eos_before == 0
 
 
-@torch.no_grad()
-def _outside_the_vocabulary(model, vocab_size: int):
-    """A logits processor that rules out the head's padding rows (ids >= the tokenizer's size),
-    or None when the head has none."""
-    from transformers import LogitsProcessor, LogitsProcessorList
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
-    rows = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(rows, int) or rows <= vocab_size:
-        return None
 
-    class NoPaddingRows(LogitsProcessor):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            scores[:, vocab_size:] = float("-inf")
-            return scores
+def rollout_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys, e.g. (seed, step, prompt, sample); any change of a key
+    gives an unrelated seed."""
+    h = 0
+    for key in keys:
+        h = _splitmix64(h ^ (key & _MASK64))
+    return h >> 1
 
-    return LogitsProcessorList([NoPaddingRows()])
+
+# splitmix64's constants as the int64 values with the same bits (torch's int64 arithmetic wraps)
+_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def uniforms(row_seeds: torch.Tensor, position: int) -> torch.Tensor:
+    """[B] float64 in [0, 1): splitmix64(seed + position * golden) per row, vectorized on int64
+    (wrapping multiplication; logical shifts by masking the sign extension)."""
+    offset = ((position + 1) * _GOLDEN) & _MASK64
+    x = row_seeds + (offset - (1 << 64) if offset >= 1 << 63 else offset)
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0**-53
+
+
+class SeededSampler:
+    """A logits processor that samples every row from its own seed (module docstring) at
+    `temperature` with nucleus `top_p` (as transformers' TopPLogitsWarper: the smallest set of
+    tokens whose probability reaches top_p), never a head's padding row (ids >= vocab_size). It
+    returns scores whose argmax is the sampled token, so `generate` runs greedily over them."""
+
+    def __init__(self, row_seeds: Sequence[int], *, temperature: float, top_p: float, vocab_size: int, prompt_len: int):
+        self.row_seeds = torch.tensor(list(row_seeds), dtype=torch.int64)
+        self.temperature, self.top_p, self.vocab_size, self.prompt_len = temperature, top_p, vocab_size, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float()[:, : self.vocab_size] / self.temperature
+        if self.top_p < 1.0:
+            ascending, order = torch.sort(logits, dim=-1)
+            outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
+            outside[:, -1] = False  # the most likely token always stays
+            logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+        cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+        u = uniforms(self.row_seeds.to(scores.device), input_ids.shape[1] - self.prompt_len)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=self.vocab_size - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token, 0.0)
+
+
+class _NoPaddingRows:
+    """Greedy decoding's logits processor: a head's padding rows (ids >= vocab_size) never win."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.vocab_size :] = float("-inf")
+        return scores
 
 
 def generate_rollouts(
@@ -70,22 +128,32 @@ def generate_rollouts(
     do_sample: bool = True,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    row_seeds: Optional[Sequence[int]] = None,
     synced_gpus: Optional[bool] = None,
 ) -> Rollouts:
-    """Sample one response per prompt. `synced_gpus=True` keeps every process decoding until all
-    are done (each forward is a collective: vocab_parallel's lm_head); None lets `generate`
-    decide (it does for FSDP). A model whose head has rows past the tokenizer's vocabulary
-    (padding) never samples them."""
+    """Sample one response per prompt, row i from `row_seeds[i]` (default: seeds drawn from
+    torch's global generator, so `torch.manual_seed` repeats a call). `synced_gpus=True` keeps
+    every process decoding until all are done (each forward is a collective: vocab_parallel's
+    lm_head); None lets `generate` decide (it does for FSDP). A model whose head has rows past the
+    tokenizer's vocabulary (padding) never samples them."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    vocab_size = len(tokenizer)
+    if do_sample:
+        if row_seeds is None:
+            row_seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+        if len(row_seeds) != len(prompts):
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
+        processor: SeededSampler | _NoPaddingRows = SeededSampler(
+            row_seeds, temperature=temperature, top_p=top_p, vocab_size=vocab_size, prompt_len=prompt_ids.shape[1]
+        )
+    else:
+        processor = _NoPaddingRows(vocab_size)
     was_training = model.training
     model.eval()
-    sample_args = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        if do_sample
-        else {"do_sample": False}
-    )
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
@@ -93,8 +161,11 @@ def generate_rollouts(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         synced_gpus=synced_gpus,
-        logits_processor=_outside_the_vocabulary(model, len(tokenizer)),
-        **sample_args,
+        logits_processor=LogitsProcessorList([processor]),
+        do_sample=False,  # the processor samples; generate takes its one finite score
+        top_k=None,
+        top_p=None,
+        temperature=None,
     )
     model.train(was_training)
     response_ids = out[:, prompt_ids.shape[1] :]
@@ -135,8 +206,8 @@ def sample_step(
     tokenizer,
     prompts: list[Problem],
     *,
-    chunks: Iterable[int],
-    chunk_size: int,
+    mine: range,
+    per_call: int,
     samples_per_prompt: int,
     max_new_tokens: int,
     temperature: float,
@@ -145,27 +216,27 @@ def sample_step(
     step: int,
     synced_gpus: Optional[bool] = None,
 ) -> tuple[list[Problem], Rollouts]:
-    """Step 1 of the loop: this process's rollouts of a step. Its `chunks` of the step's prompts,
-    `samples_per_prompt` each (adjacent), every chunk sampled with the seed (seed, step, chunk), so
-    a chunk's rollouts do not depend on the process count or on a resume."""
+    """Step 1 of the loop: this process's rollouts of a step. The step's prompts `mine` (indices
+    into `prompts`), `samples_per_prompt` rows each (adjacent), `per_call` prompts per `generate`
+    call. Row k of prompt j is sampled from `rollout_seed(seed, step, j, k)`, so a prompt's
+    rollouts depend neither on the process count nor on a resume."""
     problems: list[Problem] = []
     parts = []
-    for chunk in chunks:
-        torch.manual_seed(chunk_seed(seed, step, chunk))
-        random.seed(chunk_seed(seed, step, chunk))
-        chunk_problems = [
-            p for p in prompts[chunk * chunk_size : (chunk + 1) * chunk_size] for _ in range(samples_per_prompt)
-        ]
+    for start in range(mine.start, mine.stop, per_call):
+        indices = range(start, min(start + per_call, mine.stop))
+        rows = [(j, k) for j in indices for k in range(samples_per_prompt)]
+        call_problems = [prompts[j] for j, _ in rows]
         parts.append(
             generate_rollouts(
                 student,
                 tokenizer,
-                [p.prompt for p in chunk_problems],
+                [p.prompt for p in call_problems],
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
+                row_seeds=[rollout_seed(seed, step, j, k) for j, k in rows],
                 synced_gpus=synced_gpus,
             )
         )
-        problems += chunk_problems
+        problems += call_problems
     return problems, concat_rollouts(parts, tokenizer.pad_token_id)

@@ -1,26 +1,37 @@
-"""Where a run's metrics go: `metrics.jsonl` (one JSON object per logged step) and TensorBoard.
+"""Where a run's metrics go: `metrics.jsonl` (one JSON object per logged step), and the trackers
+of `logging.report_to`: TensorBoard (output_dir/tensorboard) and Weights & Biases.
 
 On resume from step s the log keeps exactly the rows of steps <= s (the rows a killed run wrote
-after its checkpoint are dropped, rewritten atomically) and TensorBoard purges the events after
-s, so every step appears once.
+after its checkpoint are dropped, rewritten atomically), TensorBoard purges the events after s,
+and Weights & Biases continues the same run (its id is kept in output_dir/wandb-run-id), so every
+step appears once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from fire_opd.train.checkpoint import METRICS_FILE
 
+logger = logging.getLogger("fire_opd")
+WANDB_ID_FILE = "wandb-run-id"
+
 
 class RunLog:
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True):
+    def __init__(
+        self, output_dir: str | Path, *, report_to: Sequence[str] = ("tensorboard",), config: Optional[dict] = None
+    ):
         self.output_dir = Path(output_dir)
         self.metrics_path = self.output_dir / METRICS_FILE
-        self.tensorboard = tensorboard
-        self._writer: Optional[Any] = None
+        self.report_to = list(report_to)
+        self.config = config  # sent to Weights & Biases as the run's config
+        self._writer: Optional[Any] = None  # TensorBoard's SummaryWriter, opened at the first row
+        self._wandb: Optional[Any] = None  # the wandb run, opened at the first row
         self._start_step = 0
 
     def start(self, step: int) -> None:
@@ -44,21 +55,47 @@ class RunLog:
         if writer is not None:
             for key, value in metrics.items():
                 writer.add_scalar(key, value, step)
+        run = self._wandb_run()
+        if run is not None:
+            run.log(metrics, step=step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def _tensorboard(self) -> Optional[Any]:
-        if self._writer is None and self.tensorboard:
+        if self._writer is None and "tensorboard" in self.report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: JSONL only
-                self.tensorboard = False
+            except ImportError:
+                logger.warning("logging.report_to: tensorboard is not installed (pip install tensorboard); skipped")
+                self.report_to.remove("tensorboard")
                 return None
             # purge_step: events a killed run wrote after the checkpoint we resumed from are hidden
             self._writer = SummaryWriter(
                 str(self.output_dir / "tensorboard"), purge_step=self._start_step + 1 if self._start_step else None
             )
         return self._writer
+
+    def _wandb_run(self) -> Optional[Any]:
+        """The Weights & Biases run (project: $WANDB_PROJECT, else "fire-opd"; WANDB_MODE=offline
+        writes it under output_dir/wandb to sync later), resumed under the id the run keeps."""
+        if self._wandb is None and "wandb" in self.report_to:
+            import wandb
+
+            id_file = self.output_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "fire-opd"),
+                name=self.output_dir.name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.output_dir),
+                config=self.config,
+            )
+        return self._wandb

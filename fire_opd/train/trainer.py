@@ -11,8 +11,8 @@ into the unit that owns it:
     7. checkpoint checkpoint             atomic saves; `TrainState` is what a resume needs
 
 `parallel.parallelism.Parallelism` holds every factor the number of processes puts into a step.
-Every rollout chunk is seeded by (seed, step, chunk), so a resumed run continues exactly and 1 or K
-processes (torchrun) sample the same rollouts.
+Every rollout row is sampled from its own seed (seed, step, prompt, sample), so a resumed run
+continues exactly and 1 or K processes (torchrun) draw the same rollouts.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from typing import Optional
 import torch
 
 from fire_kernels import TeacherStudentStats
-from fire_opd.algorithm.routing import route_rows
 from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import Parallelism
 from fire_opd.train import checkpoint
 from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig
-from fire_opd.train.data import Problem, prepare_problems, prompt_batch
+from fire_opd.train.data import Problem, ProblemSet, check_teacher_keys, prepare_problems, prompt_batch
 from fire_opd.train.evaluate import eval_metrics
 from fire_opd.train.health import health_metrics, rollout_health
 from fire_opd.train.models import prepare_models
@@ -65,8 +64,8 @@ class FireOPDTrainer:
         student=None,
         teachers: Optional[dict] = None,
         tokenizer=None,
-        train_problems: Optional[list[Problem]] = None,
-        eval_problems: Optional[list[Problem]] = None,
+        train_problems: Optional[ProblemSet] = None,
+        eval_problems: Optional[ProblemSet] = None,
     ):
         self.config = config
         if config.runtime.threads:
@@ -83,8 +82,10 @@ class FireOPDTrainer:
         changes = checkpoint.check_resume(resume_path, config) if resume_path is not None else []
         distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
         sampling = config.sampling
-        self.chunk_size = sampling.rollout_chunk_prompts or sampling.prompts_per_step
-        self.chunks = self.parallel.my_chunks(sampling.prompts_per_step // self.chunk_size)  # this process's
+        # this process's prompts of each step, and how many go into one generate call
+        self.my_prompts, self.prompts_per_call = self.parallel.my_prompts(
+            sampling.prompts_per_step, sampling.rollout_chunk_prompts
+        )
         self.student, self.teachers, self.tokenizer, self.vocab_size = prepare_models(
             config, self.device, student=student, teachers=teachers, tokenizer=tokenizer,
             vocab_group=self.parallel.vocab_group,
@@ -97,7 +98,7 @@ class FireOPDTrainer:
             next(iter(self.teachers)) if len(self.teachers) == 1 else None
         )
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
-        route_rows([p.teacher for p in self.train_problems], self.teachers, default=self.default_teacher)
+        check_teacher_keys(self.train_problems, self.teachers, self.default_teacher)
         self.parallel.wrap(
             self.student, self.teachers, mode=config.parallel.student, teacher_mode=config.parallel.teachers
         )
@@ -110,7 +111,7 @@ class FireOPDTrainer:
             self.updater.loss_fn,
         )
         self.state = TrainState()
-        self.run_log = RunLog(self.output_dir, tensorboard=config.logging.tensorboard)
+        self.run_log = RunLog(self.output_dir, report_to=config.logging.report_to, config=config.to_dict())
         self.stopped_by_signal: Optional[str] = None
         if resume_path is not None:
             self.load_checkpoint(resume_path)
@@ -166,6 +167,10 @@ class FireOPDTrainer:
                 saved = self._due(cfg.checkpoint.save_every, last)
                 if saved:
                     self.save_checkpoint(self.output_dir / ("final" if last else f"step-{state.step:06d}"))
+                if last and cfg.lora.merge_lora and self.is_main:  # a plain model folder beside final/
+                    checkpoint.save_merged(
+                        self.output_dir / checkpoint.MERGED_DIR, student=self.student, tokenizer=self.tokenizer
+                    )
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k in _BAR_KEYS})
                 if distributed.any_rank(bool(received)) and not last:
@@ -227,7 +232,7 @@ class FireOPDTrainer:
         return sample_step(
             self.student, self.tokenizer,
             prompt_batch(self.train_problems, self.step, cfg.prompts_per_step, self.config.seed),
-            chunks=self.chunks, chunk_size=self.chunk_size,
+            mine=self.my_prompts, per_call=self.prompts_per_call,
             samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.seed, step=self.step,
             synced_gpus=self.parallel.synced_generation,
@@ -278,9 +283,10 @@ class FireOPDTrainer:
         history, state = self.state.history, self.state
         evaluated = [row for row in history if "eval/accuracy" in row]
         tokens = sum(row.get("train/tokens", 0.0) for row in history)
-        final = self.output_dir / "final"
+        final, merged = self.output_dir / "final", self.output_dir / checkpoint.MERGED_DIR
         return {
             "final_model": str(final.resolve()) if final.is_dir() else None,
+            **({"merged_model": str(merged.resolve())} if self.config.lora.merge_lora and merged.is_dir() else {}),
             "steps": state.step,
             "of_steps": self.config.optim.steps,
             "seconds": state.seconds,

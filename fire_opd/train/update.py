@@ -69,7 +69,10 @@ class Updater:
         self.default_teacher, self.parallel = default_teacher, parallel
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
-            student.parameters(), lr=optim.lr, betas=optim.adam_betas, weight_decay=optim.weight_decay
+            [p for p in student.parameters() if p.requires_grad],  # a LoRA student: its adapters
+            lr=optim.lr,
+            betas=optim.adam_betas,
+            weight_decay=optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
         self.loss_fn = FireOPDLoss(
