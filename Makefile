@@ -39,6 +39,7 @@ test: $(STAMP) $(VERL_STAMP) lint docs
 	$(VERL_VENV)/bin/python -m pytest tests/test_integration_verl.py
 	$(PY) benchmarks/bench_kernels.py --quick
 	$(PY) benchmarks/bench_train.py --quick
+	$(PY) benchmarks/bench_memory.py --quick
 	$(PY) benchmarks/gpu_check.py --dry
 
 # ruff (lint and format) and mypy, configured in pyproject.toml (also run by pre-commit)
@@ -93,6 +94,8 @@ compile-report: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --lora-memory
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build dist site *.egg-info
