@@ -97,3 +97,20 @@ def test_checkpoints_written_with_the_flat_config_still_resume(tmp_path):
     state_file.write_text(json.dumps(state))
     resumed = trainer(TrainConfig.from_dict({**base, "checkpoint.resume_from": "latest"}))
     assert resumed.step == 2 and len(resumed.train()) == 3
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/training.md"])
+def test_the_documented_configs_are_valid(page):
+    """Every `# distill.yaml` block of the README and the training page loads as a TrainConfig
+    (a renamed or mistyped field in the docs fails here)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if b.startswith("# distill.yaml")]
+    assert blocks, f"{page} has no distill.yaml block"
+    for block in blocks:
+        config = TrainConfig.from_dict(yaml.safe_load(block))
+        assert config.models.student and config.models.teachers

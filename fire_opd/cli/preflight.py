@@ -116,7 +116,9 @@ def check_lora(config: TrainConfig, student_config) -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+        )
         raise UsageError(
             f"lora.target_modules: no module of the student is named {missing[0]!r}; its linear layers are "
             f"{', '.join(linear)}"
