@@ -47,6 +47,7 @@ from fire_kernels.backends.chunked import (
     full_row_divergence,
     head_jacobian,
     row_logsumexp,
+    scale_by_jacobian_,
 )
 from fire_kernels.token_stats import prepare_call
 from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_rows
@@ -203,7 +204,7 @@ def _log_prob_update(
             continue
         probs.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # dz = -g p
         probs[torch.arange(probs.shape[0], device=probs.device), safe_y] += g  # + g onehot(y)
-        probs.mul_(jacobian)  # dL/dr, r = h W^T + b
+        probs = scale_by_jacobian_(probs, jacobian)  # dL/dr, r = h W^T + b
         if grad_bias is not None:
             grad_bias += probs.sum(dim=0)
         torch.mm(probs, weight_acc, out=grad_hidden[rows])
@@ -442,7 +443,7 @@ def _divergence_update(
         dz = p.mul_(coef_p)  # dz = (p * coef + extra) / tau, formed in p's buffer
         if extra is not None:
             dz.add_(extra)
-        dz.mul_(jacobian)  # dL/dr, r = h W^T + b
+        dz = scale_by_jacobian_(dz, jacobian)  # dL/dr, r = h W^T + b
         if grad_bias is not None:
             grad_bias += dz.sum(dim=0)
         torch.mm(dz, student_w, out=grad_hidden[rows])

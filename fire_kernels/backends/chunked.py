@@ -76,7 +76,13 @@ def apply_head_(r: torch.Tensor, head: HeadSpec, bias: Optional[torch.Tensor], i
         r.add_(bias.to(r.dtype))
     if head.softcap:
         return r.mul_(head.scale / head.softcap).tanh_().mul_(head.softcap * inv_temperature)
-    return r.mul_(head.scale * inv_temperature)
+    factor = head.scale * inv_temperature
+    return r if factor == 1.0 else r.mul_(factor)  # a plain head at tau = 1: no pass over the tile
+
+
+def scale_by_jacobian_(dz: torch.Tensor, jacobian) -> torch.Tensor:
+    """dL/dr = dL/dz * dz/dr in place (`head_jacobian`'s tile or scalar; 1.0 costs no pass)."""
+    return dz if isinstance(jacobian, float) and jacobian == 1.0 else dz.mul_(jacobian)
 
 
 def head_jacobian(z: torch.Tensor, head: HeadSpec, inv_temperature: float):
@@ -290,7 +296,7 @@ def divergence_grad_terms(
     """
     g = grad_divergence[:, None]
     if divergence == DIV_REVERSE_KL:
-        return log_q.neg_().add_(log_p).sub_(div_aux[:, None]).mul_(g), None
+        return torch.sub(log_p, log_q, out=log_q).sub_(div_aux[:, None]).mul_(g), None
     if divergence == DIV_FORWARD_KL:
         return g, log_q.exp_().mul_(-g)
     coef = _jsd_log_mixture(log_p, log_q, jsd_beta).neg_().add_(log_p).sub_(div_aux[:, None])
@@ -442,7 +448,8 @@ def chunked_backward(
                 grad_divergence[rows] if use_teacher else None,
                 problem.divergence,
                 problem.jsd_beta,
-            ).mul_(jacobian)  # dL/dr, r = h W^T + b
+            )
+            dz = scale_by_jacobian_(dz, jacobian)  # dL/dr, r = h W^T + b
             if grad_bias is not None:
                 grad_bias[cols] += dz.sum(dim=0)
             if grad_hidden is not None:
