@@ -93,10 +93,15 @@ def lm_head_weight(model: nn.Module, name: str = "model") -> torch.Tensor:
     return lm_head(model, name).weight
 
 
+def is_peft(model: nn.Module) -> bool:
+    """Whether `model` is a peft model (a LoRA student), without importing peft."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 def decoder(model: nn.Module) -> nn.Module:
     """The backbone that returns final (normed) hidden states, without the LM head (inside a peft
     wrapper too: its adapters live in the backbone's layers)."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+    if is_peft(model):
         model = model.get_base_model()  # type: ignore[operator]  # peft's PeftModel
     base = getattr(model, "base_model", None)
     if base is None or base is model:

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from fire_opd.errors import UsageError
-from fire_opd.train.models import is_lora
+from fire_opd.ops.heads import is_peft
 
 logger = logging.getLogger("fire_opd")
 
@@ -60,7 +60,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    options: dict = {"save_embedding_layers": False} if is_lora(model) else {}  # a LoRA student: its adapters
+    options: dict = {"save_embedding_layers": False} if is_peft(model) else {}  # a LoRA student: its adapters
     if weights is not None:
         model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True, **options)
     else:
@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     weights = {}
     for shard in sorted(path.glob("*.safetensors")):
         weights.update(load_file(str(shard), device="cpu"))
-    if is_lora(model):  # adapters only, named as peft saves them
+    if is_peft(model):  # adapters only, named as peft saves them
         from peft import get_peft_model_state_dict
 
         names = set(get_peft_model_state_dict(model))
@@ -131,7 +131,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     from fire_opd.parallel.sharded_head import slice_state
 
     slice_state(model, weights, optimizer_state or {})  # this process's rows of whole lm_heads (vocab_parallel)
-    if is_lora(model):
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, weights)

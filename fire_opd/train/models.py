@@ -82,11 +82,6 @@ def prepare_models(
     return Models(student, teachers, tokenizer, vocab_size)
 
 
-def is_lora(model: nn.Module) -> bool:
-    """Whether `model` is a peft model (a LoRA student)."""
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def add_lora(student: nn.Module, lora, *, seed: int = 0) -> nn.Module:
     """The student as a peft model whose LoRA adapters (`lora`: a LoraConfig section) are its
     only trainable weights; the base weights are frozen and stay where they are. The adapters'

@@ -90,8 +90,17 @@ class SeededSampler:
     tokens whose probability reaches top_p), never a head's padding row (ids >= vocab_size). It
     returns scores whose argmax is the sampled token, so `generate` runs greedily over them."""
 
-    def __init__(self, row_seeds: Sequence[int], *, temperature: float, top_p: float, vocab_size: int, prompt_len: int):
-        self.row_seeds = torch.tensor(list(row_seeds), dtype=torch.int64)
+    def __init__(
+        self,
+        row_seeds: Sequence[int],
+        *,
+        temperature: float,
+        top_p: float,
+        vocab_size: int,
+        prompt_len: int,
+        device: torch.device | str = "cpu",
+    ):
+        self.row_seeds = torch.tensor(list(row_seeds), dtype=torch.int64, device=device)  # moved once, not per token
         self.temperature, self.top_p, self.vocab_size, self.prompt_len = temperature, top_p, vocab_size, prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -102,7 +111,7 @@ class SeededSampler:
             outside[:, -1] = False  # the most likely token always stays
             logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
         cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
-        u = uniforms(self.row_seeds.to(scores.device), input_ids.shape[1] - self.prompt_len)
+        u = uniforms(self.row_seeds, input_ids.shape[1] - self.prompt_len)
         token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=self.vocab_size - 1)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, token, 0.0)
@@ -148,8 +157,9 @@ def generate_rollouts(
         if len(row_seeds) != len(prompts):
             raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
         processor: SeededSampler | _NoPaddingRows = SeededSampler(
-            row_seeds, temperature=temperature, top_p=top_p, vocab_size=vocab_size, prompt_len=prompt_ids.shape[1]
-        )
+            row_seeds, temperature=temperature, top_p=top_p, vocab_size=vocab_size, prompt_len=prompt_ids.shape[1],
+            device=device,
+        )  # fmt: skip
     else:
         processor = _NoPaddingRows(vocab_size)
     was_training = model.training
