@@ -6,9 +6,11 @@
 
 Workloads (forward + backward, same seeded inputs for every method):
   logprob  the student's log-prob and entropy, both with gradient (TRL 1.16's
-           ChunkedLogProbFunction is the peer; on CUDA also Apple's cut-cross-entropy
-           `linear_cross_entropy` ("cce") and Liger's fused linear cross-entropy ("liger_ce"),
-           which give the log-prob alone). Floor: forward, recompute, two backward products (4).
+           ChunkedLogProbFunction is the peer; Liger 0.8's chunked selective log-prob, the
+           per-token log-prob of its PPO / GRPO losses, gives the log-prob alone ("liger"); on
+           CUDA also Apple's cut-cross-entropy `linear_cross_entropy` ("cce") and Liger's fused
+           linear cross-entropy ("liger_ce"), log-prob alone too). Floor: forward, recompute, two
+           backward products (4).
   kl       reverse KL(student || teacher) with gradient, and the student's entropy (TRL 1.16's
            ChunkedDivergenceFunction at beta = 1 and Liger's chunked JSD loss at beta = 1 are the
            peers). Floor: both models' forward and recompute, two backward products (6).
@@ -69,7 +71,7 @@ DEFAULT_PLAN = {
     "update": ["qwen3", "gemma2"],
 }
 METHODS = {
-    "logprob": ["floor", "reference", "trl", "chunked", "triton"],
+    "logprob": ["floor", "reference", "liger", "trl", "chunked", "triton"],
     "jsd_loss": ["floor", "reference", "liger", "trl", "chunked", "triton"],
     "kl": ["floor", "reference", "liger", "trl", "chunked", "triton"],
     "stats": ["floor", "reference", "reference_compiled", "chunked", "triton"],
@@ -182,6 +184,17 @@ def _method_fn(method: str, workload: str, x: dict, device):
             def run():  # Cut Cross-Entropy: the per-token -log p, no entropy
                 nll = linear_cross_entropy(s_h, s_w, y, reduction="none")
                 return torch.autograd.grad(-nll.sum(), (s_h, s_w))
+
+            return run
+        if method == "liger":
+            from liger_kernel.chunked_loss.fused_linear_ppo import (
+                _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE,
+                _ChunkedSelectiveLogProbFunction,
+            )
+
+            def run():  # Liger's chunked selective log-prob (its PPO / GRPO losses' call): no entropy
+                lp = _ChunkedSelectiveLogProbFunction.apply(s_h, s_w, y, None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
+                return torch.autograd.grad(lp.sum(), (s_h, s_w))
 
             return run
         if method == "liger_ce":

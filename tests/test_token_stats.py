@@ -188,3 +188,37 @@ def test_auto_backend_is_chunked_everywhere():
     assert resolve_backend("auto", torch.device("cpu")) == "chunked"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "chunked"
     assert tile_fold.enabled(torch.device("cuda", 0)) and not tile_fold.enabled(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("divergence, tiles", [(None, 3), ("reverse_kl", 3), ("forward_kl", 4), ("jsd", 3)])
+def test_chunked_working_set_is_a_few_tiles(monkeypatch, divergence, tiles):
+    """The chunked call (forward + backward) holds `tiles` [token_chunk, vocab_chunk] tiles and O(N)
+    row state, whatever N and V: 3 (z, e = exp(z - m), a scratch tile), a fourth for forward KL,
+    whose cross term needs z after the teacher's update; JSD's second sweep and gradient fit the
+    same memory in half-height tiles. Counted from the profiler's allocation events, as
+    benchmarks/bench_memory.py counts the working set the docs quote."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from _memory import tensor_peak_bytes
+
+    from fire_kernels.backends import chunked
+
+    monkeypatch.setattr(chunked, "DEFAULT_TOKEN_CHUNK", 64)
+    monkeypatch.setattr(chunked, "DEFAULT_VOCAB_CHUNK", 256)
+    tile_bytes = 64 * 256 * 4
+    n = 512
+    s_h, s_w, t_h, t_w, y = make_problem(n, 2048, 32, 48, torch.float32, seed=5)
+    s_h.requires_grad_()
+    s_w.requires_grad_()
+
+    def call():
+        out = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence=divergence, backend="chunked")
+        loss = out.student_log_prob.sum() + out.student_entropy.sum()
+        return torch.autograd.grad(loss + out.divergence.sum() if divergence else loss, (s_h, s_w))
+
+    call()
+    _, working_set = tensor_peak_bytes(call)
+    row_state = 24 * n * 4  # per-row statistics and upstream gradients: about 24 fp32 vectors of N
+    assert (tiles - 1) * tile_bytes < working_set <= tiles * tile_bytes + row_state, working_set / tile_bytes
