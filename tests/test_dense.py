@@ -221,7 +221,7 @@ def test_opd_dense_jsd_equals_trl_distillation_trainer_loss(jsd_beta):
     torch.testing.assert_close(s_w1.grad, s_w2.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("divergence", [None, "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", [None, "reverse_kl", "forward_kl", "jsd"])
 def test_fused_update_holds_no_more_than_the_statistics_tiles(small_chunks, monkeypatch, divergence):
     """On the CPU a fused update takes whole vocabulary rows only when every row of the call fits
     in the statistics' working set; a larger call streams the statistics' tiles. Both match the
@@ -235,7 +235,7 @@ def test_fused_update_holds_no_more_than_the_statistics_tiles(small_chunks, monk
     torch.manual_seed(0)
     vocab, d = 13, 6
     weight, teacher_weight = torch.randn(vocab, d, dtype=torch.float64), torch.randn(vocab, d, dtype=torch.float64)
-    tiles = 4 if divergence else 3
+    tiles = 4 if divergence == "forward_kl" else 3  # the statistics' working set (TileBuffers)
     limit = tiles * chunked.DEFAULT_TOKEN_CHUNK * chunked.DEFAULT_VOCAB_CHUNK // ((5 if divergence else 2) * vocab)
     for n, streams in ((limit, False), (limit + 1, True), (9 * limit + 3, True)):
         hidden = torch.randn(n, d, dtype=torch.float64)
