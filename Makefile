@@ -9,6 +9,8 @@ VENV       ?= .venv
 # its own, so the main suite keeps the newest transformers TRL 1.16 supports
 VERL_VENV  ?= .venv-verl
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers for `make test` (tests/conftest.py gives each its share of the cores' threads)
+TEST_WORKERS ?= auto
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fire-opd-installed
 VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
@@ -35,7 +37,7 @@ demo: $(STAMP)
 # TRITON_INTERPRET=1 before triton is imported) and compiles every kernel for sm_80/sm_90.
 # The verl integration's tests run in $(VERL_VENV) (verl's own code, never skipped).
 test: $(STAMP) $(VERL_STAMP) lint docs
-	$(PY) -m pytest tests --ignore=tests/test_integration_verl.py
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --ignore=tests/test_integration_verl.py
 	$(VERL_VENV)/bin/python -m pytest tests/test_integration_verl.py
 	$(PY) benchmarks/bench_kernels.py --quick
 	$(PY) benchmarks/bench_train.py --quick

@@ -32,7 +32,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile("fire")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each takes its share
+# of threads, and OMP_NUM_THREADS passes that share to the processes a test launches (torchrun sets
+# it to 1 per process on its own).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
     raise SystemExit("FIRE_OPD_TEST_DEVICE=cuda but torch sees no CUDA device")
 
@@ -56,6 +63,13 @@ def pytest_collection_modifyitems(config, items):
         config._fire_not_applicable = len(not_applicable)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist: the workers collect (and deselect); the controller prints the summary line."""
+    count = getattr(node, "workeroutput", {}).get("fire_not_applicable", 0)
+    node.config._fire_not_applicable = max(getattr(node.config, "_fire_not_applicable", 0), count)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     count = getattr(config, "_fire_not_applicable", 0)
     if count:
@@ -73,6 +87,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def pytest_sessionfinish(session, exitstatus):
     """Any skipped test fails the session (`make test`), unless FIRE_OPD_ALLOW_SKIPS=1."""
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: hand the count to the controller
+        session.config.workeroutput["fire_not_applicable"] = getattr(session.config, "_fire_not_applicable", 0)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
     if skipped and not ALLOW_SKIPS and session.exitstatus == pytest.ExitCode.OK:
