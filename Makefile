@@ -15,7 +15,10 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.fire-opd-installed
 VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
 
-.PHONY: demo test lint docs test-fast compile-report bench bench-quick study gpu-check gpu-wheels clean
+# `make test`'s smoke runs of the benchmark scripts (bench-quick, below)
+QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory gpu-check-dry
+
+.PHONY: demo test lint docs compile-report bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +42,18 @@ demo: $(STAMP)
 test: $(STAMP) $(VERL_STAMP) lint docs
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --ignore=tests/test_integration_verl.py
 	$(VERL_VENV)/bin/python -m pytest tests/test_integration_verl.py
+	$(MAKE) --no-print-directory bench-quick
+
+# The benchmark scripts on tiny shapes and the GPU check's dry run, so that none can rot; under
+# `make -j` (CI) two run at a time
+bench-quick: $(QUICK_BENCHES)
+bench-quick-kernels: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py --quick
+bench-quick-train: $(STAMP)
 	$(PY) benchmarks/bench_train.py --quick
+bench-quick-memory: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --quick
+gpu-check-dry: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --dry
 
 # ruff (lint and format) and mypy, configured in pyproject.toml (also run by pre-commit)
