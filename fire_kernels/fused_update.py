@@ -40,7 +40,6 @@ from typing import Callable, NamedTuple, Optional, TypeVar
 import torch
 from torch.distributed import ProcessGroup
 
-from fire_kernels._validation import DIV_FORWARD_KL
 from fire_kernels.backends import chunked, tile_fold, triton_token_stats
 from fire_kernels.backends.chunked import (
     apply_head_,
@@ -57,12 +56,12 @@ from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _whole_row_limit(vocab: int, buffers: int, tiles: int) -> int:
-    """The most rows whose `buffers` [rows, V] fp32 temporaries fit in `tiles` of the chunked
-    statistics' [token_chunk, vocab_chunk] tiles (their working set: 3 tiles, 4 for forward KL;
-    see `chunked.TileBuffers`). Read at call time, as the tile shape is."""
+def _whole_row_limit(vocab: int, buffers: int, divergence: int) -> int:
+    """The most rows whose `buffers` [rows, V] fp32 temporaries fit in the chunked statistics'
+    working set for `divergence` (`chunked.working_set_tiles` [token_chunk, vocab_chunk] tiles).
+    Read at call time, as the tile shape is."""
     tile = chunked.DEFAULT_TOKEN_CHUNK * chunked.DEFAULT_VOCAB_CHUNK
-    return max(1, tiles * tile // max(buffers * vocab, 1))
+    return max(1, chunked.working_set_tiles(divergence) * tile // max(buffers * vocab, 1))
 
 
 class LogprobUpdate(NamedTuple):
@@ -142,7 +141,7 @@ def _log_prob_update(
     )
     bias = bias.detach() if bias is not None else None
     # the whole-row path's buffers: the logits / p / dz tile and logsumexp's temporary (+ the soft-cap Jacobian)
-    rows_per_chunk = _whole_row_limit(problem.vocab_size, 3 if problem.student_head.softcap else 2, tiles=3)
+    rows_per_chunk = _whole_row_limit(problem.vocab_size, 3 if problem.student_head.softcap else 2, problem.divergence)
     two_pass = _two_pass(backend, hidden.device, shards, whole_rows=problem.num_tokens <= rows_per_chunk)
     if two_pass is not None:
         forward, backward = two_pass
@@ -368,9 +367,7 @@ def _divergence_update(
     teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     kind, beta = problem.divergence, problem.jsd_beta
     # the whole-row path's buffers: log p (in z), log q (in u), p, and two temporaries (+ the soft-cap Jacobian)
-    rows_per_chunk = _whole_row_limit(
-        problem.vocab_size, 6 if problem.student_head.softcap else 5, tiles=4 if kind == DIV_FORWARD_KL else 3
-    )
+    rows_per_chunk = _whole_row_limit(problem.vocab_size, 6 if problem.student_head.softcap else 5, kind)
     two_pass = _two_pass(backend, student_hidden.device, shards, whole_rows=problem.num_tokens <= rows_per_chunk)
     if two_pass is not None:
         forward, backward = two_pass

@@ -74,6 +74,14 @@ class TileBuffers:
         return self._flat[index * size : (index + 1) * size].view(rows, cols)
 
 
+def working_set_tiles(divergence: int) -> int:
+    """How many [token_chunk, vocab_chunk] tiles `chunked_forward` holds: z, e = exp(z - m) and a
+    scratch tile (z - m, then u; the teacher's u - m_u goes to z's spent tile), and a fourth for
+    forward KL, whose cross term needs z after the teacher's update. The backward and JSD's
+    second sweep fit in as many."""
+    return 4 if divergence == DIV_FORWARD_KL else 3
+
+
 def _logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -215,17 +223,11 @@ def chunked_forward(
     m_s, s_s, a_s, zy = new_state()
     m_t, s_t, a_t, uy = new_state() if teacher else (None,) * 4
     cross = torch.zeros(n, dtype=acc, device=dev) if kind in (DIV_REVERSE_KL, DIV_FORWARD_KL) else None
-    # The working set, reused by every tile so that it grows with neither N nor V: three tiles,
-    # z, e = exp(z - m) and a scratch tile that holds z - m, then u; the teacher's z - m goes to
-    # z's tile once z is spent, except for forward KL, whose cross term needs z after it (a fourth).
+    # The working set (`working_set_tiles`), reused by every tile so that it grows with neither N nor V.
     tile_rows, tile_cols = min(token_chunk, n), min(vocab_chunk, vocab)
     jsd_rows = max(1, token_chunk // 2)  # JSD's second sweep: 4 half-height tiles (below)
-    tiles = TileBuffers(
-        max((4 if kind == DIV_FORWARD_KL else 3) * tile_rows, 4 * min(jsd_rows, n) if kind == DIV_JSD else 0)
-        * tile_cols,
-        acc,
-        dev,
-    )
+    jsd_numel = 4 * min(jsd_rows, n) * tile_cols if kind == DIV_JSD else 0
+    tiles = TileBuffers(max(working_set_tiles(kind) * tile_rows * tile_cols, jsd_numel), acc, dev)
     Z, SCRATCH, E, TEACHER_SCRATCH = 0, 1, 2, 3 if kind == DIV_FORWARD_KL else 0
 
     for n0 in range(0, n, token_chunk):
