@@ -6,7 +6,9 @@ Models: the demo's shipped tiny teacher and student (V = 18), a random Llama-sty
 with a Qwen-sized vocabulary (V = 151,936) where the lm_head dominates, and a random ~100M-parameter
 Llama student and teacher built from a config (`llama-100m`: 12 layers, d = 640, V = 32,000), run
 on the fused path with and without the student's gradient checkpointing, and as a LoRA student
-(`--lora-memory`: full fine-tuning against LoRA r = 16 on all linear layers). Paths:
+(`--lora-memory`: full fine-tuning against LoRA r = 16 on all linear layers), and in three
+precisions (`--precision`: float32, bf16 updated in place, bf16 with float32 master weights,
+with the share of the trained weights that moved). Paths:
   fused       backend chunked (auto on CPU), fused student update (fire-opd's default)
   reference   backend reference: materialized [tokens, V] logits and autograd
 Each (model, path) runs in a fresh process: median step time over --steps after one warm-up
@@ -137,6 +139,8 @@ def worker(args) -> dict:
             "loss.objective": objective,
             "models.gradient_checkpointing": args.checkpointing,
             "lora.r": args.lora,
+            "models.dtype": args.dtype,
+            "optim.master_weights": not args.in_place,
         }
     )
     trainer = FireOPDTrainer(
@@ -148,6 +152,7 @@ def worker(args) -> dict:
     if not cuda:
         reset_peak_rss()  # the peak excludes model loading
     base = torch.cuda.memory_allocated() if cuda else status_bytes("VmRSS")
+    start = {name: p.detach().float() for name, p in trainer.student.named_parameters() if p.requires_grad}
     steps, parts, tokens = [], [], []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
@@ -171,6 +176,12 @@ def worker(args) -> dict:
 
         tensor_peak, _ = tensor_peak_bytes(one_step)  # one more step under the profiler (not timed)
     trainer.close()
+    moved = total = 0
+    for name, p in trainer.student.named_parameters():  # the trained weights: a bf16 student's float32 masters
+        if name in start:
+            weights = trainer.optimizer.state.get(p, {}).get("master", p).detach().float()
+            moved += int((weights != start[name]).sum())
+            total += p.numel()
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     trainable = [p for p in trainer.student.parameters() if p.requires_grad]
     return {
@@ -186,6 +197,9 @@ def worker(args) -> dict:
         "rss_peak_above_models_bytes": rss_peak,
         "vocab": trainer.student.config.vocab_size,
         "student_parameters": sum(p.numel() for p in trainer.student.parameters()),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in trainer.student.parameters()),
+        "moved_share": moved / max(total, 1),
+        "steps_taken": trainer.step,
     }
 
 
@@ -233,6 +247,28 @@ def render_lora_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_precision_table(rows: list[dict]) -> str:
+    lines = [
+        "| student weights | weights (MiB) | AdamW state incl. masters (MiB) | gradients (MiB) | step peak above "
+        "models (MiB) | weights + state + step peak (MiB) | step (s) | trained weights moved |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        what = {"float32": "float32", "bfloat16": "bf16 in place" if r["in_place"] else "bf16 + float32 masters"}[
+            r["dtype"]
+        ]
+        if "error" in r:
+            lines.append(f"| {what} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        weights, state, peak = r["weight_bytes"], r["optimizer_state_bytes"], r["peak_above_models_bytes"]
+        lines.append(
+            f"| {what} | {weights / 2**20:.0f} | {state / 2**20:.0f} | {r['gradient_bytes'] / 2**20:.0f} | "
+            f"{peak / 2**20:.0f} | {(weights + state + peak) / 2**20:.0f} | {r['step_s']:.2f} | "
+            f"{100 * r['moved_share']:.1f} % after {r['steps_taken']} steps |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
@@ -245,6 +281,13 @@ def main(argv=None) -> int:
     parser.add_argument("--objective", default="sampled", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--in-place", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="only llama-100m at lr 1e-5: float32, bf16 in place, bf16 with float32 master weights",
+    )
     parser.add_argument(
         "--lora-memory", action="store_true", help="only llama-100m: full fine-tuning against a LoRA (r = 16) student"
     )
@@ -261,39 +304,61 @@ def main(argv=None) -> int:
         for o in args.objectives
         for p in ("fused", "reference")
     ]
-    runs = [(*run, 0) for run in runs]
+    runs = [(*run, 0, "float32", False) for run in runs]
     if not args.quick:  # a real-sized student: memory of one step with and without gradient checkpointing
-        runs += [("llama-100m", "full_vocab", "fused", checkpointing, 0) for checkpointing in (False, True)]
+        runs += [
+            ("llama-100m", "full_vocab", "fused", checkpointing, 0, "float32", False) for checkpointing in (False, True)
+        ]
     if args.lora_memory:  # what a LoRA student saves against full fine-tuning, on the 100M model
-        runs = [("llama-100m", "full_vocab", "fused", False, rank) for rank in (0, 16)]
-    for model, objective, path, checkpointing, lora in runs:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "--model",
-            model,
-            "--path",
-            path,
-            "--steps",
-            str(steps),
-            "--device",
-            args.device,
-            "--objective",
-            objective,
-            "--lora",
-            str(lora),
-        ] + (["--checkpointing"] if checkpointing else [])
+        runs = [("llama-100m", "full_vocab", "fused", False, rank, "float32", False) for rank in (0, 16)]
+    if args.precision:  # what float32 master weights cost against bf16 in place and float32
+        runs = [
+            ("llama-100m", "full_vocab", "fused", False, 0, dtype, in_place)
+            for dtype, in_place in (("float32", False), ("bfloat16", True), ("bfloat16", False))
+        ]
+    for model, objective, path, checkpointing, lora, dtype, in_place in runs:
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--model",
+                model,
+                "--path",
+                path,
+                "--steps",
+                str(steps),
+                "--device",
+                args.device,
+                "--objective",
+                objective,
+                "--lora",
+                str(lora),
+                "--dtype",
+                dtype,
+            ]
+            + (["--checkpointing"] if checkpointing else [])
+            + (["--in-place"] if in_place else [])
+        )
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         )
-        row = {"model": model, "objective": objective, "path": path, "checkpointing": checkpointing, "lora": lora}
+        row = {
+            "model": model, "objective": objective, "path": path, "checkpointing": checkpointing, "lora": lora,
+            "dtype": dtype, "in_place": in_place,
+        }  # fmt: skip
         if proc.returncode:
             rows.append({**row, "error": proc.stderr.strip().splitlines()[-1][:200]})
         else:
             rows.append({**row, **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
-    table = render_lora_table(rows) if args.lora_memory else render_table(rows)
+    table = (
+        render_precision_table(rows)
+        if args.precision
+        else render_lora_table(rows)
+        if args.lora_memory
+        else render_table(rows)
+    )
     print(table)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
@@ -301,7 +366,9 @@ def main(argv=None) -> int:
         from _results import device_label, write_results
 
         name, title = (
-            ("lora-memory", "LoRA against full fine-tuning")
+            ("precision", "bf16 students: float32 master weights against bf16 in place and float32")
+            if args.precision
+            else ("lora-memory", "LoRA against full fine-tuning")
             if args.lora_memory
             else ("train", "Trainer step benchmark")
         )

@@ -45,10 +45,29 @@ OTHER_SHARD = -1  # local id of a target that another rank's shard holds
 LOCAL_IGNORE = -2  # local ignore_index: cannot collide with a shard-local id (>= 0) or OTHER_SHARD
 
 
+def collective_device(group=None, like: Optional[torch.device] = None) -> torch.device:
+    """The device whose tensors `group`'s backend reduces: `like` when the backend serves its
+    device type, else the CPU when it has a CPU backend (gloo, or a 'cpu:gloo,cuda:nccl' group),
+    else the current accelerator. NCCL has no CPU collectives ("No backend type associated with
+    device type cpu"), and gloo reduces CUDA tensors only for some operations: every collective
+    of small host-side values (counts, sizes, metrics) goes through here instead of assuming
+    the CPU."""
+    config = dist.distributed_c10d.BackendConfig(dist.Backend(str(dist.get_backend_config(group))))
+    served = {kind for kind, name in config.get_device_backend_map().items() if name != "gloo" or kind == "cpu"}
+    if like is not None and like.type in served:
+        return like
+    if "cpu" in served:
+        return torch.device("cpu")
+    kind = next(iter(sorted(served)))
+    module = getattr(torch, kind)
+    return torch.device(kind, module.current_device())
+
+
 def gathered_sizes(n: int, group) -> list[int]:
     """Every rank's `n`, in rank order (one all-gather)."""
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64), group=group)
+    device = collective_device(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device), group=group)
     return [int(s) for s in sizes]
 
 
@@ -59,10 +78,11 @@ def shard_offset(local_vocab: int, group) -> tuple[int, int]:
 
 
 def all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
-    """`dist.all_reduce` of x (in place where it can be), returned."""
-    # gloo all-reduces CPU tensors only, NCCL CUDA ones: move only where needed
-    if dist.get_backend(group) == "gloo" and x.device.type != "cpu":
-        y = x.cpu()
+    """`dist.all_reduce` of x (in place where it can be), returned; x travels through a device
+    the group's backend serves when its own is not one (a CUDA tensor over gloo)."""
+    device = collective_device(group, like=x.device)
+    if device != x.device:
+        y = x.to(device)
         dist.all_reduce(y, op=op, group=group)
         return y.to(x.device)
     dist.all_reduce(x, op=op, group=group)

@@ -2,7 +2,7 @@
 dealt to ranks, the update under DistributedDataParallel, and rank-0 logging (docs: Many
 processes).
 
-    torchrun --nproc_per_node K -m fire_opd train ...   (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node K -m fire_opd train ...   (gloo on CPU; on CUDA nccl, with gloo for CPU tensors)
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process.
 
@@ -36,9 +36,17 @@ def count(*tensors: torch.Tensor) -> None:
     COMM_BYTES[0] += sum(t.numel() * t.element_size() for t in tensors)
 
 
+# The default process group's backend per device type. On CUDA tensors go through NCCL and CPU
+# tensors through gloo: NCCL has no CPU collectives, and code that gathers a count or a metric on the
+# CPU must not stop a multi-GPU run (`fire_kernels.vocab_parallel.collective_device` picks the device
+# for groups made elsewhere, e.g. a pure NCCL group of accelerate's).
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device): initialize the default process group when launched by
-    torchrun (WORLD_SIZE > 1); on CUDA each rank takes cuda:LOCAL_RANK."""
+    torchrun (WORLD_SIZE > 1), with `BACKENDS[device.type]`; on CUDA each rank takes
+    cuda:LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device
@@ -46,7 +54,7 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=BACKENDS.get(device.type, "gloo"))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -238,21 +246,17 @@ def all_gather_rows(x: torch.Tensor, group=None, counts: Optional[list[int]] = N
     """Every process's rows of x ([n_r, ...], n_r may differ between processes) concatenated in
     rank order: one all-gather padded to the longest, after one of the row counts unless `counts`
     gives them."""
-    from fire_kernels.vocab_parallel import gathered_sizes
+    from fire_kernels.vocab_parallel import collective_device, gathered_sizes
 
     if counts is None:
         counts = gathered_sizes(x.shape[0], group)
         count(torch.zeros(len(counts), dtype=torch.int64))
-    padded = pad_rows(x.contiguous(), max(counts))
+    device = collective_device(group, like=x.device)  # a CUDA tensor over gloo travels through the CPU
+    padded = pad_rows(x.contiguous(), max(counts)).to(device)
     parts = [padded.new_empty(padded.shape) for _ in counts]
     count(*parts)  # an all-gather's payload is its output
-    if dist.get_backend(group) == "gloo" and x.device.type != "cpu":  # gloo gathers CPU tensors only
-        cpu_parts = [p.cpu() for p in parts]
-        dist.all_gather(cpu_parts, padded.cpu(), group=group)
-        parts = [p.to(x.device) for p in cpu_parts]
-    else:
-        dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
 
 
 def count_gradients(parameters: Iterable[torch.nn.Parameter], skip: Iterable[torch.nn.Parameter] = ()) -> None:
@@ -261,11 +265,18 @@ def count_gradients(parameters: Iterable[torch.nn.Parameter], skip: Iterable[tor
     count(*[p.grad for p in parameters if p.grad is not None and id(p) not in skipped])
 
 
+def _host_values_device() -> torch.device:
+    """Where the default group reduces counts and metrics (the CPU under `BACKENDS`)."""
+    from fire_kernels.vocab_parallel import collective_device
+
+    return collective_device()
+
+
 def max_over_ranks_each(values: list[int]) -> list[int]:
     """Element-wise maximum over ranks of a list of counts (one collective)."""
     if not active():
         return values
-    t = torch.tensor(values, dtype=torch.int64)
+    t = torch.tensor(values, dtype=torch.int64, device=_host_values_device())
     count(t)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [int(v) for v in t.tolist()]
@@ -277,7 +288,7 @@ def mean_over_ranks(metrics: dict[str, float], *, summed: Iterable[str] = ()) ->
     if not active():
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_host_values_device())
     count(values)
     dist.all_reduce(values)
     world = dist.get_world_size()
@@ -289,7 +300,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (e.g. a stop signal seen by one process)."""
     if not active():
         return flag
-    value = torch.tensor([1 if flag else 0])
+    value = torch.tensor([1 if flag else 0], device=_host_values_device())
     count(value)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())

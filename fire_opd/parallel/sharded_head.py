@@ -251,8 +251,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     sharded = sum((g.double().pow(2).sum() for g, sharded in grads if sharded), torch.zeros((), dtype=torch.float64))
     group = next(iter(sharded_heads(model).values())).group
     distributed.count(sharded)
-    dist.all_reduce(sharded, group=group)
-    total = float((replicated + sharded).sqrt())
+    sharded = all_reduce(sharded, dist.ReduceOp.SUM, group)  # on a device the group serves
+    total = float((replicated.cpu() + sharded.cpu()).sqrt())
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1.0:
         for g, _ in grads:

@@ -211,6 +211,9 @@ class OptimConfig:
     micro_batch_size: int = 32  # rollouts per forward/backward
     max_skipped_steps: int = 10  # a step whose loss or gradient norm is not finite changes no weight or optimizer
     #                              state and is counted (train/skipped_steps); this many in a row stop the run
+    master_weights: bool = True  # a bf16 / fp16 student trains through float32 master weights kept by the
+    #                              optimizer (fire_opd/train/optim.py); false updates the low-precision weights in
+    #                              place, which loses every update smaller than a weight's rounding step
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):

@@ -32,6 +32,7 @@ from fire_opd.parallel.parallelism import MicroBatch, Parallelism
 from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig
 from fire_opd.train.health import filter_diagnostics
+from fire_opd.train.optim import build_optimizer
 from fire_opd.train.rollouts import Rollouts
 from fire_opd.train.scoring import autocast
 
@@ -68,12 +69,7 @@ class Updater:
         self.config, self.student, self.teachers = config, student, teachers
         self.default_teacher, self.parallel = default_teacher, parallel
         optim = config.optim
-        self.optimizer = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad],  # a LoRA student: its adapters
-            lr=optim.lr,
-            betas=optim.adam_betas,
-            weight_decay=optim.weight_decay,
-        )
+        self.optimizer = build_optimizer(student, optim, master_weights=optim.master_weights)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
         self.loss_fn = FireOPDLoss(
             clip_ratio=config.loss.clip_ratio,

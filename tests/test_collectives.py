@@ -1,0 +1,104 @@
+"""Collectives on the devices the process group serves: NCCL has no CPU collectives.
+
+Every distributed test here runs gloo on the CPU, which reduces CPU tensors; a multi-GPU run's
+NCCL group reduces CUDA tensors only ("No backend type associated with device type cpu"). These
+tests pin what a CUDA run would meet without one: the group `setup` makes on CUDA, and the
+device every collective of host-side values (counts, sizes, metrics) picks for a given group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fire_kernels import vocab_parallel
+from fire_opd.parallel import distributed
+
+
+def _served(backend: str) -> dict:
+    return dist.distributed_c10d.BackendConfig(backend).get_device_backend_map()
+
+
+def test_a_cuda_run_makes_a_group_that_reduces_cpu_and_cuda_tensors(monkeypatch):
+    """torchrun on GPUs: the default group takes NCCL for CUDA tensors and gloo for CPU ones,
+    so a metric or a count all-reduced on the CPU does not stop the run at the first step."""
+    made = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: made.setdefault("device", device))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: made.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    rank, world, device = distributed.setup(torch.device("cuda"))
+    assert (rank, world, device) == (1, 2, torch.device("cuda", 1)) and made["device"] == torch.device("cuda", 1)
+    assert _served(made["backend"]) == {"cpu": "gloo", "cuda": "nccl"}
+
+
+@pytest.mark.parametrize(
+    "config,like,expected",
+    [
+        ("cuda:nccl", None, "cuda:0"),  # a pure NCCL group (accelerate's): counts go to the GPU
+        ("cuda:nccl", "cpu", "cuda:0"),
+        ("cuda:nccl", "cuda:1", "cuda:1"),
+        ("cpu:gloo,cuda:nccl", None, "cpu"),  # ours on CUDA
+        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),  # a CUDA tensor stays where it is, through NCCL
+        ("cpu:gloo,cuda:gloo", "cuda:0", "cpu"),  # gloo: CUDA tensors travel through the CPU
+        ("cpu:gloo,cuda:gloo", None, "cpu"),
+    ],
+)
+def test_collective_device_follows_the_groups_backends(monkeypatch, config, like, expected):
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: config)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    device = vocab_parallel.collective_device(None, like=torch.device(like) if like else None)
+    assert device == torch.device(expected)
+
+
+class _NcclLike:
+    """Stands in for a pure NCCL group: refuses CPU tensors as NCCL does, records the devices."""
+
+    def __init__(self):
+        self.devices: list[str] = []
+
+    def check(self, *tensors):
+        for t in tensors:
+            self.devices.append(t.device.type)
+            if t.device.type == "cpu":
+                raise RuntimeError("No backend type associated with device type cpu")
+
+    def all_reduce(self, tensor, op=None, group=None):
+        self.check(tensor)
+
+    def all_gather(self, parts, tensor, group=None):
+        self.check(tensor, *parts)
+        for p in parts:
+            p.copy_(tensor)
+
+
+def test_host_value_collectives_go_where_the_group_reduces(monkeypatch):
+    """mean_over_ranks, any_rank, max_over_ranks_each, gathered_sizes and all_gather_rows put
+    their tensors on `collective_device`: on a group that refuses CPU tensors (faked here, the
+    "accelerator" being the CPU under another name) none reaches it on the CPU."""
+    fake = _NcclLike()
+    monkeypatch.setattr(dist, "all_reduce", fake.all_reduce)
+    monkeypatch.setattr(dist, "all_gather", fake.all_gather)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    # the device the group serves: the meta device has no data, so the values are read back
+    # through a CPU copy that the fake hands over
+    served = torch.device("meta")
+    monkeypatch.setattr(vocab_parallel, "collective_device", lambda group=None, like=None: served)
+    with pytest.raises((NotImplementedError, RuntimeError)) as meta_read:
+        distributed.mean_over_ranks({"a": 1.0})
+    assert "No backend type" not in str(meta_read.value)  # it reached the collective on the served device
+    for call in (
+        lambda: distributed.any_rank(True),
+        lambda: distributed.max_over_ranks_each([3, 4]),
+        lambda: vocab_parallel.gathered_sizes(5, None),
+        lambda: distributed.all_gather_rows(torch.ones(2, 3), None, counts=[2, 2]),
+    ):
+        with pytest.raises((NotImplementedError, RuntimeError)) as raised:
+            call()
+        assert "No backend type" not in str(raised.value)
+    assert fake.devices and set(fake.devices) == {"meta"}
