@@ -248,3 +248,57 @@ def test_the_documented_example_runs_from_any_directory(tmp_path):
     out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "runs" / "trl-fire").is_dir()
+
+
+def _padded(model, rows: int):
+    """The model with its embedding and lm_head padded to `rows` (Qwen-style), the padded head
+    rows copies of the most likely token's row, scaled up: unsuppressed, they would be sampled."""
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[vocab:] = head[:vocab].mean(0, keepdim=True) * 0 + head[3] * 4
+    return model
+
+
+def test_padded_heads_train_and_never_sample_a_padded_id(tmp_path):
+    """Heads padded past the tokenizer (24 rows, 18 tokens): TRL's generation never samples a
+    padded id, the loss runs over the tokenizer's vocabulary, and two steps train."""
+    tokenizer = load_tokenizer(ASSETS / "tokenizer")
+    dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
+    args = FireOPDConfig(output_dir=str(tmp_path / "out"), max_steps=2, **COMMON)
+    trainer = FireOPDDistillationTrainer(
+        model=_padded(load_causal_lm(ASSETS / "student_init"), 24),
+        teacher_model=_padded(load_causal_lm(ASSETS / "teacher_arith"), 24),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert trainer.fire_vocab_size == len(tokenizer) == 18
+    sampled = []
+    real = FireOPDDistillationTrainer._fire_statistics
+
+    def spy(self, batch):
+        sampled.append(batch["completion_ids"][batch["completion_mask"].bool()])
+        return real(self, batch)
+
+    trainer._fire_statistics = spy.__get__(trainer)
+    trainer.train()
+    assert sampled and all(int(ids.max()) < 18 for ids in sampled if ids.numel())
+    logged = [row["fire/padded_id_tokens"] for row in trainer.state.log_history if "fire/padded_id_tokens" in row]
+    assert logged and all(v == 0.0 for v in logged)
+
+
+def test_a_completion_is_cut_before_a_padded_id(tmp_path):
+    """A generator that ignores suppress_tokens (vLLM): the padded id and what follows leave the
+    loss and become padding."""
+    trainer = _trainer(tmp_path)
+    trainer.fire_vocab_size = 15  # as if rows 15..17 were padding
+    batch = _batch(trainer, seed=3)
+    batch["completion_ids"][1, :3] = torch.tensor([4, 16, 5])  # row 1 keeps 3 tokens: the 2nd is padded
+    batch["completion_ids"][2, :] = torch.clamp(batch["completion_ids"][2, :], max=14)
+    batch["completion_mask"][2, :] = 1
+    trainer._cut_at_padded_ids(batch)
+    assert batch["completion_mask"][1].tolist()[:3] == [1, 0, 0]
+    assert int(batch["completion_ids"][batch["completion_mask"].bool()].max()) < 15
+    assert batch["completion_mask"][2].sum() == 7

@@ -126,6 +126,18 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             jsd_beta=self.beta,
             vocab_size=self.fire_vocab_size,
         )
+        if self.fire_vocab_size is not None:
+            self._suppress_padded_rows()
+
+    def _suppress_padded_rows(self) -> None:
+        """Heads padded past the tokenizer (Qwen's): transformers' generate never samples a padded
+        row, as fire-opd's own sampler never does (those ids are no tokens, and the statistics run
+        over the tokenizer's vocabulary only)."""
+        rows = lm_head(_base(self.accelerator.unwrap_model(self.model))).weight.shape[0]
+        padded = list(range(cast(int, self.fire_vocab_size), rows))
+        suppressed = list(self.generation_kwargs.get("suppress_tokens") or [])
+        self.generation_kwargs["suppress_tokens"] = suppressed + [i for i in padded if i not in suppressed]
+        self.generation_config.suppress_tokens = self.generation_kwargs["suppress_tokens"]
 
     @property
     def fire_args(self) -> FireOPDConfig:
@@ -136,8 +148,23 @@ class FireOPDDistillationTrainer(DistillationTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super()._generate_and_score_completions(inputs)
+        if self.fire_vocab_size is not None:
+            self._cut_at_padded_ids(batch)
         batch.update(self._fire_statistics(batch))
         return batch
+
+    def _cut_at_padded_ids(self, batch: dict[str, Any]) -> None:
+        """A completion that holds a padded id (a generator that does not take `suppress_tokens`,
+        such as vLLM) ends before it: that token and the ones after it leave the loss and become
+        padding, so no padded id reaches a softmax over the tokenizer's vocabulary. Counted as
+        fire/padded_id_tokens."""
+        ids = batch["completion_ids"]
+        after = (ids >= cast(int, self.fire_vocab_size)).long().cumsum(1) > 0
+        mode = "train" if self.model is not None and self.model.training else "eval"
+        self._metrics[mode]["fire/padded_id_tokens"].append(float((after & batch["completion_mask"].bool()).sum()))
+        if after.any():
+            batch["completion_mask"] = batch["completion_mask"].masked_fill(after, 0)
+            batch["completion_ids"] = ids.masked_fill(after, self._tokenizer.pad_token_id)
 
     @torch.no_grad()
     def _fire_statistics(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -274,8 +301,12 @@ class FireOPDDistillationTrainer(DistillationTrainer):
     @staticmethod
     def _head(model):
         """The model's output head (weight, bias, logit scale, soft-cap), under a PEFT wrapper too."""
-        base = model.base_model.model if _is_peft(model) else model
-        return lm_head(base)
+        return lm_head(_base(model))
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.base_model.model if _is_peft(model) else model
 
 
 def _is_peft(model) -> bool:
