@@ -16,7 +16,7 @@ STAMP      := $(VENV)/.fire-opd-installed
 VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
 
 # `make test`'s smoke runs of the benchmark scripts (bench-quick, below)
-QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory gpu-check-dry
+QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory bench-quick-prompts gpu-check-dry
 
 .PHONY: demo test lint docs compile-report bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
 
@@ -53,6 +53,8 @@ bench-quick-train: $(STAMP)
 	$(PY) benchmarks/bench_train.py --quick
 bench-quick-memory: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --quick
+bench-quick-prompts: $(STAMP)
+	$(PY) benchmarks/bench_prompts.py --quick
 gpu-check-dry: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --dry
 
@@ -109,7 +111,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_train.py --lora-memory
+	$(PY) benchmarks/bench_train.py --precision
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_prompts.py
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build dist site *.egg-info

@@ -152,7 +152,7 @@ def worker(args) -> dict:
     if not cuda:
         reset_peak_rss()  # the peak excludes model loading
     base = torch.cuda.memory_allocated() if cuda else status_bytes("VmRSS")
-    start = {name: p.detach().float() for name, p in trainer.student.named_parameters() if p.requires_grad}
+    start = {name: p.detach().float().clone() for name, p in trainer.student.named_parameters() if p.requires_grad}
     steps, parts, tokens = [], [], []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()

@@ -212,3 +212,34 @@ def test_cli_trains_and_evaluates_from_mapped_columns(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "rows.csv: no column 'prompt' or 'messages'" in err[0] and "--prompt-field" in err[0]
+
+
+def test_drawing_rows_reads_no_file(tmp_path, monkeypatch):
+    """A step's rows come from the Arrow table alone: drawing them opens no file (before, every
+    drawn row re-read the JSON-lines file from its start to find its line number, so a step's
+    cost grew with the set). A row's line, for an error message, is indexed once."""
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"prompt": f"{i}=", "answer": str(i)}) for i in range(3_000)]
+    path.write_text("\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n")  # a blank line after row 9
+    problems = load_prompts(path)
+    opened = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: opened.append(self) or real_open(self, *a, **k))
+    for step in range(3):
+        prompt_batch(problems, step=step, per_step=64, seed=0)
+    assert not opened
+    assert problems.where(9) == f"{path}:10" and problems.where(10) == f"{path}:12"
+    assert problems.where(2_999) == f"{path}:3001"
+    assert len(opened) == 1  # the line index, built once
+
+
+def test_an_empty_prompt_is_refused_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "3=", "answer": "3"}\n{"prompt": "  ", "answer": "1"}\n'
+    )
+    with pytest.raises(PromptError, match=rf"{path}:3: empty 'prompt': every prompt needs text"):
+        load_prompts(path)
+    (tmp_path / "rows.csv").write_text("q,answer\n1+1=,2\n,3\n")
+    with pytest.raises(PromptError, match=r"rows.csv row 1: (empty 'q'|give exactly one of 'q')"):
+        load_prompts(tmp_path / "rows.csv", columns=PromptColumns(prompt="q"))

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union, overload
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union, overload
 
 import torch
 
@@ -68,9 +69,18 @@ class PromptColumns:
             raise ValueError(f"the prompt, answer and messages columns must be different, non-empty names: {named}")
 
 
-def problem_from_row(record, where: str, columns: PromptColumns = PromptColumns()) -> Problem:
+def problem_from_row(record, where: Union[str, Callable[[], str]], columns: PromptColumns = PromptColumns()) -> Problem:
     """One prompt row: a prompt or messages (exactly one; an empty cell counts as absent), an
-    answer, an optional teacher key, any other fields."""
+    answer, an optional teacher key, any other fields. `where` names the row in errors (a
+    callable is only called for an error: finding a row's line can cost a scan)."""
+    try:
+        return _problem_from_row(record, "", columns)
+    except PromptError as exc:
+        place = where() if callable(where) else where
+        raise PromptError(f"{place}{exc}") from None
+
+
+def _problem_from_row(record, where: str, columns: PromptColumns) -> Problem:
     if not isinstance(record, Mapping):
         raise PromptError(f"{where}: expected a JSON object, got {type(record).__name__}")
     prompt, messages = record.get(columns.prompt), record.get(columns.messages)
@@ -114,6 +124,7 @@ class PromptSet(Sequence[Problem]):
     def __init__(self, table, *, source: str, columns: PromptColumns = PromptColumns(), chat=None):
         self.table, self.source, self.columns = table, source, columns
         self._chat = chat  # (tokenizer, chat_template_kwargs) once rendered
+        self._line_numbers: Optional[torch.Tensor] = None  # of a JSON-lines file's rows, built by `where`
 
     def __len__(self) -> int:
         return len(self.table)
@@ -126,7 +137,7 @@ class PromptSet(Sequence[Problem]):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         i = range(len(self))[i]  # IndexError past the end, negative indices from the end
-        problem = problem_from_row(self.table[i], self.where(i), self.columns)
+        problem = problem_from_row(self.table[i], lambda: self.where(i), self.columns)
         if self._chat is not None and problem.messages:
             tokenizer, kwargs = self._chat
             problem = replace(problem, prompt=_apply_chat_template(tokenizer, problem.messages, kwargs))
@@ -137,14 +148,13 @@ class PromptSet(Sequence[Problem]):
         return self.columns.messages in self.table.column_names
 
     def where(self, i: int) -> str:
-        """Row i as a user finds it: `file.jsonl:LINE` for JSON lines, else `source row i`."""
-        path = Path(self.source)
-        if path.suffix.lower() in (".jsonl", ".json") and path.is_file():
-            with path.open(encoding="utf-8") as f:
-                rows = (n for n, line in enumerate(f, start=1) if line.strip())
-                for k, line_number in enumerate(rows):
-                    if k == i:
-                        return f"{path}:{line_number}"
+        """Row i as a user finds it: `file.jsonl:LINE` for JSON lines, else `source row i`. The
+        line numbers of a JSON-lines file are indexed on the first call (one pass over the file,
+        for an error message only), then looked up."""
+        if self._line_numbers is None:
+            self._line_numbers = _row_lines(Path(self.source))
+        if 0 <= i < len(self._line_numbers):
+            return f"{self.source}:{int(self._line_numbers[i])}"
         return f"{self.source} row {i}"
 
     def rendered(self, tokenizer, chat_template_kwargs: Optional[Mapping] = None) -> PromptSet:
@@ -170,6 +180,19 @@ class PromptSet(Sequence[Problem]):
 
 
 ProblemSet = Union[PromptSet, Sequence[Problem]]
+
+
+def _row_lines(path: Path) -> torch.Tensor:
+    """The 1-based line number of each row of a JSON-lines file (its non-blank lines, the rows
+    `datasets` reads), or an empty tensor for any other source."""
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+        return torch.zeros(0, dtype=torch.int64)
+    with path.open("rb") as f:
+        numbers = [n for n, line in enumerate(f, start=1) if line.strip()]
+        f.seek(0)
+        if f.read(64).lstrip()[:1] == b"[":  # a JSON array: rows are no lines
+            return torch.zeros(0, dtype=torch.int64)
+    return torch.tensor(numbers, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -400,6 +423,7 @@ def _check_columns(prompts: PromptSet) -> None:
         return pc.is_valid(table.data.column(name)) if name in names else pa.array([False] * len(table))
 
     has_prompt, has_messages = present(columns.prompt), present(columns.messages)
+    is_text_prompt = columns.prompt in names and is_text(columns.prompt)
     for bad, message in (
         (
             pc.equal(has_prompt, has_messages),
@@ -407,7 +431,9 @@ def _check_columns(prompts: PromptSet) -> None:
             "{'role', 'content'} objects)",
         ),
         (pc.invert(present(columns.answer)), f"missing or non-string field {columns.answer!r}"),
-    ):
+        (_blank(table, columns.prompt) if is_text_prompt else pa.array([False] * len(table)),
+         f"empty {columns.prompt!r}: every prompt needs text (remove the row or fill it)"),
+    ):  # fmt: skip
         row = pc.index(bad, True).as_py()
         if row >= 0:
             raise PromptError(f"{prompts.where(row)}: {message}")
@@ -425,6 +451,14 @@ def _check_columns(prompts: PromptSet) -> None:
                 f"{prompts.where(row)}: {columns.messages!r} must be a non-empty list of "
                 "{'role': str, 'content': str} objects"
             )
+
+
+def _blank(table, name: str):
+    """Rows whose text in column `name` is empty or white space only (nulls are not)."""
+    import pyarrow.compute as pc
+
+    text = table.data.column(name)
+    return pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
 
 
 def check_teacher_keys(problems: ProblemSet, teachers: Iterable[str], default: Optional[str]) -> None:
@@ -514,6 +548,11 @@ def prepare_problems(
             else []
         )
     held_out = list(held_out[: config.eval.size]) if config.eval.size else []
+    for name, given in (("train_problems", train), ("eval_problems", held_out)):
+        if not isinstance(given, PromptSet):  # problems passed in (a file's rows are checked when read)
+            blank = next((i for i, p in enumerate(given) if not p.messages and not p.prompt.strip()), None)
+            if blank is not None:
+                raise PromptError(f"{name} row {blank}: empty prompt; every prompt needs text")
     return (
         render_prompts(train, tokenizer, data.chat_template_kwargs, source="prompts"),
         list(render_prompts(held_out, tokenizer, data.chat_template_kwargs, source="eval_prompts")),
@@ -523,16 +562,18 @@ def prepare_problems(
 def prompt_batch(problems: ProblemSet, step: int, per_step: int, seed: int) -> list[Problem]:
     """A step's prompts: consecutive slices of per-epoch permutations of `problems`, a function of
     (seed, step) only, so a resumed run draws what the uninterrupted one would have. Reads only
-    the drawn rows."""
+    the drawn rows; an epoch's permutation is drawn once (`_epoch_order`), not at every step."""
     n = len(problems)
-    permutations: dict[int, torch.Tensor] = {}
     out = []
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(k, n)
-        if epoch not in permutations:
-            permutations[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(problems[int(permutations[epoch][offset])])
+        out.append(problems[int(_epoch_order(n, seed, epoch)[offset])])
     return out
+
+
+@functools.lru_cache(maxsize=2)  # a step spans at most two epochs
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
 def write_prompts(problems: Iterable[Problem], path: str | Path) -> None:
