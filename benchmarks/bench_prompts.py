@@ -56,7 +56,7 @@ def measure(rows: int, folder: Path, *, steps: int, per_step: int) -> dict:
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| rows | file (MiB) | open once (s) | draw a step: median (ms) | slowest step (ms) | median / smallest set's |",
+        "| rows | file (MiB) | open once (s) | step draw: median (ms) | slowest (ms) | median / smallest set's |",
         "|---|---|---|---|---|---|",
     ]
     base = rows[0]["step_median_ms"]
