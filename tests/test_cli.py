@@ -319,3 +319,35 @@ def test_a_run_reports_itself(tmp_path, capsys, monkeypatch):
     assert cli.main(["plot", "run", "run", "--out", "both.png"]) == 0 and (tmp_path / "both.png").is_file()
     assert cli.main(["plot", "nothing_here"]) == 2
     assert "nothing_here: no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_takes_the_runs_settings(tmp_path, capsys, monkeypatch):
+    """`fire-opd eval --model RUN_DIR` scores as the run was trained: its verifier (here a custom
+    one in the current directory, which the console script must import), token limit and
+    columns; a flag overrides each; --output records which came from the run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as the console script
+    (tmp_path / "my_checks.py").write_text("def always(completion, answer, row):\n    return 1.0\n")
+    rows = [{"question": p.prompt, "gold": p.answer} for p in sample_problems(["arith"], 3, seed=0, split="test")]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    shutil.copytree(TEACHER, run / "final")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, run / "final" / name)
+    config = {"data": {"verifier": "my_checks:always", "prompt_field": "question", "answer_field": "gold",
+                       "messages_field": "messages", "chat_template_kwargs": {}},
+              "sampling": {"max_new_tokens": 5}}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(config))
+    argv = ["eval", "--model", str(run), "--prompts", "q.jsonl", "--output", "out.json", "--no-progress"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "as the run was trained: verifier 'my_checks:always', max_new_tokens 5, prompt_field 'question'" in err
+    record = json.loads((tmp_path / "out.json").read_text())
+    settings = record["settings"]
+    assert settings["verifier"] == "my_checks:always" and settings["max_new_tokens"] == 5
+    assert settings["columns"] == {"prompt": "question", "answer": "gold", "messages": "messages"}
+    assert "verifier" in settings["from_run"] and record["results"]["all"]["avg@1"] == 1.0  # the run's verifier
+    assert cli.main([*argv, "--verifier", "final_answer", "--max-new-tokens", "3"]) == 0  # flags win
+    settings = json.loads((tmp_path / "out.json").read_text())["settings"]
+    assert settings["verifier"] == "final_answer" and settings["max_new_tokens"] == 3
+    assert "verifier" not in settings["from_run"] and "prompt_field" in settings["from_run"]

@@ -92,22 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True)
     ev.add_argument("--prompts", required=True, help="a prompt file, folder or dataset id, as for train")
     ev.add_argument("--split", default="train", help="the split of a dataset id or folder (default: train)")
-    ev.add_argument("--prompt-field", default="prompt", help="the column with the prompt (default: prompt)")
-    ev.add_argument("--answer-field", default="answer", help="the column with the answer (default: answer)")
-    ev.add_argument("--messages-field", default="messages", help="the column with chat messages (default: messages)")
+    # these five default to the run's own settings when --model is a training run (or one of its checkpoints)
+    ev.add_argument("--prompt-field", help="the column with the prompt (default: the run's, else prompt)")
+    ev.add_argument("--answer-field", help="the column with the answer (default: the run's, else answer)")
+    ev.add_argument("--messages-field", help="the column with chat messages (default: the run's, else messages)")
     ev.add_argument("--tokenizer", help="tokenizer path (default: the model's folder)")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, help="(default: the run's sampling.max_new_tokens, else 32)")
     ev.add_argument("--samples", type=int, default=1, help="completions per problem (N of avg@N, pass@k)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy (needs --samples 1)")
     ev.add_argument("--top-p", type=float, default=1.0)
     ev.add_argument(
-        "--verifier", default="final_answer", help="final_answer | last_number | boxed | package.module:function"
+        "--verifier",
+        help="final_answer | last_number | boxed | package.module:function (default: the run's, else final_answer)",
     )
     ev.add_argument(
         "--chat-template-kwargs",
-        default="{}",
         metavar="JSON",
-        help='for "messages" rows, e.g. \'{"enable_thinking": false}\'',
+        help='for "messages" rows, e.g. \'{"enable_thinking": false}\' (default: the run\'s, else {})',
     )
     ev.add_argument("--batch-size", type=int, default=64, help="completions per generate call")
     ev.add_argument("--seed", type=int, default=0)
@@ -232,6 +233,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from fire_opd.train.evaluate import sample_scores, summarize_by_teacher
     from fire_opd.train.verifiers import resolve_verifier
 
+    model_path = _model_of_run(args.model)
+    from_run = _settings_of_run(args, model_path)
     try:
         kwargs = json.loads(args.chat_template_kwargs)
     except json.JSONDecodeError as exc:
@@ -248,7 +251,6 @@ def evaluate(args: argparse.Namespace) -> int:
         verifier = resolve_verifier(args.verifier)
     except ValueError as exc:
         raise UsageError(f"--verifier: {exc}") from None
-    model_path = _model_of_run(args.model)
     check_model(model_path, "--model")
     tokenizer = check_tokenizer(
         args.tokenizer or model_path, "--tokenizer" if args.tokenizer else "--model", "pass --tokenizer PATH"
@@ -292,6 +294,7 @@ def evaluate(args: argparse.Namespace) -> int:
             "columns": {"prompt": args.prompt_field, "answer": args.answer_field, "messages": args.messages_field},
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "verifier": args.verifier, "seed": args.seed, "chat_template_kwargs": kwargs,
+            "from_run": sorted(from_run),  # the settings taken from the training run's config
         }  # fmt: skip
         per_problem = [
             {"prompt": p.prompt, "answer": p.answer, "teacher": p.teacher,
@@ -301,6 +304,54 @@ def evaluate(args: argparse.Namespace) -> int:
         record = {"settings": settings, "results": results, "problems": per_problem}
         Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+# `fire-opd eval` flag -> (where a run's config keeps it, the default without a run)
+RUN_SETTINGS = {
+    "verifier": ("data.verifier", "final_answer"),
+    "max_new_tokens": ("sampling.max_new_tokens", 32),
+    "prompt_field": ("data.prompt_field", "prompt"),
+    "answer_field": ("data.answer_field", "answer"),
+    "messages_field": ("data.messages_field", "messages"),
+    "chat_template_kwargs": ("data.chat_template_kwargs", "{}"),
+}
+
+
+def _settings_of_run(args: argparse.Namespace, model_path: str) -> dict:
+    """Fill the eval flags the user left out from the training run's config (a run's output
+    directory or one of its checkpoints was given), else from the defaults; return the settings
+    taken from the run (said on stderr)."""
+    config = _config_of_run(Path(args.model), Path(model_path))
+    taken = {}
+    for name, (key, default) in RUN_SETTINGS.items():
+        if getattr(args, name) is not None:
+            continue
+        section, _, field = key.partition(".")
+        value = (config or {}).get(section, {}).get(field)
+        if value is None:
+            setattr(args, name, default)
+        else:
+            taken[name] = value
+            setattr(args, name, json.dumps(value) if name == "chat_template_kwargs" else value)
+    if taken:
+        listed = ", ".join(f"{name} {value!r}" for name, value in taken.items())
+        print(f"fire-opd eval: as the run was trained: {listed} (a flag overrides each)", file=sys.stderr)
+    return taken
+
+
+def _config_of_run(given: Path, model: Path) -> Optional[dict]:
+    """The TrainConfig (as a dict) a run or checkpoint was trained with, or None for a plain model."""
+    for path in (model / "trainer_state.json", given / "trainer_state.json"):
+        if path.is_file():
+            config = json.loads(path.read_text()).get("config")
+            if isinstance(config, dict):
+                return config
+    run_config = given / "config.json"  # a run's output directory: its TrainConfig (a model's is its HF config)
+    if run_config.is_file():
+        config = json.loads(run_config.read_text())
+        if isinstance(config, dict) and isinstance(config.get("data"), dict):
+            return config
+    return None
 
 
 def _model_of_run(path: str) -> str:

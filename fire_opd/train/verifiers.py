@@ -86,6 +86,22 @@ def boxed(completion: str, answer: str, row: Optional[Mapping] = None) -> float:
 BUILTIN_VERIFIERS: dict[str, Verifier] = {"final_answer": final_answer, "last_number": last_number, "boxed": boxed}
 
 
+def _import_from_here(module_name: str):
+    """The module, also from the current directory: `python -m` puts it on sys.path, the
+    `fire-opd` console script (and torchrun) do not, and a user's verifier usually lives there."""
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        here = os.getcwd()
+        if here in sys.path:
+            raise
+    sys.path.append(here)
+    return importlib.import_module(module_name)
+
+
 def resolve_verifier(spec: str | Verifier) -> Verifier:
     """A built-in name, "package.module:function", or a callable. Errors name the spec."""
     if callable(spec):
@@ -103,9 +119,12 @@ def resolve_verifier(spec: str | Verifier) -> Verifier:
             "'package.module:function'"
         )
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
     except ImportError as exc:
-        raise ValueError(f"verifier {spec!r}: cannot import module {module_name!r} ({exc})") from None
+        raise ValueError(
+            f"verifier {spec!r}: cannot import module {module_name!r} ({exc}); it must be importable from the current "
+            "directory or PYTHONPATH (e.g. my_verifiers.py in the folder you run fire-opd from)"
+        ) from None
     function = getattr(module, attr, None)
     if not callable(function):
         raise ValueError(f"verifier {spec!r}: module {module_name!r} has no function {attr!r}")
