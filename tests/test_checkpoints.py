@@ -95,7 +95,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     _, err = preempted.communicate(timeout=120)
     assert preempted.returncode == 75, err[-2000:]  # stopped with a checkpoint: resume it
     assert "resuming from" in err and "SIGTERM received: the run stops after the current step" in err
-    assert err.strip().splitlines()[-1].startswith("fire-opd train: stopped by SIGTERM after step")
+    assert err.strip().splitlines()[-1].startswith("fire-opd: stopped by SIGTERM after step")
     assert not (tmp_path / "resumed" / "final").exists()
     stopped_at = checkpoint.checkpoints(tmp_path / "resumed")[-1][0]
     assert 8 <= stopped_at < STEPS
@@ -106,7 +106,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     assert f"step {stopped_at})" in err
     assert (
         err.strip().splitlines()[-1]
-        == f"fire-opd train: finished {STEPS} steps; final model {tmp_path / 'resumed' / 'final'}"
+        == f"fire-opd: finished {STEPS} steps; final model {tmp_path / 'resumed' / 'final'}"
     )
     _, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err[-2000:]
@@ -233,7 +233,7 @@ def test_a_second_interrupt_stops_at_once_and_keeps_the_checkpoints(tmp_path):
     assert run.returncode == 130, err[-2000:]
     lines = err.strip().splitlines()
     assert any("SIGINT received: the run stops after the current step" in line for line in lines)
-    assert lines[-1].startswith("fire-opd train: aborted by"), lines[-1]
+    assert lines[-1].startswith("fire-opd: aborted by"), lines[-1]
     newest = checkpoint.latest_checkpoint(tmp_path / "run")
     assert newest is not None and checkpoint.read_state(newest)["step"] >= 2
     resumed = _launch(

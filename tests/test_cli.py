@@ -60,7 +60,7 @@ def _error(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, (code, err)
     assert len(err) == 1 and "Traceback" not in err[0], err
-    assert err[0].startswith(f"fire-opd {argv[0]}: error: "), err[0]
+    assert err[0].startswith("fire-opd: error: "), err[0]
     return err[0]
 
 
@@ -210,7 +210,7 @@ def test_the_installed_entry_point_prints_one_line(tmp_path):
     )
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
-        "fire-opd train: error: student /path/that/does/not/exist: no such directory; expected a Hugging Face "
+        "fire-opd: error: student /path/that/does/not/exist: no such directory; expected a Hugging Face "
         "model folder (config.json + weights) or a Hub id like 'Qwen/Qwen3-0.6B'"
     ]
 
@@ -313,8 +313,8 @@ def test_a_run_reports_itself(tmp_path, capsys, monkeypatch):
     assert summary["initial_eval"]["eval/accuracy"] == rows[0]["eval/accuracy"]
     assert summary["final_eval"]["eval/accuracy"] == rows[-1]["eval/accuracy"] and summary["tokens_per_s"] > 0
     err = captured.err.strip().splitlines()
-    assert any(line.startswith("fire-opd train: eval/accuracy ") and "(step 0) -> " in line for line in err)
-    assert err[-1] == "fire-opd train: finished 2 steps; final model run/final"
+    assert any(line.startswith("fire-opd: eval/accuracy ") and "(step 0) -> " in line for line in err)
+    assert err[-1] == "fire-opd: finished 2 steps; final model run/final"
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert cli.main(["plot", "run", "run", "--out", "both.png"]) == 0 and (tmp_path / "both.png").is_file()
     assert cli.main(["plot", "nothing_here"]) == 2
@@ -351,3 +351,42 @@ def test_eval_of_a_run_takes_the_runs_settings(tmp_path, capsys, monkeypatch):
     settings = json.loads((tmp_path / "out.json").read_text())["settings"]
     assert settings["verifier"] == "final_answer" and settings["max_new_tokens"] == 3
     assert "verifier" not in settings["from_run"] and "prompt_field" in settings["from_run"]
+
+
+def test_wandb_without_a_login_fails_before_any_model_loads(workdir, capsys, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(workdir))  # no ~/.netrc
+    line = _error(capsys, _train("--set", "logging.report_to=[wandb]"))
+    assert "logging.report_to: wandb has no login here" in line and "WANDB_MODE=offline" in line
+    (workdir / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789\n")
+    from fire_opd.train.run_log import check_report_to
+
+    check_report_to(["wandb"])  # `wandb login` wrote the netrc: fine
+    (workdir / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_report_to(["wandb"])  # offline needs no login
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_or_failed_load_leaves_no_lock(workdir, capsys, monkeypatch, raised):
+    """Ctrl-C while the models load exits 130 with one line (no traceback); a load that fails
+    raises; either way the output directory is not left locked."""
+    import fire_opd.train.trainer as trainer_module
+
+    def loading(*args, **kwargs):
+        assert (workdir / "run" / ".fire-opd.lock").is_file()  # held while loading
+        raise raised("while loading")
+
+    monkeypatch.setattr(trainer_module, "prepare_models", loading)
+    argv = _train("--set", "logging.report_to=none")
+    if raised is KeyboardInterrupt:
+        assert cli.main(argv) == cli.EXIT_ABORTED
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            "fire-opd: train interrupted while checking the inputs or loading the models; nothing was trained"
+        ]
+    else:
+        with pytest.raises(RuntimeError, match="while loading"):
+            cli.main(argv)
+    assert not (workdir / "run" / ".fire-opd.lock").exists()

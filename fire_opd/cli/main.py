@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with our error format (one line, exit 2) and no usage dump."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"fire-opd: error: {message}\n")
 
 
 def _teachers(values: list[str]) -> dict[str, str]:
@@ -168,7 +168,7 @@ def train(args: argparse.Namespace) -> int:
         if trainer.is_main:
             newest = latest_checkpoint(config.output_dir)
             print(
-                f"fire-opd train: aborted by {exc or 'an interrupt'} at step {trainer.step}; the newest complete "
+                f"fire-opd: aborted by {exc or 'an interrupt'} at step {trainer.step}; the newest complete "
                 f"checkpoint is {newest or 'none'}" + (" (--set checkpoint.resume_from=latest)" if newest else ""),
                 file=sys.stderr,
             )
@@ -188,14 +188,14 @@ def _finish(trainer, config) -> int:
     _report(summary, config.output_dir)
     if trainer.stopped_by_signal:
         print(
-            f"fire-opd train: stopped by {trainer.stopped_by_signal} after step {trainer.step} of "
+            f"fire-opd: stopped by {trainer.stopped_by_signal} after step {trainer.step} of "
             f"{config.optim.steps} with checkpoint {Path(config.output_dir) / f'step-{trainer.step:06d}'}; resume "
             "with --set checkpoint.resume_from=latest",
             file=sys.stderr,
         )
         return EXIT_STOPPED
     print(
-        f"fire-opd train: finished {trainer.step} steps; final model {Path(config.output_dir) / 'final'}",
+        f"fire-opd: finished {trainer.step} steps; final model {Path(config.output_dir) / 'final'}",
         file=sys.stderr,
     )
     return 0
@@ -206,15 +206,15 @@ def _report(summary: dict, output_dir: str) -> None:
     initial, final = summary["initial_eval"], summary["final_eval"]
     for key in [k for k in final if k in initial] or list(final):
         before = f"{initial[key]:.3f} (step 0) -> " if key in initial else ""
-        print(f"fire-opd train: {key} {before}{final[key]:.3f} (step {summary['final_eval_step']})", file=sys.stderr)
+        print(f"fire-opd: {key} {before}{final[key]:.3f} (step {summary['final_eval_step']})", file=sys.stderr)
     if summary["tokens_per_s"]:
-        print(f"fire-opd train: {summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        print(f"fire-opd: {summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     try:
         from fire_opd.train.plots import plot_runs
 
         plot_runs([output_dir], Path(output_dir) / "curves.png")
     except ImportError:
-        print("fire-opd train: no curves.png (matplotlib is not installed: pip install matplotlib)", file=sys.stderr)
+        print("fire-opd: no curves.png (matplotlib is not installed: pip install matplotlib)", file=sys.stderr)
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -335,7 +335,7 @@ def _settings_of_run(args: argparse.Namespace, model_path: str) -> dict:
             setattr(args, name, json.dumps(value) if name == "chat_template_kwargs" else value)
     if taken:
         listed = ", ".join(f"{name} {value!r}" for name, value in taken.items())
-        print(f"fire-opd eval: as the run was trained: {listed} (a flag overrides each)", file=sys.stderr)
+        print(f"fire-opd: as the run was trained: {listed} (a flag overrides each)", file=sys.stderr)
     return taken
 
 
@@ -366,7 +366,7 @@ def _model_of_run(path: str) -> str:
     newest = folder / "final" if (folder / "final").is_dir() else latest_checkpoint(folder)
     if newest is None:
         return path
-    print(f"fire-opd eval: --model {path} is a training run: evaluating {newest}", file=sys.stderr)
+    print(f"fire-opd: --model {path} is a training run: evaluating {newest}", file=sys.stderr)
     return str(newest)
 
 
@@ -377,6 +377,21 @@ def _quiet_third_party() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+class _OnePrefix(logging.Formatter):
+    """fire-opd's log lines under the prefix of every other line it prints ("fire-opd: "); other
+    libraries' under their logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "fire-opd" if record.name.split(".")[0] == "fire_opd" else record.name
+        return f"{who}: {record.getMessage()}"
+
+
+def _log_with_one_prefix() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OnePrefix())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -401,14 +416,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             samples=args.samples,
         )
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    _log_with_one_prefix()
     try:
         return {"train": train, "eval": evaluate, "plot": plot}[args.command](args)
     except (UsageError, TrainingStopped) as exc:
         if args.debug:
             raise
-        print(f"fire-opd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fire-opd: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:  # Ctrl-C before training began (a run in training says more, in `train`)
+        if args.debug:
+            raise
+        what = "while checking the inputs or loading the models; nothing was trained" if args.command == "train" else ""
+        print(f"fire-opd: {args.command} interrupted {what}".rstrip(), file=sys.stderr)
+        return EXIT_ABORTED
 
 
 if __name__ == "__main__":

@@ -253,11 +253,12 @@ def check_train(config: TrainConfig) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
-    import importlib.util
+    from fire_opd.train.run_log import check_report_to
 
-    # (TensorBoard, the default, is only warned about when it is missing: the trainer says so)
-    if "wandb" in config.logging.report_to and importlib.util.find_spec("wandb") is None:
-        raise UsageError("logging.report_to: wandb is not installed (pip install wandb); or leave it out")
+    try:  # (TensorBoard, the default, is only warned about when it is missing: the trainer says so)
+        check_report_to(config.logging.report_to)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     from fire_opd.parallel.distributed import my_prompts
 
     try:  # under torchrun: can the step's prompts be dealt to the processes?

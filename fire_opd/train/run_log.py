@@ -22,6 +22,50 @@ logger = logging.getLogger("fire_opd")
 WANDB_ID_FILE = "wandb-run-id"
 
 
+def check_report_to(report_to: Sequence[str]) -> None:
+    """Fail before any model loads, in one line, when a tracker of `logging.report_to` cannot
+    work: wandb not installed, or no W&B login for an online run (`wandb.init` would stop the
+    run after the models load and the first evaluation). Raises ValueError."""
+    if "wandb" not in report_to:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("logging.report_to: wandb is not installed (pip install wandb); or leave it out")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get(
+        "WANDB_API_KEY"
+    ):
+        return
+    host = _wandb_host()
+    if not _netrc_has(host):
+        raise ValueError(
+            f"logging.report_to: wandb has no login here (no WANDB_API_KEY, no entry for {host} in ~/.netrc): run "
+            "`wandb login` or set WANDB_API_KEY; or set WANDB_MODE=offline to log under output_dir/wandb and "
+            "`wandb sync` it later"
+        )
+
+
+def _wandb_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
+def _netrc_has(host: str) -> bool:
+    """Whether the netrc file `wandb login` writes (NETRC, else ~/.netrc or ~/_netrc) holds `host`."""
+    import netrc
+
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else []
+    candidates += [os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")]
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                return netrc.netrc(path).authenticators(host) is not None
+            except (OSError, netrc.NetrcParseError):
+                return False
+    return False
+
+
 class RunLog:
     def __init__(
         self, output_dir: str | Path, *, report_to: Sequence[str] = ("tensorboard",), config: Optional[dict] = None

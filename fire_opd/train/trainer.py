@@ -36,7 +36,7 @@ from fire_opd.train.evaluate import eval_metrics
 from fire_opd.train.health import health_metrics, rollout_health
 from fire_opd.train.models import prepare_models
 from fire_opd.train.rollouts import Rollouts, sample_step
-from fire_opd.train.run_log import RunLog
+from fire_opd.train.run_log import RunLog, check_report_to
 from fire_opd.train.scoring import score_rollouts
 from fire_opd.train.update import Updater
 from fire_opd.train.verifiers import resolve_verifier
@@ -70,12 +70,22 @@ class FireOPDTrainer:
         self.config = config
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
+        check_report_to(config.logging.report_to)  # a tracker that cannot log fails now, not after loading
         self.parallel = Parallelism.start(resolve_device(config.runtime.device), vocab=config.parallel.vocab)
         self.output_dir = Path(config.output_dir)
         resume = bool(config.checkpoint.resume_from)
         checkpoint.check_output_dir(self.output_dir, resume=resume, overwrite=config.checkpoint.overwrite)
         if self.is_main:
             checkpoint.lock_run(self.output_dir)  # one live run per output_dir
+        try:
+            self._set_up(config, student, teachers, tokenizer, train_problems, eval_problems)
+        except BaseException:  # refused, failed or interrupted (Ctrl-C) while loading: the directory is free again
+            if self.is_main:
+                checkpoint.unlock_run(self.output_dir)
+            raise
+
+    def _set_up(self, config, student, teachers, tokenizer, train_problems, eval_problems) -> None:
+        """Everything after the lock: the resume checks, the models, the prompts, the update."""
         # the checkpoint to resume, and what the new config changes, before any model loads
         resume_from = config.checkpoint.resume_from
         resume_path = checkpoint.resolve_resume(resume_from, self.output_dir) if resume_from else None
@@ -129,7 +139,15 @@ class FireOPDTrainer:
         """Run to `optim.steps` (or stop after `until_step`, e.g. to checkpoint and resume).
 
         SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) ends the run at the next step
-        boundary with a checkpoint; `checkpoint.resume_from: latest` continues it."""
+        boundary with a checkpoint; `checkpoint.resume_from: latest` continues it. A run that
+        fails or is aborted releases its output directory as one that ends does."""
+        try:
+            return self._train(until_step)
+        except BaseException:
+            self.close()
+            raise
+
+    def _train(self, until_step: Optional[int]) -> list[dict]:
         from tqdm.auto import tqdm
 
         cfg, state = self.config, self.state
@@ -299,9 +317,11 @@ class FireOPDTrainer:
 
     def close(self) -> None:
         """Release the output directory (its lock) and the logs; `train` does it when it ends."""
-        self.run_log.close()
-        if self.is_main:
-            checkpoint.unlock_run(self.output_dir)
+        try:
+            self.run_log.close()
+        finally:
+            if self.is_main:
+                checkpoint.unlock_run(self.output_dir)
 
     # ------------------------------------------------------------------ around the loop
 
