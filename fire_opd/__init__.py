@@ -11,17 +11,41 @@ Layers, bottom to top (imports point down): fire_kernels -> parallel -> algorith
 train -> cli / integrations / demo.
 """
 
-from fire_opd.algorithm.objectives import (
-    clipped_surrogate,
-    dense_coefficients,
-    fire_dense_loss,
-    fire_policy_loss,
-    loss_normalizer,
-)
-from fire_opd.algorithm.options import LOSS_AGG_MODES, METHODS, OBJECTIVES, FireOptions
-from fire_opd.algorithm.routing import route_rows, scatter_rows
-from fire_opd.algorithm.selection import FireSelection, compute_fire_advantages
-from fire_opd.ops.loss_from_hidden import FireOPDLoss, fire_policy_loss_from_hidden, response_token_stats
+# The names below load on first use (PEP 562), so that the `fire-opd` command line starts without
+# importing torch: `fire-opd --help` and a mistake in the inputs answer in a moment.
+_EXPORTS = {
+    "clipped_surrogate": "fire_opd.algorithm.objectives",
+    "dense_coefficients": "fire_opd.algorithm.objectives",
+    "fire_dense_loss": "fire_opd.algorithm.objectives",
+    "fire_policy_loss": "fire_opd.algorithm.objectives",
+    "loss_normalizer": "fire_opd.algorithm.objectives",
+    "LOSS_AGG_MODES": "fire_opd.algorithm.options",
+    "METHODS": "fire_opd.algorithm.options",
+    "OBJECTIVES": "fire_opd.algorithm.options",
+    "FireOptions": "fire_opd.algorithm.options",
+    "route_rows": "fire_opd.algorithm.routing",
+    "scatter_rows": "fire_opd.algorithm.routing",
+    "FireSelection": "fire_opd.algorithm.selection",
+    "compute_fire_advantages": "fire_opd.algorithm.selection",
+    "FireOPDLoss": "fire_opd.ops.loss_from_hidden",
+    "fire_policy_loss_from_hidden": "fire_opd.ops.loss_from_hidden",
+    "response_token_stats": "fire_opd.ops.loss_from_hidden",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fire_opd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __all__ = [
     "FireOPDLoss",

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fire_opd.demo.tasks import sample_problems
-from fire_opd.train import checkpoint
+from fire_opd.train import checkpoint, run_dir
 from fire_opd.train.data import write_prompts
 
 ASSETS = Path(__file__).resolve().parents[1] / "fire_opd" / "demo" / "assets"
@@ -97,7 +97,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_weights(tmp_path)
     assert "resuming from" in err and "SIGTERM received: the run stops after the current step" in err
     assert err.strip().splitlines()[-1].startswith("fire-opd: stopped by SIGTERM after step")
     assert not (tmp_path / "resumed" / "final").exists()
-    stopped_at = checkpoint.checkpoints(tmp_path / "resumed")[-1][0]
+    stopped_at = run_dir.checkpoints(tmp_path / "resumed")[-1][0]
     assert 8 <= stopped_at < STEPS
 
     last = _launch(tmp_path, "resumed", "--set", "resume_from=latest")
@@ -160,19 +160,19 @@ def _save(path: Path, step: int) -> Path:
 
 
 def test_latest_ignores_partial_saves_and_pruning_keeps_final(tmp_path):
-    assert checkpoint.latest_checkpoint(tmp_path) is None
+    assert run_dir.latest_checkpoint(tmp_path) is None
     for step in (2, 4, 6):
         _save(tmp_path / f"step-{step:06d}", step)
     (tmp_path / ".tmp-step-000008-123").mkdir()  # a save killed midway
     (tmp_path / "step-000010").mkdir()  # a folder someone made by hand: no state, not a checkpoint
-    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step-000006"
+    assert run_dir.latest_checkpoint(tmp_path) == tmp_path / "step-000006"
     _save(tmp_path / "final", 6)  # the final checkpoint of step 6 is newer than step-000006
-    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "final"
-    assert checkpoint.prune_checkpoints(tmp_path, 1) == [tmp_path / "step-000002", tmp_path / "step-000004"]
-    assert [p.name for _, p in checkpoint.checkpoints(tmp_path)] == ["step-000006", "final"]
-    assert checkpoint.remove_partial_saves(tmp_path) == [tmp_path / ".tmp-step-000008-123"]
+    assert run_dir.latest_checkpoint(tmp_path) == tmp_path / "final"
+    assert run_dir.prune_checkpoints(tmp_path, 1) == [tmp_path / "step-000002", tmp_path / "step-000004"]
+    assert [p.name for _, p in run_dir.checkpoints(tmp_path)] == ["step-000006", "final"]
+    assert run_dir.remove_partial_saves(tmp_path) == [tmp_path / ".tmp-step-000008-123"]
     _save(tmp_path / "final", 7)  # saving over a checkpoint replaces it whole
-    assert checkpoint.read_state(tmp_path / "final") == {"step": 7}
+    assert run_dir.read_state(tmp_path / "final") == {"step": 7}
     assert not any(p.name.startswith((".tmp-", ".old-")) for p in tmp_path.iterdir())
 
 
@@ -194,21 +194,21 @@ def test_trainer_state_loads_no_pickled_code(tmp_path):
     (path / checkpoint.STATE_FILE).unlink()
     (path / "trainer_state.pt").write_bytes(b"old")
     with pytest.raises(FileNotFoundError, match="older fire-opd that stored a pickle"):
-        checkpoint.read_state(path)
+        run_dir.read_state(path)
 
 
 def test_output_dir_guard_and_overwrite(tmp_path):
     run = tmp_path / "run"
-    checkpoint.check_output_dir(run, resume=False, overwrite=False)  # absent: fine
+    run_dir.check_output_dir(run, resume=False, overwrite=False)  # absent: fine
     run.mkdir()
     (run / "notes.txt").write_text("mine")
-    checkpoint.check_output_dir(run, resume=False, overwrite=False)  # a folder without a run: fine
+    run_dir.check_output_dir(run, resume=False, overwrite=False)  # a folder without a run: fine
     _save(run / "step-000001", 1)
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(FileExistsError, match="already holds a run"):
-        checkpoint.check_output_dir(run, resume=False, overwrite=False)
-    checkpoint.check_output_dir(run, resume=True, overwrite=False)
-    checkpoint.clear_run(run)
+        run_dir.check_output_dir(run, resume=False, overwrite=False)
+    run_dir.check_output_dir(run, resume=True, overwrite=False)
+    run_dir.clear_run(run)
     assert [p.name for p in run.iterdir()] == ["notes.txt"]  # only what a run writes is removed
 
 
@@ -234,8 +234,8 @@ def test_a_second_interrupt_stops_at_once_and_keeps_the_checkpoints(tmp_path):
     lines = err.strip().splitlines()
     assert any("SIGINT received: the run stops after the current step" in line for line in lines)
     assert lines[-1].startswith("fire-opd: aborted by"), lines[-1]
-    newest = checkpoint.latest_checkpoint(tmp_path / "run")
-    assert newest is not None and checkpoint.read_state(newest)["step"] >= 2
+    newest = run_dir.latest_checkpoint(tmp_path / "run")
+    assert newest is not None and run_dir.read_state(newest)["step"] >= 2
     resumed = _launch(
         tmp_path, "run", "--set", "checkpoint.resume_from=latest", "--set", "optim.steps=4",
         "--set", "checkpoint.allow_config_change=true",

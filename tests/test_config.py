@@ -70,7 +70,7 @@ def test_checkpoints_written_with_the_flat_config_still_resume(tmp_path):
     only the step, history, schedule and RNG states from it."""
     from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
     from fire_opd.demo.tiny_models import build_char_tokenizer, tiny_llama
-    from fire_opd.train.checkpoint import STATE_FILE
+    from fire_opd.train.run_dir import STATE_FILE
     from fire_opd.train.trainer import FireOPDTrainer
 
     tokenizer = build_char_tokenizer(TASK_ALPHABET)

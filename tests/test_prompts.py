@@ -243,3 +243,20 @@ def test_an_empty_prompt_is_refused_by_file_and_line(tmp_path):
     (tmp_path / "rows.csv").write_text("q,answer\n1+1=,2\n,3\n")
     with pytest.raises(PromptError, match=r"rows.csv row 1: (empty 'q'|give exactly one of 'q')"):
         load_prompts(tmp_path / "rows.csv", columns=PromptColumns(prompt="q"))
+
+
+def test_one_rule_for_hub_ids_and_local_paths(tmp_path, monkeypatch):
+    """The checks before loading and the loaders read a name the same way (fire_opd/train/sources.py):
+    `gpt2` is a Hub id for both (the model check refused it before)."""
+    from fire_opd.cli.preflight import check_model_path
+    from fire_opd.train.sources import is_hub_id, missing_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for hub in ("gpt2", "openai/gsm8k", "Qwen/Qwen2.5-7B-Instruct"):
+        assert is_hub_id(hub) and not missing_local_path(hub), hub
+        check_model_path(hub, "student")  # no error: read from the Hub cache later
+    for local in ("./student", "/no/such/folder", "prompts.jsonl", "data/train.parquet", "models/student", "~/x"):
+        assert missing_local_path(local), local
+    (tmp_path / "prompts.jsonl").write_text("")
+    assert not missing_local_path("prompts.jsonl")

@@ -13,7 +13,7 @@ import pytest
 from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
 from fire_opd.demo.tiny_models import build_char_tokenizer, tiny_llama
 from fire_opd.errors import UsageError
-from fire_opd.train import checkpoint
+from fire_opd.train import run_dir
 from fire_opd.train.config import TrainConfig
 from fire_opd.train.trainer import FireOPDTrainer
 
@@ -55,9 +55,7 @@ def test_allowed_changes_are_logged_and_kept_in_the_history(tmp_path, caplog):
         tmp_path, **{"checkpoint.resume_from": "latest", "optim.steps": 4, "checkpoint.allow_config_change": True}
     )
     assert any("resumed with a changed config: optim.steps 3 -> 4" in r.getMessage() for r in caplog.records)
-    history = [
-        json.loads(line) for line in (tmp_path / "run" / checkpoint.CONFIG_HISTORY_FILE).read_text().splitlines()
-    ]
+    history = [json.loads(line) for line in (tmp_path / "run" / run_dir.CONFIG_HISTORY_FILE).read_text().splitlines()]
     assert history == [{"step": 2, "time": history[0]["time"], "changes": {"optim.steps": [3, 4]}}]
     assert len(resumed.train()) == 4
 
@@ -65,11 +63,11 @@ def test_allowed_changes_are_logged_and_kept_in_the_history(tmp_path, caplog):
 def test_resuming_a_finished_run_changes_nothing(tmp_path, caplog):
     _trainer(tmp_path).train()
     run = tmp_path / "run"
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != checkpoint.LOCK_FILE}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != run_dir.LOCK_FILE}
     finished = _trainer(tmp_path, **{"checkpoint.resume_from": "latest"})
     assert len(finished.train()) == 3
     assert any("already finished (step 3 of 3): nothing to do" in r.getMessage() for r in caplog.records)
-    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != checkpoint.LOCK_FILE}
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != run_dir.LOCK_FILE}
     assert after == before
 
 
@@ -87,7 +85,7 @@ def test_one_live_run_per_output_directory(tmp_path, caplog):
     run.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run / checkpoint.LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": live.pid}))
+        (run / run_dir.LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": live.pid}))
         with pytest.raises(UsageError, match=rf"is in use by a live run \(pid {live.pid} on"):
             _trainer(tmp_path)
     finally:
@@ -95,4 +93,4 @@ def test_one_live_run_per_output_directory(tmp_path, caplog):
         live.wait()
     _trainer(tmp_path).train()  # the holder is gone: its lock is taken over
     assert any("taking over the lock of a run that is gone" in r.getMessage() for r in caplog.records)
-    assert not (run / checkpoint.LOCK_FILE).exists()  # released at the end
+    assert not (run / run_dir.LOCK_FILE).exists()  # released at the end

@@ -163,7 +163,7 @@ def train(args: argparse.Namespace) -> int:
         trainer.train()
         return _finish(trainer, config)
     except KeyboardInterrupt as exc:  # a second Ctrl-C / SIGTERM (or one after the loop): stop at once
-        from fire_opd.train.checkpoint import latest_checkpoint
+        from fire_opd.train.run_dir import latest_checkpoint
 
         if trainer.is_main:
             newest = latest_checkpoint(config.output_dir)
@@ -357,7 +357,7 @@ def _config_of_run(given: Path, model: Path) -> Optional[dict]:
 def _model_of_run(path: str) -> str:
     """A model folder as given, or, for a training run's output directory, its final checkpoint
     (else its newest one), said on stderr."""
-    from fire_opd.train.checkpoint import latest_checkpoint
+    from fire_opd.train.run_dir import latest_checkpoint
 
     folder = Path(path)
     weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
@@ -372,11 +372,13 @@ def _model_of_run(path: str) -> str:
 
 def _quiet_third_party() -> None:
     """Model loading and shard writing keep their progress bars out of the run's output (the
-    trainer has its own)."""
+    trainer has its own). transformers reads the variable when it is imported; importing it here
+    would cost every command a second before its first check."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
 
 
 class _OnePrefix(logging.Formatter):

@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 from fire_opd.errors import UsageError
 from fire_opd.train.config import TrainConfig, UnknownKey, flatten_keys, parse_override, read_yaml
+from fire_opd.train.sources import missing_local_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.pt")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _did_you_mean(name: str, choices) -> str:
@@ -58,11 +58,24 @@ def load_config(config_path: Optional[str], cli_fields: dict[str, Any], override
 def check_model(path: str, what: str):
     """The model's Hugging Face config (config.json only), after checking the folder holds a
     model. `what` names it in errors ("student", "teacher 'math'")."""
-    from transformers import AutoConfig
-
     local = Path(path)
     if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
         return _check_adapters(local, what)
+    check_model_path(path, what)
+    from transformers import AutoConfig  # (seconds: after the checks that need no import)
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001  (any failure here is the user's path or file)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{what} {path}: cannot read its config ({first})") from None
+
+
+def check_model_path(path: str, what: str) -> None:
+    """A model folder with a config and weights, or a Hub id: the file-system checks alone."""
+    local = Path(path)
+    if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        return  # an adapter folder: check_model reads its base model
     if local.exists():
         if not local.is_dir():
             raise UsageError(f"{what} {path}: is a file; expected a Hugging Face model folder (config.json + weights)")
@@ -72,16 +85,11 @@ def check_model(path: str, what: str):
             )
         if not any(any(local.glob(pattern)) for pattern in WEIGHT_PATTERNS):
             raise UsageError(f"{what} {path}: no weights (*.safetensors or pytorch_model*.bin)")
-    elif not _HUB_ID.match(path) or Path(path.split("/")[0]).is_dir():  # a local path, mistyped
+    elif missing_local_path(path):  # a local path, mistyped
         raise UsageError(
             f"{what} {path}: no such directory; expected a Hugging Face model folder (config.json + "
             "weights) or a Hub id like 'Qwen/Qwen3-0.6B'"
         )
-    try:
-        return AutoConfig.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001  (any failure here is the user's path or file)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{what} {path}: cannot read its config ({first})") from None
 
 
 def _check_adapters(folder: Path, what: str):
@@ -219,9 +227,9 @@ def check_prompts(
 
 
 def check_train(config: TrainConfig) -> None:
-    """Everything `fire-opd train` can check before loading weights."""
-    from fire_opd.train.checkpoint import check_output_dir
-    from fire_opd.train.data import columns_of
+    """Everything `fire-opd train` can check before loading weights, the checks that need no
+    heavy import (torch, transformers, datasets) first."""
+    from fire_opd.train.run_dir import check_output_dir
     from fire_opd.train.verifiers import resolve_verifier
 
     if not config.models.student:
@@ -236,6 +244,12 @@ def check_train(config: TrainConfig) -> None:
                 f"teacher name {name!r}: use letters, digits, '_', '.' or '-' (it is the prompts' "
                 "'teacher' key and a metric suffix)"
             )
+    check_model_path(config.models.student, "student")  # paths first: they need no import
+    for name, path in config.models.teachers.items():
+        check_model_path(path, f"teacher {name!r}")
+    for source, field in ((config.data.prompts, "prompts"), (config.data.eval_prompts, "eval_prompts")):
+        if source and missing_local_path(source):
+            raise UsageError(f"{field} {source}: no such file")
     try:
         check_output_dir(
             config.output_dir, resume=bool(config.checkpoint.resume_from), overwrite=config.checkpoint.overwrite
@@ -298,6 +312,8 @@ def check_train(config: TrainConfig) -> None:
             )
         if has_tokenizer_files(path):
             check_same_tokenizer(tokenizer, check_tokenizer(path, what, "fix or remove its tokenizer files"), what)
+    from fire_opd.train.data import columns_of
+
     default = config.models.default_teacher or (
         next(iter(config.models.teachers)) if len(config.models.teachers) == 1 else None
     )

@@ -27,16 +27,13 @@ import csv
 import functools
 import json
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union, overload
 
 import torch
 
-#: file suffix -> the `datasets` builder that reads it
-PROMPT_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+from fire_opd.train.sources import PROMPT_FILE_TYPES, missing_local_path
 
 
 class PromptError(ValueError):
@@ -270,7 +267,7 @@ def _read_table(source: str, split: str, split_field: str):
         return _read_file(path, kind)
     if path.is_dir():
         return _read_folder(path, split, split_field)
-    if path.suffix.lower() in PROMPT_FILE_TYPES or not _HUB_ID.match(source) or source.startswith((".", "/")):
+    if missing_local_path(source):
         raise FileNotFoundError(f"prompts file {source} does not exist")
     return _read_hub(source, split, split_field)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fire_opd.train.checkpoint import METRICS_FILE
+from fire_opd.train.run_dir import METRICS_FILE
 
 # (metric, panel title): what a run's health is read from
 PANELS = [

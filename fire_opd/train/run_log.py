@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from fire_opd.train.checkpoint import METRICS_FILE
+from fire_opd.train.run_dir import METRICS_FILE
 
 logger = logging.getLogger("fire_opd")
 WANDB_ID_FILE = "wandb-run-id"
@@ -32,9 +32,7 @@ def check_report_to(report_to: Sequence[str]) -> None:
 
     if importlib.util.find_spec("wandb") is None:
         raise ValueError("logging.report_to: wandb is not installed (pip install wandb); or leave it out")
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get(
-        "WANDB_API_KEY"
-    ):
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
         return
     host = _wandb_host()
     if not _netrc_has(host):

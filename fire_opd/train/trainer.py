@@ -28,7 +28,7 @@ import torch
 from fire_kernels import TeacherStudentStats
 from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import Parallelism
-from fire_opd.train import checkpoint
+from fire_opd.train import checkpoint, run_dir
 from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig
 from fire_opd.train.data import Problem, ProblemSet, check_teacher_keys, prepare_problems, prompt_batch
@@ -74,21 +74,21 @@ class FireOPDTrainer:
         self.parallel = Parallelism.start(resolve_device(config.runtime.device), vocab=config.parallel.vocab)
         self.output_dir = Path(config.output_dir)
         resume = bool(config.checkpoint.resume_from)
-        checkpoint.check_output_dir(self.output_dir, resume=resume, overwrite=config.checkpoint.overwrite)
+        run_dir.check_output_dir(self.output_dir, resume=resume, overwrite=config.checkpoint.overwrite)
         if self.is_main:
-            checkpoint.lock_run(self.output_dir)  # one live run per output_dir
+            run_dir.lock_run(self.output_dir)  # one live run per output_dir
         try:
             self._set_up(config, student, teachers, tokenizer, train_problems, eval_problems)
         except BaseException:  # refused, failed or interrupted (Ctrl-C) while loading: the directory is free again
             if self.is_main:
-                checkpoint.unlock_run(self.output_dir)
+                run_dir.unlock_run(self.output_dir)
             raise
 
     def _set_up(self, config, student, teachers, tokenizer, train_problems, eval_problems) -> None:
         """Everything after the lock: the resume checks, the models, the prompts, the update."""
         # the checkpoint to resume, and what the new config changes, before any model loads
         resume_from = config.checkpoint.resume_from
-        resume_path = checkpoint.resolve_resume(resume_from, self.output_dir) if resume_from else None
+        resume_path = run_dir.resolve_resume(resume_from, self.output_dir) if resume_from else None
         changes = checkpoint.check_resume(resume_path, config) if resume_path is not None else []
         distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
         sampling = config.sampling
@@ -170,14 +170,14 @@ class FireOPDTrainer:
             disable=not cfg.logging.progress or not self.is_main,
             desc="fire-opd",
         )
-        with checkpoint.stop_signals(announce=self.is_main) as received:
+        with run_dir.stop_signals(announce=self.is_main) as received:
             while state.step < stop:
                 metrics = self.train_step()
                 state.step += 1
                 state.seconds += time.perf_counter() - started
                 started = time.perf_counter()
                 if self.is_main:
-                    checkpoint.refresh_lock(self.output_dir)
+                    run_dir.refresh_lock(self.output_dir)
                 last = state.step == cfg.optim.steps
                 if self._due(cfg.eval.every, last) and self.eval_problems and self.parallel.generates_for_eval:
                     metrics.update(self.evaluate())
@@ -187,7 +187,7 @@ class FireOPDTrainer:
                     self.save_checkpoint(self.output_dir / ("final" if last else f"step-{state.step:06d}"))
                 if last and cfg.lora.merge_lora and self.is_main:  # a plain model folder beside final/
                     checkpoint.save_merged(
-                        self.output_dir / checkpoint.MERGED_DIR, student=self.student, tokenizer=self.tokenizer
+                        self.output_dir / run_dir.MERGED_DIR, student=self.student, tokenizer=self.tokenizer
                     )
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k in _BAR_KEYS})
@@ -196,7 +196,7 @@ class FireOPDTrainer:
                     break
         bar.close()
         if self.is_main:
-            (self.output_dir / checkpoint.SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=1) + "\n")
+            (self.output_dir / run_dir.SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=1) + "\n")
         self.close()
         return state.history
 
@@ -301,7 +301,7 @@ class FireOPDTrainer:
         history, state = self.state.history, self.state
         evaluated = [row for row in history if "eval/accuracy" in row]
         tokens = sum(row.get("train/tokens", 0.0) for row in history)
-        final, merged = self.output_dir / "final", self.output_dir / checkpoint.MERGED_DIR
+        final, merged = self.output_dir / "final", self.output_dir / run_dir.MERGED_DIR
         return {
             "final_model": str(final.resolve()) if final.is_dir() else None,
             **({"merged_model": str(merged.resolve())} if self.config.lora.merge_lora and merged.is_dir() else {}),
@@ -321,15 +321,15 @@ class FireOPDTrainer:
             self.run_log.close()
         finally:
             if self.is_main:
-                checkpoint.unlock_run(self.output_dir)
+                run_dir.unlock_run(self.output_dir)
 
     # ------------------------------------------------------------------ around the loop
 
     def _start_run(self) -> None:
         if self.is_main:
             if self.config.checkpoint.overwrite and not self.config.checkpoint.resume_from:
-                checkpoint.clear_run(self.output_dir)
-            checkpoint.remove_partial_saves(self.output_dir)
+                run_dir.clear_run(self.output_dir)
+            run_dir.remove_partial_saves(self.output_dir)
             self.run_log.start(self.step)
             (self.output_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
 
