@@ -114,3 +114,19 @@ def test_the_documented_configs_are_valid(page):
     for block in blocks:
         config = TrainConfig.from_dict(yaml.safe_load(block))
         assert config.models.student and config.models.teachers
+
+
+@pytest.mark.parametrize(
+    "key,suggested",
+    [
+        ("optim.learning_rate", "optim.lr"),  # transformers' name (it suggested optim.min_lr_ratio)
+        ("learning_rate", "optim.lr"),
+        ("sampling.max_completion_length", "sampling.max_new_tokens"),  # TRL's
+        ("optim.max_steps", "optim.steps"),
+        ("fire.percentil", "fire.percentile"),  # a typo: the closest name of its own section
+        ("sampling.temprature", "sampling.temperature"),
+    ],
+)
+def test_unknown_keys_suggest_the_field_meant(key, suggested):
+    with pytest.raises(ValueError, match=rf"unknown config field '{key}' \(did you mean '{suggested}'\?\)"):
+        TrainConfig.from_dict({key: 1})

@@ -687,3 +687,20 @@ def test_sigint_stops_at_the_step_boundary_with_a_checkpoint(tmp_path, tokenizer
     assert (tmp_path / "run" / "step-000002").is_dir() and not (tmp_path / "run" / "final").exists()
     resumed = _trainer(tokenizer, _config(tmp_path, steps=5, eval_every=0, resume_from="latest"))
     assert resumed.step == 2 and len(resumed.train()) == 5
+
+
+def test_answer_formats_are_the_demos_not_a_teacher_names():
+    """A user's teacher called "chain" gets no train/malformed flags from the demo's chain format;
+    the demo passes its formats."""
+    from types import SimpleNamespace
+
+    from fire_opd.train.data import Problem
+    from fire_opd.train.health import ANSWER_FORMATS, rollout_health
+
+    rollouts = SimpleNamespace(
+        response_ids=torch.tensor([[5, 1], [6, 1]]), texts=["The answer is 42.", "7"]
+    )  # both end with EOS (id 1)
+    problems = [Problem("q", "42", teacher="chain"), Problem("q", "7", teacher="chain")]
+    assert not rollout_health(rollouts, problems, eos_token_id=1)["malformed"].any()
+    demo = rollout_health(rollouts, problems, eos_token_id=1, answer_formats=ANSWER_FORMATS)["malformed"]
+    assert demo.tolist() == [True, True]  # neither is a chain of equations

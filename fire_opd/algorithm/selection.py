@@ -221,7 +221,8 @@ def compute_fire_advantages(
         metrics = {
             "fire/keep_ratio": _ratio(kept_rollouts.sum(), has_tokens.sum(), process_group),
             "fire/token_keep_ratio": _ratio(loss_mask.sum(), mask.sum(), process_group),
-            "fire/threshold": threshold,
+            # no threshold (no filter, or nothing to rank): left out, as -inf is no JSON number
+            **({"fire/threshold": threshold} if math.isfinite(threshold) else {}),
             **_masked_stats("fire/weight", weights, loss_mask, process_group),
             "fire/teacher_confidence_mean": _masked_mean(confidence, mask, process_group),
             "fire/student_confusion_mean": _masked_mean(confusion, mask, process_group),

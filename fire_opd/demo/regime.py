@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from fire_opd.train.data import Problem
-from fire_opd.train.health import rollout_health
+from fire_opd.train.health import ANSWER_FORMATS, rollout_health
 from fire_opd.train.rollouts import generate_rollouts
 from fire_opd.train.verifiers import Verifier, final_answer, score
 
@@ -48,7 +48,9 @@ def measure_regime(trainer, problems: list[Problem], *, seed: int = 0, batch_siz
         totals["student_entropy"] += float(scores.student_entropy[mask].sum())
         totals["tokens"] += int(mask.sum())
         totals["rollouts"] += len(chunk)
-        for name, value in rollout_health(rollouts, chunk, trainer.tokenizer.eos_token_id).items():
+        for name, value in rollout_health(
+            rollouts, chunk, trainer.tokenizer.eos_token_id, answer_formats=ANSWER_FORMATS
+        ).items():
             flags.setdefault(name, []).append(value)
     tokens = max(totals["tokens"], 1)
     health = {name: torch.cat(values) for name, values in flags.items()}

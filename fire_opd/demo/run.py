@@ -39,6 +39,7 @@ from fire_opd.demo.tasks import sample_problems
 from fire_opd.train.config import TrainConfig
 from fire_opd.train.data import Problem
 from fire_opd.train.evaluate import greedy_and_sampled
+from fire_opd.train.health import ANSWER_FORMATS
 from fire_opd.train.models import load_causal_lm, load_tokenizer
 from fire_opd.train.trainer import FireOPDTrainer
 
@@ -106,6 +107,7 @@ def train_student(
         tokenizer=tokenizer,
         train_problems=train,
         eval_problems=evaluation,
+        answer_formats=ANSWER_FORMATS,
     )
     t0 = time.perf_counter()
     history = trainer.train()
@@ -169,6 +171,7 @@ def run_demo(
         teachers=teachers,
         tokenizer=tokenizer,
         train_problems=train,
+        answer_formats=ANSWER_FORMATS,
     )
     initial_row = {"model": "student (initial)", **evaluate_row(initial.student, tokenizer, held_out, base, samples)}
     rows.append(initial_row)

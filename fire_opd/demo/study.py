@@ -152,6 +152,7 @@ def run_job(job: dict) -> dict:
     from fire_opd.demo.regime import continuation_accuracy, measure_regime
     from fire_opd.demo.run import REGIME_ROLLOUTS, load_setting, problem_sets, train_student
     from fire_opd.train.evaluate import greedy_and_sampled
+    from fire_opd.train.health import ANSWER_FORMATS
     from fire_opd.train.models import load_causal_lm
     from fire_opd.train.trainer import FireOPDTrainer
 
@@ -182,6 +183,7 @@ def run_job(job: dict) -> dict:
             teachers=teachers,
             tokenizer=tokenizer,
             train_problems=train,
+            answer_formats=ANSWER_FORMATS,
         )
         initial = metrics(trainer.student, evaluation)
         teacher = {k: metrics(t, [p for p in evaluation if p.teacher == k]) for k, t in teachers.items()}

@@ -194,14 +194,26 @@ def _fsync_dir(folder: Path) -> None:
 @dataclass
 class TrainState:
     """What a resume needs besides the weights, the optimizer and the schedule: where the run is
-    and what it logged. Saved in trainer_state.json with the scheduler, the RNG states, the
-    config and the number of processes that wrote it."""
+    and what its summary reports. Saved in trainer_state.json with the scheduler, the RNG states,
+    the config and the number of processes that wrote it. The per-step metrics (`history`) are
+    not saved with every checkpoint, which would grow with the run: they are metrics.jsonl's
+    rows, read back on resume."""
 
     step: int = 0  # optimizer steps done
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
-    history: list[dict] = field(default_factory=list)  # every step's metrics
+    history: list[dict] = field(default_factory=list)  # every step's metrics (this process's run, and on resume
+    #                                                    the rows of metrics.jsonl up to the checkpoint)
     initial_eval: dict = field(default_factory=dict)  # the initial student's evaluation (eval.at_start)
+    last_eval: dict = field(default_factory=dict)  # the metrics row of the latest evaluation
+    tokens: float = 0.0  # response tokens trained on so far, over every resume
     seconds: float = 0.0  # training time so far, over every resume
+
+    def record(self, metrics: dict) -> None:
+        """One step's metrics."""
+        self.history.append(metrics)
+        self.tokens += metrics.get("train/tokens", 0.0)
+        if "eval/accuracy" in metrics:
+            self.last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/") or k == "train/step"}
 
 
 def save_training_checkpoint(
@@ -222,7 +234,8 @@ def save_training_checkpoint(
         saved = {
             "step": state.step,
             "skipped_steps": state.skipped_steps,
-            "history": state.history,
+            "last_eval": state.last_eval,
+            "tokens": state.tokens,
             "initial_eval": state.initial_eval,
             "seconds": state.seconds,
             "config": config.to_dict(),
@@ -244,8 +257,11 @@ def save_training_checkpoint(
     return path
 
 
-def load_training_checkpoint(path: str | Path, *, student, optimizer, scheduler, parallel) -> TrainState:
-    """Weights, optimizer, schedule and RNG states from a checkpoint; returns the run's state."""
+def load_training_checkpoint(
+    path: str | Path, *, student, optimizer, scheduler, parallel, metrics_file: Optional[Path] = None
+) -> TrainState:
+    """Weights, optimizer, schedule and RNG states from a checkpoint; returns the run's state,
+    its history the rows of `metrics_file` (the run's metrics.jsonl) up to the checkpoint's step."""
     saved, tensors = load_checkpoint(path, model=student, optimizer=optimizer, device=parallel.device)
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["python_rng"], tensors["rng"])
@@ -259,10 +275,26 @@ def load_training_checkpoint(path: str | Path, *, student, optimizer, scheduler,
             written_by,
             parallel.world_size,
         )
+    step = saved["step"]
+    history = saved.get("history")  # checkpoints of fire-opd <= 0.1 carry it
+    if history is None:
+        history = _logged_rows(metrics_file, step)
+    evaluated = [row for row in history if "eval/accuracy" in row]
     return TrainState(
-        step=saved["step"],
+        step=step,
         skipped_steps=saved["skipped_steps"],
-        history=saved["history"],
+        history=history,
         initial_eval=saved.get("initial_eval", {}),  # absent from checkpoints of fire-opd 0.1
+        last_eval=saved.get("last_eval", evaluated[-1] if evaluated else {}),
+        tokens=saved.get("tokens", sum(row.get("train/tokens", 0.0) for row in history)),
         seconds=saved.get("seconds", 0.0),
     )
+
+
+def _logged_rows(metrics_file: Optional[Path], step: int) -> list[dict]:
+    """The step rows (train/step 1..step) of a metrics.jsonl, or none when it is not there (a
+    checkpoint resumed into another output_dir)."""
+    if metrics_file is None or not Path(metrics_file).is_file():
+        return []
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    return [row for row in rows if 0 < row.get("train/step", 0) <= step]

@@ -25,6 +25,7 @@ and in `--set`, with one warning line that names their new spelling (`LEGACY_KEY
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import typing
@@ -541,10 +542,37 @@ def field_names() -> list[str]:
     return [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)] + list(TOP_LEVEL)
 
 
-def _did_you_mean(name: str) -> str:
-    import difflib
+# Names users bring from other trainers (transformers' TrainingArguments, TRL, verl) -> our field's name
+FIELD_ALIASES = {
+    "learning_rate": "lr", "max_steps": "steps", "num_train_steps": "steps", "total_steps": "steps",
+    "total_training_steps": "steps", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps",
+    "lr_warmup_steps": "warmup_steps", "batch_size": "micro_batch_size", "per_device_train_batch_size":
+    "micro_batch_size", "max_norm": "max_grad_norm", "grad_clip": "max_grad_norm", "gradient_clipping":
+    "max_grad_norm", "clip_grad_norm": "max_grad_norm", "betas": "adam_betas", "max_completion_length":
+    "max_new_tokens", "response_length": "max_new_tokens", "max_tokens": "max_new_tokens", "num_generations":
+    "samples_per_prompt", "rollout_n": "samples_per_prompt", "eval_steps": "every", "save_steps": "save_every",
+    "logging_steps": "every", "model": "student", "teacher": "teachers", "teacher_model": "teachers",
+    "loss_agg_mode": "agg_mode", "epsilon": "clip_ratio", "clip_range": "clip_ratio", "bf16": "dtype",
+}  # fmt: skip
 
-    close = difflib.get_close_matches(name, field_names() + list(LEGACY_KEYS), n=1, cutoff=0.6)
+
+def _did_you_mean(key: str) -> str:
+    """A suggestion for an unknown key: its alias from another trainer, else the closest name
+    in its own section, else the closest key anywhere."""
+    section, _, name = key.rpartition(".")
+    names = field_names()
+    target = FIELD_ALIASES.get(name)
+    if target is not None:
+        candidates = [f for f in names if f.rpartition(".")[2] == target]
+        same = [f for f in candidates if f.rpartition(".")[0] == section]
+        if same or candidates:
+            return f" (did you mean {(same or candidates)[0]!r}?)"
+    if section in SECTIONS:
+        own = [f.rpartition(".")[2] for f in names if f.rpartition(".")[0] == section]
+        close = difflib.get_close_matches(name, own, n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {section + '.' + close[0]!r}?)"
+    close = difflib.get_close_matches(key, names + list(LEGACY_KEYS), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -1,7 +1,8 @@
 """Rollout health: what the trainer logs about its rollouts beside the loss.
 
 `rollout_health` classifies each rollout: truncated (no EOS within the token limit), looping,
-malformed (breaks its task's answer format, for the built-in tasks), correct (by the verifier).
+malformed (breaks its task's answer format, where the caller gives formats: the demo's tasks
+have them, `ANSWER_FORMATS`), correct (by the verifier).
 `filter_diagnostics` says what the FiRe filter dropped: how many of the dropped rollouts were
 correct, degenerate, or ones the teacher would reject.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -18,7 +19,8 @@ from fire_opd.train.data import Problem
 from fire_opd.train.rollouts import Rollouts
 from fire_opd.train.verifiers import Verifier, final_answer, score
 
-# A well-formed completion of each task (EOS removed): anything else is format drift.
+# A well-formed completion of each demo task (EOS removed), by the demo's teacher key: anything
+# else is format drift. Only the demo passes these: a user's teacher called "chain" is not the demo's.
 _EXPR = r"-?\d+(?:[+-]\d+)*"
 
 
@@ -29,9 +31,9 @@ ANSWER_FORMATS = {
 }
 
 
-def is_well_formed(completion: str, task: Optional[str]) -> bool:
+def is_well_formed(completion: str, task: Optional[str], formats: Mapping[str, re.Pattern] = ANSWER_FORMATS) -> bool:
     """Whether a completion follows its task's answer format (True for tasks without one)."""
-    pattern = ANSWER_FORMATS.get(task or "")
+    pattern = formats.get(task or "")
     return pattern is None or bool(pattern.match(completion.strip()))
 
 
@@ -45,17 +47,23 @@ def is_looping(text: str, *, span: int = 12, max_period: int = 6) -> bool:
 
 
 def rollout_health(
-    rollouts: Rollouts, problems: list[Problem], eos_token_id: int, verifier: Verifier = final_answer
+    rollouts: Rollouts,
+    problems: list[Problem],
+    eos_token_id: int,
+    verifier: Verifier = final_answer,
+    answer_formats: Optional[Mapping[str, re.Pattern]] = None,
 ) -> dict[str, torch.Tensor]:
     """Per-rollout bool tensors [B]: `truncated` (no EOS within the token limit), `looping`
-    (truncated with a periodic tail), `malformed` (breaks its task's answer format),
-    `degenerate` (any of them); and `correct`, the float verifier score in [0, 1]."""
+    (truncated with a periodic tail), `malformed` (breaks the answer format `answer_formats`
+    gives its teacher key; all False without formats), `degenerate` (any of them); and `correct`,
+    the float verifier score in [0, 1]."""
     truncated = ~(rollouts.response_ids == eos_token_id).any(dim=1).cpu()
     looping = torch.tensor(
         [bool(t) and is_looping(text) for t, text in zip(truncated.tolist(), rollouts.texts)], dtype=torch.bool
     )
     malformed = torch.tensor(
-        [not is_well_formed(text, p.teacher) for p, text in zip(problems, rollouts.texts)], dtype=torch.bool
+        [not is_well_formed(text, p.teacher, answer_formats or {}) for p, text in zip(problems, rollouts.texts)],
+        dtype=torch.bool,
     )
     correct = torch.tensor(
         [score(verifier, text, p.answer, p.row or {}) for p, text in zip(problems, rollouts.texts)], dtype=torch.float32

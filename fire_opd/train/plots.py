@@ -37,7 +37,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], PANELS):
         for name, rows in runs.items():
-            points = [(row["train/step"], row[key]) for row in rows if key in row and "train/step" in row]
+            points = [(row["train/step"], row[key]) for row in rows if row.get(key) is not None and "train/step" in row]
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3, label=name)

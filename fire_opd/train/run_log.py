@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 from pathlib import Path
@@ -64,6 +65,10 @@ def _netrc_has(host: str) -> bool:
     return False
 
 
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class RunLog:
     def __init__(
         self, output_dir: str | Path, *, report_to: Sequence[str] = ("tensorboard",), config: Optional[dict] = None
@@ -91,8 +96,8 @@ class RunLog:
             os.replace(tmp, self.metrics_path)
 
     def write(self, step: int, metrics: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        with self.metrics_path.open("a") as f:  # strict JSON: a value that is not finite is written as null
+            f.write(json.dumps({k: _finite_or_none(v) for k, v in metrics.items()}, allow_nan=False) + "\n")
         writer = self._tensorboard()
         if writer is not None:
             for key, value in metrics.items():

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -66,8 +67,11 @@ class FireOPDTrainer:
         tokenizer=None,
         train_problems: Optional[ProblemSet] = None,
         eval_problems: Optional[ProblemSet] = None,
+        answer_formats: Optional[Mapping[str, re.Pattern]] = None,
     ):
         self.config = config
+        # {teacher key: the answer format its completions follow}, for train/malformed_fraction (the demo's tasks)
+        self.answer_formats = answer_formats
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         check_report_to(config.logging.report_to)  # a tracker that cannot log fails now, not after loading
@@ -208,7 +212,7 @@ class FireOPDTrainer:
         keys = [p.teacher for p in problems]
         scores = self.score(rollouts, keys)
         t_score = time.perf_counter()
-        health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier)
+        health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier, self.answer_formats)
         metrics = self.updater.step(rollouts, keys, scores, health, state=self.state)
         t_update = time.perf_counter()
 
@@ -275,7 +279,7 @@ class FireOPDTrainer:
         )  # fmt: skip
 
     def log(self, metrics: dict) -> None:
-        self.state.history.append(metrics)
+        self.state.record(metrics)
         if (
             self.is_main
             and self.config.logging.every
@@ -292,15 +296,15 @@ class FireOPDTrainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         self.state = checkpoint.load_training_checkpoint(
-            path, student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel
-        )
+            path, student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, parallel=self.parallel,
+            metrics_file=self.output_dir / run_dir.METRICS_FILE,
+        )  # fmt: skip
 
     def summary(self) -> dict:
         """How the run went: the final model, steps, time, throughput, and the initial against
         the last evaluation (written to output_dir/summary.json when a run ends)."""
-        history, state = self.state.history, self.state
-        evaluated = [row for row in history if "eval/accuracy" in row]
-        tokens = sum(row.get("train/tokens", 0.0) for row in history)
+        state = self.state
+        last_eval, tokens = state.last_eval, state.tokens
         final, merged = self.output_dir / "final", self.output_dir / run_dir.MERGED_DIR
         return {
             "final_model": str(final.resolve()) if final.is_dir() else None,
@@ -311,8 +315,8 @@ class FireOPDTrainer:
             "tokens_per_s": tokens / state.seconds if state.seconds > 0 else None,
             "skipped_steps": state.skipped_steps,
             "initial_eval": state.initial_eval,
-            "final_eval": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else {},
-            "final_eval_step": evaluated[-1]["train/step"] if evaluated else None,
+            "final_eval": {k: v for k, v in last_eval.items() if k.startswith("eval/")},
+            "final_eval_step": last_eval.get("train/step"),
         }
 
     def close(self) -> None:
