@@ -704,3 +704,30 @@ def test_answer_formats_are_the_demos_not_a_teacher_names():
     assert not rollout_health(rollouts, problems, eos_token_id=1)["malformed"].any()
     demo = rollout_health(rollouts, problems, eos_token_id=1, answer_formats=ANSWER_FORMATS)["malformed"]
     assert demo.tolist() == [True, True]  # neither is a chain of equations
+
+
+def test_logs_and_checkpoints_are_strict_json_and_do_not_grow_with_the_run(tmp_path, tokenizer):
+    """method opd has no filter threshold (it was logged as -inf, which strict JSON parsers and
+    TRL's trainer_state.json reject); a checkpoint's trainer_state.json no longer carries every
+    step's metrics, and a resume reads them back from metrics.jsonl."""
+
+    def strict(text: str):
+        def refuse(constant):
+            raise ValueError(f"not JSON: {constant}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    config = _config(tmp_path, steps=3, eval_every=0, method="opd", save_every=1)
+    history = _trainer(tokenizer, config).train()
+    assert all("fire/threshold" not in row for row in history)
+    run = tmp_path / "run"
+    rows = [strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["train/step"] for row in rows if row["train/step"]] == [1, 2, 3]
+    states = [strict((run / name / "trainer_state.json").read_text()) for name in ("step-000001", "final")]
+    assert all("history" not in state for state in states)
+    assert len(json.dumps(states[0])) == pytest.approx(len(json.dumps(states[1])), rel=0.05)  # flat in the steps
+    resumed = _trainer(
+        tokenizer, _config(tmp_path, steps=3, eval_every=0, method="opd", resume_from=str(run / "step-000002"))
+    )
+    assert [row["train/step"] for row in resumed.history] == [1, 2]
+    assert resumed.state.tokens == sum(row["train/tokens"] for row in history[:2])
