@@ -134,7 +134,18 @@ class PromptSet(Sequence[Problem]):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         i = range(len(self))[i]  # IndexError past the end, negative indices from the end
-        problem = problem_from_row(self.table[i], lambda: self.where(i), self.columns)
+        return self._problem(self.table[i], i)
+
+    def take(self, indices: Sequence[int]) -> list[Problem]:
+        """The problems of rows `indices`, read from the Arrow table in one gather (a step's draw)."""
+        n = len(self)
+        indices = [range(n)[i] for i in indices]
+        columns = self.table[indices]  # {column: [values in the order of indices]}
+        names = list(columns)
+        return [self._problem(dict(zip(names, values)), i) for i, values in zip(indices, zip(*columns.values()))]
+
+    def _problem(self, record, i: int) -> Problem:
+        problem = problem_from_row(record, lambda: self.where(i), self.columns)
         if self._chat is not None and problem.messages:
             tokenizer, kwargs = self._chat
             problem = replace(problem, prompt=_apply_chat_template(tokenizer, problem.messages, kwargs))
@@ -561,11 +572,13 @@ def prompt_batch(problems: ProblemSet, step: int, per_step: int, seed: int) -> l
     (seed, step) only, so a resumed run draws what the uninterrupted one would have. Reads only
     the drawn rows; an epoch's permutation is drawn once (`_epoch_order`), not at every step."""
     n = len(problems)
-    out = []
+    drawn = []
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(k, n)
-        out.append(problems[int(_epoch_order(n, seed, epoch)[offset])])
-    return out
+        drawn.append(int(_epoch_order(n, seed, epoch)[offset]))
+    if isinstance(problems, PromptSet):
+        return problems.take(drawn)
+    return [problems[i] for i in drawn]
 
 
 @functools.lru_cache(maxsize=2)  # a step spans at most two epochs
