@@ -32,7 +32,7 @@ logger = logging.getLogger("fire_opd")
 #: cast them to the parameter's dtype, rounding the master weights to bf16)
 FLOAT32_STATE = ("master", "exp_avg", "exp_avg_sq")
 #: elements per foreach call: bounds the float32 copies of the gradients that a step makes
-_BUCKET_ELEMENTS = 1 << 27
+_BUCKET_ELEMENTS = 1 << 24  # 64 MiB of float32 gradient at a time
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
