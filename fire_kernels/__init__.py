@@ -4,7 +4,8 @@ The [tokens, vocab] logits never exist in memory (except with backend="reference
 torch + triton only; never imports fire_opd.
 """
 
+from fire_kernels._validation import BACKENDS
 from fire_kernels.token_stats import TeacherStudentStats, teacher_student_stats, token_stats
 
-__all__ = ["TeacherStudentStats", "teacher_student_stats", "token_stats"]
+__all__ = ["BACKENDS", "TeacherStudentStats", "teacher_student_stats", "token_stats"]
 __version__ = "0.1.0"

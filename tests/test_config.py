@@ -130,3 +130,11 @@ def test_the_documented_configs_are_valid(page):
 def test_unknown_keys_suggest_the_field_meant(key, suggested):
     with pytest.raises(ValueError, match=rf"unknown config field '{key}' \(did you mean '{suggested}'\?\)"):
         TrainConfig.from_dict({key: 1})
+
+
+def test_the_config_knows_the_kernel_backends():
+    """The config's copy of fire_kernels.BACKENDS (kept so that the CLI's checks import no torch)."""
+    from fire_kernels import BACKENDS
+    from fire_opd.train.config import KERNEL_BACKENDS
+
+    assert KERNEL_BACKENDS == BACKENDS

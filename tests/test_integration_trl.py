@@ -302,3 +302,18 @@ def test_a_completion_is_cut_before_a_padded_id(tmp_path):
     assert batch["completion_mask"][1].tolist()[:3] == [1, 0, 0]
     assert int(batch["completion_ids"][batch["completion_mask"].bool()].max()) < 15
     assert batch["completion_mask"][2].sum() == 7
+
+
+def test_the_fire_fields_are_generated_from_fire_options(tmp_path):
+    """Every FireOptions field is a fire_<name> field of FireOPDConfig with its default and help
+    (declared once, in FireOptions); filter_scope "group" has no groups to rank in TRL."""
+    import dataclasses
+
+    declared = {f.name: f for f in dataclasses.fields(FireOPDConfig)}
+    for option in dataclasses.fields(FireOptions):
+        mine = declared[f"fire_{option.name}"]
+        assert mine.default == option.default and mine.metadata["help"] == option.metadata["help"]
+    args = FireOPDConfig(output_dir=str(tmp_path), fire_alpha=0.5, fire_filter_score="teacher_sum", **COMMON)
+    assert args.fire == FireOptions(alpha=0.5, filter_score="teacher_sum")
+    with pytest.raises(ValueError, match="fire_filter_scope must be batch here"):
+        FireOPDConfig(output_dir=str(tmp_path), fire_filter_scope="group", **COMMON)

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping, get_args
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Mapping, TypeVar, get_args
 
 Method = Literal["opd", "fire", "filter_only", "reweight_only", "hard_token"]
 FilterScope = Literal["batch", "group"]
@@ -46,13 +47,21 @@ class FireOptions:
         confidence c = 1 - H_T / max H_T below g leave the loss, for every method.
     """
 
-    method: Method = "fire"
-    percentile: float = 20.0
-    alpha: float = 1.0
-    beta: float = 1.0
-    filter_scope: FilterScope = "batch"
-    filter_score: FilterScore = "teacher_mean"
-    teacher_confidence_gate: float = 0.0
+    method: Method = field(default="fire", metadata={"help": f"one of {', '.join(get_args(Method))}"})
+    percentile: float = field(
+        default=20.0, metadata={"help": "drop the rollouts whose filter score is below this percentile (0: none)"}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "teacher-confidence strength (>= 0)"})
+    beta: float = field(default=1.0, metadata={"help": "student-confusion strength (>= 0)"})
+    filter_scope: FilterScope = field(
+        default="batch", metadata={"help": "batch (one quantile over the rollout batch) or group (per prompt)"}
+    )
+    filter_score: FilterScore = field(
+        default="teacher_mean", metadata={"help": f"what the filter ranks: {', '.join(get_args(FilterScore))}"}
+    )
+    teacher_confidence_gate: float = field(
+        default=0.0, metadata={"help": "tokens whose teacher confidence is below this leave the loss (0: off)"}
+    )
 
     def __post_init__(self) -> None:
         check_fire_options({f.name: getattr(self, f.name) for f in fields(self)})
@@ -99,3 +108,28 @@ def check_fire_options(values: Mapping[str, Any], prefix: str = "") -> None:
     choice("filter_scope", FILTER_SCOPES)
     choice("filter_score", FILTER_SCORES)
     number("teacher_confidence_gate", 0.0, 1.0)
+
+
+T = TypeVar("T")
+
+
+def with_fire_fields(prefix: str = "fire_", *, literals: bool = True) -> Callable[[type[T]], type[T]]:
+    """A class decorator, placed under `@dataclass`, that declares every `FireOptions` field as
+    `prefix + name` with its default and help (`field(metadata={"help": ...})`, which
+    transformers' HfArgumentParser shows): the integrations' configs (TRL's `FireOPDConfig`,
+    verl's loss config) take the FiRe options without restating them. `literals=False` types the
+    choices as `str` (OmegaConf, verl's config system, has no Literal)."""
+    hints = typing.get_type_hints(FireOptions)
+
+    def declare(cls: type[T]) -> type[T]:
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for option in fields(FireOptions):
+            name, kind = prefix + option.name, hints[option.name]
+            if not literals and typing.get_origin(kind) is Literal:
+                kind = str
+            annotations[name] = kind
+            setattr(cls, name, field(default=option.default, metadata=dict(option.metadata)))
+        cls.__annotations__ = annotations
+        return cls
+
+    return declare

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fire_opd.errors import UsageError
-from fire_opd.train.config import TrainConfig, UnknownKey, flatten_keys, parse_override, read_yaml
+from fire_opd.train.config import TrainConfig, UnknownKey, default_teacher, flatten_keys, parse_override, read_yaml
 from fire_opd.train.sources import missing_local_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -308,9 +308,7 @@ def check_train(config: TrainConfig) -> None:
             check_same_tokenizer(tokenizer, check_tokenizer(path, what, "fix or remove its tokenizer files"), what)
     from fire_opd.train.data import columns_of
 
-    default = config.models.default_teacher or (
-        next(iter(config.models.teachers)) if len(config.models.teachers) == 1 else None
-    )
+    default = default_teacher(config.models.default_teacher, config.models.teachers)
     data = config.data
     columns = columns_of(data)
     check_prompts(

@@ -45,8 +45,9 @@ from typing import Any, cast
 import torch
 from trl import DistillationConfig, DistillationTrainer
 
+from fire_kernels import BACKENDS
 from fire_opd.algorithm.objectives import dense_coefficients, loss_normalizer
-from fire_opd.algorithm.options import FILTER_SCORES, LOSS_AGG_MODES, METHODS, OBJECTIVES, FireOptions
+from fire_opd.algorithm.options import LOSS_AGG_MODES, OBJECTIVES, FireOptions, with_fire_fields
 from fire_opd.algorithm.selection import compute_fire_advantages
 from fire_opd.ops.heads import lm_head
 from fire_opd.ops.loss_from_hidden import FireOPDLoss, response_token_stats
@@ -58,23 +59,16 @@ FIRE_KEYS = ("fire_old_log_prob", "fire_student_entropy", "fire_advantages", "fi
 
 
 @dataclass
+@with_fire_fields("fire_")  # every FireOptions field as fire_<name>, with its default and help
 class FireOPDConfig(DistillationConfig):
     """TRL's DistillationConfig plus the FiRe-OPD fields. TRL's own `beta` keeps its meaning (the
     JSD interpolation of the dense divergence), so FiRe's student-confusion strength is `fire_beta`.
     TRL samples one completion per prompt, so the filter ranks the whole generation batch
     (fire-opd's `filter_scope: group` has no groups here)."""
 
-    fire_method: str = field(default="fire", metadata={"help": f"one of {METHODS}"})
-    fire_percentile: float = field(
-        default=20.0, metadata={"help": "drop rollouts whose score is below this percentile of the generation batch"}
-    )
-    fire_alpha: float = field(default=1.0, metadata={"help": "teacher-confidence strength"})
-    fire_beta: float = field(default=1.0, metadata={"help": "student-confusion strength"})
     fire_clip_ratio: float = field(default=0.2, metadata={"help": "PPO epsilon (fire_objective='sampled')"})
     fire_loss_agg_mode: str = field(default="token-mean", metadata={"help": f"one of {LOSS_AGG_MODES}"})
     fire_objective: str = field(default="full_vocab", metadata={"help": f"one of {OBJECTIVES}"})
-    fire_filter_score: str = field(default="teacher_mean", metadata={"help": f"one of {FILTER_SCORES}"})
-    fire_teacher_confidence_gate: float = field(default=0.0, metadata={"help": "drop tokens with c_t below this"})
     fire_backend: str = field(
         default="auto", metadata={"help": "fire_kernels backend: auto | triton | chunked | reference"}
     )
@@ -90,10 +84,14 @@ class FireOPDConfig(DistillationConfig):
         super().__post_init__()
         # the FiRe fields, validated once and named as the user wrote them (fire_beta, not TRL's beta)
         self.fire = FireOptions.from_fields(vars(self), prefix="fire_")
+        if self.fire.filter_scope != "batch":  # TRL samples one completion per prompt: no groups to rank in
+            raise ValueError(
+                f"fire_filter_scope must be batch here (one completion per prompt); got {self.fire.filter_scope!r}"
+            )
         for name, allowed in (
             ("fire_loss_agg_mode", LOSS_AGG_MODES),
             ("fire_objective", OBJECTIVES),
-            ("fire_backend", ("auto", "triton", "chunked", "reference")),
+            ("fire_backend", BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

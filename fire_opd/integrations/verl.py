@@ -58,27 +58,24 @@ from verl.workers.config import DistillationLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
 from fire_kernels import token_stats
-from fire_opd.algorithm.options import FireOptions
+from fire_opd.algorithm.options import FireOptions, with_fire_fields
 from fire_opd.algorithm.selection import LOCAL, compute_fire_advantages
 
 LOSS_NAME = "fire_opd"
 
 
 @dataclass
+@with_fire_fields("fire_", literals=False)  # every FireOptions field as fire_<name>; OmegaConf has no Literal
 class FireDistillationLossConfig(DistillationLossConfig):
-    """verl's DistillationLossConfig plus FiRe-OPD's fields (select it with
+    """verl's DistillationLossConfig plus FiRe-OPD's fields, `fire_` + each `FireOptions` field
+    (select it with
     `distillation.distillation_loss._target_=fire_opd.integrations.verl.FireDistillationLossConfig`)."""
-
-    fire_method: str = "fire"  # fire | opd | filter_only | reweight_only | hard_token
-    fire_percentile: float = 20.0
-    fire_alpha: float = 1.0
-    fire_beta: float = 1.0
-    fire_filter_score: str = "teacher_mean"
-    fire_teacher_confidence_gate: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
-        fire_options(self)  # validated once, fields named as written (fire_percentile, ...)
+        fire = fire_options(self)  # validated once, fields named as written (fire_percentile, ...)
+        if fire.filter_scope != "batch":  # the loss sees micro-batches, not prompt groups
+            raise ValueError(f"fire_filter_scope must be batch in verl; got {fire.filter_scope!r}")
 
 
 def fire_options(loss_config) -> FireOptions:

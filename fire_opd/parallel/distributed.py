@@ -40,12 +40,12 @@ def count(*tensors: torch.Tensor) -> None:
 # tensors through gloo: NCCL has no CPU collectives, and code that gathers a count or a metric on the
 # CPU must not stop a multi-GPU run (`fire_kernels.vocab_parallel.collective_device` picks the device
 # for groups made elsewhere, e.g. a pure NCCL group of accelerate's).
-BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+PROCESS_GROUP_BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device): initialize the default process group when launched by
-    torchrun (WORLD_SIZE > 1), with `BACKENDS[device.type]`; on CUDA each rank takes
+    torchrun (WORLD_SIZE > 1), with `PROCESS_GROUP_BACKENDS[device.type]`; on CUDA each rank takes
     cuda:LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -54,7 +54,7 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=BACKENDS.get(device.type, "gloo"))
+        dist.init_process_group(backend=PROCESS_GROUP_BACKENDS.get(device.type, "gloo"))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -266,7 +266,7 @@ def count_gradients(parameters: Iterable[torch.nn.Parameter], skip: Iterable[tor
 
 
 def _host_values_device() -> torch.device:
-    """Where the default group reduces counts and metrics (the CPU under `BACKENDS`)."""
+    """Where the default group reduces counts and metrics (the CPU under `PROCESS_GROUP_BACKENDS`)."""
     from fire_kernels.vocab_parallel import collective_device
 
     return collective_device()

@@ -31,7 +31,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from fire_opd.algorithm.options import DIVERGENCES, LOSS_AGG_MODES, OBJECTIVES, FireOptions
 
@@ -54,6 +54,18 @@ def _in_range(section: str, name: str, value: float, low: float, high: float, *,
     if not ok:
         bracket = "(" if open_low else "["
         raise ValueError(f"{section}.{name} must be in {bracket}{low:g}, {high:g}], got {value}")
+
+
+# fire_kernels.BACKENDS, spelled out so that the command line's checks import no torch (a test keeps the two
+# equal)
+KERNEL_BACKENDS = ("auto", "triton", "chunked", "reference")
+
+
+def default_teacher(configured: Optional[str], teachers: Iterable[str]) -> Optional[str]:
+    """The teacher of prompts without a teacher key: `models.default_teacher`, else the only
+    teacher, else none (every prompt must then name its teacher)."""
+    names = list(teachers)
+    return configured or (names[0] if len(names) == 1 else None)
 
 
 @dataclass
@@ -260,7 +272,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _at_least("runtime", self, ("threads",), 0)
-        _choice("runtime", "backend", self.backend, ("auto", "triton", "chunked", "reference"))
+        _choice("runtime", "backend", self.backend, KERNEL_BACKENDS)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import Parallelism
 from fire_opd.train import checkpoint, run_dir
 from fire_opd.train.checkpoint import TrainState
-from fire_opd.train.config import TrainConfig
+from fire_opd.train.config import TrainConfig, default_teacher
 from fire_opd.train.data import Problem, ProblemSet, check_teacher_keys, prepare_problems, prompt_batch
 from fire_opd.train.evaluate import eval_metrics
 from fire_opd.train.health import health_metrics, rollout_health
@@ -108,9 +108,7 @@ class FireOPDTrainer:
         self.train_problems, self.eval_problems = prepare_problems(
             config, self.tokenizer, train_problems, eval_problems
         )
-        self.default_teacher = config.models.default_teacher or (
-            next(iter(self.teachers)) if len(self.teachers) == 1 else None
-        )
+        self.default_teacher = default_teacher(config.models.default_teacher, self.teachers)
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
         check_teacher_keys(self.train_problems, self.teachers, self.default_teacher)
         self.parallel.wrap(
