@@ -81,10 +81,11 @@ def inverse_max(maximum: float) -> float:
 
 
 def confidence_and_confusion(
-    teacher_entropy: torch.Tensor,
+    *,
     student_entropy: torch.Tensor,
-    inv_max_teacher_entropy: float,
+    teacher_entropy: torch.Tensor,
     inv_max_student_entropy: float,
+    inv_max_teacher_entropy: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """c = clamp(1 - H^T / max H^T, 0, 1) and u = clamp(H^S / max H^S, 0, 1), float32 [B, T]."""
     confidence = (1.0 - teacher_entropy.float() * inv_max_teacher_entropy).clamp(0.0, 1.0)
@@ -97,19 +98,23 @@ def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> float:
 
 
 def fire_row_stats_torch(
+    *,
     teacher_log_prob: torch.Tensor,
-    teacher_entropy: torch.Tensor,
     student_entropy: torch.Tensor,
+    teacher_entropy: torch.Tensor,
     mask: torch.Tensor,
-    inv_max_teacher_entropy: float,
     inv_max_student_entropy: float,
+    inv_max_teacher_entropy: float,
     alpha: float,
     beta: float,
 ) -> FireRowStats:
     """PyTorch twin of `_fire_weights_kernel` (the CPU path and the kernel's test oracle)."""
     valid = mask > 0
     confidence, confusion = confidence_and_confusion(
-        teacher_entropy, student_entropy, inv_max_teacher_entropy, inv_max_student_entropy
+        student_entropy=student_entropy,
+        teacher_entropy=teacher_entropy,
+        inv_max_student_entropy=inv_max_student_entropy,
+        inv_max_teacher_entropy=inv_max_teacher_entropy,
     )
     weights = torch.where(valid, (1.0 + alpha * confidence) * (1.0 + beta * confusion), 0.0)
     tokens = valid.float().sum(-1)
@@ -118,21 +123,23 @@ def fire_row_stats_torch(
 
 
 def fire_row_stats(
-    teacher_log_prob: torch.Tensor,
-    teacher_entropy: torch.Tensor,
-    student_entropy: torch.Tensor,
-    mask: torch.Tensor,
     *,
+    teacher_log_prob: torch.Tensor,
+    student_entropy: torch.Tensor,
+    teacher_entropy: torch.Tensor,
+    mask: torch.Tensor,
     alpha: float = 1.0,
     beta: float = 1.0,
     max_teacher_entropy: float | None = None,
     max_student_entropy: float | None = None,
     backend: str = "auto",
 ) -> FireRowStats:
-    """Raw FiRe weights and rollout scores for [B, T] statistics.
+    """Raw FiRe weights and rollout scores for [B, T] statistics. The statistics are keyword
+    arguments, named as everywhere in fire-opd (student before teacher, log-prob before entropy):
+    two entropies passed in each other's place would give wrong weights without an error.
 
     Args:
-        teacher_log_prob, teacher_entropy, student_entropy: [B, T] per-token statistics.
+        teacher_log_prob, student_entropy, teacher_entropy: [B, T] per-token statistics.
         mask: [B, T] response mask (bool or 0/1 float).
         max_teacher_entropy / max_student_entropy: batch maxima over valid tokens; computed
             here when None (pass global values when the batch is sharded across ranks).
@@ -155,7 +162,10 @@ def fire_row_stats(
     if backend == "auto":
         backend = "triton" if mask.is_cuda else "torch"
     if backend == "torch":
-        return fire_row_stats_torch(teacher_log_prob, teacher_entropy, student_entropy, mask, inv_t, inv_s, alpha, beta)
+        return fire_row_stats_torch(
+            teacher_log_prob=teacher_log_prob, student_entropy=student_entropy, teacher_entropy=teacher_entropy,
+            mask=mask, inv_max_student_entropy=inv_s, inv_max_teacher_entropy=inv_t, alpha=alpha, beta=beta,
+        )  # fmt: skip
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     rows, length = mask.shape

@@ -59,6 +59,17 @@ def test_fire_fields_come_from_verls_yaml_through_target():
     config = omega_conf_to_dataclass(loss_cfg)
     assert isinstance(config, FireDistillationLossConfig)
     assert config.fire_percentile == 35.0 and config.fire_method == "fire" and config.loss_settings.use_topk
+    # every FireOptions field is declared, generated from FireOptions (its default; str for OmegaConf)
+    import dataclasses
+
+    from fire_opd.algorithm.options import FireOptions
+
+    declared = {f.name: f for f in dataclasses.fields(FireDistillationLossConfig)}
+    for option in dataclasses.fields(FireOptions):
+        assert declared[f"fire_{option.name}"].default == option.default
+    assert declared["fire_method"].type is str
+    with pytest.raises(ValueError, match="fire_filter_scope must be batch in verl"):
+        FireDistillationLossConfig(loss_mode="fire_opd", fire_filter_scope="group")
 
 
 def _micro_batch(vocab: int, topk: int, seed: int = 0):

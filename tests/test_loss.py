@@ -314,14 +314,14 @@ def test_routing():
 def test_fire_weights_kernel_matches_torch(shape):
     gen = torch.Generator().manual_seed(0)
     b, t = shape
-    args = (
-        -torch.rand(b, t, generator=gen),
-        torch.rand(b, t, generator=gen) * 3,
-        torch.rand(b, t, generator=gen),
-        (torch.rand(b, t, generator=gen) < 0.7).float(),
-    )
-    got = fire_row_stats(*args, alpha=0.5, beta=2.0, backend="triton")
-    want = fire_row_stats(*args, alpha=0.5, beta=2.0, backend="torch")
+    args = {
+        "teacher_log_prob": -torch.rand(b, t, generator=gen),
+        "teacher_entropy": torch.rand(b, t, generator=gen) * 3,
+        "student_entropy": torch.rand(b, t, generator=gen),
+        "mask": (torch.rand(b, t, generator=gen) < 0.7).float(),
+    }
+    got = fire_row_stats(**args, alpha=0.5, beta=2.0, backend="triton")
+    want = fire_row_stats(**args, alpha=0.5, beta=2.0, backend="torch")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 

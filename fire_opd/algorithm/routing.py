@@ -7,7 +7,7 @@ stats = scatter_rows({name: per_teacher_stats[name] for name in routes}, routes,
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -39,9 +39,10 @@ def route_rows(
 
 
 def scatter_rows(
-    per_teacher: Mapping[str, Sequence[torch.Tensor]], routes: Mapping[str, torch.Tensor], batch_size: int
-) -> tuple[torch.Tensor, ...]:
-    """Reassemble per-teacher row blocks (same tuple layout for every teacher) into full-batch tensors."""
+    per_teacher: Mapping[str, Sequence[Any]], routes: Mapping[str, torch.Tensor], batch_size: int
+) -> Sequence[torch.Tensor]:
+    """Reassemble per-teacher row blocks (the same layout for every teacher) into full-batch
+    tensors, of the blocks' own type when they are named tuples (e.g. `TeacherStudentStats`)."""
     if set(per_teacher) != set(routes):
         raise ValueError(f"per_teacher has teachers {sorted(per_teacher)} but routes has {sorted(routes)}")
     first = next(iter(per_teacher.values()))
@@ -50,4 +51,4 @@ def scatter_rows(
         idx = routes[name].to(first[0].device)
         for buf, t in zip(out, tensors):
             buf[idx] = t
-    return tuple(out)
+    return first._make(out) if hasattr(first, "_make") else tuple(out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -24,6 +24,26 @@ class FireSelection:
     token_weights: torch.Tensor  # [B, T] normalized weights (1 for opd / filter_only), 0 off the mask
     threshold: float  # tau_q (rollout filter) or the token-score threshold (hard_token)
     metrics: dict = field(default_factory=dict)
+
+    def rows(self, index: torch.Tensor) -> FireSelection:
+        """The selection of some rows (a micro-batch's); the batch's metrics stay behind."""
+        return replace(
+            self,
+            advantages=self.advantages[index],
+            loss_mask=self.loss_mask[index],
+            kept_rollouts=self.kept_rollouts[index],
+            token_weights=self.token_weights[index],
+            metrics={},
+        )
+
+    def without_tokens(self) -> FireSelection:
+        """The same rows with no token in the loss (a padding micro-batch's)."""
+        return replace(
+            self,
+            loss_mask=torch.zeros_like(self.loss_mask),
+            advantages=torch.zeros_like(self.advantages),
+            token_weights=torch.zeros_like(self.token_weights),
+        )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -158,10 +178,10 @@ def compute_fire_advantages(
         # -inf when no rank has a valid token
         max_teacher_entropy, max_student_entropy = float(max_t), float(max_s)
         rows = fire_row_stats(
-            teacher_log_prob,
-            teacher_entropy,
-            student_entropy,
-            mask.float(),
+            teacher_log_prob=teacher_log_prob,
+            student_entropy=student_entropy,
+            teacher_entropy=teacher_entropy,
+            mask=mask.float(),
             alpha=fire.alpha,
             beta=fire.beta,
             max_teacher_entropy=max_teacher_entropy,
@@ -197,7 +217,10 @@ def compute_fire_advantages(
             kept_rollouts &= score >= threshold
         loss_mask = mask & kept_rollouts[:, None]
         confidence, confusion = confidence_and_confusion(
-            teacher_entropy, student_entropy, inverse_max(max_teacher_entropy), inverse_max(max_student_entropy)
+            student_entropy=student_entropy,
+            teacher_entropy=teacher_entropy,
+            inv_max_student_entropy=inverse_max(max_student_entropy),
+            inv_max_teacher_entropy=inverse_max(max_teacher_entropy),
         )
         if fire.teacher_confidence_gate > 0:
             loss_mask &= confidence >= fire.teacher_confidence_gate

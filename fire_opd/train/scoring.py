@@ -16,7 +16,7 @@ from fire_kernels import TeacherStudentStats
 from fire_opd.algorithm.routing import route_rows, scatter_rows
 from fire_opd.ops.heads import lm_head, response_hidden_states
 from fire_opd.ops.loss_from_hidden import response_token_stats
-from fire_opd.parallel.parallelism import Parallelism
+from fire_opd.parallel.parallelism import MicroBatch, Parallelism
 from fire_opd.train.rollouts import Rollouts
 
 
@@ -25,6 +25,14 @@ def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
     if device.type == "cuda" and dtype == "float32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def teacher_plan(
+    routes: dict[str, torch.Tensor], teachers: dict[str, torch.nn.Module], parallel: Parallelism, size: int
+) -> list[MicroBatch]:
+    """The step's micro-batches of at most `size` rows, one teacher each, teachers in name order:
+    what scoring runs, and the dense objective's update too (one plan, one collective, per step)."""
+    return parallel.plan_micro_batches(routes, size, order=sorted(teachers))
 
 
 @torch.no_grad()
@@ -41,16 +49,18 @@ def score_rollouts(
     backend: str,
     model_dtype: str,
     vocab_size: Optional[int] = None,
+    plan: Optional[list[MicroBatch]] = None,
 ) -> TeacherStudentStats:
     """Per-token [B, T] statistics of this process's rollouts (`keys`: each row's teacher key).
 
     `divergence` is the full-vocab reverse KL(student || teacher). The student's forward runs
     inside its FSDP wrapper when it has one (the lm_head is gathered there), itself inside the
-    teacher's when the teacher is sharded."""
+    teacher's when the teacher is sharded. `plan`: the step's micro-batches by teacher
+    (`teacher_plan`), made here when not given."""
     routes = route_rows(keys, teachers, default=default_teacher)
     ids, attn, mask = rollouts.input_ids, rollouts.attention_mask, rollouts.response_mask
     per_teacher: dict = {}
-    for batch in parallel.plan_micro_batches(routes, micro_batch_size, order=sorted(teachers)):
+    for batch in plan if plan is not None else teacher_plan(routes, teachers, parallel, micro_batch_size):
         assert batch.teacher is not None  # routed rows
         teacher, rows = teachers[batch.teacher], batch.rows
 
@@ -79,5 +89,7 @@ def score_rollouts(
         stats = parallel.through_teacher(batch.teacher, teacher, with_teacher)
         if not batch.padding:
             per_teacher.setdefault(batch.teacher, []).append(stats)
-    columns = {name: tuple(torch.cat(column) for column in zip(*parts)) for name, parts in per_teacher.items()}
-    return TeacherStudentStats(*scatter_rows(columns, routes, batch_size=len(keys)))
+    columns = {name: TeacherStudentStats._make(map(torch.cat, zip(*parts))) for name, parts in per_teacher.items()}
+    stats = scatter_rows(columns, routes, batch_size=len(keys))
+    assert isinstance(stats, TeacherStudentStats)
+    return stats

@@ -27,8 +27,9 @@ from typing import Mapping, Optional
 import torch
 
 from fire_kernels import TeacherStudentStats
+from fire_opd.algorithm.routing import route_rows
 from fire_opd.parallel import distributed
-from fire_opd.parallel.parallelism import Parallelism
+from fire_opd.parallel.parallelism import MicroBatch, Parallelism
 from fire_opd.train import checkpoint, run_dir
 from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig, default_teacher
@@ -38,7 +39,7 @@ from fire_opd.train.health import health_metrics, rollout_health
 from fire_opd.train.models import prepare_models
 from fire_opd.train.rollouts import Rollouts, sample_step
 from fire_opd.train.run_log import RunLog, check_report_to
-from fire_opd.train.scoring import score_rollouts
+from fire_opd.train.scoring import score_rollouts, teacher_plan
 from fire_opd.train.update import Updater
 from fire_opd.train.verifiers import resolve_verifier
 
@@ -208,10 +209,11 @@ class FireOPDTrainer:
         problems, rollouts = self.sample()
         t_sample = time.perf_counter()
         keys = [p.teacher for p in problems]
-        scores = self.score(rollouts, keys)
+        plan = self.plan(keys)  # the step's micro-batches by teacher, for scoring and the dense update
+        scores = self.score(rollouts, keys, plan)
         t_score = time.perf_counter()
         health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier, self.answer_formats)
-        metrics = self.updater.step(rollouts, keys, scores, health, state=self.state)
+        metrics = self.updater.step(rollouts, keys, scores, health, state=self.state, teacher_plan=plan)
         t_update = time.perf_counter()
 
         mask = rollouts.response_mask
@@ -258,13 +260,20 @@ class FireOPDTrainer:
             synced_gpus=self.parallel.synced_generation,
         )  # fmt: skip
 
-    def score(self, rollouts: Rollouts, keys: list[Optional[str]]) -> TeacherStudentStats:
+    def plan(self, keys: list[Optional[str]]) -> list[MicroBatch]:
+        """The micro-batches of a step's rollouts (`keys`: each row's teacher key), one teacher each."""
+        routes = route_rows(keys, self.teachers, default=self.default_teacher)
+        return teacher_plan(routes, self.teachers, self.parallel, self.config.optim.micro_batch_size)
+
+    def score(
+        self, rollouts: Rollouts, keys: list[Optional[str]], plan: Optional[list[MicroBatch]] = None
+    ) -> TeacherStudentStats:
         """Per-token [B, T] statistics of the rollouts, each by its own teacher (scoring.score_rollouts)."""
         cfg = self.config
         return score_rollouts(
             rollouts, keys, student=self.student, teachers=self.teachers, default_teacher=self.default_teacher,
             parallel=self.parallel, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.sampling.temperature,
-            backend=cfg.runtime.backend, model_dtype=cfg.models.dtype, vocab_size=self.vocab_size,
+            backend=cfg.runtime.backend, model_dtype=cfg.models.dtype, vocab_size=self.vocab_size, plan=plan,
         )  # fmt: skip
 
     def evaluate(self) -> dict:

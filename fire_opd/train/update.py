@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -92,10 +91,12 @@ class Updater:
         health: Optional[dict] = None,
         *,
         state: TrainState,
+        teacher_plan: Optional[list[MicroBatch]] = None,
     ) -> dict:
         """One optimizer step on a step's scored rollouts; returns its metrics (the loss, the
         gradient norm, FiRe's selection statistics, `train/step_skipped`). A skipped step is
-        counted in `state`."""
+        counted in `state`. `teacher_plan`: the step's micro-batches by teacher, as scoring ran
+        them (the dense objective reuses them; planned here when not given)."""
         cfg, parallel = self.config, self.parallel
         mask = rollouts.response_mask
         old_log_prob, student_entropy = scores.student_log_prob, scores.student_entropy
@@ -103,7 +104,7 @@ class Updater:
         assert teacher_log_prob is not None and teacher_entropy is not None  # scored with the teachers
         # rollouts of one prompt are adjacent: prompt index of each row, for fire.filter_scope="group"
         group_ids = torch.arange(mask.shape[0], device=mask.device) // cfg.sampling.samples_per_prompt
-        micro_batches = self._plan(keys, mask)
+        micro_batches = self._plan(keys, mask, teacher_plan)
 
         metrics: dict = {}
         by_micro_batch = cfg.loss.stats_scope == "micro_batch"
@@ -143,9 +144,9 @@ class Updater:
                 if not batch.padding:
                     metrics = _accumulate(metrics, part.metrics, real)
             else:
-                part, part_normalizer, scale = _select_rows(selection, rows), normalizer, 1.0
+                part, part_normalizer, scale = selection.rows(rows), normalizer, 1.0
             if batch.padding:  # only there to keep every process's collectives in step
-                part = _without_tokens(part)
+                part = part.without_tokens()
             with parallel.gradient_sync(index, len(micro_batches)):
                 loss, batch_metrics = self._micro_batch_loss(rollouts, batch, part, part_normalizer, old_log_prob[rows])
                 (loss * scale * parallel.backward_scale).backward()
@@ -169,8 +170,12 @@ class Updater:
             "train/step_skipped": float(skipped),
         }
 
-    def _plan(self, keys: list[Optional[str]], mask: torch.Tensor) -> list[MicroBatch]:
+    def _plan(
+        self, keys: list[Optional[str]], mask: torch.Tensor, teacher_plan: Optional[list[MicroBatch]]
+    ) -> list[MicroBatch]:
         if self.config.loss.objective == "full_vocab":  # the dense loss reads one teacher per micro-batch
+            if teacher_plan is not None:
+                return teacher_plan
             routes = route_rows(keys, self.teachers, default=self.default_teacher)
             return self.parallel.plan_micro_batches(routes, self.config.optim.micro_batch_size, sorted(self.teachers))
         # the clipped surrogate needs no teacher: micro-batches of any rows
@@ -244,27 +249,6 @@ class Updater:
                 "optim.max_skipped_steps"
             )
         return True
-
-
-def _without_tokens(part: FireSelection) -> FireSelection:
-    """The same rows with no token in the loss."""
-    return replace(
-        part,
-        loss_mask=torch.zeros_like(part.loss_mask),
-        advantages=torch.zeros_like(part.advantages),
-        token_weights=torch.zeros_like(part.token_weights),
-    )
-
-
-def _select_rows(selection: FireSelection, rows: torch.Tensor) -> FireSelection:
-    """The rows of a batch-level selection that one micro-batch trains on."""
-    return FireSelection(
-        selection.advantages[rows],
-        selection.loss_mask[rows],
-        selection.kept_rollouts[rows],
-        selection.token_weights[rows],
-        selection.threshold,
-    )
 
 
 def _accumulate(total: dict, metrics: dict, count: int) -> dict:
