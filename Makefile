@@ -91,7 +91,7 @@ gpu-wheels:
 
 # Does distillation help, and does FiRe-OPD beat OPD: the learning-rate sweep on validation (seed 0),
 # then the paper's four methods x 3 seeds on the steps (200 steps), steps-100, brittle-teacher and chain
-# settings, plus TRL's DistillationTrainer (fire_opd/demo/study.py; results under benchmarks/results/study/).
+# settings, plus TRL's DistillationTrainer (fire_opd/demo/study/; results under benchmarks/results/study/).
 # Runs are cached by everything that decides them: with the code and assets that made the committed
 # results this reads them back (printed as cached, with their commit);
 # `make study STUDY_ARGS=--fresh` reruns all and says how long that takes (about 75 minutes here).

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fire_opd.demo.study import OUT_DIR, cached_results, run_jobs  # noqa: E402
+from fire_opd.demo.study.cache import cached_results, run_jobs  # noqa: E402
+from fire_opd.demo.study.grid import OUT_DIR  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ status 2 (fire_opd/cli/preflight.py checks it before any model is loaded); `--de
     fire-opd plot  RUN_DIR [RUN_DIR ...] [--out curves.png]
     fire-opd demo  [--setting steps|brittle-teacher|chain|single|multi-teacher] [--objective sampled|full_vocab]
                    [--steps N] [--seed S] [--samples K]
-    fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/demo/study.py)
+    fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/demo/study/)
 """
 
 from __future__ import annotations
