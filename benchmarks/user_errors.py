@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,20 +72,26 @@ def _setup(work: Path) -> None:
 
 
 def main() -> int:
-    lines, failures = [], []
+    lines, failures, seconds = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _setup(work)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for command in COMMANDS:
             argv = [sys.executable, "-m", "fire_opd", *command.split()[1:]]
+            started = time.perf_counter()
             done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
+            seconds.append(time.perf_counter() - started)
             err = [line for line in done.stderr.splitlines() if line.strip()]
             lines += [f"$ {command}", *err]
             if done.returncode != 2 or len(err) != 1:
                 failures.append(f"{command}: exit {done.returncode}, {len(err)} stderr lines")
-            print(f"$ {command}\n" + "\n".join(err), flush=True)
-    OUT.write_text("\n".join(lines) + "\n")
+            print(f"$ {command}\n" + "\n".join(err) + f"\n({seconds[-1]:.1f} s)", flush=True)
+    OUT.write_text("\n".join(lines) + "\n")  # without the times, which move with the machine's load
+    ordered = sorted(seconds)
+    print(
+        f"{len(seconds)} commands: {ordered[0]:.1f} s to {ordered[-1]:.1f} s, median {ordered[len(ordered) // 2]:.1f} s"
+    )
     for failure in failures:
         print(f"NOT ONE LINE AND EXIT 2: {failure}", file=sys.stderr)
     return 1 if failures else 0
