@@ -33,9 +33,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from fire_opd.demo.recipes import SELECT_LRS
 from fire_opd.demo.study.cache import cached_results, run_jobs
-from fire_opd.demo.study.grid import OUT_DIR, TRL, VARIANTS, build_jobs
+from fire_opd.demo.study.grid import OUT_DIR, TRL, VARIANTS, build_jobs, selection_jobs
 from fire_opd.demo.study.report import (
     aggregate,
     format_diagnostics,
@@ -72,44 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.select:
-        lrs = {s: SELECT_LRS.get(s, SELECT_LRS["single"]) for s in args.settings}
-        jobs = [
-            {"kind": "initial", "setting": s, "seed": seed, "split": "validation", "quick": args.quick}
-            for seed in args.seeds
-            for s in args.settings
-        ]
-        jobs += [
-            {
-                "kind": "train",
-                "setting": s,
-                "objective": o,
-                "variant": "opd",
-                "seed": seed,
-                "split": "validation",
-                "lr": lr,
-                "quick": args.quick,
-            }
-            for seed in args.seeds
-            for s in args.settings
-            for o in args.objectives
-            for lr in lrs[s]
-        ]
-        if not args.no_trl:
-            jobs += [
-                {
-                    "kind": "trl",
-                    "setting": s,
-                    "objective": "full_vocab",
-                    "variant": TRL,
-                    "seed": seed,
-                    "split": "validation",
-                    "lr": lr,
-                    "quick": args.quick,
-                }
-                for seed in args.seeds
-                for s in args.settings
-                for lr in lrs[s]
-            ]
+        jobs = selection_jobs(args.settings, args.objectives, args.seeds, args.quick, trl=not args.no_trl)
         if not args.aggregate_only:
             run_jobs(jobs, args.out, args.jobs, fresh=args.fresh)
         results, stale = cached_results(args.out, "validation", args.quick)

@@ -8,10 +8,7 @@ import json
 import multiprocessing as mp
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    pass
+from typing import Optional
 
 from fire_opd.demo.recipes import EVAL_SAMPLES
 from fire_opd.demo.study.grid import job_config, run_name

@@ -4,11 +4,9 @@ objective x variant x seed) and each job's training config."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    pass
-
+from fire_opd.demo.recipes import SELECT_LRS
 
 OUT_DIR = Path("benchmarks/results/study")
 
@@ -124,16 +122,22 @@ def job_config(job: dict, quick: bool):
     return config
 
 
+def _job(kind: str, setting: str, seed: int, split: str, quick: bool, **fields) -> dict:
+    return {"kind": kind, "setting": setting, "seed": seed, "split": split, "quick": quick, **fields}
+
+
+def _trl_job(setting: str, seed: int, split: str, quick: bool, **fields) -> dict:
+    return _job("trl", setting, seed, split, quick, objective="full_vocab", variant=TRL, **fields)
+
+
 def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = True) -> list[dict]:
+    """The study on the held-out split: the initial students, every variant x objective x seed,
+    and TRL's trainer on the single-teacher settings."""
     from fire_opd.demo.run import get_setting
 
-    jobs = [
-        {"kind": "initial", "setting": s, "seed": seed, "split": "test", "quick": quick}
-        for s in settings
-        for seed in seeds
-    ]
+    jobs = [_job("initial", s, seed, "test", quick) for s in settings for seed in seeds]
     jobs += [
-        {"kind": "train", "setting": s, "objective": o, "variant": v, "seed": seed, "split": "test", "quick": quick}
+        _job("train", s, seed, "test", quick, objective=o, variant=v)
         for seed in seeds
         for s in settings
         for o in objectives
@@ -142,17 +146,23 @@ def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = T
     ]
     if trl:
         jobs += [
-            {
-                "kind": "trl",
-                "setting": s,
-                "objective": "full_vocab",
-                "variant": TRL,
-                "seed": seed,
-                "split": "test",
-                "quick": quick,
-            }
-            for seed in seeds
-            for s in settings
-            if len(get_setting(s).teachers) == 1
+            _trl_job(s, seed, "test", quick) for seed in seeds for s in settings if len(get_setting(s).teachers) == 1
         ]
+    return jobs
+
+
+def selection_jobs(settings, objectives, seeds, quick: bool, trl: bool = True) -> list[dict]:
+    """The learning-rate sweep on the validation split (`--select`): plain OPD (and TRL's trainer)
+    at each of the setting's candidate rates."""
+    lrs = {s: SELECT_LRS.get(s, SELECT_LRS["single"]) for s in settings}
+    jobs = [_job("initial", s, seed, "validation", quick) for seed in seeds for s in settings]
+    jobs += [
+        _job("train", s, seed, "validation", quick, objective=o, variant="opd", lr=lr)
+        for seed in seeds
+        for s in settings
+        for o in objectives
+        for lr in lrs[s]
+    ]
+    if trl:
+        jobs += [_trl_job(s, seed, "validation", quick, lr=lr) for seed in seeds for s in settings for lr in lrs[s]]
     return jobs

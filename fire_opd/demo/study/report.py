@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    pass
+from typing import Optional
 
 from fire_opd.demo.study.grid import PERCENTILE_SWEEP, ROW_ORDER, run_name
 

@@ -30,8 +30,7 @@ def run_job(job: dict) -> dict:
     import torch
 
     from fire_opd.demo.regime import continuation_accuracy, measure_regime
-    from fire_opd.demo.run import REGIME_ROLLOUTS, load_setting, problem_sets, train_student
-    from fire_opd.train.evaluate import greedy_and_sampled
+    from fire_opd.demo.run import REGIME_ROLLOUTS, evaluate_row, load_setting, problem_sets, train_student
     from fire_opd.train.health import ANSWER_FORMATS
     from fire_opd.train.models import load_causal_lm
     from fire_opd.train.trainer import FireOPDTrainer
@@ -42,18 +41,9 @@ def run_job(job: dict) -> dict:
     loaded = load_setting(job["setting"])
     setting, tokenizer, teachers = loaded
     train, evaluation = problem_sets(setting, job["seed"], config.eval.size, eval_split=job["split"])
-    samples = EVAL_SAMPLES
 
-    def metrics(model, problems) -> dict:
-        return greedy_and_sampled(
-            model,
-            tokenizer,
-            problems,
-            max_new_tokens=config.sampling.max_new_tokens,
-            samples=samples,
-            temperature=config.sampling.temperature,
-            seed=job["seed"],
-        )
+    def metrics(model, problems) -> dict:  # config.seed is the job's
+        return evaluate_row(model, tokenizer, problems, config, EVAL_SAMPLES)
 
     t0 = time.perf_counter()
     if job["kind"] == "initial":
@@ -111,7 +101,7 @@ def run_job(job: dict) -> dict:
         **result,
         "lr": config.optim.lr,
         "steps": config.optim.steps,
-        "eval_samples": samples,
+        "eval_samples": EVAL_SAMPLES,
         "seconds": time.perf_counter() - t0,
     }
 
