@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E402
+from _peers import method_fn  # noqa: E402  (one adapter per method)
 
 # Model pairs (vocab, student D, teacher D): Qwen3 4B student / 8B teacher, Llama 3 8B, Gemma 2 2B.
 SHAPES = {
@@ -81,7 +82,6 @@ METHODS = {
 PRODUCTS = {"logprob": 4, "kl": 6, "jsd_loss": 6, "stats": 5, "jsd": 8, "update": 3}
 # Peers that run only on CUDA (their kernels have no CPU path)
 CUDA_ONLY = {"triton", "cce", "liger_ce"}
-VOCAB_CHUNK = 4096  # the floor's tile width: the same bounded tiles a memory-bounded method uses
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -108,229 +108,6 @@ def _make_inputs(shape: dict, tokens: int, device, dtype, seed: int = 0):
     return inputs
 
 
-def _floor_fn(workload: str, x: dict):
-    """Only the matrix products a memory-bounded implementation cannot avoid, on bounded tiles."""
-    import torch
-
-    s_h, s_w, t_h, t_w = x["s_h"].detach(), x["s_w"].detach(), x["t_h"], x["t_w"]
-    vocab = s_w.shape[0]
-    chunks = [slice(v, min(v + VOCAB_CHUNK, vocab)) for v in range(0, vocab, VOCAB_CHUNK)]
-
-    teacher = workload in ("stats", "jsd", "kl", "jsd_loss")
-
-    def run():
-        grad_h = torch.zeros_like(s_h)
-        grad_w = torch.empty_like(s_w)
-        if workload != "update":
-            for _ in range(2 if workload == "jsd" else 1):
-                for c in chunks:
-                    s_h @ s_w[c].t()
-                    if teacher:
-                        t_h @ t_w[c].t()
-        for c in chunks:
-            dz = s_h @ s_w[c].t()  # recompute (update: the one forward product)
-            if workload in ("jsd", "kl", "jsd_loss"):
-                t_h @ t_w[c].t()
-            grad_h.addmm_(dz, s_w[c])
-            torch.mm(dz.t(), s_h, out=grad_w[c])
-        return grad_h, grad_w
-
-    return run
-
-
-def _method_fn(method: str, workload: str, x: dict, device):
-    import torch
-
-    import fire_kernels
-    from fire_kernels.fused_update import linear_log_prob_update
-
-    s_h, s_w, t_h, t_w, y = x["s_h"], x["s_w"], x["t_h"], x["t_w"], x["targets"]
-    if method == "floor":
-        return _floor_fn(workload, x)
-    divergence = "jsd" if workload == "jsd" else None
-
-    if workload == "update":
-        old, adv = x["old"], x["adv"]
-        n = y.shape[0]
-
-        def ppo_grad(lp, rows):
-            ratio = torch.exp(lp - old[rows])
-            clipped = ratio.clamp(0.8, 1.2)
-            a = adv[rows]
-            pg = torch.maximum(-a * ratio, -a * clipped)
-            return pg.sum() / n, torch.where(-a * ratio >= -a * clipped, -a * ratio, 0.0) / n
-
-        if method == "reference":
-
-            def run():
-                logits = (s_h.float() @ s_w.float().t()).log_softmax(-1)
-                lp = logits.gather(1, y[:, None]).squeeze(1)
-                ratio = torch.exp(lp - old)
-                loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
-                return torch.autograd.grad(loss, (s_h, s_w))
-
-            return run
-        backend = method
-
-        def run():
-            return linear_log_prob_update(s_h.detach(), s_w.detach(), y, ppo_grad, backend=backend)
-
-        return run
-
-    if workload == "logprob":
-        if method == "cce":
-            from cut_cross_entropy import linear_cross_entropy
-
-            def run():  # Cut Cross-Entropy: the per-token -log p, no entropy
-                nll = linear_cross_entropy(s_h, s_w, y, reduction="none")
-                return torch.autograd.grad(-nll.sum(), (s_h, s_w))
-
-            return run
-        if method == "liger":
-            from liger_kernel.chunked_loss.fused_linear_ppo import (
-                _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE,
-                _ChunkedSelectiveLogProbFunction,
-            )
-
-            def run():  # Liger's chunked selective log-prob (its PPO / GRPO losses' call): no entropy
-                lp = _ChunkedSelectiveLogProbFunction.apply(s_h, s_w, y, None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
-                return torch.autograd.grad(lp.sum(), (s_h, s_w))
-
-            return run
-        if method == "liger_ce":
-            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-
-            def run():  # Liger's fused linear cross-entropy: the summed -log p, no entropy
-                loss = LigerFusedLinearCrossEntropyFunction.apply(s_h, s_w, y, None, None, -100, 0.0, 0.0, "sum")
-                loss = loss[0] if isinstance(loss, tuple) else loss
-                return torch.autograd.grad(loss, (s_h, s_w))
-
-            return run
-        if method == "reference_compiled":
-            compiled = torch.compile(lambda: fire_kernels.token_stats(s_h, s_w, y, backend="reference"))
-
-            def run():
-                lp, ent = compiled()
-                return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
-
-            return run
-        if method == "trl":
-            from trl.kernels import ChunkedLogProbFunction
-            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
-
-            def run():  # TRL's own call (trl/trainer/utils.py), entropy with gradient
-                lp, ent, *_ = ChunkedLogProbFunction.apply(
-                    s_h, s_w, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",)
-                )
-                return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
-
-            return run
-        backend = method
-
-        def run():
-            lp, ent = fire_kernels.token_stats(s_h, s_w, y, backend=backend)
-            return torch.autograd.grad(lp.sum() + ent.sum(), (s_h, s_w))
-
-        return run
-
-    if workload == "kl":
-        if method == "trl":
-            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-
-            def run():  # beta = 1: KL(student || teacher); TRL's entropy carries no gradient
-                div, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, 1.0, 1.0)
-                return torch.autograd.grad(div.sum(), (s_h, s_w))
-
-            return run
-        if method == "liger":
-            from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
-
-            kl = LigerFusedLinearJSDLoss(
-                weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False, chunk_size=1024
-            )
-
-            def run():  # Liger's loss is the batch mean; no entropy
-                return torch.autograd.grad(kl(s_h, s_w, t_h, t_w, y), (s_h, s_w))
-
-            return run
-        backend = method
-
-        def run():
-            out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend=backend)
-            return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
-
-        return run
-
-    if workload == "jsd_loss":
-        if method == "trl":
-            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-
-            def run():  # TRL's generalized JSD at beta 0.5
-                div, _entropy = ChunkedDivergenceFunction.apply(s_h, s_w, None, t_h, t_w, None, 0.5, 1.0)
-                return torch.autograd.grad(div.sum(), (s_h, s_w))
-
-            return run
-        if method == "liger":
-            from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
-
-            jsd_loss = LigerFusedLinearJSDLoss(
-                weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False, chunk_size=1024
-            )
-
-            def run():  # Liger's loss is the batch mean
-                return torch.autograd.grad(jsd_loss(s_h, s_w, t_h, t_w, y), (s_h, s_w))
-
-            return run
-        backend = method
-
-        def run():
-            out = fire_kernels.teacher_student_stats(
-                s_h, s_w, t_h, t_w, y, divergence="jsd", jsd_beta=0.5, backend=backend
-            )
-            return torch.autograd.grad(out.divergence.sum(), (s_h, s_w))
-
-        return run
-
-    if method == "liger":
-        from liger_kernel.chunked_loss.fused_linear_ppo import (
-            _ChunkedSelectiveLogProbFunction,
-            _selective_logprob_forward,
-        )
-        from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
-
-        jsd = LigerFusedLinearJSDLoss(
-            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=False, chunk_size=1024
-        )
-
-        def run():
-            lp = _ChunkedSelectiveLogProbFunction.apply(s_h, s_w, y, None, 1.0, 4096)
-            with torch.no_grad():
-                _selective_logprob_forward(t_h, t_w, y)
-            loss = lp.sum() + jsd(s_h, s_w, t_h, t_w, y)
-            return torch.autograd.grad(loss, (s_h, s_w))
-
-        return run
-
-    def stats_loss(backend):
-        out = fire_kernels.teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence=divergence, backend=backend)
-        loss = out.student_log_prob.sum() + out.student_entropy.sum()
-        return loss + out.divergence.sum() if divergence else loss
-
-    if method == "reference_compiled":
-        compiled = torch.compile(lambda: stats_loss("reference"))
-
-        def run():
-            return torch.autograd.grad(compiled(), (s_h, s_w))
-
-        return run
-    backend = method
-
-    def run():
-        return torch.autograd.grad(stats_loss(backend), (s_h, s_w))
-
-    return run
-
-
 def worker(args) -> dict:
     import torch
 
@@ -343,7 +120,7 @@ def worker(args) -> dict:
     x = _make_inputs(shape, args.tokens, device, dtype)
     input_bytes = sum(t.numel() * t.element_size() for t in x.values())
     grad_bytes = x["s_h"].numel() * x["s_h"].element_size() + x["s_w"].numel() * x["s_w"].element_size()
-    fn = _method_fn(args.method, args.workload, x, device)
+    fn = method_fn(args.method, args.workload, x)
 
     def sync():
         if device.type == "cuda":
