@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ import torch
 
 from fire_opd.errors import UsageError
 from fire_opd.ops.heads import is_peft
-from fire_opd.train.run_dir import CONFIG_HISTORY_FILE, STATE_FILE, prune_checkpoints, read_state
+from fire_opd.train.run_dir import STATE_FILE, prune_checkpoints, read_state
 
 logger = logging.getLogger("fire_opd")
 
@@ -127,30 +126,6 @@ def save_merged(path: str | Path, *, student, tokenizer) -> Path:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
-
-
-def check_resume(path: str | Path, config) -> list[tuple[str, object, object]]:
-    """The changes of `config` against the one the checkpoint at `path` was written with, among
-    the fields that define a run: refused in one line listing each (old -> new) unless
-    `checkpoint.allow_config_change`, else returned (to be logged and kept)."""
-    saved = read_state(path).get("config", {})
-    changes = config.changes_from(saved)
-    if changes and not config.checkpoint.allow_config_change:
-        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
-        raise UsageError(
-            f"checkpoint.resume_from: {path} was written with another config ({listed}); resume with the same "
-            "config, or set checkpoint.allow_config_change: true to continue with the changes"
-        )
-    return changes
-
-
-def record_config_changes(output_dir: str | Path, step: int, changes: list) -> None:
-    """Append the changes a resume made to output_dir/config-history.jsonl."""
-    if not changes:
-        return
-    entry = {"step": step, "time": time.time(), "changes": {key: [old, new] for key, old, new in changes}}
-    with (Path(output_dir) / CONFIG_HISTORY_FILE).open("a") as f:
-        f.write(json.dumps(entry, default=str) + "\n")
 
 
 def rng_state() -> tuple[dict, dict]:

@@ -7,8 +7,9 @@
         .fire-opd.lock       the live run that holds the directory
 
 The guard (`check_output_dir`: a new run refuses a directory that holds one), the lock (one
-live run per directory, taken over from a dead one), the listing of complete checkpoints and
-the stop signals live here; this module imports no torch, so the command line's checks answer
+live run per directory, taken over from a dead one), the listing of complete checkpoints, the
+stop signals and the policy for a resume that changes the config (`check_resume`, refused
+unless allowed, then recorded in config-history.jsonl) live here; this module imports no torch, so the command line's checks answer
 before torch loads.
 """
 
@@ -246,3 +247,30 @@ def remove_partial_saves(output_dir: str | Path) -> list[Path]:
         logger.warning("removing %s, left by a save that did not finish", path)
         shutil.rmtree(path)
     return doomed
+
+
+# ----------------------------------------------------------------------------- resuming with a changed config
+
+
+def check_resume(path: str | Path, config) -> list[tuple[str, object, object]]:
+    """The changes of `config` against the one the checkpoint at `path` was written with, among
+    the fields that define a run: refused in one line listing each (old -> new) unless
+    `checkpoint.allow_config_change`, else returned (to be logged and kept)."""
+    saved = read_state(path).get("config", {})
+    changes = config.changes_from(saved)
+    if changes and not config.checkpoint.allow_config_change:
+        listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise UsageError(
+            f"checkpoint.resume_from: {path} was written with another config ({listed}); resume with the same "
+            "config, or set checkpoint.allow_config_change: true to continue with the changes"
+        )
+    return changes
+
+
+def record_config_changes(output_dir: str | Path, step: int, changes: list) -> None:
+    """Append the changes a resume made to output_dir/config-history.jsonl."""
+    if not changes:
+        return
+    entry = {"step": step, "time": time.time(), "changes": {key: [old, new] for key, old, new in changes}}
+    with (Path(output_dir) / CONFIG_HISTORY_FILE).open("a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")

@@ -94,7 +94,7 @@ class FireOPDTrainer:
         # the checkpoint to resume, and what the new config changes, before any model loads
         resume_from = config.checkpoint.resume_from
         resume_path = run_dir.resolve_resume(resume_from, self.output_dir) if resume_from else None
-        changes = checkpoint.check_resume(resume_path, config) if resume_path is not None else []
+        changes = run_dir.check_resume(resume_path, config) if resume_path is not None else []
         distributed.barrier()  # every rank has checked output_dir before rank 0 writes to it
         sampling = config.sampling
         # this process's prompts of each step, and how many go into one generate call
@@ -132,7 +132,7 @@ class FireOPDTrainer:
                 logger.warning("resuming from %s (step %d)", resume_path, self.step)
                 for key, old, new in changes:
                     logger.warning("resumed with a changed config: %s %r -> %r", key, old, new)
-                checkpoint.record_config_changes(self.output_dir, self.step, changes)
+                run_dir.record_config_changes(self.output_dir, self.step, changes)
         # a run resumed after its last step has nothing to do, and changes nothing
         self.finished = self.step >= config.optim.steps
 
