@@ -138,3 +138,21 @@ def test_the_config_knows_the_kernel_backends():
     from fire_opd.train.config import KERNEL_BACKENDS
 
     assert KERNEL_BACKENDS == BACKENDS
+
+
+def test_every_field_is_documented_once_and_the_page_shows_it():
+    """Each config field's help lives in its dataclass (`field(metadata={"help": ...})`); the
+    training page's field table and `fire-opd train --help` are made from it."""
+    import re
+    from pathlib import Path
+
+    from fire_opd.cli.main import build_parser
+    from fire_opd.train.config import field_docs, fields_markdown
+
+    keys = [key for key, _, _ in field_docs()]
+    assert sorted(keys) == sorted(field_names()) and all(text for _, _, text in field_docs())
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    table = re.search(r"<!-- fields:start -->\n(.*?)\n<!-- fields:end -->", page, flags=re.S)
+    assert table and table.group(1) == fields_markdown(), "run python -m fire_opd.train.config into docs/training.md"
+    train = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    assert all(f"  {key} = " in train.epilog for key in keys)

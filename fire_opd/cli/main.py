@@ -57,13 +57,32 @@ def _teachers(values: list[str]) -> dict[str, str]:
 DEMO_SETTINGS = ("steps", "brittle-teacher", "chain", "single", "multi-teacher")
 
 
+def _fields_epilog() -> str:
+    """Every config field with its default and help (the dataclasses' `help` metadata)."""
+    import textwrap
+
+    from fire_opd.train.config import field_docs
+
+    lines = ["config fields (YAML sections, or --set section.field=value):"]
+    for key, default, text in field_docs():
+        lines.append(f"  {key} = {default}")
+        lines += textwrap.wrap(text, width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fire-opd", description="FiRe-OPD on-policy distillation")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-    train = sub.add_parser("train", parents=[debug], help="distill a student from one or more teachers")
+    train = sub.add_parser(
+        "train",
+        parents=[debug],
+        help="distill a student from one or more teachers",
+        epilog=_fields_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--config", help="YAML file with TrainConfig fields")
     train.add_argument("--student", help="student model path (Hugging Face format)")
     train.add_argument(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import typing
@@ -72,14 +73,35 @@ def default_teacher(configured: Optional[str], teachers: Iterable[str]) -> Optio
 class ModelsConfig:
     """The models of a run (Hugging Face format: a folder or a hub id in the local cache)."""
 
-    student: str = ""  # the student (AutoModelForCausalLM)
-    teachers: dict[str, str] = field(default_factory=dict)  # name -> path; one entry for single-teacher runs
-    tokenizer: Optional[str] = None  # tokenizer path; defaults to the student's
-    default_teacher: Optional[str] = None  # teacher for prompts without a "teacher" key
-    dtype: str = "float32"  # student parameter dtype: float32 | bfloat16; on CUDA float32 runs under bf16 autocast
-    teacher_dtype: Optional[str] = None  # teachers' dtype (default: dtype), e.g. bfloat16 teachers for a float32
-    #                                      student: half the teacher memory
-    gradient_checkpointing: bool = False  # the student's own activation checkpointing (recompute in backward)
+    student: str = field(default="", metadata={"help": "the student (AutoModelForCausalLM)"})
+    teachers: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "name -> path; one entry for single-teacher runs"}
+    )
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer path; defaults to the student's"})
+    default_teacher: Optional[str] = field(
+        default=None, metadata={"help": 'teacher for prompts without a "teacher" key'}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": (
+                "the student's dtype: float32 | bfloat16 (its full fine-tune trains through float32 master weights,"
+                " optim.master_weights); on CUDA a float32 student runs under bf16 autocast"
+            )
+        },
+    )
+    teacher_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "teachers' dtype (default: dtype), e.g. bfloat16 teachers for a float32 student: half the teacher "
+                "memory"
+            )
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "the student's own activation checkpointing (recompute in backward)"}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.teachers, dict):
@@ -97,13 +119,24 @@ class LoraConfig:
     """A LoRA student (through peft): only the adapters train, and checkpoints hold only them.
     r = 0 (the default) trains every weight."""
 
-    r: int = 0  # adapter rank; 0: full fine-tuning
-    alpha: float = 16.0  # scale alpha / r of the adapters' product
-    dropout: float = 0.0  # dropout on the adapters' input
-    target_modules: Union[str, list] = "all-linear"  # "all-linear" (every linear layer but the lm_head) or a
-    #                                                  list of module names, e.g. [q_proj, v_proj]
-    merge_lora: bool = False  # also write output_dir/final-merged: the adapters merged into the student's
-    #                           weights, a plain model folder for from_pretrained
+    r: int = field(default=0, metadata={"help": "adapter rank; 0: full fine-tuning"})
+    alpha: float = field(default=16.0, metadata={"help": "scale alpha / r of the adapters' product"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    target_modules: Union[str, list] = field(
+        default="all-linear",
+        metadata={
+            "help": '"all-linear" (every linear layer but the lm_head) or a list of module names, e.g. [q_proj, v_proj]'
+        },
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "also write output_dir/final-merged: the adapters merged into the student's weights, a plain model "
+                "folder for from_pretrained"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _at_least("lora", self, ("r",), 0)
@@ -127,20 +160,49 @@ class LoraConfig:
 class DataConfig:
     """Prompts and how completions are scored."""
 
-    prompts: str = ""  # training prompts: a .jsonl/.json/.csv/.tsv/.parquet file, a folder (of such files, or
-    #                    written by datasets' save_to_disk) or a Hugging Face dataset id; rows hold a prompt or chat
-    #                    messages, an answer, optionally a "teacher" key (fire_opd/train/data.py)
-    eval_prompts: Optional[str] = None  # held-out prompts for periodic evaluation (the same kinds of source)
-    prompts_split: str = "train"  # the split of a dataset id or folder that `prompts` reads
-    eval_prompts_split: str = "train"  # the split `eval_prompts` reads (e.g. "test" of the same dataset id)
-    prompt_field: str = "prompt"  # the column with the raw prompt text
-    answer_field: str = "answer"  # the column with the reference answer
-    messages_field: str = "messages"  # the column with chat messages ({role, content} lists), used instead of
-    #                                   a prompt on the rows that have them
-    chat_template_kwargs: dict = field(default_factory=dict)  # passed to apply_chat_template for "messages" rows,
-    #                                                           e.g. {enable_thinking: false} for Qwen3
-    verifier: str = "final_answer"  # scores completions for train/reward and evaluation (never the loss): a
-    #                                 built-in (final_answer | last_number | boxed) or "package.module:function"
+    prompts: str = field(
+        default="",
+        metadata={
+            "help": (
+                "training prompts: a .jsonl/.json/.csv/.tsv/.parquet file, a folder (of such files, or written by"
+                " datasets' save_to_disk) or a Hugging Face dataset id; rows hold a prompt or chat messages, an "
+                'answer, optionally a "teacher" key (fire_opd/train/data.py)'
+            )
+        },
+    )
+    eval_prompts: Optional[str] = field(
+        default=None, metadata={"help": "held-out prompts for periodic evaluation (the same kinds of source)"}
+    )
+    prompts_split: str = field(
+        default="train", metadata={"help": "the split of a dataset id or folder that `prompts` reads"}
+    )
+    eval_prompts_split: str = field(
+        default="train", metadata={"help": 'the split `eval_prompts` reads (e.g. "test" of the same dataset id)'}
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "the column with the raw prompt text"})
+    answer_field: str = field(default="answer", metadata={"help": "the column with the reference answer"})
+    messages_field: str = field(
+        default="messages",
+        metadata={
+            "help": (
+                "the column with chat messages ({role, content} lists), used instead of a prompt on the rows that "
+                "have them"
+            )
+        },
+    )
+    chat_template_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": 'passed to apply_chat_template for "messages" rows, e.g. {enable_thinking: false} for Qwen3'},
+    )
+    verifier: str = field(
+        default="final_answer",
+        metadata={
+            "help": (
+                "scores completions for train/reward and evaluation (never the loss): a built-in (final_answer | "
+                'last_number | boxed) or "package.module:function"'
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.chat_template_kwargs, dict):
@@ -161,15 +223,25 @@ class DataConfig:
 class SamplingConfig:
     """The rollouts of a step: the student samples `samples_per_prompt` answers per prompt."""
 
-    prompts_per_step: int = 16  # global: over all processes under torchrun
-    samples_per_prompt: int = 4
-    rollout_chunk_prompts: int = 0  # prompts per generate call (a memory bound). 0: each process samples its
-    #                                 share of the step in one call. Every row draws from its own seed, so 1 or K
-    #                                 processes draw the same rollouts either way; with chunks (dealt to processes)
-    #                                 they also batch the same rows together: bit-identical rollouts
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # sampling temperature, also used for every log-prob and entropy
-    top_p: float = 1.0
+    prompts_per_step: int = field(default=16, metadata={"help": "global: over all processes under torchrun"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "answers the student samples per prompt"})
+    rollout_chunk_prompts: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "prompts per generate call (a memory bound). 0: each process samples its share of the step in one "
+                "call. Every row draws from its own seed, so 1 or K processes draw the same rollouts either way; "
+                "with chunks (dealt to processes) they also batch the same rows together: bit-identical rollouts"
+            )
+        },
+    )
+    max_new_tokens: int = field(default=16, metadata={"help": "the longest answer, in tokens"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature, also used for every log-prob and entropy"}
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "nucleus sampling: the smallest set of tokens with this much probability"}
+    )
 
     def __post_init__(self) -> None:
         _at_least("sampling", self, ("prompts_per_step", "samples_per_prompt", "max_new_tokens"), 1)
@@ -191,15 +263,33 @@ class SamplingConfig:
 class LossConfig:
     """The training signal on the selected tokens."""
 
-    objective: str = "full_vocab"  # "full_vocab": the exact per-token divergence (TRL's DistillationTrainer; the
-    #                                default: it won on both demo settings' validation splits); "sampled": the PPO
-    #                                surrogate on the sampled token's advantage (the paper, verl)
-    divergence: str = "reverse_kl"  # full_vocab only: reverse_kl | forward_kl | jsd
-    jsd_beta: float = 0.5  # full_vocab with divergence=jsd: 0 = forward KL, 1 = reverse KL (TRL / Liger)
-    clip_ratio: float = 0.2  # PPO epsilon (sampled)
-    agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
-    stats_scope: str = "batch"  # "batch": FiRe statistics over the whole rollout batch;
-    #                             "micro_batch": per micro-batch, as the authors' released code does
+    objective: str = field(
+        default="full_vocab",
+        metadata={
+            "help": (
+                '"full_vocab": the exact per-token divergence (TRL\'s DistillationTrainer; the default: it won on'
+                " both demo settings' validation splits); \"sampled\": the PPO surrogate on the sampled token's "
+                "advantage (the paper, verl)"
+            )
+        },
+    )
+    divergence: str = field(default="reverse_kl", metadata={"help": "full_vocab only: reverse_kl | forward_kl | jsd"})
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "full_vocab with divergence=jsd: 0 = forward KL, 1 = reverse KL (TRL / Liger)"}
+    )
+    clip_ratio: float = field(default=0.2, metadata={"help": "PPO epsilon (sampled)"})
+    agg_mode: str = field(
+        default="token-mean", metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum"}
+    )
+    stats_scope: str = field(
+        default="batch",
+        metadata={
+            "help": (
+                '"batch": FiRe statistics over the whole rollout batch; "micro_batch": per micro-batch, as the '
+                "authors' released code does"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _choice("loss", "objective", self.objective, OBJECTIVES)
@@ -214,19 +304,33 @@ class LossConfig:
 class OptimConfig:
     """AdamW with linear warmup and cosine decay; micro-batches accumulate to one step."""
 
-    steps: int = 100  # optimizer steps (one rollout batch each)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10  # linear warmup, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 32  # rollouts per forward/backward
-    max_skipped_steps: int = 10  # a step whose loss or gradient norm is not finite changes no weight or optimizer
-    #                              state and is counted (train/skipped_steps); this many in a row stop the run
-    master_weights: bool = True  # a bf16 / fp16 student trains through float32 master weights kept by the
-    #                              optimizer (fire_opd/train/optim.py); false updates the low-precision weights in
-    #                              place, which loses every update smaller than a weight's rounding step
+    steps: int = field(default=100, metadata={"help": "optimizer steps (one rollout batch each)"})
+    lr: float = field(default=1e-4, metadata={"help": "the peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay"})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW's (beta1, beta2)"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup, then cosine decay to min_lr_ratio * lr"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine decay ends at min_lr_ratio * lr"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (over every process) to this"})
+    micro_batch_size: int = field(default=32, metadata={"help": "rollouts per forward/backward"})
+    max_skipped_steps: int = field(
+        default=10,
+        metadata={
+            "help": (
+                "a step whose loss or gradient norm is not finite changes no weight or optimizer state and is "
+                "counted (train/skipped_steps); this many in a row stop the run"
+            )
+        },
+    )
+    master_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "a bf16 / fp16 student trains through float32 master weights kept by the optimizer "
+                "(fire_opd/train/optim.py); false updates the low-precision weights in place, which loses every "
+                "update smaller than a weight's rounding step"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
@@ -241,14 +345,35 @@ class OptimConfig:
 class ParallelConfig:
     """How processes share the work under torchrun (ignored in a single process)."""
 
-    student: str = "ddp"  # "ddp" (every process holds the student) or "fsdp" (FSDP2: each holds 1 / K of the
-    #                       student's parameters, gradients and optimizer state)
-    teachers: str = "replicate"  # "replicate" (each process scores its own rollouts with a whole teacher, no
-    #                              communication) or "fsdp" (FSDP2: 1 / K of each teacher per process, gathered
-    #                              layer by layer for every forward; for a teacher that does not fit one device)
-    vocab: bool = False  # each process holds 1 / K of the rows of the student's and every teacher's lm_head (and of
-    #                      the student's head gradient and AdamW state); statistics run over all processes' tokens
-    #                      (parallel/sharded_head.py); needs student: ddp, runtime.fused_update and untied heads
+    student: str = field(
+        default="ddp",
+        metadata={
+            "help": (
+                '"ddp" (every process holds the student) or "fsdp" (FSDP2: each holds 1 / K of the student\'s '
+                "parameters, gradients and optimizer state)"
+            )
+        },
+    )
+    teachers: str = field(
+        default="replicate",
+        metadata={
+            "help": (
+                '"replicate" (each process scores its own rollouts with a whole teacher, no communication) or '
+                '"fsdp" (FSDP2: 1 / K of each teacher per process, gathered layer by layer for every forward; for'
+                " a teacher that does not fit one device)"
+            )
+        },
+    )
+    vocab: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "each process holds 1 / K of the rows of the student's and every teacher's lm_head (and of the "
+                "student's head gradient and AdamW state); statistics run over all processes' tokens "
+                "(parallel/sharded_head.py); needs student: ddp, runtime.fused_update and untied heads"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _choice("parallel", "student", self.student, ("ddp", "fsdp"))
@@ -264,11 +389,20 @@ class ParallelConfig:
 class RuntimeConfig:
     """Where and how the kernels run."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend
-    #                   on it: fix it to reproduce a seed
-    backend: str = "auto"  # fire_kernels backend: auto | triton | chunked | reference
-    fused_update: bool = True  # form the student's gradients in the forward sweep (fire_kernels.fused_update)
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "torch CPU threads (0: torch's default). CPU reductions, and so a run's numbers, depend on it: fix "
+                "it to reproduce a seed"
+            )
+        },
+    )
+    backend: str = field(default="auto", metadata={"help": "fire_kernels backend: auto | triton | chunked | reference"})
+    fused_update: bool = field(
+        default=True, metadata={"help": "form the student's gradients in the forward sweep (fire_kernels.fused_update)"}
+    )
 
     def __post_init__(self) -> None:
         _at_least("runtime", self, ("threads",), 0)
@@ -279,12 +413,14 @@ class RuntimeConfig:
 class EvalConfig:
     """Held-out evaluation during training: eval/accuracy is avg@samples, plus eval/pass@k."""
 
-    every: int = 20  # steps between evaluations; 0: only at the end
-    at_start: bool = True  # evaluate the initial student before step 1 (a metrics row with train/step 0)
-    size: int = 256  # held-out problems (the first `size` of data.eval_prompts)
-    samples: int = 1  # completions per problem
-    temperature: float = 0.0  # 0: greedy (then samples must be 1)
-    top_p: float = 1.0
+    every: int = field(default=20, metadata={"help": "steps between evaluations; 0: only at the end"})
+    at_start: bool = field(
+        default=True, metadata={"help": "evaluate the initial student before step 1 (a metrics row with train/step 0)"}
+    )
+    size: int = field(default=256, metadata={"help": "held-out problems (the first `size` of data.eval_prompts)"})
+    samples: int = field(default=1, metadata={"help": "completions per problem"})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy (then samples must be 1)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling in evaluation"})
 
     def __post_init__(self) -> None:
         _at_least("eval", self, ("every", "size"), 0)
@@ -301,13 +437,31 @@ class EvalConfig:
 class CheckpointConfig:
     """Checkpoints in output_dir: step-NNNNNN/ and final/ (Hugging Face format plus the trainer state)."""
 
-    save_every: int = 0  # 0: only the final checkpoint
-    keep_last: int = 0  # keep only the newest N step-* checkpoints ("final" is always kept); 0: keep all
-    resume_from: Optional[str] = None  # "latest" (the newest complete checkpoint in output_dir) or a checkpoint
-    #                                    directory written by this trainer
-    overwrite: bool = False  # replace a run already in output_dir (otherwise a new run there is refused)
-    allow_config_change: bool = False  # resume although a field that defines the run changed (RUN_DEFINING):
-    #                                    the changes are logged and kept in output_dir/config-history.jsonl
+    save_every: int = field(default=0, metadata={"help": "0: only the final checkpoint"})
+    keep_last: int = field(
+        default=0, metadata={"help": 'keep only the newest N step-* checkpoints ("final" is always kept); 0: keep all'}
+    )
+    resume_from: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                '"latest" (the newest complete checkpoint in output_dir) or a checkpoint directory written by '
+                "this trainer"
+            )
+        },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a run already in output_dir (otherwise a new run there is refused)"}
+    )
+    allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "resume although a field that defines the run changed (RUN_DEFINING): the changes are logged and "
+                "kept in output_dir/config-history.jsonl"
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         _at_least("checkpoint", self, ("save_every", "keep_last"), 0)
@@ -320,12 +474,20 @@ REPORT_TO = ("tensorboard", "wandb")
 class LoggingConfig:
     """Metrics: output_dir/metrics.jsonl always, the trackers of `report_to`, the progress bar."""
 
-    every: int = 1  # steps between metrics rows (the last step is always logged)
-    report_to: Union[str, list] = field(default_factory=lambda: ["tensorboard"])  # also send the metrics to:
-    #   tensorboard (output_dir/tensorboard), wandb (Weights & Biases; project $WANDB_PROJECT or "fire-opd",
-    #   WANDB_MODE=offline to sync later), "all", or "none" / []
-    tensorboard: Optional[bool] = None  # deprecated: logging.report_to (true adds tensorboard, false removes it)
-    progress: bool = True  # tqdm progress bar
+    every: int = field(default=1, metadata={"help": "steps between metrics rows (the last step is always logged)"})
+    report_to: Union[str, list] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": (
+                "also send the metrics to: tensorboard (output_dir/tensorboard), wandb (Weights & Biases; project"
+                ' $WANDB_PROJECT or "fire-opd", WANDB_MODE=offline to sync later), "all", or "none" / []'
+            )
+        },
+    )
+    tensorboard: Optional[bool] = field(
+        default=None, metadata={"help": "deprecated: logging.report_to (true adds tensorboard, false removes it)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
 
     def __post_init__(self) -> None:
         _at_least("logging", self, ("every",), 0)
@@ -362,7 +524,8 @@ TOP_LEVEL = ("seed", "output_dir")
 
 @dataclass
 class TrainConfig:
-    """Everything a FiRe-OPD run needs, by section; each field's comment is its documentation."""
+    """Everything a FiRe-OPD run needs, by section; each field's `help` metadata is its
+    documentation (`fire-opd train --help` and the training page's field table are made from it)."""
 
     models: ModelsConfig = field(default_factory=ModelsConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -376,8 +539,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    seed: int = 0
-    output_dir: str = "runs/fire-opd"
+    seed: int = field(default=0, metadata={"help": "the seed of the rollouts, the prompt order and the initialization"})
+    output_dir: str = field(default="runs/fire-opd", metadata={"help": "where the run writes its logs and checkpoints"})
 
     def __post_init__(self) -> None:
         """Checks that span sections (each section checks its own fields)."""
@@ -595,9 +758,7 @@ def _resolve(key: str) -> tuple[str, Optional[str]]:
         return key, None
     if key in LEGACY_KEYS:
         return LEGACY_KEYS[key], key
-    raise UnknownKey(
-        f"unknown config field {key!r}{_did_you_mean(key)}; the fields are documented in fire_opd/train/config.py"
-    )
+    raise UnknownKey(f"unknown config field {key!r}{_did_you_mean(key)}; fire-opd train --help lists every field")
 
 
 def flatten_keys(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -652,3 +813,29 @@ def parse_override(item: str) -> tuple[str, Any, Optional[str]]:
 
 
 _FIELD_SET = frozenset(field_names())
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(key, default, help) of every config field, section by section, as `fire-opd train --help`
+    and the training page list them (from each field's `help` metadata)."""
+    rows = []
+    for section, cls in [*SECTIONS.items(), ("", TrainConfig)]:
+        for f in dataclasses.fields(cls):
+            if not section and f.name in SECTIONS:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+            rows.append((f"{section}.{f.name}" if section else f.name, json.dumps(default), f.metadata["help"]))
+    return rows
+
+
+def fields_markdown() -> str:
+    """The field table of docs/training.md (a test keeps the page equal to it)."""
+    lines = ["| field | default | what it does |", "|---|---|---|"]
+    for key, default, text in field_docs():
+        escaped = text.replace("|", "\\|")  # a Markdown cell
+        lines.append(f"| `{key}` | `{default}` | {escaped} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m fire_opd.train.config: the table for docs/training.md
+    print(fields_markdown())

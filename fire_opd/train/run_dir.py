@@ -9,8 +9,8 @@
 The guard (`check_output_dir`: a new run refuses a directory that holds one), the lock (one
 live run per directory, taken over from a dead one), the listing of complete checkpoints, the
 stop signals and the policy for a resume that changes the config (`check_resume`, refused
-unless allowed, then recorded in config-history.jsonl) live here; this module imports no torch, so the command line's checks answer
-before torch loads.
+unless allowed, then recorded in config-history.jsonl) live here. This module imports no torch,
+so the command line's checks answer before torch loads.
 """
 
 from __future__ import annotations
