@@ -51,7 +51,7 @@ from fire_opd.algorithm.options import LOSS_AGG_MODES, OBJECTIVES, FireOptions, 
 from fire_opd.algorithm.selection import compute_fire_advantages
 from fire_opd.ops.heads import lm_head
 from fire_opd.ops.loss_from_hidden import FireOPDLoss, response_token_stats
-from fire_opd.parallel.parallelism import plan_micro_batches
+from fire_opd.parallel.parallelism import averaged_gradient_scale, plan_micro_batches
 from fire_opd.train.models import shared_vocabulary
 
 # per-token [B, T] tensors added to TRL's generation batch (split and shuffled with it)
@@ -184,8 +184,9 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask, fire=options
         )
         # Every process's loss is normalized by the count over all processes; DDP then averages the
-        # gradients over processes, which the factor num_processes undoes (as TRL does).
-        normalizer = loss_normalizer(fire.loss_mask, a.fire_loss_agg_mode) / self.accelerator.num_processes
+        # gradients over processes, which the factor undoes (as TRL does)
+        scale = averaged_gradient_scale(self.accelerator.num_processes)
+        normalizer = loss_normalizer(fire.loss_mask, a.fire_loss_agg_mode) / scale
         for key, value in fire.metrics.items():
             self._metrics[mode][key].append(value)
         tokens = max(int(mask.sum()), 1)

@@ -67,6 +67,14 @@ def plan_micro_batches(
     return plan
 
 
+def averaged_gradient_scale(world_size: int) -> int:
+    """The factor of a per-process loss normalized by the batch-wide count when DDP / FSDP (or
+    accelerate) average the K processes' gradients: K, so that the average is the whole batch's
+    gradient. The one place this factor is defined: the trainer's backward and the TRL
+    integration's loss normalizer both take it from here."""
+    return world_size
+
+
 @dataclass
 class Parallelism:
     """This process's place in the run: rank, world size, device, the model wrappers."""
@@ -137,7 +145,7 @@ class Parallelism:
     def backward_scale(self) -> int:
         """K when DDP / FSDP average the gradients of K processes, whose losses are each normalized
         by the batch-wide count: the product is the whole batch's gradient."""
-        return self.world_size if self.wrapper is not None else 1
+        return averaged_gradient_scale(self.world_size) if self.wrapper is not None else 1
 
     def micro_batch_scale(self, micro_batches: int) -> float:
         """The weight of one micro-batch's own-normalized loss when statistics are per micro-batch:

@@ -27,7 +27,7 @@ import torch
 
 from fire_opd.errors import UsageError
 from fire_opd.ops.heads import is_peft
-from fire_opd.train.run_dir import STATE_FILE, prune_checkpoints, read_state
+from fire_opd.train.run_dir import STATE_FILE, fsync_dir, fsync_tree, prune_checkpoints, read_state
 
 logger = logging.getLogger("fire_opd")
 
@@ -54,7 +54,7 @@ def save_checkpoint(
     tokenizer.save_pretrained(str(tmp))
     torch.save(tensor_state, tmp / TENSOR_STATE_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if path.exists():  # re-saving a step (e.g. "final" of a finished run resumed to more steps)
         old = path.parent / f".old-{path.name}-{os.getpid()}"
         os.replace(path, old)
@@ -62,7 +62,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -109,25 +109,6 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, device: torch.de
     return state, tensor_state
 
 
-def save_merged(path: str | Path, *, student, tokenizer) -> Path:
-    """A LoRA student's adapters merged into a copy of its weights, written atomically as a plain
-    model folder (`from_pretrained` loads it without peft); the student keeps its adapters."""
-    import copy
-
-    path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    copy.deepcopy(student).merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    _fsync_tree(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
-
-
 def rng_state() -> tuple[dict, dict]:
     """(JSON part, tensor part) of the Python and torch RNG states."""
     version, internal, gauss = random.getstate()
@@ -142,25 +123,6 @@ def set_rng_state(state: dict, tensors: dict) -> None:
     torch.set_rng_state(tensors["torch"].cpu())
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in tensors["cuda"]])
-
-
-def _fsync_tree(folder: Path) -> None:
-    for child in folder.iterdir():
-        if child.is_file():
-            with child.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- a training run's checkpoints

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 from fire_opd.ops.heads import lm_head_weight
+from fire_opd.train.run_dir import fsync_dir, fsync_tree
 
 
 def shared_vocabulary(student: nn.Module, teachers: dict[str, nn.Module], tokenizer) -> Optional[int]:
@@ -129,3 +132,22 @@ def load_tokenizer(path: str | Path):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def save_merged(path: str | Path, *, student, tokenizer) -> Path:
+    """A LoRA student's adapters merged into a copy of its weights, written atomically as a plain
+    model folder (`from_pretrained` loads it without peft); the student keeps its adapters."""
+    import copy
+
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    copy.deepcopy(student).merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    fsync_tree(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path

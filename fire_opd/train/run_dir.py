@@ -274,3 +274,23 @@ def record_config_changes(output_dir: str | Path, step: int, changes: list) -> N
     entry = {"step": step, "time": time.time(), "changes": {key: [old, new] for key, old, new in changes}}
     with (Path(output_dir) / CONFIG_HISTORY_FILE).open("a") as f:
         f.write(json.dumps(entry, default=str) + "\n")
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush a folder written for an atomic rename (its files, then the folder itself) to disk."""
+    for child in folder.iterdir():
+        if child.is_file():
+            with child.open("rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -36,7 +36,7 @@ from fire_opd.train.config import TrainConfig, default_teacher
 from fire_opd.train.data import Problem, ProblemSet, check_teacher_keys, prepare_problems, prompt_batch
 from fire_opd.train.evaluate import eval_metrics
 from fire_opd.train.health import health_metrics, rollout_health
-from fire_opd.train.models import prepare_models
+from fire_opd.train.models import prepare_models, save_merged
 from fire_opd.train.rollouts import Rollouts, sample_step
 from fire_opd.train.run_log import RunLog, check_report_to
 from fire_opd.train.scoring import score_rollouts, teacher_plan
@@ -189,9 +189,7 @@ class FireOPDTrainer:
                 if saved:
                     self.save_checkpoint(self.output_dir / ("final" if last else f"step-{state.step:06d}"))
                 if last and cfg.lora.merge_lora and self.is_main:  # a plain model folder beside final/
-                    checkpoint.save_merged(
-                        self.output_dir / run_dir.MERGED_DIR, student=self.student, tokenizer=self.tokenizer
-                    )
+                    save_merged(self.output_dir / run_dir.MERGED_DIR, student=self.student, tokenizer=self.tokenizer)
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in metrics.items() if k in _BAR_KEYS})
                 if distributed.any_rank(bool(received)) and not last:
