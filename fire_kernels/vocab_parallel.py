@@ -111,9 +111,10 @@ class VocabShards:
         local = torch.where(targets == problem.ignore_index, torch.full_like(local, LOCAL_IGNORE), local)
         return local, dataclasses.replace(problem, ignore_index=LOCAL_IGNORE)
 
-    def merge_state(self, m_s, s_s, a_s, zy, m_t=None, s_t=None, a_t=None, uy=None, cross=None, divergence=0):
-        """Merge every rank's streaming state (module docstring); same arguments and order as
-        `_row_stats.finalize` takes them, returned as one tuple."""
+    def merge_state(self, state, divergence: int = 0):
+        """Merge every rank's streaming state (a `_row_stats.StreamState`; module docstring)
+        into the whole vocabulary's, of the same type."""
+        m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross = state
         teacher = m_t is not None
         local_max = torch.stack([m_s, m_t]) if teacher else m_s[None]
         global_max = all_reduce(local_max.clone(), dist.ReduceOp.MAX, self.group)
@@ -125,19 +126,16 @@ class VocabShards:
         if cross is not None:  # reverse KL's cross term is student-weighted, forward KL's teacher-weighted
             parts.append(scale[0 if divergence == DIV_REVERSE_KL else 1] * cross)
         summed = all_reduce(torch.stack(parts), dist.ReduceOp.SUM, self.group)
+        student = {"m_s": global_max[0], "s_s": summed[0], "a_s": summed[1], "zy": summed[2]}
         if not teacher:
-            return global_max[0], summed[0], summed[1], summed[2], None, None, None, None, None, divergence
-        return (
-            global_max[0],
-            summed[0],
-            summed[1],
-            summed[2],
-            global_max[1],
-            summed[3],
-            summed[4],
-            summed[5],
-            summed[6] if cross is not None else None,
-            divergence,
+            return state._replace(**student)
+        return state._replace(
+            **student,
+            m_t=global_max[1],
+            s_t=summed[3],
+            a_t=summed[4],
+            uy=summed[5],
+            cross=summed[6] if cross is not None else None,
         )
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,22 @@ F_M_S, F_S_S, F_A_S, F_ZY, F_M_T, F_S_T, F_A_T, F_UY, F_CROSS = range(9)
 NUM_FIELDS = 9
 
 
+class StreamState(NamedTuple):
+    """The per-row state of a sweep over (a shard or split of) the vocabulary, [N] each (module
+    docstring): the student's m, S, A and target logit; the teacher's, when there is one; the
+    divergence's cross term K, when asked for."""
+
+    m_s: torch.Tensor
+    s_s: torch.Tensor
+    a_s: torch.Tensor
+    zy: torch.Tensor
+    m_t: Optional[torch.Tensor] = None
+    s_t: Optional[torch.Tensor] = None
+    a_t: Optional[torch.Tensor] = None
+    uy: Optional[torch.Tensor] = None
+    cross: Optional[torch.Tensor] = None
+
+
 class RowStats(NamedTuple):
     """Final per-row results of a forward sweep (all float32 or float64, shape [N])."""
 
@@ -63,28 +79,14 @@ def merge_splits(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, *extra: torc
     return (m_all, s_all, a_all, *((scale * x).sum(dim=0) for x in extra))
 
 
-def finalize(
-    valid: torch.Tensor,
-    m_s: torch.Tensor,
-    s_s: torch.Tensor,
-    a_s: torch.Tensor,
-    zy: torch.Tensor,
-    m_t: Optional[torch.Tensor] = None,
-    s_t: Optional[torch.Tensor] = None,
-    a_t: Optional[torch.Tensor] = None,
-    uy: Optional[torch.Tensor] = None,
-    cross: Optional[torch.Tensor] = None,
-    divergence: int = 0,
-    shards=None,
-) -> RowStats:
+def finalize(valid: torch.Tensor, state: StreamState, divergence: int = 0, shards=None) -> RowStats:
     """Turn merged streaming state into log-probs, entropies and the divergence; rows where
     `valid` is False give 0 (their targets are ignore_index). `shards` (a
     `vocab_parallel.VocabShards`, or None) first merges the state of every rank's vocabulary
     shard, so the results are the whole vocabulary's."""
     if shards is not None:
-        m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, divergence = shards.merge_state(
-            m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, divergence
-        )
+        state = shards.merge_state(state, divergence)
+    m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross = state
     zero = torch.zeros((), dtype=m_s.dtype, device=m_s.device)
     lse_s = m_s + torch.log(s_s)
     lp_s = torch.where(valid, zy - lse_s, zero)

@@ -44,7 +44,7 @@ from fire_kernels._validation import (
     StatsProblem,
 )
 from fire_kernels.backends import tile_fold
-from fire_kernels.backends._row_stats import RowStats, finalize, finish_jsd
+from fire_kernels.backends._row_stats import RowStats, StreamState, finalize, finish_jsd
 from fire_kernels.vocab_parallel import VocabShards
 
 # Tile shape. Read at call time, so tests can shrink them to force many tiles on small shapes.
@@ -262,7 +262,8 @@ def chunked_forward(
                 cross[rows] = scale_t * cross[rows] + _row_dot_(u.sub_(z), e)
 
     valid = targets != problem.ignore_index
-    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind, shards=shards)
+    state = StreamState(m_s, s_s, a_s, zy, m_t=m_t, s_t=s_t, a_t=a_t, uy=uy, cross=cross)
+    stats = finalize(valid, state, kind, shards=shards)
     if kind == DIV_REVERSE_KL:
         return stats, stats.divergence
     if kind != DIV_JSD:

@@ -38,6 +38,7 @@ from fire_kernels.backends._row_stats import (
     F_UY,
     F_ZY,
     NUM_FIELDS,
+    StreamState,
     finalize,
     finish_jsd,
 )
@@ -494,15 +495,14 @@ def fold_forward(
             num_warps=FOLD_NUM_WARPS["stats"],
         )
     valid = targets != problem.ignore_index
-    stats = finalize(
-        valid,
-        state[F_M_S],
-        state[F_S_S],
-        state[F_A_S],
-        state[F_ZY],
-        *((state[F_M_T], state[F_S_T], state[F_A_T], state[F_UY], state[F_CROSS], kind) if teacher else ()),
-        shards=shards,
-    )
+    student = (state[F_M_S], state[F_S_S], state[F_A_S], state[F_ZY])
+    if teacher:
+        stream = StreamState(
+            *student, m_t=state[F_M_T], s_t=state[F_S_T], a_t=state[F_A_T], uy=state[F_UY], cross=state[F_CROSS]
+        )
+        stats = finalize(valid, stream, kind, shards=shards)
+    else:
+        stats = finalize(valid, StreamState(*student), shards=shards)
     if kind == DIV_REVERSE_KL:
         return stats, stats.divergence
     if kind != DIV_JSD:

@@ -58,6 +58,7 @@ from fire_kernels.backends._row_stats import (
     F_ZY,
     NUM_FIELDS,
     RowStats,
+    StreamState,
     finalize,
     finish_jsd,
     merge_splits,
@@ -896,13 +897,14 @@ def triton_forward(
     )
     zy = partials[:, F_ZY].sum(0)
     if not teacher:
-        return finalize(valid, m_s, s_s, a_s, zy, shards=shards), None
+        return finalize(valid, StreamState(m_s, s_s, a_s, zy), shards=shards), None
     m_t, s_t, a_t, cross_t = merge_splits(
         partials[:, F_M_T], partials[:, F_S_T], partials[:, F_A_T], partials[:, F_CROSS]
     )
     uy = partials[:, F_UY].sum(0)
     cross = cross_s if kind == DIV_REVERSE_KL else cross_t
-    stats = finalize(valid, m_s, s_s, a_s, zy, m_t, s_t, a_t, uy, cross, kind, shards=shards)
+    state = StreamState(m_s, s_s, a_s, zy, m_t=m_t, s_t=s_t, a_t=a_t, uy=uy, cross=cross)
+    stats = finalize(valid, state, kind, shards=shards)
     if kind == DIV_REVERSE_KL:
         return stats, stats.divergence
     if kind != DIV_JSD:
