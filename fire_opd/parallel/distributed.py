@@ -96,27 +96,38 @@ def my_prompts(prompts_per_step: int, chunk_prompts: int, rank: int, world: int)
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
-def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp", ignore: Iterable[str] = ()):
-    """The student's data-parallel wrapper when several processes run, else None.
+def wrap(
+    model: torch.nn.Module,
+    device: torch.device,
+    parallel: str = "ddp",
+    ignore: Iterable[str] = (),
+    *,
+    layers_of: Optional[torch.nn.Module] = None,
+    forward_methods: Iterable[str] = (),
+):
+    """The data-parallel wrapper of `model` when several processes run, else None.
 
-    "ddp": DistributedDataParallel (every process holds the whole student; buffers are not
+    "ddp": DistributedDataParallel (every process holds the whole model; buffers are not
     broadcast, decoder LMs have no running statistics). "fsdp": FSDP2 (`fully_shard`) on every
-    decoder layer (the model's `_no_split_modules` classes) and on the whole model, so each
-    process holds 1 / K of the parameters, gradients and optimizer state; the returned wrapper is
-    the model itself. `ignore`: names of parameters DDP leaves alone (vocab_parallel's lm_head
-    shards, which differ between processes)."""
+    decoder layer (the `_no_split_modules` classes of `layers_of`, default `model`) and on the
+    whole model, so each process holds 1 / K of the parameters, gradients and optimizer state;
+    the returned wrapper is the model itself, and `forward_methods` (methods of `model` that run
+    its submodules, such as `generate`) gather the root's parameters as its forward does.
+    `ignore`: names of parameters DDP leaves alone (vocab_parallel's lm_head shards, which differ
+    between processes)."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if not active():
         return None
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        layers_of = model if layers_of is None else layers_of
+        layer_classes = set(getattr(layers_of, "_no_split_modules", None) or [])
+        layers = [m for m in layers_of.modules() if type(m).__name__ in layer_classes]
         if not layers:
             raise ValueError(
-                f"parallel: fsdp found no decoder layers in {type(model).__name__} (its "
+                f"parallel: fsdp found no decoder layers in {type(layers_of).__name__} (its "
                 "_no_split_modules names none); use parallel: ddp"
             )
         for layer in layers:
@@ -124,6 +135,8 @@ def wrap(model: torch.nn.Module, device: torch.device, parallel: str = "ddp", ig
             _count_fsdp_collectives(layer)
         fully_shard(model)
         _count_fsdp_collectives(model)
+        for name in forward_methods:
+            register_fsdp_forward_method(model, name)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -158,14 +171,16 @@ def _count_fsdp_collectives(module) -> None:
     module.set_custom_reduce_scatter(CountingReduceScatter())
 
 
-def wrap_teacher(model: torch.nn.Module, teacher_parallel: str = "replicate"):
+def wrap_teacher(
+    model: torch.nn.Module, teacher_parallel: str = "replicate", *, layers_of: Optional[torch.nn.Module] = None
+):
     """A frozen teacher sharded with FSDP2 ("fsdp": each process holds 1 / K of it, gathered layer
     by layer for every forward) or left whole on every process ("replicate", None returned)."""
     if teacher_parallel not in ("replicate", "fsdp"):
         raise ValueError(f"teacher_parallel must be 'replicate' or 'fsdp', got {teacher_parallel!r}")
     if teacher_parallel == "replicate" or not active():
         return None
-    return wrap(model, torch.device("cpu"), "fsdp")
+    return wrap(model, torch.device("cpu"), "fsdp", layers_of=layers_of)
 
 
 def is_fsdp(wrapper) -> bool:
@@ -208,26 +223,6 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, 
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
-def forward_through(wrapper, module: torch.nn.Module, fn, *args, **kwargs):
-    """`fn(*args)` run as the forward of `wrapper` (DDP or FSDP2), so that the wrapper's forward
-    and backward hooks see it although `fn` computes hidden states and the fused loss, not the
-    module's logits. Under FSDP2 the root's parameters (embeddings, lm_head) are gathered only
-    inside this forward, so `fn` must use the lm_head there. Without a wrapper, `fn(*args)`."""
-    if wrapper is None:
-        return fn(*args, **kwargs)
-    original = module.forward
-
-    def redirected(*_args, **_kwargs):
-        module.forward = original
-        return fn(*args, **kwargs)
-
-    module.forward = redirected
-    try:
-        return wrapper()
-    finally:
-        module.forward = original
 
 
 def local_numel(parameters: Iterable[torch.nn.Parameter]) -> int:

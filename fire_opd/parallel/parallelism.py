@@ -75,6 +75,13 @@ def averaged_gradient_scale(world_size: int) -> int:
     return world_size
 
 
+def _model_of(forward_module: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model a forward module (`fire_opd.train.forwards`) runs."""
+    model = forward_module.model
+    assert isinstance(model, torch.nn.Module), f"{type(forward_module).__name__}.model is not a module"
+    return model
+
+
 @dataclass
 class Parallelism:
     """This process's place in the run: rank, world size, device, the model wrappers."""
@@ -93,15 +100,23 @@ class Parallelism:
         vocab_group = dist.group.WORLD if vocab and distributed.active() else None
         return cls(rank, world_size, device, vocab_group)
 
-    def wrap(self, student: torch.nn.Module, teachers: dict[str, torch.nn.Module], *, mode: str, teacher_mode: str):
-        """DDP or FSDP2 around the student, FSDP2 around teachers that ask for it (torchrun only)."""
+    def wrap(
+        self, student: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, mode: str, teacher_mode: str
+    ) -> None:
+        """Wrap the step's forward modules once (torchrun only): DDP or FSDP2 around the student's,
+        FSDP2 around the teachers' that ask for it. Each module holds its Hugging Face model as
+        `.model`; FSDP2 shards that model's decoder layers, then the module (the root, whose
+        forward gathers the embeddings and the lm_head), and registers the student module's
+        `generate` as a forward method, so sampling gathers them too."""
+        model = _model_of(student)
+        sharded = [f"model.{name}" for name in sharded_head.sharded_parameter_names(model)]  # DDP leaves them
         self.wrapper = distributed.wrap(
-            student, self.device, mode, ignore=sharded_head.sharded_parameter_names(student)
+            student, self.device, mode, ignore=sharded, layers_of=model, forward_methods=("generate",)
         )
         self.teacher_wrappers = {
             name: wrapper
             for name, teacher in teachers.items()
-            if (wrapper := distributed.wrap_teacher(teacher, teacher_mode)) is not None
+            if (wrapper := distributed.wrap_teacher(teacher, teacher_mode, layers_of=_model_of(teacher))) is not None
         }
 
     def release(self) -> None:
@@ -191,18 +206,3 @@ class Parallelism:
         routes = {name: rows.to(self.device) for name, rows in routes.items()}
         in_step = self.wrapper is not None or bool(self.teacher_wrappers)  # collectives inside each forward
         return plan_micro_batches(routes, size, order, counts=distributed.max_over_ranks_each if in_step else None)
-
-    # ------------------------------------------------------------------ forwards through wrappers
-
-    def through_student(self, student: torch.nn.Module, fn: Callable, *args: Any, fsdp_only: bool = False) -> Any:
-        """Run `fn` as the student wrapper's forward (DDP / FSDP hooks see it; FSDP gathers the
-        lm_head). `fsdp_only`: only when the wrapper is FSDP (scoring needs no DDP hooks)."""
-        wrapper = self.wrapper if (self.fsdp or not fsdp_only) else None
-        return distributed.forward_through(wrapper, student, fn, *args)
-
-    def through_teacher(self, name: Optional[str], teacher: Optional[torch.nn.Module], fn: Callable) -> Any:
-        """Run `fn` inside the teacher's forward when the teacher is FSDP-sharded."""
-        wrapper = self.teacher_wrappers.get(name) if name is not None else None
-        if wrapper is None or teacher is None:
-            return fn()
-        return distributed.forward_through(wrapper, teacher, fn)

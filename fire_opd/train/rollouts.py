@@ -44,6 +44,30 @@ class Rollouts:
     def prompt_len(self) -> int:
         return self.prompt_ids.shape[1]
 
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def tokens(self, rows: torch.Tensor) -> ResponseTokens:
+        """The token tensors of the rollouts at `rows` [n] (a micro-batch), what a forward reads."""
+        return ResponseTokens(
+            torch.cat([self.prompt_ids[rows], self.response_ids[rows]], dim=1),
+            torch.cat([self.prompt_mask[rows], self.response_mask[rows].long()], dim=1),
+            self.response_ids[rows],
+            self.response_mask[rows],
+            self.prompt_len,
+        )
+
+
+@dataclass
+class ResponseTokens:
+    """Some rollouts' tokens as the models take them (no texts: a micro-batch of a step)."""
+
+    input_ids: torch.Tensor  # [n, P + T] prompt (left-padded) then response
+    attention_mask: torch.Tensor  # [n, P + T]
+    response_ids: torch.Tensor  # [n, T]
+    response_mask: torch.Tensor  # [n, T] bool
+    prompt_len: int  # P: position P - 1 + t predicts response token t
+
 
 def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """True for every token up to and including the first EOS (all tokens if there is none).

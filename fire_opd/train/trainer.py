@@ -27,19 +27,19 @@ from typing import Mapping, Optional
 import torch
 
 from fire_kernels import TeacherStudentStats
-from fire_opd.algorithm.routing import route_rows
 from fire_opd.parallel import distributed
-from fire_opd.parallel.parallelism import MicroBatch, Parallelism
+from fire_opd.parallel.parallelism import Parallelism
 from fire_opd.train import checkpoint, run_dir
 from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig, default_teacher
 from fire_opd.train.data import Problem, ProblemSet, check_teacher_keys, prepare_problems, prompt_batch
 from fire_opd.train.evaluate import eval_metrics
+from fire_opd.train.forwards import build_forwards
 from fire_opd.train.health import health_metrics, rollout_health
 from fire_opd.train.models import prepare_models, save_merged
 from fire_opd.train.rollouts import Rollouts, sample_step
 from fire_opd.train.run_log import RunLog, check_report_to
-from fire_opd.train.scoring import score_rollouts, teacher_plan
+from fire_opd.train.scoring import TeacherPlan, plan_teachers, score_rollouts
 from fire_opd.train.update import Updater
 from fire_opd.train.verifiers import resolve_verifier
 
@@ -112,17 +112,18 @@ class FireOPDTrainer:
         self.default_teacher = default_teacher(config.models.default_teacher, self.teachers)
         # Fail now, not mid-run, on a prompt that names no loaded teacher.
         check_teacher_keys(self.train_problems, self.teachers, self.default_teacher)
+        # the per-micro-batch forwards (loss inside the student's), wrapped once by DDP / FSDP
+        self.student_forward, self.teacher_forwards = build_forwards(
+            config, self.student, self.teachers, device=self.device, vocab_group=self.parallel.vocab_group,
+            vocab_size=self.vocab_size,
+        )  # fmt: skip
         self.parallel.wrap(
-            self.student, self.teachers, mode=config.parallel.student, teacher_mode=config.parallel.teachers
-        )
-        self.updater = Updater(
-            config, self.student, self.teachers, self.default_teacher, self.parallel, vocab_size=self.vocab_size
-        )
-        self.optimizer, self.scheduler, self.loss_fn = (
-            self.updater.optimizer,
-            self.updater.scheduler,
-            self.updater.loss_fn,
-        )
+            self.student_forward, self.teacher_forwards, mode=config.parallel.student,
+            teacher_mode=config.parallel.teachers,
+        )  # fmt: skip
+        self.loss_fn = self.student_forward.loss
+        self.updater = Updater(config, self.student_forward, self.teacher_forwards, self.parallel)
+        self.optimizer, self.scheduler = self.updater.optimizer, self.updater.scheduler
         self.state = TrainState()
         self.run_log = RunLog(self.output_dir, report_to=config.logging.report_to, config=config.to_dict())
         self.stopped_by_signal: Optional[str] = None
@@ -206,12 +207,11 @@ class FireOPDTrainer:
         t0, comm0 = time.perf_counter(), distributed.COMM_BYTES[0]
         problems, rollouts = self.sample()
         t_sample = time.perf_counter()
-        keys = [p.teacher for p in problems]
-        plan = self.plan(keys)  # the step's micro-batches by teacher, for scoring and the dense update
-        scores = self.score(rollouts, keys, plan)
+        plan = self.plan([p.teacher for p in problems])  # micro-batches by teacher: scoring and the dense update
+        scores = score_rollouts(rollouts, plan, student=self.student_forward, teachers=self.teacher_forwards)
         t_score = time.perf_counter()
         health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier, self.answer_formats)
-        metrics = self.updater.step(rollouts, keys, scores, health, state=self.state, teacher_plan=plan)
+        metrics = self.updater.step(rollouts, scores, plan, health, state=self.state)
         t_update = time.perf_counter()
 
         mask = rollouts.response_mask
@@ -250,7 +250,7 @@ class FireOPDTrainer:
         """This process's rollouts of the current step (rollouts.sample_step)."""
         cfg = self.config.sampling
         return sample_step(
-            self.student, self.tokenizer,
+            self.student_forward, self.tokenizer,
             prompt_batch(self.train_problems, self.step, cfg.prompts_per_step, self.config.seed),
             mine=self.my_prompts, per_call=self.prompts_per_call,
             samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
@@ -258,27 +258,20 @@ class FireOPDTrainer:
             synced_gpus=self.parallel.synced_generation,
         )  # fmt: skip
 
-    def plan(self, keys: list[Optional[str]]) -> list[MicroBatch]:
-        """The micro-batches of a step's rollouts (`keys`: each row's teacher key), one teacher each."""
-        routes = route_rows(keys, self.teachers, default=self.default_teacher)
-        return teacher_plan(routes, self.teachers, self.parallel, self.config.optim.micro_batch_size)
+    def plan(self, keys: list[Optional[str]]) -> TeacherPlan:
+        """Which teacher reads which rollout, in which micro-batches (`keys`: each row's teacher key)."""
+        size = self.config.optim.micro_batch_size
+        return plan_teachers(keys, self.teachers, self.default_teacher, self.parallel, size)
 
-    def score(
-        self, rollouts: Rollouts, keys: list[Optional[str]], plan: Optional[list[MicroBatch]] = None
-    ) -> TeacherStudentStats:
+    def score(self, rollouts: Rollouts, keys: list[Optional[str]]) -> TeacherStudentStats:
         """Per-token [B, T] statistics of the rollouts, each by its own teacher (scoring.score_rollouts)."""
-        cfg = self.config
-        return score_rollouts(
-            rollouts, keys, student=self.student, teachers=self.teachers, default_teacher=self.default_teacher,
-            parallel=self.parallel, micro_batch_size=cfg.optim.micro_batch_size, temperature=cfg.sampling.temperature,
-            backend=cfg.runtime.backend, model_dtype=cfg.models.dtype, vocab_size=self.vocab_size, plan=plan,
-        )  # fmt: skip
+        return score_rollouts(rollouts, self.plan(keys), student=self.student_forward, teachers=self.teacher_forwards)
 
     def evaluate(self) -> dict:
         """Held-out `eval/accuracy` (avg@N), `eval/pass@k` and the same per teacher key."""
         cfg = self.config
         return eval_metrics(
-            self.student, self.tokenizer, self.eval_problems, samples=cfg.eval.samples,
+            self.student_forward, self.tokenizer, self.eval_problems, samples=cfg.eval.samples,
             temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
             verifier=self.verifier, seed=cfg.seed * 1_000_003 + self.step, synced_gpus=self.parallel.synced_generation,
         )  # fmt: skip

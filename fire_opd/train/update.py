@@ -20,20 +20,18 @@ from typing import Callable, Optional
 import torch
 
 from fire_kernels import TeacherStudentStats
-from fire_opd.algorithm.objectives import dense_coefficients, loss_normalizer
-from fire_opd.algorithm.routing import route_rows
-from fire_opd.algorithm.selection import LOCAL, FireSelection, compute_fire_advantages
+from fire_opd.algorithm.objectives import loss_normalizer
+from fire_opd.algorithm.selection import LOCAL, compute_fire_advantages
 from fire_opd.errors import TrainingStopped
-from fire_opd.ops.heads import lm_head, response_hidden_states
-from fire_opd.ops.loss_from_hidden import FireOPDLoss
 from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import MicroBatch, Parallelism
 from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig
+from fire_opd.train.forwards import LossTarget, StudentForward, TeacherForward
 from fire_opd.train.health import filter_diagnostics
 from fire_opd.train.optim import build_optimizer
 from fire_opd.train.rollouts import Rollouts
-from fire_opd.train.scoring import autocast
+from fire_opd.train.scoring import TeacherPlan
 
 logger = logging.getLogger("fire_opd")
 
@@ -53,50 +51,35 @@ def warmup_cosine(config: TrainConfig) -> Callable[[int], float]:
 
 
 class Updater:
-    """The optimizer, the schedule, the loss and the step that uses them."""
+    """The optimizer, the schedule, and the step that uses them on the student's and teachers'
+    forward modules (`forwards.py`, wrapped by `Parallelism.wrap`)."""
 
     def __init__(
         self,
         config: TrainConfig,
-        student: torch.nn.Module,
-        teachers: dict[str, torch.nn.Module],
-        default_teacher: Optional[str],
+        student: StudentForward,
+        teachers: dict[str, TeacherForward],
         parallel: Parallelism,
-        *,
-        vocab_size: Optional[int] = None,
     ):
-        self.config, self.student, self.teachers = config, student, teachers
-        self.default_teacher, self.parallel = default_teacher, parallel
+        self.config, self.student, self.teachers, self.parallel = config, student, teachers, parallel
         optim = config.optim
-        self.optimizer = build_optimizer(student, optim, master_weights=optim.master_weights)
+        self.optimizer = build_optimizer(student.model, optim, master_weights=optim.master_weights)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config))
-        self.loss_fn = FireOPDLoss(
-            clip_ratio=config.loss.clip_ratio,
-            loss_agg_mode=config.loss.agg_mode,
-            temperature=config.sampling.temperature,
-            backend=config.runtime.backend,
-            fused_update=config.runtime.fused_update,
-            divergence=config.loss.divergence,
-            jsd_beta=config.loss.jsd_beta,
-            vocab_process_group=parallel.vocab_group,
-            vocab_size=vocab_size,
-        )
         self.skipped_in_a_row = 0
 
     def step(
         self,
         rollouts: Rollouts,
-        keys: list[Optional[str]],
         scores: TeacherStudentStats,
+        plan: TeacherPlan,
         health: Optional[dict] = None,
         *,
         state: TrainState,
-        teacher_plan: Optional[list[MicroBatch]] = None,
     ) -> dict:
         """One optimizer step on a step's scored rollouts; returns its metrics (the loss, the
         gradient norm, FiRe's selection statistics, `train/step_skipped`). A skipped step is
-        counted in `state`. `teacher_plan`: the step's micro-batches by teacher, as scoring ran
-        them (the dense objective reuses them; planned here when not given)."""
+        counted in `state`. `plan`: the step's micro-batches by teacher, as scoring ran them (the
+        dense objective's micro-batches; the clipped surrogate's take any rows)."""
         cfg, parallel = self.config, self.parallel
         mask = rollouts.response_mask
         old_log_prob, student_entropy = scores.student_log_prob, scores.student_entropy
@@ -104,7 +87,8 @@ class Updater:
         assert teacher_log_prob is not None and teacher_entropy is not None  # scored with the teachers
         # rollouts of one prompt are adjacent: prompt index of each row, for fire.filter_scope="group"
         group_ids = torch.arange(mask.shape[0], device=mask.device) // cfg.sampling.samples_per_prompt
-        micro_batches = self._plan(keys, mask, teacher_plan)
+        dense = cfg.loss.objective == "full_vocab"  # the dense loss reads one teacher per micro-batch
+        micro_batches = plan.micro_batches if dense else self._any_rows(len(rollouts), mask.device)
 
         metrics: dict = {}
         by_micro_batch = cfg.loss.stats_scope == "micro_batch"
@@ -126,7 +110,9 @@ class Updater:
                 )
                 metrics.update(distributed.mean_over_ranks(diagnostics))
 
-        self.student.train()
+        # the module whose forward computes the loss, inside its DDP wrapper when it has one
+        student = parallel.wrapper if parallel.wrapper is not None else self.student
+        student.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, loss_metrics = 0.0, dict[str, float]()
         real = sum(1 for batch in micro_batches if not batch.padding)
@@ -147,8 +133,10 @@ class Updater:
                 part, part_normalizer, scale = selection.rows(rows), normalizer, 1.0
             if batch.padding:  # only there to keep every process's collectives in step
                 part = part.without_tokens()
+            tokens = rollouts.tokens(rows)
+            teacher = self.teachers[batch.teacher](tokens) if batch.teacher is not None else None
             with parallel.gradient_sync(index, len(micro_batches)):
-                loss, batch_metrics = self._micro_batch_loss(rollouts, batch, part, part_normalizer, old_log_prob[rows])
+                loss, batch_metrics = student(tokens, teacher, LossTarget(part, old_log_prob[rows], part_normalizer))
                 (loss * scale * parallel.backward_scale).backward()
             total_loss += float(loss.detach()) * scale / parallel.reported_loss_divisor
             if not batch.padding:
@@ -157,7 +145,7 @@ class Updater:
         loss_metrics = distributed.mean_over_ranks(loss_metrics)
         if by_micro_batch:
             metrics = distributed.mean_over_ranks(metrics)
-        grad_norm = parallel.clip_grad_norm(self.student, cfg.optim.max_grad_norm)
+        grad_norm = parallel.clip_grad_norm(self.student.model, cfg.optim.max_grad_norm)
         skipped = self._skip_if_not_finite(total_loss, grad_norm, state)
         if not skipped:
             self.optimizer.step()
@@ -170,60 +158,10 @@ class Updater:
             "train/step_skipped": float(skipped),
         }
 
-    def _plan(
-        self, keys: list[Optional[str]], mask: torch.Tensor, teacher_plan: Optional[list[MicroBatch]]
-    ) -> list[MicroBatch]:
-        if self.config.loss.objective == "full_vocab":  # the dense loss reads one teacher per micro-batch
-            if teacher_plan is not None:
-                return teacher_plan
-            routes = route_rows(keys, self.teachers, default=self.default_teacher)
-            return self.parallel.plan_micro_batches(routes, self.config.optim.micro_batch_size, sorted(self.teachers))
-        # the clipped surrogate needs no teacher: micro-batches of any rows
-        rows = {None: torch.arange(mask.shape[0], device=mask.device)}
-        return self.parallel.plan_micro_batches(rows, self.config.optim.micro_batch_size)
-
-    def _micro_batch_loss(
-        self,
-        rollouts: Rollouts,
-        batch: MicroBatch,
-        part: FireSelection,
-        normalizer: Optional[float],
-        old_log_prob: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict]:
-        """(loss, metrics) of some rows: the dense divergence to their teacher's distribution, or
-        (objective "sampled") the clipped surrogate. Run as the student wrapper's forward (DDP /
-        FSDP hooks see it, FSDP gathers the lm_head), itself inside the teacher's forward when the
-        teacher is sharded."""
-        cfg, parallel, rows = self.config, self.parallel, batch.rows
-        ids, attn = rollouts.input_ids[rows], rollouts.attention_mask[rows]
-        name = batch.teacher if cfg.loss.objective == "full_vocab" else None
-        teacher = self.teachers[name] if name is not None else None
-        dtype = cfg.models.dtype
-
-        def student_loss(teacher_hidden):
-            with autocast(parallel.device, dtype):
-                hidden = response_hidden_states(self.student, ids, attn, rollouts.prompt_len)
-            head = lm_head(self.student).to(hidden.dtype)
-            if teacher is not None:
-                coefficients = dense_coefficients(part, cfg.loss.agg_mode, normalizer)
-                teacher_head = lm_head(teacher).to(teacher_hidden.dtype)
-                return self.loss_fn.dense(
-                    hidden, head, teacher_hidden, teacher_head, rollouts.response_ids[rows], coefficients,
-                    part.loss_mask,
-                )  # fmt: skip
-            return self.loss_fn.sampled(
-                hidden, head, rollouts.response_ids[rows], old_log_prob, part.advantages, part.loss_mask,
-                normalizer=normalizer,
-            )  # fmt: skip
-
-        def with_teacher():
-            teacher_hidden = None
-            if teacher is not None:
-                with torch.no_grad(), autocast(parallel.device, dtype):
-                    teacher_hidden = response_hidden_states(teacher, ids, attn, rollouts.prompt_len)
-            return parallel.through_student(self.student, student_loss, teacher_hidden)
-
-        return parallel.through_teacher(name, teacher, with_teacher)
+    def _any_rows(self, rows: int, device: torch.device) -> list[MicroBatch]:
+        """The clipped surrogate needs no teacher: micro-batches of any rows."""
+        every_row = {None: torch.arange(rows, device=device)}
+        return self.parallel.plan_micro_batches(every_row, self.config.optim.micro_batch_size)
 
     def _skip_if_not_finite(self, loss: float, grad_norm: float, state: TrainState) -> bool:
         """A step whose loss or gradient norm is not finite leaves the weights and the optimizer
