@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from fire_kernels.lm_head import LMHead
+
 # Divergence kinds as the kernels see them (small ints become tl.constexpr).
 DIV_NONE, DIV_REVERSE_KL, DIV_FORWARD_KL, DIV_JSD = 0, 1, 2, 3
 DIVERGENCES = {None: DIV_NONE, "reverse_kl": DIV_REVERSE_KL, "forward_kl": DIV_FORWARD_KL, "jsd": DIV_JSD}
@@ -23,17 +25,18 @@ BACKENDS = ("auto", "triton", "chunked", "reference")
 class HeadSpec:
     """What one model's head does after h W^T :
 
-        z = softcap * tanh(((h W^T + b) * scale) / softcap) / tau     (softcap 0: no tanh)
+        z = softcap * tanh(((h W^T + b) * scale) / softcap) / tau     (softcap None: no tanh)
 
-    The bias tensor itself travels next to the weight; this records only whether it exists."""
+    The static part of an `LMHead` (fire_kernels/lm_head.py), what the kernels specialize on: the
+    bias tensor travels next to the weight, this records only whether it exists."""
 
     has_bias: bool = False
     scale: float = 1.0
-    softcap: float = 0.0
+    softcap: Optional[float] = None
 
     @property
     def plain(self) -> bool:
-        return not self.has_bias and self.scale == 1.0 and self.softcap == 0.0
+        return not self.has_bias and self.scale == 1.0 and self.softcap is None
 
 
 PLAIN_HEAD = HeadSpec()
@@ -67,38 +70,37 @@ def _check_matrix(name: str, tensor: object) -> torch.Tensor:
     return tensor
 
 
-def _check_model(prefix: str, hidden: object, weight: object) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = _check_matrix(f"{prefix}hidden", hidden)
-    weight = _check_matrix(f"{prefix}weight", weight)
+def _check_model(hidden_name: str, head_name: str, hidden: object, weight: object) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = _check_matrix(hidden_name, hidden)
+    weight = _check_matrix(f"{head_name}.weight", weight)
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"{prefix}hidden has hidden size D={hidden.shape[1]} but {prefix}weight is {tuple(weight.shape)}; "
-            f"expected {prefix}weight of shape [V, {hidden.shape[1]}]"
+            f"{hidden_name} has hidden size D={hidden.shape[1]} but {head_name}.weight is {tuple(weight.shape)}; "
+            f"expected {head_name}.weight of shape [V, {hidden.shape[1]}]"
         )
     if hidden.dtype != weight.dtype:
         raise TypeError(
-            f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype; cast one of them"
+            f"{hidden_name} ({hidden.dtype}) and {head_name}.weight ({weight.dtype}) must share a dtype; "
+            "cast one of them"
         )
     return hidden, weight
 
 
-def _check_head(
-    prefix: str, weight_name: str, weight: torch.Tensor, bias: object, logit_scale: object, logit_softcap: object
-) -> HeadSpec:
-    """`prefix` names the head's arguments: "" for the student's (bias, logit_scale,
-    logit_softcap), "teacher_" for the teacher's."""
+def _check_head(name: str, head: LMHead) -> HeadSpec:
+    """The HeadSpec of a head whose weight is checked; `name` is its argument ("head", "teacher_head")."""
+    bias, logit_scale, logit_softcap = head.bias, head.logit_scale, head.logit_softcap
+    rows = head.weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{prefix}bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.shape[0],):
+            raise TypeError(f"{name}.bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (rows,):
             raise ValueError(
-                f"{prefix}bias must have shape [{weight.shape[0]}] (one per vocab row of "
-                f"{weight_name}), got {tuple(bias.shape)}"
+                f"{name}.bias must have shape [{rows}] (one per vocab row of {name}.weight), got {tuple(bias.shape)}"
             )
         if bias.dtype not in SUPPORTED_FLOAT_DTYPES:
-            raise TypeError(f"{prefix}bias has dtype {bias.dtype}; expected a floating-point dtype")
-        if bias.device != weight.device:
-            raise ValueError(f"{prefix}bias is on {bias.device} but {weight_name} is on {weight.device}")
+            raise TypeError(f"{name}.bias has dtype {bias.dtype}; expected a floating-point dtype")
+        if bias.device != head.weight.device:
+            raise ValueError(f"{name}.bias is on {bias.device} but {name}.weight is on {head.weight.device}")
     if (
         isinstance(logit_scale, bool)
         or not isinstance(logit_scale, (int, float))
@@ -106,7 +108,7 @@ def _check_head(
         or logit_scale <= 0
     ):
         raise ValueError(
-            f"{prefix}logit_scale must be a finite number > 0, got {logit_scale!r} (Granite divides "
+            f"{name}.logit_scale must be a finite number > 0, got {logit_scale!r} (Granite divides "
             "by logits_scaling: pass its reciprocal)"
         )
     if logit_softcap is not None and (
@@ -115,53 +117,50 @@ def _check_head(
         or not math.isfinite(logit_softcap)
         or logit_softcap <= 0
     ):
-        raise ValueError(f"{prefix}logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
-    return HeadSpec(has_bias=bias is not None, scale=float(logit_scale), softcap=float(logit_softcap or 0.0))
+        raise ValueError(f"{name}.logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    return HeadSpec(
+        has_bias=bias is not None,
+        scale=float(logit_scale),
+        softcap=None if logit_softcap is None else float(logit_softcap),
+    )
 
 
 def validate_stats_inputs(
     student_hidden: object,
-    student_weight: object,
+    head: LMHead,
     targets: object,
     teacher_hidden: Optional[object] = None,
-    teacher_weight: Optional[object] = None,
+    teacher_head: Optional[LMHead] = None,
     *,
     temperature: float = 1.0,
     divergence: Optional[str] = None,
     jsd_beta: float = 0.5,
     ignore_index: int = -100,
     backend: str = "auto",
-    student_prefix: str = "student_",
-    student_bias: object = None,
-    student_logit_scale: object = 1.0,
-    student_logit_softcap: object = None,
-    teacher_bias: object = None,
-    teacher_logit_scale: object = 1.0,
-    teacher_logit_softcap: object = None,
+    hidden_name: str = "student_hidden",
     target_vocab_size: Optional[int] = None,
 ) -> StatsProblem:
     """Check shapes, dtypes, devices and target range; raise ValueError/TypeError naming the argument.
+    `hidden_name`: the caller's name of `student_hidden` ("hidden" in `token_stats`).
     `target_vocab_size`: the global vocabulary when the weights are shards (vocab-parallel)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    hidden, weight = _check_model(student_prefix, student_hidden, student_weight)
+    hidden, weight = _check_model(hidden_name, "head", student_hidden, head.weight)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     if vocab_size == 0:
-        raise ValueError(f"{student_prefix}weight has an empty vocabulary (shape {tuple(weight.shape)})")
-    student_head = _check_head(
-        "", f"{student_prefix}weight", weight, student_bias, student_logit_scale, student_logit_softcap
-    )
-    teacher_head = PLAIN_HEAD
+        raise ValueError(f"head.weight has an empty vocabulary (shape {tuple(weight.shape)})")
+    student_spec = _check_head("head", head)
+    teacher_spec = PLAIN_HEAD
 
-    has_teacher = teacher_hidden is not None or teacher_weight is not None
-    devices = {"targets": None, f"{student_prefix}hidden": hidden.device, f"{student_prefix}weight": weight.device}
+    has_teacher = teacher_hidden is not None or teacher_head is not None
+    devices = {"targets": None, hidden_name: hidden.device, "head.weight": weight.device}
     if has_teacher:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("teacher_hidden and teacher_weight must be given together")
-        t_hidden, t_weight = _check_model("teacher_", teacher_hidden, teacher_weight)
+        if teacher_hidden is None or teacher_head is None:
+            raise ValueError("teacher_hidden and teacher_head must be given together")
+        t_hidden, t_weight = _check_model("teacher_hidden", "teacher_head", teacher_hidden, teacher_head.weight)
         if t_weight.shape[0] != vocab_size:
             raise ValueError(
-                f"vocab mismatch: teacher_weight has V={t_weight.shape[0]} rows but student_weight has "
+                f"vocab mismatch: teacher_head.weight has V={t_weight.shape[0]} rows but head.weight has "
                 f"V={vocab_size}; teacher and student must share a vocabulary (heads padded to different sizes "
                 "for one tokenizer: pass vocab_size=<the tokenizer's size>)"
             )
@@ -171,12 +170,8 @@ def validate_stats_inputs(
                 "one teacher row per student token"
             )
         devices["teacher_hidden"] = t_hidden.device
-        devices["teacher_weight"] = t_weight.device
-        teacher_head = _check_head(
-            "teacher_", "teacher_weight", t_weight, teacher_bias, teacher_logit_scale, teacher_logit_softcap
-        )
-    elif teacher_bias is not None or teacher_logit_scale != 1.0 or teacher_logit_softcap is not None:
-        raise ValueError("teacher_bias, teacher_logit_scale and teacher_logit_softcap need a teacher")
+        devices["teacher_head.weight"] = t_weight.device
+        teacher_spec = _check_head("teacher_head", teacher_head)
 
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -194,7 +189,7 @@ def validate_stats_inputs(
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be None, 'reverse_kl', 'forward_kl' or 'jsd', got {divergence!r}")
     if divergence is not None and not has_teacher:
-        raise ValueError("divergence needs a teacher (teacher_hidden, teacher_weight)")
+        raise ValueError("divergence needs a teacher (teacher_hidden, teacher_head)")
     if not isinstance(jsd_beta, (int, float)) or not 0.0 <= jsd_beta <= 1.0:
         raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
     kind = DIVERGENCES[divergence]
@@ -219,6 +214,6 @@ def validate_stats_inputs(
         jsd_beta=float(jsd_beta),
         inv_temperature=1.0 / float(temperature),
         ignore_index=int(ignore_index),
-        student_head=student_head,
-        teacher_head=teacher_head,
+        student_head=student_spec,
+        teacher_head=teacher_spec,
     )

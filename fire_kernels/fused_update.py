@@ -41,6 +41,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from fire_kernels.backends import chunked, tile_fold, triton_token_stats
+from fire_kernels.backends._row_stats import BackwardInputs
 from fire_kernels.backends.chunked import (
     apply_head_,
     divergence_grad_terms,
@@ -49,8 +50,9 @@ from fire_kernels.backends.chunked import (
     row_logsumexp,
     scale_by_jacobian_,
 )
+from fire_kernels.lm_head import HeadLike, LMHead, as_head
 from fire_kernels.token_stats import prepare_call
-from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_rows
+from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_head_rows
 
 # grad_fn(log_prob[C], rows: slice) -> (loss contribution (scalar), dL/dlog_prob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
@@ -74,71 +76,64 @@ class LogprobUpdate(NamedTuple):
 
 def linear_log_prob_update(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: HeadLike,
     targets: torch.Tensor,
     grad_fn: GradFn,
     *,
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
-    bias: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    logit_softcap: Optional[float] = None,
+    vocab_size: Optional[int] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
-    vocab_size: Optional[int] = None,
 ) -> LogprobUpdate:
-    """Log-probs of `targets` under softmax(hidden @ weight.T / temperature) and the gradients
-    of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and weight [V, D] (and `bias` [V] when
-    given), in one sweep. The head (bias, logit_scale, logit_softcap) is that of `token_stats`.
+    """Log-probs of `targets` under the head's softmax (that of `token_stats`) and the gradients
+    of `loss = sum grad_fn(...)[0]` w.r.t. hidden [N, D] and the head's weight [V, D] (and its
+    bias [V] when it has one), in one sweep.
 
     `grad_fn` sees the log-probs of a chunk of rows (0 on ignored rows) and the slice of rows
     they are; it returns that chunk's loss contribution and dL/dlog_prob. Ignored rows get no
     gradient whatever it returns.
 
-    `vocab_process_group`, `reduce_hidden_grad`: a vocabulary-sharded `weight`, as in
-    `token_stats` (the streaming two-pass path on every device; `grad_weight` is the shard's).
-    `vocab_size`: padded heads, as in `token_stats`; the padding rows' gradient is zero.
+    `vocab_process_group`, `reduce_hidden_grad`: a vocabulary-sharded head, as in `token_stats`
+    (the streaming two-pass path on every device; `grad_weight` is the shard's). `vocab_size`:
+    padded heads, as in `token_stats`; the padding rows' gradient is zero.
     """
-    rows, bias_rows = weight.shape[0], None if bias is None else bias.shape[0]
-    weight, bias = valid_rows(vocab_size, vocab_process_group, weight, bias)
+    head = as_head(head, "head")
+    rows, bias_rows = head.weight.shape[0], None if head.bias is None else head.bias.shape[0]
+    (cut,) = valid_head_rows(vocab_size, vocab_process_group, head)
+    assert cut is not None
     update = _log_prob_update(
-        hidden, weight, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
-        bias=bias, logit_scale=logit_scale, logit_softcap=logit_softcap, vocab_process_group=vocab_process_group,
-        reduce_hidden_grad=reduce_hidden_grad,
+        hidden, cut, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
     return _with_padding_rows(update, rows, bias_rows)
 
 
 def _log_prob_update(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: LMHead,
     targets: torch.Tensor,
     grad_fn: GradFn,
     *,
     temperature: float,
     ignore_index: int,
     backend: str,
-    bias: Optional[torch.Tensor],
-    logit_scale: float,
-    logit_softcap: Optional[float],
     vocab_process_group: Optional[ProcessGroup],
     reduce_hidden_grad: bool,
 ) -> LogprobUpdate:
     problem, targets, valid, shards, backend = prepare_call(
         hidden,
-        weight,
+        head,
         targets,
         backend=backend,
         vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
         temperature=temperature,
         ignore_index=ignore_index,
-        student_prefix="",
-        student_bias=bias,
-        student_logit_scale=logit_scale,
-        student_logit_softcap=logit_softcap,
+        hidden_name="hidden",
     )
+    weight, bias = head.weight, head.bias
     bias = bias.detach() if bias is not None else None
     # the whole-row path's buffers: the logits / p / dz tile and logsumexp's temporary (+ the soft-cap Jacobian)
     rows_per_chunk = _whole_row_limit(problem.vocab_size, 3 if problem.student_head.softcap else 2, problem.divergence)
@@ -148,23 +143,11 @@ def _log_prob_update(
         stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, shards=shards)
         loss, grad_log_prob = grad_fn(stats.student_log_prob, slice(0, problem.num_tokens))
         grad_log_prob = torch.where(valid, grad_log_prob.to(stats.student_lse.dtype), 0.0)
-        grad_hidden, grad_weight, grad_bias = backward(
-            problem,
-            hidden,
-            weight,
-            targets,
-            None,
-            None,
-            stats.student_lse,
-            stats.student_entropy,
-            None,
-            None,
-            grad_log_prob,
-            torch.zeros_like(grad_log_prob),
-            None,
-            student_bias=bias,
-            need_bias_grad=bias is not None,
-        )
+        inputs = BackwardInputs(
+            hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
+            grad_log_prob, torch.zeros_like(grad_log_prob), None, student_bias=bias,
+        )  # fmt: skip
+        grad_hidden, grad_weight, grad_bias = backward(problem, inputs, need_bias_grad=bias is not None)
         grad_hidden = complete_hidden_grad(shards, grad_hidden)
         return LogprobUpdate(
             stats.student_log_prob,
@@ -184,7 +167,7 @@ def _log_prob_update(
     # logsumexp's temporaries, so the peak stays at the materialized path's.
     weight_grad: Optional[torch.Tensor] = None
     weight_acc = weight.to(acc)  # a no-op for fp32 weights
-    head = problem.student_head
+    spec = problem.student_head
     grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if bias is not None else None
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     for start in range(0, n, rows_per_chunk):
@@ -192,8 +175,8 @@ def _log_prob_update(
         h = hidden[rows].to(acc)
         y, ok = targets[rows], valid[rows]
         safe_y = torch.where(ok, y, torch.zeros_like(y)).long()
-        probs = apply_head_(h @ weight_acc.t(), head, bias, inv_t)  # [C, V] logits, becomes p, then dz in place
-        jacobian = head_jacobian(probs, head, inv_t)  # dz/dr: scale / tau, or a [C, V] tile under a soft-cap
+        probs = apply_head_(h @ weight_acc.t(), spec, bias, inv_t)  # [C, V] logits, becomes p, then dz in place
+        jacobian = head_jacobian(probs, spec, inv_t)  # dz/dr: scale / tau, or a [C, V] tile under a soft-cap
         lse = row_logsumexp(probs)
         lp = torch.where(ok, probs.gather(1, safe_y[:, None]).squeeze(1) - lse, 0.0)
         log_prob[rows] = lp
@@ -263,9 +246,9 @@ UpdateT = TypeVar("UpdateT", LogprobUpdate, DivergenceUpdate)
 
 def linear_divergence_update(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    head: HeadLike,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_head: HeadLike,
     targets: torch.Tensor,
     coefficient: torch.Tensor,
     *,
@@ -274,49 +257,40 @@ def linear_divergence_update(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
-    bias: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    logit_softcap: Optional[float] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
-    teacher_logit_scale: float = 1.0,
-    teacher_logit_softcap: Optional[float] = None,
+    vocab_size: Optional[int] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
-    vocab_size: Optional[int] = None,
 ) -> DivergenceUpdate:
-    """Per-token full-vocabulary divergence D_t between the student's softmax(h W^T / tau) and the
-    teacher's softmax(g U^T / tau), and the gradients of loss = sum_t coefficient_t * D_t w.r.t.
-    student_hidden [N, D_s] and student_weight [V, D_s], in one sweep.
+    """Per-token full-vocabulary divergence D_t between the student's softmax (`head`) and the
+    teacher's (`teacher_head`), and the gradients of loss = sum_t coefficient_t * D_t w.r.t.
+    student_hidden [N, D_s] and the student head's weight [V, D_s] (and bias), in one sweep.
 
     `targets` [N] only marks rows: those equal to `ignore_index` give D = 0 and no gradient.
     `coefficient` [N] is detached (the caller's aggregation and FiRe weights). `divergence` is
     "reverse_kl" KL(student || teacher), "forward_kl" KL(teacher || student) or "jsd"
     (generalized, `jsd_beta` 0 forward and 1 reverse KL, as in TRL and Liger). The heads are
-    those of `teacher_student_stats`; the student's `bias` gets a gradient (`grad_bias`).
-    `vocab_process_group`, `reduce_hidden_grad`: vocabulary-sharded weights, as in
-    `linear_log_prob_update`. `vocab_size`: padded heads (the two may have different numbers of
-    rows), as in `teacher_student_stats`; the padding rows' gradient is zero.
+    those of `teacher_student_stats`. `vocab_process_group`, `reduce_hidden_grad`:
+    vocabulary-sharded heads, as in `linear_log_prob_update`. `vocab_size`: padded heads (the two
+    may have different numbers of rows), as in `teacher_student_stats`; the padding rows'
+    gradient is zero.
     """
-    rows, bias_rows = student_weight.shape[0], None if bias is None else bias.shape[0]
-    student_weight, teacher_weight, bias, teacher_bias = valid_rows(
-        vocab_size, vocab_process_group, student_weight, teacher_weight, bias, teacher_bias
-    )
+    head, teacher_head = as_head(head, "head"), as_head(teacher_head, "teacher_head")
+    rows, bias_rows = head.weight.shape[0], None if head.bias is None else head.bias.shape[0]
+    student, teacher = valid_head_rows(vocab_size, vocab_process_group, head, teacher_head)
+    assert student is not None and teacher is not None
     update = _divergence_update(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, coefficient,
-        divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index,
-        backend=backend, bias=bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
-        teacher_bias=teacher_bias, teacher_logit_scale=teacher_logit_scale,
-        teacher_logit_softcap=teacher_logit_softcap, vocab_process_group=vocab_process_group,
-        reduce_hidden_grad=reduce_hidden_grad,
+        student_hidden, student, teacher_hidden, teacher, targets, coefficient, divergence=divergence,
+        jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
     return _with_padding_rows(update, rows, bias_rows)
 
 
 def _divergence_update(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    head: LMHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_head: LMHead,
     targets: torch.Tensor,
     coefficient: torch.Tensor,
     *,
@@ -325,12 +299,6 @@ def _divergence_update(
     temperature: float,
     ignore_index: int,
     backend: str,
-    bias: Optional[torch.Tensor],
-    logit_scale: float,
-    logit_softcap: Optional[float],
-    teacher_bias: Optional[torch.Tensor],
-    teacher_logit_scale: float,
-    teacher_logit_softcap: Optional[float],
     vocab_process_group: Optional[ProcessGroup],
     reduce_hidden_grad: bool,
 ) -> DivergenceUpdate:
@@ -338,10 +306,10 @@ def _divergence_update(
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
     problem, targets, valid, shards, backend = prepare_call(
         student_hidden,
-        student_weight,
+        head,
         targets,
         teacher_hidden,
-        teacher_weight,
+        teacher_head,
         backend=backend,
         vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
@@ -349,14 +317,9 @@ def _divergence_update(
         divergence=divergence,
         jsd_beta=jsd_beta,
         ignore_index=ignore_index,
-        student_prefix="student_",
-        student_bias=bias,
-        student_logit_scale=logit_scale,
-        student_logit_softcap=logit_softcap,
-        teacher_bias=teacher_bias,
-        teacher_logit_scale=teacher_logit_scale,
-        teacher_logit_softcap=teacher_logit_softcap,
     )
+    student_weight, bias = head.weight, head.bias
+    teacher_weight, teacher_bias = teacher_head.weight, teacher_head.bias
     if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (problem.num_tokens,):
         raise ValueError(
             f"coefficient must be a [{problem.num_tokens}] tensor, got "
@@ -385,24 +348,12 @@ def _divergence_update(
         coef = torch.where(valid, coefficient.detach().to(stats.student_lse.dtype), 0.0)
         loss = (coef * stats.divergence).sum()
         zeros = torch.zeros_like(coef)
-        grad_hidden, grad_weight, grad_bias = backward(
-            problem,
-            student_hidden,
-            student_weight,
-            targets,
-            teacher_hidden,
-            teacher_weight,
-            stats.student_lse,
-            stats.student_entropy,
-            stats.teacher_lse,
-            div_aux,
-            zeros,
-            zeros,
-            coef,
-            student_bias=bias,
+        inputs = BackwardInputs(
+            student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
+            stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef, student_bias=bias,
             teacher_bias=teacher_bias,
-            need_bias_grad=bias is not None,
-        )
+        )  # fmt: skip
+        grad_hidden, grad_weight, grad_bias = backward(problem, inputs, need_bias_grad=bias is not None)
         grad_hidden = complete_hidden_grad(shards, grad_hidden)
         return DivergenceUpdate(
             stats.divergence,

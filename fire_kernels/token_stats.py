@@ -1,10 +1,11 @@
 """Public API: `token_stats` and `teacher_student_stats`, with backend dispatch in one place.
 
-    token_stats(hidden[N, D], weight[V, D], targets[N])            -> (log_prob[N], entropy[N])
-    teacher_student_stats(student_hidden, student_weight,
-                          teacher_hidden, teacher_weight, targets) -> TeacherStudentStats
+    token_stats(hidden[N, D], head, targets[N])                    -> (log_prob[N], entropy[N])
+    teacher_student_stats(student_hidden, head,
+                          teacher_hidden, teacher_head, targets)   -> TeacherStudentStats
 
-Both are differentiable w.r.t. the student hidden states and lm_head weight through the
+A head is the lm_head's [V, D] weight or an `LMHead` (weight, bias, logit scale, soft-cap).
+Both are differentiable w.r.t. the student hidden states and lm_head through the
 student log-prob, the student entropy and the divergence; teacher outputs carry no gradient.
 Backends: "triton" (fused, CUDA or the CPU interpreter), "chunked" (bounded tiles: on CUDA
 cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "reference"
@@ -21,6 +22,8 @@ from torch.distributed import ProcessGroup
 from fire_kernels import vocab_parallel
 from fire_kernels._validation import DIV_NONE, StatsProblem, validate_stats_inputs
 from fire_kernels.backends import chunked, triton_token_stats
+from fire_kernels.backends._row_stats import BackwardInputs
+from fire_kernels.lm_head import HeadLike, LMHead, as_head
 from fire_kernels.reference import reference_stats
 
 
@@ -151,22 +154,14 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             upstream(g_divergence) if (problem.divergence != DIV_NONE and g_divergence is not None) else None
         )
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        inputs = BackwardInputs(
+            student_hidden, student_weight, targets, teacher_hidden, teacher_weight, student_lse, student_entropy,
+            teacher_lse, div_aux, upstream(g_log_prob), upstream(g_entropy), grad_divergence,
+            student_bias=student_bias, teacher_bias=teacher_bias,
+        )  # fmt: skip
         grad_hidden, grad_weight, grad_bias = _BACKWARD[ctx.backend](
             problem,
-            student_hidden,
-            student_weight,
-            targets,
-            teacher_hidden,
-            teacher_weight,
-            student_lse,
-            student_entropy,
-            teacher_lse,
-            div_aux,
-            upstream(g_log_prob),
-            upstream(g_entropy),
-            grad_divergence,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
+            inputs,
             need_hidden_grad=need_h,
             need_weight_grad=need_w,
             need_bias_grad=need_b,
@@ -192,10 +187,10 @@ class PreparedCall(NamedTuple):
 
 def prepare_call(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    head: LMHead,
     targets: torch.Tensor,
     teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_head: Optional[LMHead] = None,
     *,
     backend: str,
     vocab_process_group: Optional[ProcessGroup] = None,
@@ -211,13 +206,13 @@ def prepare_call(
                 "vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
                 "backend='reference' materializes the whole vocabulary's logits"
             )
-        shards = vocab_parallel.shards_of(student_weight, vocab_process_group, reduce_hidden_grad)
+        shards = vocab_parallel.shards_of(head.weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(
         student_hidden,
-        student_weight,
+        head,
         targets,
         teacher_hidden,
-        teacher_weight,
+        teacher_head,
         backend=backend,
         target_vocab_size=shards.vocab_size if shards is not None else None,
         **checks,
@@ -229,35 +224,32 @@ def prepare_call(
 
 
 def _stats(
-    student_hidden,
-    student_weight,
-    targets,
-    teacher_hidden,
-    teacher_weight,
+    student_hidden: torch.Tensor,
+    head: object,
+    targets: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor],
+    teacher_head: object,
     *,
-    temperature,
-    divergence,
-    jsd_beta,
-    ignore_index,
-    backend,
-    student_prefix,
-    heads,
-    vocab_process_group: Optional[ProcessGroup] = None,
-    reduce_hidden_grad=True,
-    vocab_size: Optional[int] = None,
-):
-    if vocab_size is not None:  # padded heads: the rows past the vocabulary, as views
-        biases = [name for name in ("student_bias", "teacher_bias") if heads.get(name) is not None]
-        student_weight, teacher_weight, *cut = vocab_parallel.valid_rows(
-            vocab_size, vocab_process_group, student_weight, teacher_weight, *(heads[b] for b in biases)
-        )
-        heads = {**heads, **dict(zip(biases, cut))}
+    temperature: float,
+    divergence: Optional[str],
+    jsd_beta: float,
+    ignore_index: int,
+    backend: str,
+    hidden_name: str,
+    vocab_process_group: Optional[ProcessGroup],
+    reduce_hidden_grad: bool,
+    vocab_size: Optional[int],
+) -> tuple[Optional[torch.Tensor], ...]:
+    """The statistics of `token_stats` / `teacher_student_stats`, after their arguments."""
+    teacher = None if teacher_head is None else as_head(teacher_head, "teacher_head")
+    student, teacher = vocab_parallel.valid_head_rows(vocab_size, vocab_process_group, as_head(head, "head"), teacher)
+    assert student is not None
     problem, targets, _, shards, backend = prepare_call(
         student_hidden,
-        student_weight,
+        student,
         targets,
         teacher_hidden,
-        teacher_weight,
+        teacher,
         backend=backend,
         vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
@@ -265,10 +257,10 @@ def _stats(
         divergence=divergence,
         jsd_beta=jsd_beta,
         ignore_index=ignore_index,
-        student_prefix=student_prefix,
-        **heads,
+        hidden_name=hidden_name,
     )
-    student_bias, teacher_bias = heads.get("student_bias"), heads.get("teacher_bias")
+    student_weight, student_bias = student.weight, student.bias
+    teacher_weight, teacher_bias = (None, None) if teacher is None else (teacher.weight, teacher.bias)
     if backend == "reference":
         return reference_stats(
             problem,
@@ -280,7 +272,7 @@ def _stats(
             student_bias=student_bias,
             teacher_bias=teacher_bias,
         )
-    if teacher_hidden is not None:
+    if teacher_hidden is not None and teacher_weight is not None:
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     outputs = FusedTokenStatsFunction.apply(
@@ -303,72 +295,55 @@ def _stats(
 
 def token_stats(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: HeadLike,
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
-    bias: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    logit_softcap: Optional[float] = None,
+    vocab_size: Optional[int] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
-    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target token and full-vocab entropy of softmax(z), with logits
     z = logit_softcap * tanh(((hidden @ weight.T + bias) * logit_scale) / logit_softcap) / temperature.
 
     Args:
         hidden: [N, D] hidden states (fp16 / bf16 / fp32; fp64 on chunked and reference).
-        weight: [V, D] lm_head weight, same dtype as `hidden`.
+        head: the lm_head: its [V, D] weight (same dtype as `hidden`), or an `LMHead` with a bias
+            [V] (it gets a gradient when it requires one), a logit scale or a soft-cap.
         targets: [N] integer token ids in [0, V), or `ignore_index` (those rows give 0, get 0 gradient).
-        bias: [V] lm_head bias or None; it gets a gradient when it requires one.
-        logit_scale: multiplies the logits (Cohere's `logit_scale`; Granite divides by
-            `logits_scaling`: pass its reciprocal).
-        logit_softcap: None, or Gemma 2/3's `final_logit_softcapping`.
+        vocab_size: the tokenizer's vocabulary size when the head has padding rows past it (models
+            round V up: Qwen2.5-7B has 152,064 rows for 151,665 tokens). Rows at or past it take
+            no part in the softmax and get zero gradient; the weight is sliced (a view), never
+            copied. With `vocab_process_group`, the whole vocabulary's size. None: every row.
         vocab_process_group: a torch.distributed group over which the vocabulary is sharded: each
             rank passes its contiguous shard of lm_head rows (and bias) in rank order, the full
             hidden states and the global targets, and gets the unsharded outputs; the weight
             gradient is the rank's shard's, the hidden-state gradient is complete on every rank
             (fire_kernels/vocab_parallel.py; chunked or triton backend; O(N) floats communicated per
             statistic in the forward, dL/dh [N, D] in the backward).
-        vocab_size: the tokenizer's vocabulary size when the head has padding rows past it (models
-            round V up: Qwen2.5-7B has 152,064 rows for 151,665 tokens). Rows at or past it take
-            no part in the softmax and get zero gradient; the weight is sliced (a view), never
-            copied. With `vocab_process_group`, the whole vocabulary's size. None: every row.
         reduce_hidden_grad: with `vocab_process_group`, False returns this shard's part of dL/dh
             (not all-reduced), for callers whose layer before the head reduces it (Megatron's
             column-parallel input copy; verl's `linear_cross_entropy` contract).
     Returns:
         (log_prob [N], entropy [N]) in float32 (float64 for float64 inputs), both differentiable
-        w.r.t. `hidden` and `weight`. The [N, V] logits are never materialized (except by "reference").
+        w.r.t. `hidden` and the head. The [N, V] logits are never materialized (except by "reference").
     """
     log_prob, entropy, *_ = _stats(
-        hidden,
-        weight,
-        targets,
-        None,
-        None,
-        temperature=temperature,
-        divergence=None,
-        jsd_beta=0.5,
-        ignore_index=ignore_index,
-        backend=backend,
-        student_prefix="",
-        heads=dict(student_bias=bias, student_logit_scale=logit_scale, student_logit_softcap=logit_softcap),
-        vocab_process_group=vocab_process_group,
-        reduce_hidden_grad=reduce_hidden_grad,
-        vocab_size=vocab_size,
-    )
+        hidden, head, targets, None, None, temperature=temperature, divergence=None, jsd_beta=0.5,
+        ignore_index=ignore_index, backend=backend, hidden_name="hidden", vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size,
+    )  # fmt: skip
+    assert log_prob is not None and entropy is not None
     return log_prob, entropy
 
 
 def teacher_student_stats(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    head: HeadLike,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_head: HeadLike,
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -376,60 +351,32 @@ def teacher_student_stats(
     jsd_beta: float = 0.5,
     ignore_index: int = -100,
     backend: str = "auto",
-    bias: Optional[torch.Tensor] = None,
-    logit_scale: float = 1.0,
-    logit_softcap: Optional[float] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
-    teacher_logit_scale: float = 1.0,
-    teacher_logit_softcap: Optional[float] = None,
+    vocab_size: Optional[int] = None,
     vocab_process_group: Optional[ProcessGroup] = None,
     reduce_hidden_grad: bool = True,
-    vocab_size: Optional[int] = None,
 ) -> TeacherStudentStats:
     """Student and teacher log-prob / entropy, and optionally a full-vocab divergence, in one sweep.
 
     Args:
-        student_hidden: [N, D_s]; student_weight: [V, D_s].
-        teacher_hidden: [N, D_t]; teacher_weight: [V, D_t] (same V; D may differ).
+        student_hidden: [N, D_s]; head: the student's lm_head, [V, D_s] weight or `LMHead`.
+        teacher_hidden: [N, D_t]; teacher_head: the teacher's, [V, D_t] or `LMHead` (same V; D may
+            differ; its bias gets no gradient).
         targets: [N] sampled token ids, or `ignore_index`.
         divergence: None, "reverse_kl" (KL(student || teacher)), "forward_kl" (KL(teacher || student))
             or "jsd" (generalized JSD; `jsd_beta` 0 is forward KL, 1 is reverse KL, as in TRL / Liger).
-        bias: the student's lm_head bias, as in `token_stats`.
-        logit_scale: the student's logit scale, as in `token_stats`.
-        logit_softcap: the student's soft-cap, as in `token_stats`; the `teacher_` arguments are
-            the teacher's head (its bias gets no gradient).
-        vocab_process_group: vocabulary-sharded lm_heads of student and teacher (the same rows on
-            each rank), as in `token_stats`; every divergence is exact. `reduce_hidden_grad` as there.
         vocab_size: the tokenizer's vocabulary when either head has padding rows past it, as in
             `token_stats`: the two heads may then have different numbers of rows.
+        vocab_process_group: vocabulary-sharded lm_heads of student and teacher (the same rows on
+            each rank), as in `token_stats`; every divergence is exact. `reduce_hidden_grad` as there.
     Returns:
         TeacherStudentStats of [N] tensors. Student outputs and the divergence are differentiable
-        w.r.t. the student hidden states and weight; teacher outputs carry no gradient.
+        w.r.t. the student hidden states and head; teacher outputs carry no gradient.
     """
-    if teacher_hidden is None or teacher_weight is None:
-        raise ValueError("teacher_hidden and teacher_weight are required; use token_stats for the student alone")
+    if teacher_hidden is None or teacher_head is None:
+        raise ValueError("teacher_hidden and teacher_head are required; use token_stats for the student alone")
     outputs = _stats(
-        student_hidden,
-        student_weight,
-        targets,
-        teacher_hidden,
-        teacher_weight,
-        temperature=temperature,
-        divergence=divergence,
-        jsd_beta=jsd_beta,
-        ignore_index=ignore_index,
-        backend=backend,
-        student_prefix="student_",
-        heads=dict(
-            student_bias=bias,
-            student_logit_scale=logit_scale,
-            student_logit_softcap=logit_softcap,
-            teacher_bias=teacher_bias,
-            teacher_logit_scale=teacher_logit_scale,
-            teacher_logit_softcap=teacher_logit_softcap,
-        ),
-        vocab_process_group=vocab_process_group,
-        reduce_hidden_grad=reduce_hidden_grad,
-        vocab_size=vocab_size,
-    )
-    return TeacherStudentStats(*outputs)
+        student_hidden, head, targets, teacher_hidden, teacher_head, temperature=temperature, divergence=divergence,
+        jsd_beta=jsd_beta, ignore_index=ignore_index, backend=backend, hidden_name="student_hidden",
+        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size,
+    )  # fmt: skip
+    return TeacherStudentStats(*outputs)  # type: ignore[arg-type]  # the student's fields are tensors

@@ -33,13 +33,14 @@ matches no column, so the rank adds no z_y and no one-hot gradient), ignored row
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from fire_kernels._validation import DIV_REVERSE_KL
+from fire_kernels.lm_head import LMHead
 
 OTHER_SHARD = -1  # local id of a target that another rank's shard holds
 LOCAL_IGNORE = -2  # local ignore_index: cannot collide with a shard-local id (>= 0) or OTHER_SHARD
@@ -203,4 +204,16 @@ def valid_rows(vocab_size: Optional[int], group, *weights_and_biases: Any) -> tu
                 "most every head's number of rows"
             )
         out.append(t[: max(0, min(vocab_size - offset, t.shape[0]))])
+    return tuple(out)
+
+
+def valid_head_rows(vocab_size: Optional[int], group, *heads: Optional[LMHead]) -> tuple[Optional[LMHead], ...]:
+    """`valid_rows` of each head's weight and bias (views), None heads passed through."""
+    out: list[Optional[LMHead]] = []
+    for head in heads:
+        if head is None or vocab_size is None:
+            out.append(head)
+            continue
+        weight, bias = valid_rows(vocab_size, group, head.weight, head.bias)
+        out.append(replace(head, weight=weight, bias=bias))
     return tuple(out)

@@ -21,7 +21,7 @@ def _inputs(n=4, vocab=10, d_s=6, d_t=8):
 
 def test_vocab_mismatch():
     s_h, s_w, t_h, _, y = _inputs()
-    with pytest.raises(ValueError, match="vocab mismatch.*teacher_weight"):
+    with pytest.raises(ValueError, match="vocab mismatch.*teacher_head.weight"):
         teacher_student_stats(s_h, s_w, t_h, torch.randn(11, 8), y)
 
 
@@ -29,10 +29,10 @@ def test_vocab_mismatch():
 def test_hidden_weight_d_mismatch(which):
     s_h, s_w, t_h, t_w, y = _inputs()
     if which == "student":
-        with pytest.raises(ValueError, match="student_hidden.*student_weight"):
+        with pytest.raises(ValueError, match=r"student_hidden.*head\.weight"):
             teacher_student_stats(s_h, torch.randn(10, 5), t_h, t_w, y)
     else:
-        with pytest.raises(ValueError, match="teacher_hidden.*teacher_weight"):
+        with pytest.raises(ValueError, match=r"teacher_hidden.*teacher_head\.weight"):
             teacher_student_stats(s_h, s_w, t_h, torch.randn(10, 7), y)
     with pytest.raises(ValueError, match="hidden.*weight"):
         token_stats(s_h, torch.randn(10, 5), y)
@@ -66,7 +66,7 @@ def test_float_targets_and_mixed_dtypes():
     s_h, s_w, _, _, y = _inputs()
     with pytest.raises(TypeError, match="targets must be an integer tensor"):
         token_stats(s_h, s_w, y.float())
-    with pytest.raises(TypeError, match="hidden .* and weight .* must share a dtype"):
+    with pytest.raises(TypeError, match=r"hidden .* and head\.weight .* must share a dtype"):
         token_stats(s_h, s_w.half(), y)
 
 
@@ -106,9 +106,10 @@ def test_shape_errors():
         teacher_student_stats(s_h[None], s_w, t_h, t_w, y)
     with pytest.raises(ValueError, match="teacher_hidden has 3 tokens"):
         teacher_student_stats(s_h, s_w, t_h[:3], t_w, y)
-    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"head must be a \[V, D\] torch.Tensor or a fire_kernels.LMHead"):
         token_stats(s_h, s_w.numpy(), y)
     with pytest.raises(ValueError, match="divergence needs a teacher"):
+        from fire_kernels import LMHead
         from fire_kernels._validation import validate_stats_inputs
 
-        validate_stats_inputs(s_h, s_w, y, divergence="reverse_kl")
+        validate_stats_inputs(s_h, LMHead(s_w), y, divergence="reverse_kl")

@@ -12,7 +12,7 @@ from _helpers import assert_close_grad, assert_close_output, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fire_kernels import teacher_student_stats, token_stats
+from fire_kernels import LMHead, teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
 HEADS = st.fixed_dictionaries(
@@ -24,32 +24,27 @@ HEADS = st.fixed_dictionaries(
 )
 
 
-def _head(spec: dict, vocab: int, dtype, seed: int, prefix: str = "") -> dict:
+def _head(spec: dict, weight: torch.Tensor, seed: int) -> LMHead:
     gen = torch.Generator().manual_seed(seed)
-    bias = (torch.randn(vocab, generator=gen) * 2).to(dtype) if spec["bias"] else None
-    return {
-        f"{prefix}bias": bias,
-        f"{prefix}logit_scale": spec["logit_scale"],
-        f"{prefix}logit_softcap": spec["logit_softcap"],
-    }
+    bias = (torch.randn(weight.shape[0], generator=gen) * 2).to(weight.dtype) if spec["bias"] else None
+    return LMHead(weight, bias, spec["logit_scale"], spec["logit_softcap"])
 
 
-def _run(backend, s_h, s_w, t_h, t_w, y, heads, *, divergence, temperature):
+def _run(backend, s_h, head: LMHead, t_h, teacher_head: LMHead, y, *, divergence, temperature):
     """Outputs and the gradients w.r.t. (hidden, weight, bias) of a random combination of the outputs."""
     s_h = s_h.detach().clone().requires_grad_()
-    s_w = s_w.detach().clone().requires_grad_()
-    heads = dict(heads)
-    if heads["bias"] is not None:
-        heads["bias"] = heads["bias"].detach().clone().requires_grad_()
+    s_w = head.weight.detach().clone().requires_grad_()
+    bias = None if head.bias is None else head.bias.detach().clone().requires_grad_()
+    head = LMHead(s_w, bias, head.logit_scale, head.logit_softcap)
     out = teacher_student_stats(
-        s_h, s_w, t_h, t_w, y, temperature=temperature, divergence=divergence, backend=backend, **heads
+        s_h, head, t_h, teacher_head, y, temperature=temperature, divergence=divergence, backend=backend
     )
     gen = torch.Generator().manual_seed(1)
     coeffs = [torch.randn(y.shape[0], generator=gen) for _ in range(3)]
     loss = (coeffs[0] * out.student_log_prob).sum() + (coeffs[1] * out.student_entropy).sum()
     if divergence is not None:
         loss = loss + (coeffs[2] * out.divergence).sum()
-    inputs = (s_h, s_w) + ((heads["bias"],) if heads["bias"] is not None else ())
+    inputs = (s_h, s_w) + ((bias,) if bias is not None else ())
     grads = torch.autograd.grad(loss, inputs, allow_unused=True) if y.numel() else (None,) * len(inputs)
     return out, grads
 
@@ -67,9 +62,9 @@ def _run(backend, s_h, s_w, t_h, t_w, y, heads, *, divergence, temperature):
 )
 def test_heads_match_reference(small_chunks, backend, divergence, dtype, student, teacher, vocab, n, temperature, seed):
     s_h, s_w, t_h, t_w, y = make_problem(n, vocab, 12, 20, dtype, seed=seed, scale=3.0)
-    heads = {**_head(student, vocab, dtype, seed), **_head(teacher, vocab, dtype, seed + 1, "teacher_")}
-    ref, ref_grads = _run("reference", s_h, s_w, t_h, t_w, y, heads, divergence=divergence, temperature=temperature)
-    got, got_grads = _run(backend, s_h, s_w, t_h, t_w, y, heads, divergence=divergence, temperature=temperature)
+    head, teacher_head = _head(student, s_w, seed), _head(teacher, t_w, seed + 1)
+    ref, ref_grads = _run("reference", s_h, head, t_h, teacher_head, y, divergence=divergence, temperature=temperature)
+    got, got_grads = _run(backend, s_h, head, t_h, teacher_head, y, divergence=divergence, temperature=temperature)
     for field in got._fields:
         if getattr(ref, field) is not None:
             assert_close_output(getattr(got, field), getattr(ref, field), dtype, f"{backend}/{field}")
@@ -83,23 +78,23 @@ def test_softcap_and_scale_change_the_statistics():
     keeps every |logit| below c / tau (entropy bounded away from 0 at |h W| ~ 1e4)."""
     s_h, s_w, t_h, t_w, y = make_problem(9, 31, 8, 8, torch.float32, seed=2, ignore_frac=0.0)
     plain = token_stats(s_h, s_w, y, backend="chunked")
-    for head in (dict(logit_scale=0.5), dict(logit_softcap=1.0), dict(bias=torch.linspace(-3, 3, 31))):
-        changed = token_stats(s_h, s_w, y, backend="chunked", **head)
+    for head in (LMHead(s_w, logit_scale=0.5), LMHead(s_w, logit_softcap=1.0), LMHead(s_w, torch.linspace(-3, 3, 31))):
+        changed = token_stats(s_h, head, y, backend="chunked")
         assert (changed[1] - plain[1]).abs().min() > 1e-4, head
     # |h W| ~ 1e4: plain logits give a one-hot softmax (entropy 0, log p ~ -1e4); a soft-cap of
     # c bounds every logit by c, so log p >= -2c - log V and the entropy stays positive.
     big = s_h * 1e3
     assert token_stats(big, s_w, y, backend="chunked")[0].min() < -1e3
-    log_prob, entropy = token_stats(big, s_w, y, logit_softcap=5.0, backend="chunked")
+    log_prob, entropy = token_stats(big, LMHead(s_w, logit_softcap=5.0), y, backend="chunked")
     assert bool((log_prob >= -10.0 - torch.log(torch.tensor(31.0)) - 1e-4).all()) and bool((entropy > 0).all())
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_extreme_logits_under_softcap(backend):
     s_h, s_w, t_h, t_w, y = make_problem(13, 37, 8, 8, torch.float32, seed=4, scale=1e4)
-    heads = dict(bias=torch.randn(37) * 1e3, logit_softcap=30.0, teacher_logit_softcap=30.0)
-    ref = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend="reference", **heads)
-    got = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend=backend, **heads)
+    head, teacher_head = LMHead(s_w, torch.randn(37) * 1e3, logit_softcap=30.0), LMHead(t_w, logit_softcap=30.0)
+    ref = teacher_student_stats(s_h, head, t_h, teacher_head, y, divergence="reverse_kl", backend="reference")
+    got = teacher_student_stats(s_h, head, t_h, teacher_head, y, divergence="reverse_kl", backend=backend)
     for field in got._fields:
         assert torch.isfinite(getattr(got, field)).all(), field
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), atol=2e-4, rtol=1e-5)
@@ -114,16 +109,12 @@ def test_chunked_heads_gradcheck(small_chunks):
     def f(h, w, b):
         out = teacher_student_stats(
             h,
-            w,
+            LMHead(w, b, logit_scale=0.8, logit_softcap=3.0),
             t_h,
-            t_w,
+            LMHead(t_w, logit_scale=1.3),
             y,
             divergence="jsd",
             jsd_beta=0.3,
-            bias=b,
-            logit_scale=0.8,
-            logit_softcap=3.0,
-            teacher_logit_scale=1.3,
             temperature=0.9,
             backend="chunked",
         )
@@ -136,18 +127,17 @@ def test_chunked_heads_gradcheck(small_chunks):
 def test_fused_updates_with_heads(backend):
     s_h, s_w, t_h, t_w, y = make_problem(23, 41, 10, 14, torch.float32, seed=6, scale=2.0)
     bias = torch.randn(41)
-    heads = dict(bias=bias, logit_scale=0.6, logit_softcap=4.0)
-    teacher_heads = dict(teacher_bias=torch.randn(41), teacher_logit_scale=1.5, teacher_logit_softcap=3.0)
+    head = LMHead(s_w, bias, logit_scale=0.6, logit_softcap=4.0)
+    teacher_head = LMHead(t_w, torch.randn(41), logit_scale=1.5, logit_softcap=3.0)
     coefficient = torch.rand(23)
 
     # dense: sum_t c_t D_t
     h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, bias))
-    ref = teacher_student_stats(
-        h, w, t_h, t_w, y, divergence="reverse_kl", backend="reference", **{**heads, "bias": b}, **teacher_heads
-    )
+    tracked = LMHead(w, b, logit_scale=0.6, logit_softcap=4.0)
+    ref = teacher_student_stats(h, tracked, t_h, teacher_head, y, divergence="reverse_kl", backend="reference")
     (coefficient * ref.divergence).sum().backward()
     out = linear_divergence_update(
-        s_h, s_w, t_h, t_w, y, coefficient, divergence="reverse_kl", backend=backend, **heads, **teacher_heads
+        s_h, head, t_h, teacher_head, y, coefficient, divergence="reverse_kl", backend=backend
     )
     assert_close_output(out.divergence, ref.divergence, torch.float32, "divergence")
     for name, got, want in (
@@ -159,10 +149,10 @@ def test_fused_updates_with_heads(backend):
 
     # log-prob update with a caller's dL/dlog_prob
     h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, bias))
-    lp, _ = token_stats(h, w, y, backend="reference", **{**heads, "bias": b})
+    lp, _ = token_stats(h, LMHead(w, b, logit_scale=0.6, logit_softcap=4.0), y, backend="reference")
     (coefficient * lp).sum().backward()
     out = linear_log_prob_update(
-        s_h, s_w, y, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]), backend=backend, **heads
+        s_h, head, y, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]), backend=backend
     )
     for name, got, want in (
         ("hidden", out.grad_hidden, h.grad),
@@ -174,15 +164,20 @@ def test_fused_updates_with_heads(backend):
 
 def test_bad_heads():
     s_h, s_w, t_h, t_w, y = make_problem(4, 9, 3, 3, torch.float32)
-    with pytest.raises(ValueError, match=r"bias must have shape \[9\]"):
-        token_stats(s_h, s_w, y, bias=torch.zeros(8))
-    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
-        token_stats(s_h, s_w, y, bias=[0.0] * 9)
-    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
-        token_stats(s_h, s_w, y, logit_scale=0.0)
-    with pytest.raises(ValueError, match="logit_softcap must be None or a finite number > 0"):
-        token_stats(s_h, s_w, y, logit_softcap=-1.0)
-    with pytest.raises(ValueError, match=r"teacher_bias must have shape \[9\]"):
-        teacher_student_stats(s_h, s_w, t_h, t_w, y, teacher_bias=torch.zeros(3))
-    with pytest.raises(ValueError, match="teacher_logit_scale must be a finite number > 0"):
-        teacher_student_stats(s_h, s_w, t_h, t_w, y, teacher_logit_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"head.bias must have shape \[9\]"):
+        token_stats(s_h, LMHead(s_w, torch.zeros(8)), y)
+    with pytest.raises(TypeError, match="head.bias must be a torch.Tensor"):
+        token_stats(s_h, LMHead(s_w, [0.0] * 9), y)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="head.logit_scale must be a finite number > 0"):
+        token_stats(s_h, LMHead(s_w, logit_scale=0.0), y)
+    with pytest.raises(ValueError, match="head.logit_softcap must be None or a finite number > 0"):
+        token_stats(s_h, LMHead(s_w, logit_softcap=-1.0), y)
+    with pytest.raises(ValueError, match=r"teacher_head.bias must have shape \[9\]"):
+        teacher_student_stats(s_h, s_w, t_h, LMHead(t_w, torch.zeros(3)), y)
+    with pytest.raises(ValueError, match="teacher_head.logit_scale must be a finite number > 0"):
+        teacher_student_stats(s_h, s_w, t_h, LMHead(t_w, logit_scale=float("nan")), y)
+    with pytest.raises(TypeError, match="head must be a \\[V, D\\] torch.Tensor or a fire_kernels.LMHead, got list"):
+        token_stats(s_h, [[0.0]], y)  # type: ignore[arg-type]
+    # the old per-argument head keywords are gone: one head type
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bias'"):
+        token_stats(s_h, s_w, y, bias=torch.zeros(9))  # type: ignore[call-arg]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _helpers import assert_close_grad, assert_close_output, make_problem
 
-from fire_kernels import teacher_student_stats, token_stats
+from fire_kernels import LMHead, teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
 BACKENDS = ["reference", "chunked", "triton"]
@@ -31,10 +31,10 @@ def test_padded_heads_equal_the_heads_cut_to_the_vocabulary(backend, divergence,
     s_pad, t_pad = _padded(s_w, student_extra, 2), _padded(t_w, teacher_extra, 3)
     bias = torch.randn(V + student_extra, generator=torch.Generator().manual_seed(4)).requires_grad_()
     kwargs = dict(divergence=divergence, backend=backend, jsd_beta=0.3, temperature=0.8)
-    got = teacher_student_stats(s_h, s_pad, t_h, t_pad, y, bias=bias, vocab_size=V, **kwargs)
+    got = teacher_student_stats(s_h, LMHead(s_pad, bias), t_h, t_pad, y, vocab_size=V, **kwargs)
     s_cut, bias_cut = s_w.detach().clone().requires_grad_(), bias.detach()[:V].clone().requires_grad_()
     h_cut = s_h.detach().clone().requires_grad_()
-    want = teacher_student_stats(h_cut, s_cut, t_h, t_w, y, bias=bias_cut, **kwargs)
+    want = teacher_student_stats(h_cut, LMHead(s_cut, bias_cut), t_h, t_w, y, **kwargs)
     for name, a, b in zip(got._fields, got, want):
         if b is not None:
             assert_close_output(a, b, torch.float32, name)

@@ -9,7 +9,7 @@ from _helpers import assert_close_grad, assert_close_output, make_problem
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fire_kernels import teacher_student_stats, token_stats
+from fire_kernels import LMHead, teacher_student_stats, token_stats
 from fire_kernels.backends import tile_fold
 
 
@@ -25,8 +25,10 @@ def _outputs_and_grads(backend, s_h, s_w, t_h, t_w, y, divergence, heads, temper
     h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
     bias = heads.get("bias")
     bias = bias.clone().requires_grad_() if bias is not None else None
+    head = LMHead(w, bias, heads.get("logit_scale", 1.0), heads.get("logit_softcap"))
+    teacher_head = LMHead(t_w, heads.get("teacher_bias"), 1.0, heads.get("teacher_logit_softcap"))
     out = teacher_student_stats(
-        h, w, t_h, t_w, y, divergence=divergence, backend=backend, temperature=temperature, **{**heads, "bias": bias}
+        h, head, t_h, teacher_head, y, divergence=divergence, backend=backend, temperature=temperature
     )
     gen = torch.Generator().manual_seed(1)
     c = [torch.randn(y.shape[0], generator=gen) for _ in range(3)]
@@ -101,12 +103,14 @@ def test_fused_updates_on_the_fold_path(fold_on_cpu, divergence):
 
     s_h, s_w, t_h, t_w, y = make_problem(21, 53, 10, 14, torch.float32, seed=4)
     coefficient = torch.rand(21)
-    heads = dict(bias=torch.randn(53), logit_softcap=4.0)
-    h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, heads["bias"]))
-    ref = teacher_student_stats(h, w, t_h, t_w, y, divergence=divergence, backend="reference", **{**heads, "bias": b})
+    bias = torch.randn(53)
+    h, w, b = (t.clone().requires_grad_() for t in (s_h, s_w, bias))
+    ref = teacher_student_stats(
+        h, LMHead(w, b, logit_softcap=4.0), t_h, t_w, y, divergence=divergence, backend="reference"
+    )
     (coefficient * ref.divergence).sum().backward()
     out = linear_divergence_update(
-        s_h, s_w, t_h, t_w, y, coefficient, divergence=divergence, backend="chunked", **heads
+        s_h, LMHead(s_w, bias, logit_softcap=4.0), t_h, t_w, y, coefficient, divergence=divergence, backend="chunked"
     )
     assert_close_output(out.divergence, ref.divergence, torch.float32, "divergence")
     for got, want in ((out.grad_hidden, h.grad), (out.grad_weight, w.grad), (out.grad_bias, b.grad)):

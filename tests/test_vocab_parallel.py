@@ -45,7 +45,7 @@ BACKENDS = [("chunked", torch.float64, 1e-10, 1e-9), ("triton", torch.float32, 2
 
 
 def _worker(rank: int, world: int, port: int, backend: str) -> None:
-    from fire_kernels import teacher_student_stats, token_stats
+    from fire_kernels import LMHead, teacher_student_stats, token_stats
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     sizes = SHARDS[world]
@@ -66,20 +66,20 @@ def _worker(rank: int, world: int, port: int, backend: str) -> None:
 
             def run(h, w, b, tw, group, backend):
                 if divergence is None:
-                    lp, ent = token_stats(h, w, targets, bias=b, backend=backend, vocab_process_group=group, **kwargs)
+                    lp, ent = token_stats(
+                        h, LMHead(w, b, **kwargs), targets, backend=backend, vocab_process_group=group
+                    )
                     return lp, ent, None
                 out = teacher_student_stats(
                     h,
-                    w,
+                    LMHead(w, b, **kwargs),
                     t_h,
                     tw,
                     targets,
                     divergence=divergence,
                     jsd_beta=beta,
-                    bias=b,
                     backend=backend,
                     vocab_process_group=group,
-                    **kwargs,
                 )
                 return out.student_log_prob, out.student_entropy, out.divergence
 
@@ -135,6 +135,7 @@ def test_vocab_parallel_refuses_the_materializing_reference_backend():
 
 
 def _fused_update_worker(rank: int, world: int, port: int) -> None:
+    from fire_kernels import LMHead
     from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -148,13 +149,12 @@ def _fused_update_worker(rank: int, world: int, port: int) -> None:
             return (coefficient[rows] * lp * lp / 2).sum(), coefficient[rows] * lp
 
         for reduce in (True, False):
-            whole = linear_log_prob_update(s_h, s_w, targets, grad_fn, bias=bias)
+            whole = linear_log_prob_update(s_h, LMHead(s_w, bias), targets, grad_fn)
             mine = linear_log_prob_update(
                 s_h,
-                s_w[lo:hi],
+                LMHead(s_w[lo:hi], bias[lo:hi]),
                 targets,
                 grad_fn,
-                bias=bias[lo:hi],
                 vocab_process_group=dist.group.WORLD,
                 reduce_hidden_grad=reduce,
             )

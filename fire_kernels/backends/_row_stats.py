@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fire_kernels._validation import DIV_FORWARD_KL, DIV_JSD, DIV_REVERSE_KL
+from fire_kernels._validation import DIV_FORWARD_KL, DIV_JSD, DIV_NONE, DIV_REVERSE_KL, StatsProblem
 from fire_kernels.vocab_parallel import merged
 
 # Row layout of the Triton forward workspace `partials[split, field, row]`.
@@ -50,6 +50,40 @@ class StreamState(NamedTuple):
     a_t: Optional[torch.Tensor] = None
     uy: Optional[torch.Tensor] = None
     cross: Optional[torch.Tensor] = None
+
+
+class BackwardInputs(NamedTuple):
+    """What every backend's backward reads: the forward's inputs, its per-row results and the
+    upstream gradients of the three differentiable outputs ([N] each, zero on ignored rows; the
+    divergence's None when it carries none). Made once by the caller (the autograd Function or a
+    fused update), so the backends share one setup."""
+
+    student_hidden: torch.Tensor  # [N, D_s]
+    student_weight: torch.Tensor  # [V, D_s]
+    targets: torch.Tensor  # [N]
+    teacher_hidden: Optional[torch.Tensor]  # [N, D_t]
+    teacher_weight: Optional[torch.Tensor]  # [V, D_t]
+    student_lse: torch.Tensor
+    student_entropy: torch.Tensor
+    teacher_lse: Optional[torch.Tensor]
+    div_aux: Optional[torch.Tensor]  # the JSD's second-sweep term, when there is one
+    grad_log_prob: torch.Tensor
+    grad_entropy: torch.Tensor
+    grad_divergence: Optional[torch.Tensor]
+    student_bias: Optional[torch.Tensor] = None  # [V]
+    teacher_bias: Optional[torch.Tensor] = None  # [V]
+
+    def divergence_kind(self, problem: StatsProblem) -> int:
+        """The divergence whose gradient the backward forms: DIV_NONE when it carries none (the
+        teacher's tiles are then not recomputed)."""
+        return problem.divergence if self.grad_divergence is not None else DIV_NONE
+
+    def rows_with_gradient(self) -> torch.Tensor:
+        """[N] bool: rows whose upstream gradient is not zero (the others skip the recompute)."""
+        rows = (self.grad_log_prob != 0) | (self.grad_entropy != 0)
+        if self.grad_divergence is not None:
+            rows |= self.grad_divergence != 0
+        return rows
 
 
 class RowStats(NamedTuple):

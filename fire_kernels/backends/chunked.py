@@ -44,7 +44,7 @@ from fire_kernels._validation import (
     StatsProblem,
 )
 from fire_kernels.backends import tile_fold
-from fire_kernels.backends._row_stats import RowStats, StreamState, finalize, finish_jsd
+from fire_kernels.backends._row_stats import BackwardInputs, RowStats, StreamState, finalize, finish_jsd
 from fire_kernels.vocab_parallel import VocabShards
 
 # Tile shape. Read at call time, so tests can shrink them to force many tiles on small shapes.
@@ -405,21 +405,8 @@ def accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, f
 
 def chunked_backward(
     problem: StatsProblem,
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_hidden: Optional[torch.Tensor],
-    teacher_weight: Optional[torch.Tensor],
-    student_lse: torch.Tensor,
-    student_entropy: torch.Tensor,
-    teacher_lse: Optional[torch.Tensor],
-    div_aux: Optional[torch.Tensor],
-    grad_log_prob: torch.Tensor,
-    grad_entropy: torch.Tensor,
-    grad_divergence: Optional[torch.Tensor],
+    inputs: BackwardInputs,
     *,
-    student_bias: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
     need_bias_grad: bool = False,
@@ -427,32 +414,22 @@ def chunked_backward(
     """Recompute tiles and accumulate (grad_student_hidden, grad_student_weight,
     grad_student_bias) in the accumulation dtype; the caller casts to the parameter dtype.
     Ignored rows must arrive with zero upstream gradients. On CUDA: `tile_fold`."""
-    if tile_fold.enabled(student_hidden.device) and student_hidden.dtype != torch.float64:
+    if tile_fold.enabled(inputs.student_hidden.device) and inputs.student_hidden.dtype != torch.float64:
         return tile_fold.fold_backward(
             problem,
-            student_hidden,
-            student_weight,
-            targets,
-            teacher_hidden,
-            teacher_weight,
-            student_lse,
-            student_entropy,
-            teacher_lse,
-            div_aux,
-            grad_log_prob,
-            grad_entropy,
-            grad_divergence,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
+            inputs,
             need_hidden_grad=need_hidden_grad,
             need_weight_grad=need_weight_grad,
             need_bias_grad=need_bias_grad,
         )
+    student_hidden, student_weight, targets, teacher_hidden, teacher_weight = inputs[:5]
+    student_lse, student_entropy, teacher_lse, div_aux = inputs[5:9]
+    grad_log_prob, grad_entropy, grad_divergence, student_bias, teacher_bias = inputs[9:]
     token_chunk, vocab_chunk = DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK  # module constants: tests shrink them
     n, vocab = problem.num_tokens, problem.vocab_size
     acc = _acc_dtype(student_hidden)
     inv_t = problem.inv_temperature
-    use_teacher = problem.divergence != DIV_NONE and grad_divergence is not None
+    use_teacher = inputs.divergence_kind(problem) != DIV_NONE
     s_head, t_head = problem.student_head, problem.teacher_head
     grad_hidden = (
         torch.zeros(student_hidden.shape, dtype=acc, device=student_hidden.device) if need_hidden_grad else None
@@ -464,9 +441,7 @@ def chunked_backward(
         torch.empty(student_weight.shape, dtype=acc, device=student_weight.device) if need_weight_grad else None
     )
     weight_written = False
-    row_has_grad = (grad_log_prob != 0) | (grad_entropy != 0)
-    if grad_divergence is not None:
-        row_has_grad |= grad_divergence != 0
+    row_has_grad = inputs.rows_with_gradient()
     if use_teacher and problem.divergence == DIV_JSD:
         token_chunk = max(1, token_chunk // 2)  # the JSD gradient holds ~6 tiles (log M and its temporaries)
     # z (then log p, then dz), p, u (then log q), and for JSD log M and its scratch

@@ -38,6 +38,7 @@ from fire_kernels.backends._row_stats import (
     F_UY,
     F_ZY,
     NUM_FIELDS,
+    BackwardInputs,
     StreamState,
     finalize,
     finish_jsd,
@@ -542,38 +543,26 @@ def fold_forward(
 
 def fold_backward(
     problem: StatsProblem,
-    student_hidden,
-    student_weight,
-    targets,
-    teacher_hidden,
-    teacher_weight,
-    student_lse,
-    student_entropy,
-    teacher_lse,
-    div_aux,
-    grad_log_prob,
-    grad_entropy,
-    grad_divergence,
+    inputs: BackwardInputs,
     *,
-    student_bias=None,
-    teacher_bias=None,
     need_hidden_grad=True,
     need_weight_grad=True,
     need_bias_grad=False,
 ):
     """`chunked.chunked_backward` on cuBLAS tiles with a Triton fold: fp32 (dh, dW, db)."""
+    student_hidden, student_weight, targets, teacher_hidden, teacher_weight = inputs[:5]
+    student_lse, student_entropy, teacher_lse, div_aux = inputs[5:9]
+    grad_log_prob, grad_entropy, grad_divergence, student_bias, teacher_bias = inputs[9:]
     n, vocab = problem.num_tokens, problem.vocab_size
     dev = student_hidden.device
-    kind = problem.divergence if grad_divergence is not None else DIV_NONE
+    kind = inputs.divergence_kind(problem)
     use_teacher = kind != DIV_NONE
     grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=dev) if need_hidden_grad else None
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=dev) if need_weight_grad else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias_grad else None
     if n == 0:
         return grad_hidden, grad_weight, grad_bias
-    row_has_grad = (grad_log_prob != 0) | (grad_entropy != 0)
-    if use_teacher:
-        row_has_grad |= grad_divergence != 0
+    row_has_grad = inputs.rows_with_gradient()
     z_buf = torch.empty((min(n, TOKEN_CHUNK), min(vocab, VOCAB_CHUNK)), dtype=torch.float32, device=dev)
     u_buf = torch.empty_like(z_buf) if use_teacher else z_buf
     # dL/dr in the parameter dtype for the tensor-core products (fp32: in place over z)

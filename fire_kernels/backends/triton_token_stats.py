@@ -57,6 +57,7 @@ from fire_kernels.backends._row_stats import (
     F_UY,
     F_ZY,
     NUM_FIELDS,
+    BackwardInputs,
     RowStats,
     StreamState,
     finalize,
@@ -951,27 +952,17 @@ def triton_forward(
 
 def triton_backward(
     problem: StatsProblem,
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_hidden: Optional[torch.Tensor],
-    teacher_weight: Optional[torch.Tensor],
-    student_lse: torch.Tensor,
-    student_entropy: torch.Tensor,
-    teacher_lse: Optional[torch.Tensor],
-    div_aux: Optional[torch.Tensor],
-    grad_log_prob: torch.Tensor,
-    grad_entropy: torch.Tensor,
-    grad_divergence: Optional[torch.Tensor],
+    inputs: BackwardInputs,
     *,
-    student_bias: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
     need_bias_grad: bool = False,
     config: Optional[TritonTileConfig] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One recompute per (row block, vocab block) tile; fp32 (grad_hidden, grad_weight, grad_bias)."""
+    student_hidden, student_weight, targets, teacher_hidden, teacher_weight = inputs[:5]
+    student_lse, student_entropy, teacher_lse, div_aux = inputs[5:9]
+    grad_log_prob, grad_entropy, grad_divergence, student_bias, teacher_bias = inputs[9:]
     cfg = config or default_config(student_hidden.dtype)
     n, vocab = problem.num_tokens, problem.vocab_size
     d_s = student_hidden.shape[1]
@@ -979,7 +970,7 @@ def triton_backward(
     grad_hidden = torch.zeros((n, d_s), dtype=torch.float32, device=dev) if need_hidden_grad else None
     grad_weight = torch.zeros((vocab, d_s), dtype=torch.float32, device=dev) if need_weight_grad else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias_grad else None
-    kind = problem.divergence if grad_divergence is not None else DIV_NONE
+    kind = inputs.divergence_kind(problem)
     if n == 0 or not (need_hidden_grad or need_weight_grad or need_bias_grad):
         return grad_hidden, grad_weight, grad_bias
     t_hidden = teacher_hidden if kind != DIV_NONE else student_hidden

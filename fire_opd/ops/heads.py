@@ -8,48 +8,13 @@ that changes the logits is refused with a clear error rather than trained on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
-
 import torch
 from torch import nn
 
+from fire_kernels.lm_head import HeadLike, LMHead, as_head
 
-@dataclass(frozen=True)
-class LMHead:
-    """A causal LM's output head as the kernels take it:
-    logits = logit_softcap * tanh(((h @ weight.T + bias) * logit_scale) / logit_softcap).
-
-    Every fire_opd function that takes a `*_weight` also takes an LMHead in its place."""
-
-    weight: torch.Tensor  # [V, D]
-    bias: Optional[torch.Tensor] = None  # [V]
-    logit_scale: float = 1.0
-    logit_softcap: Optional[float] = None
-
-    def to(self, dtype: torch.dtype) -> "LMHead":
-        """Weight and bias in `dtype` (differentiable casts: gradients reach the parameters)."""
-        return LMHead(
-            self.weight.to(dtype),
-            None if self.bias is None else self.bias.to(dtype),
-            self.logit_scale,
-            self.logit_softcap,
-        )
-
-    def kernel_kwargs(self, prefix: str = "") -> dict:
-        """The head's keyword arguments of `fire_kernels` (`prefix="teacher_"` for a teacher)."""
-        return {
-            f"{prefix}bias": self.bias,
-            f"{prefix}logit_scale": self.logit_scale,
-            f"{prefix}logit_softcap": self.logit_softcap,
-        }
-
-
-WeightOrHead = Union[torch.Tensor, LMHead]
-
-
-def as_head(weight_or_head: WeightOrHead) -> LMHead:
-    return weight_or_head if isinstance(weight_or_head, LMHead) else LMHead(weight_or_head)
+# the one head type: fire_kernels' (a bare [V, D] weight is a plain head wherever a head is taken)
+__all__ = ["LMHead", "HeadLike", "as_head", "lm_head", "lm_head_weight", "response_hidden_states"]
 
 
 # Config attributes that change the logits beyond the head above (model families that use them).

@@ -1,6 +1,6 @@
 """From hidden states and lm_head weights to the FiRe-OPD loss, with no [tokens, vocab] logits.
 
-Every `*_weight` argument is the [V, D] lm_head weight or an `LMHead` (`fire_opd.ops.heads.lm_head(model)`:
+Every `*_head` argument is the [V, D] lm_head weight or an `LMHead` (`fire_opd.ops.heads.lm_head(model)`:
 the weight with the model's bias, logit scale and soft-cap). `vocab_size`: the tokenizer's vocabulary
 when the heads are padded past it (the two may have different numbers of rows); rows past it take
 no part in any softmax (fire_kernels' `vocab_size`).
@@ -17,7 +17,7 @@ every process's tokens, so that each lm_head shard gets the whole batch's gradie
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.distributed import ProcessGroup
@@ -33,7 +33,7 @@ from fire_opd.algorithm.objectives import (
     token_loss_scale,
 )
 from fire_opd.algorithm.options import OBJECTIVES
-from fire_opd.ops.heads import WeightOrHead, as_head
+from fire_opd.ops.heads import HeadLike, as_head
 from fire_opd.parallel.sharded_head import gather_tokens
 
 IGNORE_INDEX = -100
@@ -59,11 +59,11 @@ def _flat_hidden(name: str, hidden: torch.Tensor, response_ids: torch.Tensor) ->
 
 def response_token_stats(
     student_hidden: torch.Tensor,
-    student_weight: WeightOrHead,
+    student_head: HeadLike,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[WeightOrHead] = None,
+    teacher_head: Optional[HeadLike] = None,
     *,
     temperature: float = 1.0,
     divergence: Optional[str] = None,
@@ -76,11 +76,11 @@ def response_token_stats(
 
     Args:
         student_hidden: [B, T, D_s] hidden states whose position t predicts response_ids[:, t].
-        student_weight: [V, D_s] lm_head weight.
+        student_head: [V, D_s] lm_head weight.
         response_ids: [B, T] the sampled token ids.
         response_mask: [B, T] True on response tokens.
         teacher_hidden: [B, T, D_t], optional; scored in the same sweep.
-        teacher_weight: [V, D_t] the teacher's lm_head weight (with `teacher_hidden`).
+        teacher_head: [V, D_t] the teacher's lm_head weight (with `teacher_hidden`).
         divergence: also return this full-vocab divergence per token ("reverse_kl" is
             KL(student || teacher); "forward_kl", "jsd" with `jsd_beta`), differentiable.
         vocab_process_group: vocabulary-sharded weights (module docstring); scoring only (no
@@ -95,76 +95,62 @@ def response_token_stats(
         )
     s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
     t_h = None if teacher_hidden is None else _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
-    s_h, targets, (t_h,), mine, valid_rows = _gathered(vocab_process_group, s_h, targets, t_h)
-    student = as_head(student_weight)
+    tokens = _gathered(vocab_process_group, s_h, targets, t_h)
+    (t_h,) = tokens.per_token
     out: tuple[Optional[torch.Tensor], ...]
     if t_h is None:
-        out = (
-            token_stats(
-                s_h,
-                student.weight,
-                targets,
-                temperature=temperature,
-                backend=backend,
-                vocab_process_group=vocab_process_group,
-                vocab_size=vocab_size,
-                **student.kernel_kwargs(),
-            )
-            + (None,) * 3
-        )
+        out = token_stats(
+            tokens.hidden, student_head, tokens.targets, temperature=temperature, backend=backend,
+            vocab_process_group=vocab_process_group, vocab_size=vocab_size,
+        ) + (None,) * 3  # fmt: skip
     else:
-        if teacher_weight is None:
-            raise ValueError("teacher_hidden needs teacher_weight")
-        teacher = as_head(teacher_weight)
+        if teacher_head is None:
+            raise ValueError("teacher_hidden needs teacher_head")
         out = teacher_student_stats(
-            s_h,
-            student.weight,
-            t_h,
-            teacher.weight,
-            targets,
-            temperature=temperature,
-            divergence=divergence,
-            jsd_beta=jsd_beta,
-            backend=backend,
-            vocab_process_group=vocab_process_group,
+            tokens.hidden, student_head, t_h, teacher_head, tokens.targets, temperature=temperature,
+            divergence=divergence, jsd_beta=jsd_beta, backend=backend, vocab_process_group=vocab_process_group,
             vocab_size=vocab_size,
-            **student.kernel_kwargs(),
-            **teacher.kernel_kwargs("teacher_"),
-        )
-    student_log_prob, student_entropy, *teacher_part = (
-        None if t is None else _own(t, mine, valid_rows, n).view(shape) for t in out
-    )
+        )  # fmt: skip
+    own = [None if t is None else tokens.own(t, n).view(shape) for t in out]
+    student_log_prob, student_entropy, *teacher_part = own
     assert student_log_prob is not None and student_entropy is not None
     return TeacherStudentStats(student_log_prob, student_entropy, *teacher_part)
 
 
-def _scatter_own(values: torch.Tensor, valid_rows: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] with `values` at rows `valid_rows` and 0 elsewhere."""
-    return values.new_zeros(n).index_copy(0, valid_rows, values)
+class GatheredTokens(NamedTuple):
+    """The tokens a sweep runs on: with a vocab group, every process's scored rows (targets not
+    ignored), gathered; without one, this process's rows as given."""
+
+    hidden: torch.Tensor  # [M, D]
+    targets: torch.Tensor  # [M]
+    per_token: list[Optional[torch.Tensor]]  # each [M] / [M, D], or None as given
+    mine: slice  # this process's rows of the M
+    valid_rows: Optional[torch.Tensor]  # which of this process's N rows they are (None: all, in order)
+
+    def own(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """This process's [n] rows of per-token `values` [M] (0 on rows it did not score)."""
+        if self.valid_rows is None:
+            return values
+        return values.new_zeros(n).index_copy(0, self.valid_rows, values[self.mine])
 
 
-def _gathered(group, hidden: torch.Tensor, targets: torch.Tensor, *per_token: Optional[torch.Tensor]):
-    """This process's scored rows (targets not ignored) of each [N] / [N, D] tensor, gathered
-    from every process: (hidden, targets, *per_token) over all processes, this process's slice,
-    the rows kept. Without a group: everything as given."""
+def _gathered(group, hidden: torch.Tensor, targets: torch.Tensor, *per_token: Optional[torch.Tensor]) -> GatheredTokens:
+    """`GatheredTokens` of this process's [N, D] hidden states, [N] targets and [N] / [N, D] `per_token`."""
     if group is None:
-        return hidden, targets, list(per_token), slice(0, targets.shape[0]), None
+        return GatheredTokens(hidden, targets, list(per_token), slice(0, targets.shape[0]), None)
     valid_rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     (h, y, *rest), mine = gather_tokens(
         group, hidden[valid_rows], targets[valid_rows], *(None if t is None else t[valid_rows] for t in per_token)
     )
-    return h, y, rest, mine, valid_rows
-
-
-def _own(values: torch.Tensor, mine: slice, valid_rows: Optional[torch.Tensor], n: int) -> torch.Tensor:
-    return values if valid_rows is None else _scatter_own(values[mine], valid_rows, n)
+    assert h is not None and y is not None
+    return GatheredTokens(h, y, rest, mine, valid_rows)
 
 
 def fire_policy_loss_from_hidden(
     student_hidden: torch.Tensor,
-    student_weight: WeightOrHead,
+    student_head: HeadLike,
     teacher_hidden: torch.Tensor,
-    teacher_weight: WeightOrHead,
+    teacher_head: HeadLike,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
     old_log_prob: Optional[torch.Tensor] = None,
@@ -191,11 +177,11 @@ def fire_policy_loss_from_hidden(
     dense = objective == "full_vocab"
     stats = response_token_stats(
         student_hidden,
-        student_weight,
+        student_head,
         response_ids,
         response_mask,
         teacher_hidden,
-        teacher_weight,
+        teacher_head,
         temperature=temperature,
         divergence=divergence if dense else None,
         jsd_beta=jsd_beta,
@@ -212,30 +198,34 @@ def fire_policy_loss_from_hidden(
     return fire_policy_loss(stats.student_log_prob, *per_token, **loss_kwargs)
 
 
-class _GradientsFromForward(torch.autograd.Function):
-    """A loss whose hidden / weight / bias gradients were formed in its forward sweep
-    (`fire_kernels.fused_update`); backward only scales them by the upstream gradient.
-
-    `sweep()` returns the update (loss, per-token statistic [N], grad_hidden, grad_weight,
-    grad_bias); the statistic comes back as a second, non-differentiable output (log-probs or
-    divergences for metrics). `bias` is None for bias-free heads."""
+class _PrecomputedGradients(torch.autograd.Function):
+    """A loss computed without autograd, made differentiable w.r.t. hidden, weight and bias with
+    the gradients `fire_kernels.fused_update` formed in the same sweep (as Liger's fused linear
+    losses do); backward only scales them by the upstream gradient. `bias`: None for bias-free heads."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, sweep):
-        loss, per_token, grad_hidden, grad_weight, grad_bias = sweep()
+    def forward(ctx, hidden, weight, bias, loss, grad_hidden, grad_weight, grad_bias):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(per_token)
-        return loss.float(), per_token
+        return loss.float()
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_per_token):
+    def backward(ctx, grad_loss):
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None)
+        return (*grads, None, None, None, None)
+
+
+def _with_gradients(hidden: torch.Tensor, head: HeadLike, update) -> torch.Tensor:
+    """`update.loss` differentiable w.r.t. `hidden` and the head's weight and bias (`update`: a
+    `LogprobUpdate` or `DivergenceUpdate` of them)."""
+    head = as_head(head)
+    return _PrecomputedGradients.apply(
+        hidden, head.weight, head.bias, update.loss, update.grad_hidden, update.grad_weight, update.grad_bias
+    )
 
 
 def fused_clipped_surrogate(
     student_hidden: torch.Tensor,
-    student_weight: WeightOrHead,
+    student_head: HeadLike,
     response_ids: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -255,7 +245,7 @@ def fused_clipped_surrogate(
     targets = _flat_targets(response_ids, loss_mask)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
     n = targets.shape[0]
-    hidden, targets, (old, adv, scale), mine, valid_rows = _gathered(
+    tokens = _gathered(
         vocab_process_group,
         hidden,
         targets,
@@ -263,6 +253,8 @@ def fused_clipped_surrogate(
         advantages.detach().reshape(-1).float(),
         token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer).reshape(-1).float(),
     )
+    old, adv, scale = tokens.per_token
+    assert old is not None and adv is not None and scale is not None
 
     def grad_fn(lp: torch.Tensor, rows: slice):
         # pg = max(-A r, -A clip(r)); d pg / d lp = r d pg / d r = -A r where the unclipped branch is taken
@@ -270,32 +262,20 @@ def fused_clipped_surrogate(
         pg, unclipped, clipped = ppo_clip(ratio, adv[rows], clip_ratio)
         return (scale[rows] * pg).sum(), torch.where(unclipped >= clipped, unclipped, 0.0) * scale[rows]
 
-    student = as_head(student_weight)
-
-    def sweep():
-        out = linear_log_prob_update(
-            hidden,
-            student.weight,
-            targets,
-            grad_fn,
-            temperature=temperature,
-            backend=backend,
-            vocab_process_group=vocab_process_group,
-            vocab_size=vocab_size,
-            reduce_hidden_grad=False,
-            **student.kernel_kwargs(),
-        )
-        return out.loss, out.log_prob, out.grad_hidden, out.grad_weight, out.grad_bias
-
-    loss, log_prob = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
-    return loss, _own(log_prob, mine, valid_rows, n).view(response_ids.shape)
+    with torch.no_grad():  # the sweep forms the gradients itself
+        update = linear_log_prob_update(
+            tokens.hidden, student_head, tokens.targets, grad_fn, temperature=temperature, backend=backend,
+            vocab_process_group=vocab_process_group, vocab_size=vocab_size, reduce_hidden_grad=False,
+        )  # fmt: skip
+    loss = _with_gradients(tokens.hidden, student_head, update)
+    return loss, tokens.own(update.log_prob, n).view(response_ids.shape)
 
 
 def dense_divergence_loss(
     student_hidden: torch.Tensor,
-    student_weight: WeightOrHead,
+    student_head: HeadLike,
     teacher_hidden: torch.Tensor,
-    teacher_weight: WeightOrHead,
+    teacher_head: HeadLike,
     response_ids: torch.Tensor,
     coefficients: torch.Tensor,
     *,
@@ -320,57 +300,32 @@ def dense_divergence_loss(
     targets = _flat_targets(response_ids, coefficients != 0)
     hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
     t_hidden = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
-    student, teacher = as_head(student_weight), as_head(teacher_weight)
-    heads = {**student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_")}
     if vocab_process_group is not None and not fused_update:
         raise ValueError(
             "vocab_process_group needs fused_update=True (the gradients of every process's tokens are "
             "formed in the sweep)"
         )
     n = targets.shape[0]
-    hidden, targets, (t_hidden, coefficient), mine, valid_rows = _gathered(
-        vocab_process_group, hidden, targets, t_hidden, coefficients.reshape(-1).detach()
-    )
+    tokens = _gathered(vocab_process_group, hidden, targets, t_hidden, coefficients.reshape(-1).detach())
+    gathered_teacher, coefficient = tokens.per_token
+    assert gathered_teacher is not None and coefficient is not None
     if not fused_update:
         out = teacher_student_stats(
-            hidden,
-            student.weight,
-            t_hidden,
-            teacher.weight,
-            targets,
-            temperature=temperature,
-            divergence=divergence,
-            jsd_beta=jsd_beta,
-            backend=backend,
-            vocab_size=vocab_size,
-            **heads,
-        )
+            tokens.hidden, student_head, gathered_teacher, teacher_head, tokens.targets, temperature=temperature,
+            divergence=divergence, jsd_beta=jsd_beta, backend=backend, vocab_size=vocab_size,
+        )  # fmt: skip
         values = out.divergence
         assert values is not None  # asked for
         loss = (values * coefficient.to(values.dtype)).sum()
         return loss, values.detach().view(response_ids.shape)
-
-    def sweep():
-        out = linear_divergence_update(
-            hidden,
-            student.weight,
-            t_hidden,
-            teacher.weight,
-            targets,
-            coefficient,
-            divergence=divergence,
-            jsd_beta=jsd_beta,
-            temperature=temperature,
-            backend=backend,
-            vocab_process_group=vocab_process_group,
-            vocab_size=vocab_size,
-            reduce_hidden_grad=False,
-            **heads,
-        )
-        return out.loss, out.divergence, out.grad_hidden, out.grad_weight, out.grad_bias
-
-    loss, values = _GradientsFromForward.apply(hidden, student.weight, student.bias, sweep)
-    return loss, _own(values, mine, valid_rows, n).view(response_ids.shape)
+    with torch.no_grad():  # the sweep forms the gradients itself
+        update = linear_divergence_update(
+            tokens.hidden, student_head, gathered_teacher, teacher_head, tokens.targets, coefficient,
+            divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, backend=backend,
+            vocab_process_group=vocab_process_group, vocab_size=vocab_size, reduce_hidden_grad=False,
+        )  # fmt: skip
+    loss = _with_gradients(tokens.hidden, student_head, update)
+    return loss, tokens.own(update.divergence, n).view(response_ids.shape)
 
 
 class FireOPDLoss:
@@ -408,9 +363,9 @@ class FireOPDLoss:
     def dense(
         self,
         student_hidden: torch.Tensor,
-        student_weight: WeightOrHead,
+        student_head: HeadLike,
         teacher_hidden: torch.Tensor,
-        teacher_weight: WeightOrHead,
+        teacher_head: HeadLike,
         response_ids: torch.Tensor,
         coefficients: torch.Tensor,
         loss_mask: torch.Tensor,
@@ -419,9 +374,9 @@ class FireOPDLoss:
         over the whole batch, so micro-batches accumulate to the whole-batch gradient."""
         loss, values = dense_divergence_loss(
             student_hidden,
-            student_weight,
+            student_head,
             teacher_hidden,
-            teacher_weight,
+            teacher_head,
             response_ids,
             coefficients,
             divergence=self.divergence,
@@ -438,7 +393,7 @@ class FireOPDLoss:
     def sampled(
         self,
         student_hidden: torch.Tensor,
-        student_weight: WeightOrHead,
+        student_head: HeadLike,
         response_ids: torch.Tensor,
         old_log_prob: torch.Tensor,
         advantages: torch.Tensor,
@@ -449,7 +404,7 @@ class FireOPDLoss:
         if self.fused_update:
             loss, log_prob = fused_clipped_surrogate(
                 student_hidden,
-                student_weight,
+                student_head,
                 response_ids,
                 old_log_prob,
                 advantages,
@@ -474,7 +429,7 @@ class FireOPDLoss:
             own = loss if self.vocab_process_group is None else own
             return loss, {**metrics, "fire/pg_loss": float(own.detach())}
         stats = response_token_stats(
-            student_hidden, student_weight, response_ids, loss_mask, temperature=self.temperature, backend=self.backend,
+            student_hidden, student_head, response_ids, loss_mask, temperature=self.temperature, backend=self.backend,
             vocab_size=self.vocab_size,
         )  # fmt: skip
         return clipped_surrogate(
