@@ -317,3 +317,12 @@ def test_the_fire_fields_are_generated_from_fire_options(tmp_path):
     assert args.fire == FireOptions(alpha=0.5, filter_score="teacher_sum")
     with pytest.raises(ValueError, match="fire_filter_scope must be batch here"):
         FireOPDConfig(output_dir=str(tmp_path), fire_filter_scope="group", **COMMON)
+    # the selection rules beyond the paper: truncate and the trust ratio here; verified needs our trainer
+    args = FireOPDConfig(
+        output_dir=str(tmp_path), fire_filter_mode="truncate", fire_divergence_prob=0.2, fire_trust_ratio=True, **COMMON
+    )
+    assert args.fire == FireOptions(filter_mode="truncate", divergence_prob=0.2, trust_ratio=True)
+    with pytest.raises(ValueError, match="fire_filter_mode 'verified' needs fire-opd's trainer"):
+        FireOPDConfig(output_dir=str(tmp_path), fire_filter_mode="verified", **COMMON)
+    with pytest.raises(ValueError, match="fire_divergence_prob must be strictly between 0 and 1"):
+        FireOPDConfig(output_dir=str(tmp_path), fire_filter_mode="truncate", fire_divergence_prob=1.0, **COMMON)

@@ -31,6 +31,7 @@ from fire_opd.integrations.verl import (
     FireDistillationLossConfig,
     denominator_correction,
     fire_linear_cross_entropy,
+    fire_options,
     teacher_stats_from_topk,
     use_fire_linear_cross_entropy,
 )
@@ -70,6 +71,10 @@ def test_fire_fields_come_from_verls_yaml_through_target():
     assert declared["fire_method"].type is str
     with pytest.raises(ValueError, match="fire_filter_scope must be batch in verl"):
         FireDistillationLossConfig(loss_mode="fire_opd", fire_filter_scope="group")
+    truncate = FireDistillationLossConfig(loss_mode="fire_opd", fire_filter_mode="truncate", fire_trust_ratio=True)
+    assert fire_options(truncate) == FireOptions(filter_mode="truncate", trust_ratio=True)
+    with pytest.raises(ValueError, match="fire_filter_mode 'verified' needs fire-opd's trainer"):
+        FireDistillationLossConfig(loss_mode="fire_opd", fire_filter_mode="verified")
 
 
 def _micro_batch(vocab: int, topk: int, seed: int = 0):

@@ -109,13 +109,15 @@ def fire_policy_loss(
     *,
     fire: FireOptions = FireOptions(),
     group_ids: Optional[torch.Tensor] = None,
+    teacher_reliable: Optional[torch.Tensor] = None,
     clip_ratio: float = 0.2,
     loss_agg_mode: str = "token-mean",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict]:
     """The FiRe-OPD loss for one rollout batch, all inputs `[batch, response_len]`.
 
-    Gradient flows only through `log_prob`. Returns (loss, metrics) with stable keys
+    Gradient flows only through `log_prob`; `teacher_reliable` as in `compute_fire_advantages`
+    (fire.filter_mode "verified"). Returns (loss, metrics) with stable keys
     (`fire/keep_ratio`, `fire/threshold`, `fire/weight_mean|min|max`,
     `fire/teacher_confidence_mean`, `fire/student_confusion_mean`, `fire/reverse_kl`,
     `fire/clip_frac`, ...).
@@ -128,6 +130,7 @@ def fire_policy_loss(
         response_mask,
         fire=fire,
         group_ids=group_ids,
+        teacher_reliable=teacher_reliable,
         backend=backend,
     )
     loss, surrogate_metrics = clipped_surrogate(
@@ -163,6 +166,7 @@ def fire_dense_loss(
     *,
     fire: FireOptions = FireOptions(),
     group_ids: Optional[torch.Tensor] = None,
+    teacher_reliable: Optional[torch.Tensor] = None,
     loss_agg_mode: str = "token-mean",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict]:
@@ -182,6 +186,7 @@ def fire_dense_loss(
         response_mask,
         fire=fire,
         group_ids=group_ids,
+        teacher_reliable=teacher_reliable,
         backend=backend,
     )
     coefficients = dense_coefficients(selection, loss_agg_mode)

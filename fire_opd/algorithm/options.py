@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal, Mapping, TypeVar, get_args
 Method = Literal["opd", "fire", "filter_only", "reweight_only", "hard_token"]
 FilterScope = Literal["batch", "group"]
 FilterScore = Literal["teacher_mean", "teacher_sum", "advantage_mean"]
+FilterMode = Literal["drop", "truncate", "verified"]
 Objective = Literal["sampled", "full_vocab"]
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
@@ -21,6 +22,7 @@ LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 METHODS: tuple[str, ...] = get_args(Method)
 FILTER_SCOPES: tuple[str, ...] = get_args(FilterScope)
 FILTER_SCORES: tuple[str, ...] = get_args(FilterScore)
+FILTER_MODES: tuple[str, ...] = get_args(FilterMode)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
@@ -45,6 +47,18 @@ class FireOptions:
         (mean log pi_T - log pi_old).
     teacher_confidence_gate: g in [0, 1] (beyond the paper; 0 disables): tokens with teacher
         confidence c = 1 - H_T / max H_T below g leave the loss, for every method.
+    filter_mode: what happens to a rollout the filter flags (beyond the paper): "drop" (the
+        paper: it leaves the loss), "truncate" (it keeps its tokens up to and including its first
+        divergence token, the first whose teacher probability is below `divergence_prob`: the
+        student's mistake stays in the loss, the continuation the teacher scores off its own
+        distribution does not; a rollout without one stays whole), or "verified" (the trainer
+        lets the teacher continue greedily from the student's prefix up to that token and the
+        verifier checks the result: a rollout the teacher still finishes correctly stays whole,
+        the others are truncated).
+    divergence_prob: the teacher probability of a sampled token below which the student has left
+        the teacher's distribution there (in (0, 1); truncate and verified).
+    trust_ratio: multiply every token's weight by min(pi_T(y_t) / pi_old(y_t), 1), TrOPD's trust
+        ratio (beyond the paper; composes with any method).
     """
 
     method: Method = field(default="fire", metadata={"help": f"one of {', '.join(get_args(Method))}"})
@@ -62,6 +76,20 @@ class FireOptions:
     teacher_confidence_gate: float = field(
         default=0.0, metadata={"help": "tokens whose teacher confidence is below this leave the loss (0: off)"}
     )
+    filter_mode: FilterMode = field(
+        default="drop",
+        metadata={
+            "help": "what happens to a flagged rollout: drop (the paper), truncate (keep it up to its first "
+            "divergence token) or verified (the teacher finishes it from there; kept whole if correct, else truncated)"
+        },
+    )
+    divergence_prob: float = field(
+        default=0.1,
+        metadata={"help": "teacher probability below which a sampled token is a divergence (truncate, verified)"},
+    )
+    trust_ratio: bool = field(
+        default=False, metadata={"help": "weight every token by min(pi_T / pi_old, 1), TrOPD's trust ratio"}
+    )
 
     def __post_init__(self) -> None:
         check_fire_options({f.name: getattr(self, f.name) for f in fields(self)})
@@ -70,6 +98,11 @@ class FireOptions:
     def filters(self) -> bool:
         """Whether this method drops rollouts."""
         return self.method in FILTER_METHODS
+
+    @property
+    def truncates(self) -> bool:
+        """Whether flagged rollouts keep a prefix instead of leaving the loss."""
+        return self.filters and self.filter_mode != "drop"
 
     @property
     def reweights(self) -> bool:
@@ -108,6 +141,18 @@ def check_fire_options(values: Mapping[str, Any], prefix: str = "") -> None:
     choice("filter_scope", FILTER_SCOPES)
     choice("filter_score", FILTER_SCORES)
     number("teacher_confidence_gate", 0.0, 1.0)
+    choice("filter_mode", FILTER_MODES)
+    number("divergence_prob", 0.0, 1.0)
+    if values.get("divergence_prob") in (0, 0.0, 1, 1.0):
+        raise ValueError(f"{prefix}divergence_prob must be strictly between 0 and 1, got {values['divergence_prob']!r}")
+    if "trust_ratio" in values and not isinstance(values["trust_ratio"], bool):
+        raise ValueError(f"{prefix}trust_ratio must be true or false, got {values['trust_ratio']!r}")
+    method = values.get("method", "fire")
+    if values.get("filter_mode", "drop") != "drop" and method not in FILTER_METHODS:
+        raise ValueError(
+            f"{prefix}filter_mode {values['filter_mode']!r} acts on the rollouts the filter flags, and "
+            f"{prefix}method {method!r} has no filter; use {' or '.join(FILTER_METHODS)}"
+        )
 
 
 T = TypeVar("T")

@@ -125,6 +125,7 @@ def compute_fire_advantages(
     *,
     fire: FireOptions = FireOptions(),
     group_ids: Optional[torch.Tensor] = None,
+    teacher_reliable: Optional[torch.Tensor] = None,
     backend: str = "auto",
     process_group: Optional[ProcessGroup | str] = None,
 ) -> FireSelection:
@@ -139,6 +140,9 @@ def compute_fire_advantages(
         fire: the method and its options (`FireOptions`).
         group_ids: [B] integer prompt id of each rollout, required for fire.filter_scope="group"; a
             group's rollouts must sit on one rank.
+        teacher_reliable: [B] bool, required for fire.filter_mode="verified": whether the teacher,
+            continuing from the rollout's prefix up to its first divergence token, reached a
+            correct answer (`fire_opd.train.verify`); read for the rollouts the filter flags.
         backend: where the weights are computed ("auto": Triton kernel on CUDA, else torch).
         process_group: maxima, means and quantiles span this data-parallel group when
             torch.distributed is initialized (default group when None; `LOCAL`: this process only).
@@ -159,6 +163,15 @@ def compute_fire_advantages(
         raise ValueError(
             f"filter_scope='group' needs group_ids, a [{mask.shape[0]}] tensor of prompt ids, got "
             f"{getattr(group_ids, 'shape', group_ids)}"
+        )
+    if (
+        fire.filters
+        and fire.filter_mode == "verified"
+        and (not isinstance(teacher_reliable, torch.Tensor) or teacher_reliable.shape != mask.shape[:1])
+    ):
+        raise ValueError(
+            f"filter_mode='verified' needs teacher_reliable, a [{mask.shape[0]}] bool tensor (the trainer's "
+            f"verification of the flagged rollouts), got {getattr(teacher_reliable, 'shape', teacher_reliable)}"
         )
     with torch.no_grad():
         old_log_prob, teacher_log_prob = old_log_prob.detach().float(), teacher_log_prob.detach().float()
@@ -216,6 +229,17 @@ def compute_fire_advantages(
             threshold = _quantile(_all_gather_varlen(score[has_tokens], process_group), percentile / 100.0)
             kept_rollouts &= score >= threshold
         loss_mask = mask & kept_rollouts[:, None]
+        flagged = has_tokens & ~kept_rollouts  # what the filter would drop
+        truncated = torch.zeros_like(flagged)
+        if fire.truncates:
+            # flagged rollouts keep their prefix up to and including the first divergence token;
+            # under "verified", those the teacher still finishes correctly stay whole
+            truncated = flagged & divergence_tokens(teacher_log_prob, mask, fire.divergence_prob).any(dim=-1)
+            if fire.filter_mode == "verified":
+                assert teacher_reliable is not None  # checked above
+                truncated &= ~teacher_reliable.to(mask.device).bool()
+            prefix = prefix_through_divergence(teacher_log_prob, mask, fire.divergence_prob)
+            loss_mask |= mask & ((flagged & ~truncated)[:, None] | (truncated[:, None] & prefix))
         confidence, confusion = confidence_and_confusion(
             student_entropy=student_entropy,
             teacher_entropy=teacher_entropy,
@@ -235,14 +259,20 @@ def compute_fire_advantages(
             weights = torch.ones_like(score)
         else:
             weights = torch.ones_like(rows.weights)
-        weights = torch.where(loss_mask, weights, zero)
-
         # 3. advantages: the per-token negative sampled reverse KL, weighted
         advantage = teacher_log_prob - old_log_prob
+        if fire.trust_ratio:  # min(pi_T / pi_old, 1): the teacher's trust in the sampled token
+            weights = weights * advantage.clamp(max=0.0).exp()
+        weights = torch.where(loss_mask, weights, zero)
         advantages = torch.where(loss_mask, weights * advantage, zero)
 
         metrics = {
             "fire/keep_ratio": _ratio(kept_rollouts.sum(), has_tokens.sum(), process_group),
+            **(
+                {"fire/truncated_ratio": _ratio(truncated.sum(), has_tokens.sum(), process_group)}
+                if fire.truncates
+                else {}
+            ),
             "fire/token_keep_ratio": _ratio(loss_mask.sum(), mask.sum(), process_group),
             # no threshold (no filter, or nothing to rank): left out, as -inf is no JSON number
             **({"fire/threshold": threshold} if math.isfinite(threshold) else {}),
@@ -256,6 +286,28 @@ def compute_fire_advantages(
             "fire/response_tokens": global_tokens,
         }
     return FireSelection(advantages, loss_mask, kept_rollouts, weights, threshold, metrics)
+
+
+def divergence_tokens(teacher_log_prob: torch.Tensor, mask: torch.Tensor, divergence_prob: float) -> torch.Tensor:
+    """[B, T] bool: response tokens the teacher gives less than `divergence_prob` (where the
+    student's sample left the teacher's distribution)."""
+    return mask & (teacher_log_prob < math.log(divergence_prob))
+
+
+def prefix_through_divergence(
+    teacher_log_prob: torch.Tensor, mask: torch.Tensor, divergence_prob: float
+) -> torch.Tensor:
+    """[B, T] bool: each row's response tokens up to and including its first divergence token
+    (every response token of a row without one)."""
+    diverged = divergence_tokens(teacher_log_prob, mask, divergence_prob).int()
+    before = diverged.cumsum(dim=-1) - diverged  # divergence tokens strictly before t
+    return mask & (before == 0)
+
+
+def first_divergence(teacher_log_prob: torch.Tensor, mask: torch.Tensor, divergence_prob: float) -> torch.Tensor:
+    """[B] long: the position of each row's first divergence token, -1 where there is none."""
+    diverged = divergence_tokens(teacher_log_prob, mask, divergence_prob)
+    return torch.where(diverged.any(dim=-1), diverged.int().argmax(dim=-1), -1)
 
 
 def _trajectory_score(

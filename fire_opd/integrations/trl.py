@@ -84,6 +84,11 @@ class FireOPDConfig(DistillationConfig):
         super().__post_init__()
         # the FiRe fields, validated once and named as the user wrote them (fire_beta, not TRL's beta)
         self.fire = FireOptions.from_fields(vars(self), prefix="fire_")
+        if self.fire.filter_mode == "verified":  # the trainer's teachers generate; TRL's loss only scores
+            raise ValueError(
+                "fire_filter_mode 'verified' needs fire-opd's trainer (its teachers finish the flagged rollouts); "
+                "use drop or truncate here"
+            )
         if self.fire.filter_scope != "batch":  # TRL samples one completion per prompt: no groups to rank in
             raise ValueError(
                 f"fire_filter_scope must be batch here (one completion per prompt); got {self.fire.filter_scope!r}"

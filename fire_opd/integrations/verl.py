@@ -74,6 +74,11 @@ class FireDistillationLossConfig(DistillationLossConfig):
     def __post_init__(self):
         super().__post_init__()
         fire = fire_options(self)  # validated once, fields named as written (fire_percentile, ...)
+        if fire.filter_mode == "verified":  # the loss cannot run the teacher's generation
+            raise ValueError(
+                "fire_filter_mode 'verified' needs fire-opd's trainer (its teachers finish the flagged rollouts); "
+                "use drop or truncate in verl"
+            )
         if fire.filter_scope != "batch":  # the loss sees micro-batches, not prompt groups
             raise ValueError(f"fire_filter_scope must be batch in verl; got {fire.filter_scope!r}")
 

@@ -561,6 +561,17 @@ class TrainConfig:
                 "parallel.vocab: true needs loss.stats_scope: batch (the loss covers every process's tokens, so its "
                 "per-token weights must be the batch's)"
             )
+        if self.fire.filter_mode == "verified":
+            # each process lets its own teachers finish its own flagged rollouts, before the update
+            if self.loss.stats_scope != "batch":
+                raise ValueError(
+                    "fire.filter_mode: verified needs loss.stats_scope: batch (it verifies before the update)"
+                )
+            if self.parallel.teachers != "replicate" or self.parallel.vocab:
+                raise ValueError(
+                    "fire.filter_mode: verified needs parallel.teachers: replicate and parallel.vocab: false (each "
+                    "process's teachers generate alone)"
+                )
 
     # ------------------------------------------------------------------ loading
 

@@ -44,6 +44,10 @@ class Rollouts:
     def prompt_len(self) -> int:
         return self.prompt_ids.shape[1]
 
+    def group_ids(self, samples_per_prompt: int) -> torch.Tensor:
+        """[B] the step's prompt index of each row (a prompt's rollouts are adjacent)."""
+        return torch.arange(len(self), device=self.response_mask.device) // samples_per_prompt
+
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
@@ -169,7 +173,6 @@ def generate_rollouts(
     every process decoding until all are done (each forward is a collective: vocab_parallel's
     lm_head); None lets `generate` decide (it does for FSDP). A model whose head has rows past the
     tokenizer's vocabulary (padding) never samples them."""
-    from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
@@ -186,11 +189,38 @@ def generate_rollouts(
         )  # fmt: skip
     else:
         processor = _NoPaddingRows(vocab_size)
+    out = _generate(
+        model, tokenizer, prompt_ids, prompt_mask, processor, max_new_tokens=max_new_tokens, synced_gpus=synced_gpus
+    )
+    response_ids = out[:, prompt_ids.shape[1] :]
+    if response_ids.shape[1] == 0:  # max_new_tokens = 0 or generation stopped at once
+        response_ids = torch.full((len(prompts), 1), tokenizer.eos_token_id, device=device)
+    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
+    texts = [
+        tokenizer.decode(ids[mask & (ids != tokenizer.eos_token_id)].tolist())
+        for ids, mask in zip(response_ids, response_mask)
+    ]
+    return Rollouts(prompt_ids, prompt_mask, response_ids, response_mask, texts)
+
+
+def _generate(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    processor,
+    *,
+    max_new_tokens: int,
+    synced_gpus: Optional[bool] = None,
+) -> torch.Tensor:
+    """`generate` in eval mode, the token chosen by `processor`'s one finite score (argmax)."""
+    from transformers import LogitsProcessorList
+
     was_training = model.training
     model.eval()
     out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -202,15 +232,26 @@ def generate_rollouts(
         temperature=None,
     )
     model.train(was_training)
-    response_ids = out[:, prompt_ids.shape[1] :]
-    if response_ids.shape[1] == 0:  # max_new_tokens = 0 or generation stopped at once
-        response_ids = torch.full((len(prompts), 1), tokenizer.eos_token_id, device=device)
-    response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
-    texts = [
-        tokenizer.decode(ids[mask & (ids != tokenizer.eos_token_id)].tolist())
-        for ids, mask in zip(response_ids, response_mask)
-    ]
-    return Rollouts(prompt_ids, prompt_mask, response_ids, response_mask, texts)
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prefixes: list[torch.Tensor], max_new_tokens: int) -> list[torch.Tensor]:
+    """The model's greedy continuation of each token-id prefix ([L_i] each), up to
+    `max_new_tokens` tokens and its first EOS (included), never a padding row of its head."""
+    if not prefixes or max_new_tokens <= 0:
+        return [prefix.new_empty(0) for prefix in prefixes]
+    width = max(len(prefix) for prefix in prefixes)
+    device = next(model.parameters()).device
+    ids = torch.full((len(prefixes), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    attention = torch.zeros_like(ids)
+    for row, prefix in enumerate(prefixes):  # left padding, as for prompts
+        ids[row, width - len(prefix) :] = prefix.to(device)
+        attention[row, width - len(prefix) :] = 1
+    out = _generate(model, tokenizer, ids, attention, _NoPaddingRows(len(tokenizer)), max_new_tokens=max_new_tokens)
+    new = out[:, width:]
+    kept = response_mask_from_eos(new, tokenizer.eos_token_id) if new.shape[1] else new.bool()
+    return [row[mask] for row, mask in zip(new, kept)]
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:

@@ -42,6 +42,7 @@ from fire_opd.train.run_log import RunLog, check_report_to
 from fire_opd.train.scoring import TeacherPlan, plan_teachers, score_rollouts
 from fire_opd.train.update import Updater
 from fire_opd.train.verifiers import resolve_verifier
+from fire_opd.train.verify import verify_flagged
 
 logger = logging.getLogger("fire_opd")
 
@@ -211,7 +212,8 @@ class FireOPDTrainer:
         scores = score_rollouts(rollouts, plan, student=self.student_forward, teachers=self.teacher_forwards)
         t_score = time.perf_counter()
         health = rollout_health(rollouts, problems, self.tokenizer.eos_token_id, self.verifier, self.answer_formats)
-        metrics = self.updater.step(rollouts, scores, plan, health, state=self.state)
+        reliable, verified = self.verify(rollouts, problems, scores, plan)  # fire.filter_mode "verified" only
+        metrics = self.updater.step(rollouts, scores, plan, health, state=self.state, teacher_reliable=reliable)
         t_update = time.perf_counter()
 
         mask = rollouts.response_mask
@@ -230,6 +232,7 @@ class FireOPDTrainer:
         teacher_params = sum(distributed.local_numel(t.parameters()) for t in self.teachers.values())
         return {
             **metrics,
+            **verified,
             **local,
             "train/skipped_steps": float(self.state.skipped_steps),
             "train/step": self.step + 1,
@@ -266,6 +269,20 @@ class FireOPDTrainer:
     def score(self, rollouts: Rollouts, keys: list[Optional[str]]) -> TeacherStudentStats:
         """Per-token [B, T] statistics of the rollouts, each by its own teacher (scoring.score_rollouts)."""
         return score_rollouts(rollouts, self.plan(keys), student=self.student_forward, teachers=self.teacher_forwards)
+
+    def verify(
+        self, rollouts: Rollouts, problems: list[Problem], scores: TeacherStudentStats, plan: TeacherPlan
+    ) -> tuple[Optional[torch.Tensor], dict]:
+        """fire.filter_mode "verified": the teachers finish the flagged rollouts from their first
+        divergence token (verify.verify_flagged); (None, {}) for every other mode."""
+        cfg = self.config
+        if not (cfg.fire.filters and cfg.fire.filter_mode == "verified"):
+            return None, {}
+        return verify_flagged(
+            rollouts, problems, scores, fire=cfg.fire, group_ids=rollouts.group_ids(cfg.sampling.samples_per_prompt),
+            teachers=self.teachers, routes=plan.routes, tokenizer=self.tokenizer, verifier=self.verifier,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+        )  # fmt: skip
 
     def evaluate(self) -> dict:
         """Held-out `eval/accuracy` (avg@N), `eval/pass@k` and the same per teacher key."""

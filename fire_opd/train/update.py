@@ -75,18 +75,19 @@ class Updater:
         health: Optional[dict] = None,
         *,
         state: TrainState,
+        teacher_reliable: Optional[torch.Tensor] = None,
     ) -> dict:
         """One optimizer step on a step's scored rollouts; returns its metrics (the loss, the
         gradient norm, FiRe's selection statistics, `train/step_skipped`). A skipped step is
         counted in `state`. `plan`: the step's micro-batches by teacher, as scoring ran them (the
-        dense objective's micro-batches; the clipped surrogate's take any rows)."""
+        dense objective's micro-batches; the clipped surrogate's take any rows). `teacher_reliable`:
+        [B] bool, fire.filter_mode "verified"'s verdicts (`verify.verify_flagged`)."""
         cfg, parallel = self.config, self.parallel
         mask = rollouts.response_mask
         old_log_prob, student_entropy = scores.student_log_prob, scores.student_entropy
         teacher_log_prob, teacher_entropy = scores.teacher_log_prob, scores.teacher_entropy
         assert teacher_log_prob is not None and teacher_entropy is not None  # scored with the teachers
-        # rollouts of one prompt are adjacent: prompt index of each row, for fire.filter_scope="group"
-        group_ids = torch.arange(mask.shape[0], device=mask.device) // cfg.sampling.samples_per_prompt
+        group_ids = rollouts.group_ids(cfg.sampling.samples_per_prompt)  # for fire.filter_scope="group"
         dense = cfg.loss.objective == "full_vocab"  # the dense loss reads one teacher per micro-batch
         micro_batches = plan.micro_batches if dense else self._any_rows(len(rollouts), mask.device)
 
@@ -95,7 +96,7 @@ class Updater:
         if not by_micro_batch:
             selection = compute_fire_advantages(
                 old_log_prob, teacher_log_prob, student_entropy, teacher_entropy, mask, fire=cfg.fire,
-                group_ids=group_ids,
+                group_ids=group_ids, teacher_reliable=teacher_reliable,
             )  # fmt: skip
             normalizer = loss_normalizer(selection.loss_mask, cfg.loss.agg_mode)
             metrics = dict(selection.metrics)

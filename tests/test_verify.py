@@ -1,0 +1,88 @@
+"""fire.filter_mode "verified" in the trainer: the teacher finishes each flagged rollout from the
+student's prefix through its first divergence token, and the verifier's verdict decides between
+keeping the rollout whole and truncating it there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import _config, _trainer
+
+import fire_opd.train.verify as verify_module
+from fire_opd.algorithm.selection import first_divergence
+from fire_opd.demo.tasks import TASK_ALPHABET
+from fire_opd.demo.tiny_models import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer(TASK_ALPHABET)
+
+
+RULE = dict(method="filter_only", percentile=60.0, divergence_prob=0.9, steps=1, eval_every=0, eval_size=0)
+
+
+def _first_step(tmp_path, tokenizer, name, verdict=None, **fields):
+    trainer = _trainer(tokenizer, _config(tmp_path / name, **RULE, **fields))
+    if verdict is not None:
+        trainer.verifier = lambda completion, answer, row: verdict
+    return trainer.train()[0]
+
+
+def test_verified_with_a_wrong_teacher_is_truncate_and_with_a_right_one_keeps_everything(tmp_path, tokenizer):
+    truncate = _first_step(tmp_path, tokenizer, "truncate", filter_mode="truncate")
+    wrong = _first_step(tmp_path, tokenizer, "wrong", verdict=0.0, filter_mode="verified")
+    right = _first_step(tmp_path, tokenizer, "right", verdict=1.0, filter_mode="verified")
+    assert truncate["fire/truncated_ratio"] > 0  # the case is not empty
+    for key in ("fire/token_keep_ratio", "fire/truncated_ratio", "train/loss"):
+        assert wrong[key] == pytest.approx(truncate[key], rel=1e-6), key
+    assert right["fire/truncated_ratio"] == 0.0 and right["fire/token_keep_ratio"] == pytest.approx(1.0)
+    for metrics in (wrong, right):
+        assert metrics["fire/verified_rollouts"] > 0 and metrics["fire/verify_tokens"] > 0
+        assert metrics["time/verify_s"] > 0
+    assert right["fire/verified_reliable_ratio"] == 1.0 and wrong["fire/verified_reliable_ratio"] == 0.0
+
+
+def test_the_teacher_continues_from_the_students_prefix_through_the_divergence(tmp_path, tokenizer, monkeypatch):
+    seen, real = [], verify_module.greedy_continuations
+
+    def spy(model, tok, prefixes, max_new_tokens):
+        seen.append((prefixes, max_new_tokens))
+        return real(model, tok, prefixes, max_new_tokens)
+
+    captured = {}
+    real_verify = verify_module.verify_flagged
+
+    def capture(rollouts, problems, scores, **kwargs):
+        captured.update(rollouts=rollouts, scores=scores, fire=kwargs["fire"], group_ids=kwargs["group_ids"])
+        return real_verify(rollouts, problems, scores, **kwargs)
+
+    monkeypatch.setattr(verify_module, "greedy_continuations", spy)
+    monkeypatch.setattr("fire_opd.train.trainer.verify_flagged", capture)
+    _first_step(tmp_path, tokenizer, "spy", filter_mode="verified")
+    rollouts, scores = captured["rollouts"], captured["scores"]
+    mask = rollouts.response_mask
+    flagged = verify_module.flagged_rollouts(scores, mask, captured["fire"], captured["group_ids"])
+    cut = first_divergence(scores.teacher_log_prob, mask, 0.9)
+    expected = {
+        tuple(
+            torch.cat(
+                [rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()], rollouts.response_ids[i, : cut[i] + 1]]
+            ).tolist()
+        )
+        for i in range(len(rollouts))
+        if flagged[i] and cut[i] >= 0
+    }
+    got = {tuple(prefix.tolist()) for prefixes, _ in seen for prefix in prefixes}
+    assert expected and got == expected
+    # each continuation has the response budget its prefix left (max_new_tokens 6 in _config)
+    prompt_lengths = {int(rollouts.prompt_mask[i].sum()) for i in range(len(rollouts))}
+    for prefixes, budget in seen:
+        assert all(budget == 6 - (len(prefix) - length) for prefix in prefixes for length in prompt_lengths)
+
+
+def test_verified_needs_the_batch_statistics_and_replicated_teachers(tmp_path):
+    with pytest.raises(ValueError, match="fire.filter_mode: verified needs loss.stats_scope: batch"):
+        _config(tmp_path, filter_mode="verified", stats_scope="micro_batch")
+    with pytest.raises(ValueError, match="needs parallel.teachers: replicate and parallel.vocab: false"):
+        _config(tmp_path, filter_mode="verified", teacher_parallel="fsdp")
