@@ -39,7 +39,7 @@ def test_every_flat_key_of_earlier_versions_still_works_with_one_warning(tmp_pat
     new_in_0_2 |= {"logging.report_to"} | {
         f"lora.{k}" for k in ("r", "alpha", "dropout", "target_modules", "merge_lora")
     }
-    assert set(LEGACY_KEYS.values()) | new_in_0_2 == fields - {"seed", "output_dir"}  # none is missing
+    assert set(LEGACY_KEYS.values()) | new_in_0_2 == fields - {"preset", "seed", "output_dir"}  # none is missing
     flat = tmp_path / "flat.yaml"
     flat.write_text("student: s\nteachers: {a: t}\nlr: 0.001\nmethod: opd\nparallel: fsdp\neval_every: 5\n")
     with caplog.at_level(logging.WARNING, logger="fire_opd"):
@@ -156,3 +156,20 @@ def test_every_field_is_documented_once_and_the_page_shows_it():
     assert table and table.group(1) == fields_markdown(), "run python -m fire_opd.train.config into docs/training.md"
     train = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
     assert all(f"  {key} = " in train.epilog for key in keys)
+
+
+def test_presets_set_their_fields_under_the_users_own(caplog):
+    from fire_opd.train.config import PRESETS
+
+    released = TrainConfig.from_dict({"preset": "fire-released"})
+    for key, value in PRESETS["fire-released"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(released, section), name) == value
+    with caplog.at_level("WARNING", logger="fire_opd"):
+        mine = TrainConfig.from_dict({"preset": "fire-released", "loss.objective": "full_vocab"})
+    assert mine.loss.objective == "full_vocab" and mine.loss.stats_scope == "micro_batch"
+    assert "override preset fire-released's: loss.objective='full_vocab' (preset: 'sampled')" in caplog.text
+    assert TrainConfig().updated({"preset": "fire-released"}).optim.micro_batch_size == 1
+    assert mine.updated({"optim.lr": 1e-4}).loss.objective == "full_vocab"  # a later update keeps the user's key
+    with pytest.raises(ValueError, match="preset must be one of fire-released, got 'paper'"):
+        TrainConfig.from_dict({"preset": "paper"})

@@ -475,6 +475,43 @@ def test_fire_on_the_trainers_own_batches_equals_the_released_formula(tmp_path, 
     assert history[0]["train/loss"] == pytest.approx(float(loss), rel=1e-4, abs=1e-6)
 
 
+def test_the_fire_released_preset_is_the_released_loss_on_one_batch(tmp_path, tokenizer, monkeypatch):
+    """`preset: fire-released`: one rollout per prompt, the sampled objective, FiRe's statistics
+    inside each micro-batch of one rollout. Its first step's loss equals the released code's on the
+    same rollouts: per rollout, the filter of one trajectory keeps it, its weights are normalized
+    by its own entropy maxima and mean, and the loss is the mean of the rollouts' token means."""
+    import fire_opd.train.update as trainer_module
+    from fire_opd.algorithm.selection import compute_fire_advantages
+
+    captured = []
+
+    def spy(*args, **kwargs):
+        result = compute_fire_advantages(*args, **kwargs)
+        captured.append((args, result))
+        return result
+
+    monkeypatch.setattr(trainer_module, "compute_fire_advantages", spy)
+    config = TrainConfig.from_dict(
+        {
+            "preset": "fire-released",
+            "output_dir": str(tmp_path / "run"),
+            "logging.report_to": [],
+            **dotted(dict(steps=1, prompts_per_step=5, max_new_tokens=6, eval_every=0, eval_size=0, progress=False)),
+        }
+    )
+    assert (config.loss.objective, config.loss.stats_scope) == ("sampled", "micro_batch")
+    assert (config.sampling.samples_per_prompt, config.optim.micro_batch_size, config.fire.method) == (1, 1, "fire")
+    history = _trainer(tokenizer, config).train()
+    assert len(captured) == 5  # one selection per rollout
+    per_rollout = []
+    for (old_lp, teacher_lp, student_entropy, teacher_entropy, mask), fire in captured:
+        keep, _, advantages = _released_fire(old_lp, teacher_lp, student_entropy, teacher_entropy, mask, 20.0)
+        assert keep.tolist() == [True] and fire.kept_rollouts.tolist() == [True]  # the filter drops nothing
+        torch.testing.assert_close(fire.advantages, torch.tensor(advantages).float(), rtol=1e-5, atol=1e-6)
+        per_rollout.append(-float(advantages.sum()) / int(mask.sum()))  # ratio 1: the token mean of -A
+    assert history[0]["train/loss"] == pytest.approx(sum(per_rollout) / len(per_rollout), rel=1e-4, abs=1e-6)
+
+
 def test_reweighting_changes_the_update(tmp_path, tokenizer):
     """reweight_only must not be OPD in disguise: its weights vary over the loss tokens and its
     gradient differs from OPD's on the same rollouts."""

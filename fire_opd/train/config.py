@@ -519,7 +519,23 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
 }
-TOP_LEVEL = ("seed", "output_dir")
+TOP_LEVEL = ("preset", "seed", "output_dir")
+
+# Named configurations: the fields a preset sets come first, the user's own keys override them
+# (each one that does is named in one warning line).
+PRESETS: dict[str, dict[str, Any]] = {
+    # FiRe-OPD as the authors released it: the sampled objective, one rollout per prompt, and the
+    # filter and weights computed inside each actor micro-batch of one rollout. The quantile of one
+    # trajectory's score keeps it, so the filter drops nothing and the token weights (entropies
+    # normalized by the micro-batch's maxima) do all the work.
+    "fire-released": {
+        "fire.method": "fire",
+        "loss.objective": "sampled",
+        "loss.stats_scope": "micro_batch",
+        "sampling.samples_per_prompt": 1,
+        "optim.micro_batch_size": 1,
+    },
+}
 
 
 @dataclass
@@ -539,6 +555,13 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a named configuration under your own keys: fire-released (FiRe-OPD as the authors released it: "
+            "sampled objective, one rollout per prompt, statistics per micro-batch of one)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "the seed of the rollouts, the prompt order and the initialization"})
     output_dir: str = field(default="runs/fire-opd", metadata={"help": "where the run writes its logs and checkpoints"})
 
@@ -590,6 +613,14 @@ class TrainConfig:
                 "config: flat keys are deprecated, write them in their sections: %s",
                 ", ".join(f"{old} -> {new}" for old, new in dict(deprecated).items()),
             )
+        preset = PRESETS.get(values.get("preset") or "", {})
+        overridden = [key for key, value in preset.items() if key in values and values[key] != value]
+        if overridden:
+            logger.warning(
+                "config: your keys override preset %s's: %s",
+                values["preset"],
+                ", ".join(f"{key}={values[key]!r} (preset: {preset[key]!r})" for key in overridden),
+            )
         return cls._build(values)
 
     @classmethod
@@ -605,10 +636,16 @@ class TrainConfig:
         """A copy with some fields changed, by dotted key: `cfg.updated({"optim.lr": 1e-3})`."""
         merged, _ = flatten_keys(self.to_dict())
         new, _ = flatten_keys(values)
-        return type(self)._build({**merged, **new})
+        preset = PRESETS.get(new.get("preset") or "", {})  # a preset given here sets its fields under `values`
+        return type(self)._build({**merged, **preset, **new})
 
     @classmethod
     def _build(cls, values: dict[str, Any]) -> TrainConfig:
+        name = values.get("preset")
+        if name is not None:
+            if name not in PRESETS:
+                raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+            values = {**PRESETS[name], **values}  # the user's own keys win
         sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         top: dict[str, Any] = {}
         for key, value in values.items():
