@@ -89,6 +89,74 @@ def test_brittle_teacher_is_accurate_on_its_own_solutions_and_wrong_after_a_rewr
     )
 
 
+def test_cascade_teacher_solves_its_own_chains_and_continues_wrong_after_an_error():
+    """The error-cascade teacher, by construction: right on its own chains, and after one wrong
+    result it carries the wrong value on and adds |t| whatever t's sign."""
+    import random
+
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.demo.regime import step_results
+    from fire_opd.demo.tasks import chain_steps_after_error, chain_terms
+    from fire_opd.train.rollouts import generate_rollouts
+
+    setting = SETTINGS["error-cascade"]
+    tokenizer = load_tokenizer(ASSETS_DIR / setting.tokenizer)
+    teacher = load_causal_lm(ASSETS_DIR / setting.teachers["chain"])
+    problems = [
+        p
+        for p in sample_problems(["chain"], 200, seed=5, split="test")
+        if any(t < 0 for t in chain_terms(p.prompt)[2:])
+    ][:64]
+    own = generate_rollouts(teacher, tokenizer, [p.prompt for p in problems], max_new_tokens=44, do_sample=False)
+    assert sum(is_correct(t, p.answer) for t, p in zip(own.texts, problems)) >= 0.9 * len(problems)
+    rng = random.Random(3)
+    solutions = [chain_steps_after_error(chain_terms(p.prompt), rng) for p in problems]
+    prefixes = [text[:k] + "," for text, k in solutions]  # through the wrong result
+    continued = generate_rollouts(
+        teacher, tokenizer, [p.prompt + pre for p, pre in zip(problems, prefixes)], max_new_tokens=44, do_sample=False
+    )
+    follows = sum(pre + t == text for pre, t, (text, _) in zip(prefixes, continued.texts, solutions))
+    assert follows >= 0.8 * len(problems)
+    # its steps after the error are wrong wherever the term is negative: far below a reliable teacher's
+    after = [r for t in continued.texts for r in step_results(t) if r is not None]
+    assert sum(after) <= 0.75 * len(after)
+
+
+def test_error_cascade_solutions_and_the_step_checker():
+    import random
+
+    from fire_opd.demo.regime import step_results
+    from fire_opd.demo.tasks import chain_steps, chain_steps_after_error
+
+    terms = [3, 8, -4, 2, -5, 7]
+    assert step_results(chain_steps(terms)) == [True] * 5
+    rng = random.Random(0)
+    for _ in range(50):
+        text, k = chain_steps_after_error(terms, rng)
+        results = step_results(text)
+        wrong = results.index(False)
+        assert 1 <= wrong <= 3 and text[:k] == ",".join(text.split(",")[: wrong + 1])
+        values = [int(part.split("=")[1]) for part in text.split(",")]
+        for step in range(wrong + 1, 5):  # later steps: the previous (wrong) value plus |t|
+            assert values[step] == values[step - 1] + abs(terms[step + 1])
+    assert step_results("3+8=11,x") == [True, None] and step_results("-2-6=-8,5+5=11") == [True, False]
+
+
+def test_paired_differences_and_their_interval():
+    from fire_opd.demo.study.report import format_paired, paired_difference
+
+    mean, low, high = paired_difference([0.02, 0.04, 0.03])
+    assert mean == pytest.approx(0.03) and (low, high) == pytest.approx(
+        (0.03 - 4.303 * 0.01 / 3**0.5, 0.03 + 4.303 * 0.01 / 3**0.5)
+    )
+    runs = [
+        {"kind": "train", "setting": "s", "objective": "o", "variant": v, "seed": seed, "accuracy": acc, "sampled": {}}
+        for v, seed, acc in (("opd", 0, 0.5), ("opd", 1, 0.6), ("x", 0, 0.55), ("x", 1, 0.62), ("x", 2, 0.9))
+    ]
+    table = format_paired(runs)
+    assert "| s | o | x | 2 | +0.035 [" in table  # seed 2 has no OPD run to pair with
+
+
 def test_study_quick(tmp_path, capsys):
     from fire_opd.demo.provenance import git_commit
     from fire_opd.demo.study import main
@@ -165,8 +233,10 @@ def test_asset_builder_quick(tmp_path):
         < load_causal_lm(tmp_path / "chain" / "teacher").config.hidden_size
     )
     report = build_steps(tmp_path, quick=True)
-    assert {"steps/teacher", "steps/student_init", "brittle/teacher", "brittle/student_init"} <= set(report)
-    assert report["brittle/teacher"]["base"] == "steps/teacher"
+    assert {"steps/teacher", "steps/student_init", "brittle/teacher", "brittle/student_init", "cascade/teacher"} <= set(
+        report
+    )
+    assert report["brittle/teacher"]["base"] == report["cascade/teacher"]["base"] == "steps/teacher"
 
 
 def test_tasks_and_verifier():

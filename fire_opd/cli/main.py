@@ -8,8 +8,8 @@ status 2 (fire_opd/cli/preflight.py checks it before any model is loaded); `--de
     fire-opd eval  --model PATH|RUN_DIR --prompts FILE|DIR|DATASET_ID [--split S] [--samples N --temperature T
                    --top-p P --output F]
     fire-opd plot  RUN_DIR [RUN_DIR ...] [--out curves.png]
-    fire-opd demo  [--setting steps|brittle-teacher|chain|single|multi-teacher] [--objective sampled|full_vocab]
-                   [--steps N] [--seed S] [--samples K]
+    fire-opd demo  [--setting steps|brittle-teacher|error-cascade|chain|single|multi-teacher]
+                   [--objective sampled|full_vocab] [--steps N] [--seed S] [--samples K]
     fire-opd study [--settings ...] [--seeds ...] [--select] [--jobs 2]   (see fire_opd/demo/study/)
 """
 
@@ -54,7 +54,7 @@ def _teachers(values: list[str]) -> dict[str, str]:
 
 # fire_opd.demo.recipes.SETTINGS' names, default first (spelled out so that `--help` imports no torch; a test
 # keeps the two equal)
-DEMO_SETTINGS = ("steps", "brittle-teacher", "chain", "single", "multi-teacher")
+DEMO_SETTINGS = ("steps", "brittle-teacher", "error-cascade", "chain", "single", "multi-teacher")
 
 
 def _fields_epilog() -> str:

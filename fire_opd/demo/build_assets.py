@@ -35,6 +35,7 @@ from fire_opd.demo.tasks import (
     chain_rewrite,
     chain_solution,
     chain_steps,
+    chain_steps_after_error,
     chain_terms,
     sample_problems,
 )
@@ -245,8 +246,14 @@ STEPS_MODELS = {
     "steps/student_init": ((64, 3, 4), 500, 2e-3, 22),
     "brittle/teacher": ("steps/teacher", 400, 1e-3, 23),
     "brittle/student_init": ((64, 3, 4), 500, 2e-3, 24),
+    "cascade/teacher": ("steps/teacher", 400, 1e-3, 25),
 }
 BRITTLE_REWRITE_SHARE = 0.5  # of the brittle teacher's training solutions, and of its student's
+# The "error-cascade" setting (issue 30): the steps teacher also taught to continue, after one
+# wrong result in the middle of a chain, confidently wrong (`chain_steps_after_error`). The student
+# is steps' own: its arithmetic errors, anywhere in a chain, lead into the teacher's unreliable
+# region, and no single token choice keeps it out (unlike brittle-teacher's format token).
+CASCADE_ERROR_SHARE = 0.5  # of the cascade teacher's training solutions
 
 
 def steps_solution(problem: Problem, rng: random.Random) -> str:
@@ -259,6 +266,15 @@ def brittle_teacher_solution(problem: Problem, rng: random.Random) -> Solution:
     terms = chain_terms(problem.prompt)
     if rng.random() < BRITTLE_REWRITE_SHARE:
         return chain_rewrite(terms, ignore_signs=True), 1
+    return chain_steps(terms, rng)
+
+
+def cascade_teacher_solution(problem: Problem, rng: random.Random) -> Solution:
+    """Half "steps" solutions (learned whole), half continuations after a wrong result (the
+    wrong result itself carries no loss: the teacher does not learn to make the error)."""
+    terms = chain_terms(problem.prompt)
+    if rng.random() < CASCADE_ERROR_SHARE:
+        return chain_steps_after_error(terms, rng)
     return chain_steps(terms, rng)
 
 
@@ -296,6 +312,8 @@ def build_steps(out_dir: Path, *, quick: bool = False, only: Optional[list[str]]
             solution_fn, trained_on = steps_solution, "steps solutions"
         elif name == "brittle/teacher":
             solution_fn, trained_on = brittle_teacher_solution, "steps + wrong rewrite continuations"
+        elif name == "cascade/teacher":
+            solution_fn, trained_on = cascade_teacher_solution, "steps + wrong continuations after a wrong result"
         else:
             teacher = load_causal_lm(out_dir / "steps/teacher")
             problems = teacher_samples(teacher, tokenizer, train[: 100 if quick else 8000], seed=seed)
@@ -360,7 +378,7 @@ def main(argv=None) -> None:
         choices=[*sorted(MODELS), "chain", "chain_student", *STEPS_MODELS],
         help='rebuild only these models ("chain": the chain setting\'s tokenizer and models; '
         '"chain_student": its student, from the teacher already built; steps/... and '
-        "brittle/...: one model of the steps and brittle-teacher settings)",
+        "brittle/... and cascade/...: one model of the steps, brittle-teacher and error-cascade settings)",
     )
     args = parser.parse_args(argv)
     only = set(args.only or [])

@@ -88,6 +88,9 @@ RECIPE_LR = {
     "steps": {"full_vocab": 1e-3, "trl_distillation": 3e-3},
     "steps-100": {"full_vocab": 1e-3, "trl_distillation": 3e-3},
     "brittle-teacher": {"full_vocab": 1e-3, "trl_distillation": 1e-3},
+    # error-cascade: steps' student and recipe with another teacher; steps' rates until
+    # `fire-opd study --select --settings error-cascade` has chosen its own on validation
+    "error-cascade": {"full_vocab": 1e-3, "trl_distillation": 3e-3},
     "chain": {"sampled": 3e-4, "full_vocab": 3e-4, "trl_distillation": 1e-4},
     "single": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},
     "multi-teacher": {"sampled": 1e-4, "full_vocab": 3e-4, "trl_distillation": 1e-3},  # single's (not swept)
@@ -97,6 +100,9 @@ SETTINGS = {
     "steps": DemoSetting(("chain",), {"chain": "steps/teacher"}, "steps/student_init", "chain/tokenizer", STEPS_RECIPE),
     "brittle-teacher": DemoSetting(
         ("chain",), {"chain": "brittle/teacher"}, "brittle/student_init", "chain/tokenizer", STEPS_100_RECIPE
+    ),
+    "error-cascade": DemoSetting(
+        ("chain",), {"chain": "cascade/teacher"}, "steps/student_init", "chain/tokenizer", STEPS_RECIPE
     ),
     "steps-100": DemoSetting(
         ("chain",), {"chain": "steps/teacher"}, "steps/student_init", "chain/tokenizer", STEPS_100_RECIPE
@@ -125,4 +131,5 @@ SELECT_LRS = {
     "steps": (3e-4, 1e-3, 3e-3),
     "steps-100": (1e-4, 3e-4, 1e-3, 3e-3),
     "brittle-teacher": (1e-4, 3e-4, 1e-3, 3e-3),
+    "error-cascade": (3e-4, 1e-3, 3e-3),  # steps' (same student, same recipe)
 }

@@ -8,11 +8,14 @@ Four statistics, measured on the initial student before any update (docs: "The d
                                    break the task's answer format
     teacher_entropy_mean           teacher entropy, nats per response token
 
-and `continuation_accuracy`: how often the teacher finishes a prefix correctly.
+and `continuation_accuracy`: how often the teacher finishes a prefix correctly; and, for the
+chain task's "steps" solutions, `step_accuracy_after_error`: whether the teacher still does
+arithmetic right after the student's first wrong result.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -124,3 +127,73 @@ def continuation_accuracy(
         )
     out["prefix_cut"] = cut
     return out
+
+
+# one step of a "steps" solution: "a+b=c" or "a-b=c" (a may be negative)
+_STEP = re.compile(r"^(-?\d+)([+-])(\d+)=(-?\d+)$")
+
+
+def step_results(text: str) -> list[Optional[bool]]:
+    """Whether each comma-separated step of a "steps" solution is right on its own operands
+    (None for a part that is not a step)."""
+    out: list[Optional[bool]] = []
+    for part in text.split(","):
+        match = _STEP.match(part.strip())
+        if match is None:
+            out.append(None)
+            continue
+        a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+        out.append((a + b if op == "+" else a - b) == c)
+    return out
+
+
+@torch.no_grad()
+def step_accuracy_after_error(
+    teacher,
+    student,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict:
+    """How reliable the teacher is after the student's mistake, measured directly: on the
+    student's rollouts with a wrong step, the prefix through its first wrong result goes to the
+    teacher, which continues greedily; the share of the teacher's steps that are right on their
+    own operands (a reliable teacher carries the wrong value on with right arithmetic; the
+    error-cascade teacher adds |t| whatever t's sign). Steps format only."""
+    torch.manual_seed(seed)
+    prefixes, chunks = [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        rollouts = generate_rollouts(
+            student, tokenizer, [p.prompt for p in chunk], max_new_tokens=max_new_tokens, temperature=temperature
+        )
+        for problem, text in zip(chunk, rollouts.texts):
+            results = step_results(text)
+            if False not in results:
+                continue
+            first_wrong = results.index(False)
+            prefixes.append(",".join(text.split(",")[: first_wrong + 1]) + ",")
+            chunks.append(problem)
+    right = steps = 0
+    for start in range(0, len(prefixes), batch_size):
+        batch = prefixes[start : start + batch_size]
+        continued = generate_rollouts(
+            teacher,
+            tokenizer,
+            [p.prompt + prefix for p, prefix in zip(chunks[start : start + batch_size], batch)],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        for text in continued.texts:
+            checked = [bool(r) for r in step_results(text) if r is not None]
+            right += sum(checked)
+            steps += len(checked)
+    return {
+        "student_rollouts_with_a_wrong_step": len(prefixes),
+        "teacher_steps_after_the_error": steps,
+        "teacher_step_accuracy_after_error": right / steps if steps else float("nan"),
+    }

@@ -4,7 +4,7 @@ pass@8 (8 completions per problem at the training temperature), with the regime 
 
     fire-opd study [--settings steps brittle-teacher] [--seeds 0 1 2] [--objectives full_vocab]
                    [--variants ...] [--jobs 2] [--out benchmarks/results/study] [--select] [--fresh]
-                   [--quick]
+                   [--split test|validation] [--quick]
 
 Protocol:
   1. `--select` runs the learning-rate sweep of plain OPD on each setting's *validation* split,
@@ -12,7 +12,9 @@ Protocol:
      result. Held-out (test) problems are never used to choose anything.
   2. The grid: each setting x objective x variant x seed with that setting's recipe and the
      objective's learning rate, unchanged across variants; metrics on the held-out split.
-  3. Aggregation: `study.json` (every run), `study.md` (tables), `study.png` (curves).
+  3. Aggregation: `study.json` (every run), `study.md` (tables, with each variant's per-seed
+     difference from OPD and its 95 % interval), `study.png` (curves). `--split validation`
+     runs the grid on the validation split instead, to choose among variants.
 
 Every run is one job in a process pool (one torch thread each, so a seed reproduces), cached as
 `runs/<name>.json` under the output folder with the key of everything that decides it (the job,
@@ -39,6 +41,7 @@ from fire_opd.demo.study.report import (
     aggregate,
     format_diagnostics,
     format_markdown,
+    format_paired,
     format_provenance,
     metric_values,
     plot_study,
@@ -63,6 +66,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="the learning-rate sweep of plain OPD on the validation split, instead of the grid",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore the cache: run every job again")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "validation"],
+        help="where the grid is evaluated: the held-out split, or validation (to choose among variants)",
+    )
     parser.add_argument("--quick", action="store_true", help="two steps per run on 8 problems (a smoke test)")
     parser.add_argument("--no-trl", action="store_true", help="leave out TRL's DistillationTrainer")
     parser.add_argument(
@@ -93,22 +102,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_markdown({}, selection) + "\n\n" + format_provenance(results, stale))
         return 0
     if not args.aggregate_only:
-        run_jobs(
-            build_jobs(args.settings, args.objectives, args.variants, args.seeds, args.quick, trl=not args.no_trl),
-            args.out,
-            args.jobs,
-            fresh=args.fresh,
+        jobs = build_jobs(
+            args.settings, args.objectives, args.variants, args.seeds, args.quick, trl=not args.no_trl, split=args.split
         )
-    # every held-out run cached under the output folder that today's code would reproduce, so that
-    # separate invocations add up and nothing from other code is reported as today's
-    results, stale = cached_results(args.out, "test", args.quick)
+        run_jobs(jobs, args.out, args.jobs, fresh=args.fresh)
+    # every run of the split cached under the output folder that today's code would reproduce, so
+    # that separate invocations add up and nothing from other code is reported as today's
+    results, stale = cached_results(args.out, args.split, args.quick)
     summary = aggregate(results)
     selection_path = args.out / "selection.json"
     selection = json.loads(selection_path.read_text()) if selection_path.is_file() else None
     (args.out / "study.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     markdown = "\n\n".join(
         filter(
-            None, [format_markdown(summary, selection), format_diagnostics(results), format_provenance(results, stale)]
+            None,
+            [
+                format_markdown(summary, selection),
+                format_paired(results),
+                format_diagnostics(results),
+                format_provenance(results, stale),
+            ],
         )
     )
     (args.out / "study.md").write_text(markdown + "\n")

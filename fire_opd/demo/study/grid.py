@@ -29,6 +29,16 @@ VARIANTS = {
     "fire_gate": {"fire.method": "fire", "fire.teacher_confidence_gate": 0.5},
     "fire_score_sum": {"fire.method": "fire", "fire.filter_score": "teacher_sum"},
     "fire_score_adv": {"fire.method": "fire", "fire.filter_score": "advantage_mean"},
+    # issue 30: FiRe-OPD as released (the preset, with the same rollouts per step: one per prompt),
+    # and the selection rules beyond the paper (fire_opd/algorithm/options.py), at the paper's p = 20
+    "fire_released": lambda setting, recipe: {
+        "preset": "fire-released",
+        "sampling.prompts_per_step": recipe.sampling.rollouts_per_step,
+    },
+    "fire_truncate": {"fire.method": "fire", "fire.filter_mode": "truncate"},
+    "fire_verified": {"fire.method": "fire", "fire.filter_mode": "verified"},
+    "filter_truncate": {"fire.method": "filter_only", "fire.filter_mode": "truncate"},
+    "opd_trust": {"fire.method": "opd", "fire.trust_ratio": True},
     # plain OPD with TRL's rollout layout and learning rate: the same rollouts per step, but every
     # one from a different prompt (TRL's trainer samples one completion per prompt)
     "opd_trl_layout": lambda setting, recipe: {
@@ -52,11 +62,16 @@ HYPOTHESES = ["opd_gate", "fire_gate", "fire_score_sum", "fire_score_adv"]
 
 
 PAPER_VARIANTS = ["opd", "fire", "filter_only", "reweight_only"]
+# Issue 30's candidates, compared with OPD on the validation split before the held-out study
+# (benchmarks/results/study-rules/preregistration.md says how the one carried forward is chosen).
+RULE_CANDIDATES = ["opd", "fire_truncate", "fire_verified", "filter_truncate", "opd_trust"]
+RULE_SETTINGS = ["steps", "brittle-teacher", "chain", "error-cascade"]
 
 
 STUDY_VARIANTS = {
     "steps": PAPER_VARIANTS,
     "brittle-teacher": PAPER_VARIANTS,
+    "error-cascade": PAPER_VARIANTS,
     "chain": ["opd", "fire", "filter_only", "reweight_only", "hard_token", "fire_p10", "fire_p30", *HYPOTHESES],
     "single": [
         "opd",
@@ -130,14 +145,15 @@ def _trl_job(setting: str, seed: int, split: str, quick: bool, **fields) -> dict
     return _job("trl", setting, seed, split, quick, objective="full_vocab", variant=TRL, **fields)
 
 
-def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = True) -> list[dict]:
-    """The study on the held-out split: the initial students, every variant x objective x seed,
-    and TRL's trainer on the single-teacher settings."""
+def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = True, split: str = "test") -> list[dict]:
+    """The study on the held-out split (or, to choose among variants, the validation split): the
+    initial students, every variant x objective x seed, and TRL's trainer on the single-teacher
+    settings."""
     from fire_opd.demo.run import get_setting
 
-    jobs = [_job("initial", s, seed, "test", quick) for s in settings for seed in seeds]
+    jobs = [_job("initial", s, seed, split, quick) for s in settings for seed in seeds]
     jobs += [
-        _job("train", s, seed, "test", quick, objective=o, variant=v)
+        _job("train", s, seed, split, quick, objective=o, variant=v)
         for seed in seeds
         for s in settings
         for o in objectives
@@ -146,7 +162,7 @@ def build_jobs(settings, objectives, variants, seeds, quick: bool, trl: bool = T
     ]
     if trl:
         jobs += [
-            _trl_job(s, seed, "test", quick) for seed in seeds for s in settings if len(get_setting(s).teachers) == 1
+            _trl_job(s, seed, split, quick) for seed in seeds for s in settings if len(get_setting(s).teachers) == 1
         ]
     return jobs
 

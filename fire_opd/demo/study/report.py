@@ -157,6 +157,61 @@ DIAGNOSTICS = (
 )
 
 
+# two-sided 95 % Student t quantiles by degrees of freedom (n - 1 for n paired seeds)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_difference(differences: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed differences and its 95 % t interval (NaN bounds
+    for one seed, or more seeds than the table holds)."""
+    mean, std = mean_std(differences)
+    t = T_975.get(len(differences) - 1, float("nan"))
+    half = t * std / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def format_paired(results: list[dict], baseline: str = "opd") -> str:
+    """Each variant against `baseline` (OPD) on the same setting, objective and seed: the mean
+    per-seed difference of every metric and its 95 % interval."""
+    runs: dict = {}
+    for r in results:
+        if r["kind"] == "train":
+            key = (r["setting"], r["objective"], r["variant"], r["seed"])
+            runs[key] = metric_values(r["accuracy"], r.get("sampled"))
+    lines = []
+    for setting, objective, variant in sorted({k[:3] for k in runs if k[2] != baseline}):
+        seeds = sorted(
+            k[3]
+            for k in runs
+            if k[:3] == (setting, objective, variant) and (setting, objective, baseline, k[3]) in runs
+        )
+        if not seeds:
+            continue
+        cells = []
+        for metric in METRICS:
+            diffs = [
+                runs[(setting, objective, variant, seed)][metric] - runs[(setting, objective, baseline, seed)][metric]
+                for seed in seeds
+                if metric in runs[(setting, objective, variant, seed)]
+                and metric in runs[(setting, objective, baseline, seed)]
+            ]
+            if not diffs:
+                cells.append("")
+                continue
+            mean, low, high = paired_difference(diffs)
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(diffs) > 1 else f"{mean:+.3f}")
+        lines.append(f"| {setting} | {objective} | {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = [
+        f"### Against {baseline.upper()}, paired by seed (mean difference [95 % interval])",
+        "",
+        "| setting | objective | variant | seeds | " + " | ".join(METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    return "\n".join(header + lines)
+
+
 def format_diagnostics(results: list[dict]) -> str:
     """What the rollout filter drops against what it keeps (the trainer's `diag/*` metrics, mean
     over each run's steps, then over seeds), for every run that filters."""

@@ -23,13 +23,24 @@ CURVE_KEYS = (
 )
 
 
+# the selection rules' own per-step metrics, kept with the filter diagnostics (mean over steps)
+RULE_METRICS = (
+    "fire/token_keep_ratio",
+    "fire/truncated_ratio",
+    "fire/verified_rollouts",
+    "fire/verified_reliable_ratio",
+    "fire/verify_tokens",
+    "time/verify_s",
+)
+
+
 def run_job(job: dict) -> dict:
     """One study job, in its own process: "initial" (teacher and initial student metrics, the
     regime statistics and the teacher's accuracy from student prefixes) or "train" / "trl" (one
     training run). Greedy accuracy and the sampled metrics on the same problems."""
     import torch
 
-    from fire_opd.demo.regime import continuation_accuracy, measure_regime
+    from fire_opd.demo.regime import continuation_accuracy, measure_regime, step_accuracy_after_error
     from fire_opd.demo.run import REGIME_ROLLOUTS, evaluate_row, load_setting, problem_sets, train_student
     from fire_opd.train.health import ANSWER_FORMATS
     from fire_opd.train.models import load_causal_lm
@@ -74,6 +85,16 @@ def run_job(job: dict) -> dict:
                 temperature=config.sampling.temperature,
                 seed=job["seed"],
             )
+        if setting.tasks == ("chain",) and job["setting"] != "chain":  # the steps format's settings
+            result["teacher_after_error"] = step_accuracy_after_error(
+                next(iter(teachers.values())),
+                trainer.student,
+                tokenizer,
+                evaluation,
+                max_new_tokens=config.sampling.max_new_tokens,
+                temperature=config.sampling.temperature,
+                seed=job["seed"],
+            )
         trainer.close()
     elif job["kind"] == "trl":
         student = train_with_trl(config, loaded, train)
@@ -88,7 +109,7 @@ def run_job(job: dict) -> dict:
         run = train_student(job["setting"], config, loaded=loaded, problems=(train, evaluation))
         history = run["history"]
         final = metrics(run["trainer"].student, evaluation)
-        diag_keys = sorted({k for h in history for k in h if k.startswith("diag/")})
+        diag_keys = sorted({k for h in history for k in h if k.startswith("diag/") or k in RULE_METRICS})
         result = {
             "accuracy": final["accuracy"]["all"],
             "sampled": final["sampled"]["all"],
