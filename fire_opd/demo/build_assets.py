@@ -246,7 +246,7 @@ STEPS_MODELS = {
     "steps/student_init": ((64, 3, 4), 500, 2e-3, 22),
     "brittle/teacher": ("steps/teacher", 400, 1e-3, 23),
     "brittle/student_init": ((64, 3, 4), 500, 2e-3, 24),
-    "cascade/teacher": ("steps/teacher", 400, 1e-3, 25),
+    "cascade/teacher": ("steps/teacher", 1200, 1e-3, 25),
 }
 BRITTLE_REWRITE_SHARE = 0.5  # of the brittle teacher's training solutions, and of its student's
 # The "error-cascade" setting (issue 30): the steps teacher also taught to continue, after one
