@@ -75,26 +75,17 @@ def run_job(job: dict) -> dict:
             "teacher_sampled": {k: m["sampled"]["all"] for k, m in teacher.items()},
             "regime": measure_regime(trainer, train[: 8 if quick else REGIME_ROLLOUTS], seed=job["seed"]),
         }
+        # how reliable the teacher is off its own distribution (single-teacher settings)
+        probe = dict(
+            max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature, seed=job["seed"]
+        )
         if len(teachers) == 1:
-            result["teacher_reliability"] = continuation_accuracy(
-                next(iter(teachers.values())),
-                trainer.student,
-                tokenizer,
-                evaluation,
-                max_new_tokens=config.sampling.max_new_tokens,
-                temperature=config.sampling.temperature,
-                seed=job["seed"],
-            )
-        if setting.tasks == ("chain",) and job["setting"] != "chain":  # the steps format's settings
-            result["teacher_after_error"] = step_accuracy_after_error(
-                next(iter(teachers.values())),
-                trainer.student,
-                tokenizer,
-                evaluation,
-                max_new_tokens=config.sampling.max_new_tokens,
-                temperature=config.sampling.temperature,
-                seed=job["seed"],
-            )
+            only = next(iter(teachers.values()))
+            result["teacher_reliability"] = continuation_accuracy(only, trainer.student, tokenizer, evaluation, **probe)
+            if setting.tasks == ("chain",) and job["setting"] != "chain":  # the steps format's settings
+                result["teacher_after_error"] = step_accuracy_after_error(
+                    only, trainer.student, tokenizer, evaluation, **probe
+                )
         trainer.close()
     elif job["kind"] == "trl":
         student = train_with_trl(config, loaded, train)
