@@ -50,6 +50,8 @@ def aggregate(results: list[dict]) -> dict:
             entry["regime"].append(r["regime"])
             if r.get("teacher_reliability"):
                 entry["reliability"].append(r["teacher_reliability"])
+            if r.get("teacher_after_error"):
+                entry.setdefault("after_error", []).append(r["teacher_after_error"])
         else:
             entry["train"].setdefault(r["objective"], {}).setdefault(r["variant"], []).append(
                 metric_values(r["accuracy"], r.get("sampled"))
@@ -94,6 +96,10 @@ def format_markdown(summary: dict, selection: Optional[list[dict]] = None) -> st
                     lines.append(
                         f"| {r_key} (prefix cut {entry['reliability'][0]['prefix_cut']:g}) | {_cell(values)} |"
                     )
+            for a_key in ("teacher_step_accuracy_after_error", "student_rollouts_with_a_wrong_step"):
+                values = [r[a_key] for r in entry.get("after_error", []) if r[a_key] == r[a_key]]
+                if values:
+                    lines.append(f"| {a_key} | {_cell(values)} |")
             lines.append("")
         for objective in objectives or [""]:
             head = "| held-out" + (f", objective `{objective}`" if objective else "") + " | " + " | ".join(METRICS)
