@@ -246,13 +246,17 @@ STEPS_MODELS = {
     "steps/student_init": ((64, 3, 4), 500, 2e-3, 22),
     "brittle/teacher": ("steps/teacher", 400, 1e-3, 23),
     "brittle/student_init": ((64, 3, 4), 500, 2e-3, 24),
-    "cascade/teacher": ("steps/teacher", 1200, 1e-3, 25),
+    "cascade/teacher": ("steps/teacher", 2000, 1e-3, 25),
 }
 BRITTLE_REWRITE_SHARE = 0.5  # of the brittle teacher's training solutions, and of its student's
-# The "error-cascade" setting (issue 30): the steps teacher also taught to continue, after one
-# wrong result in the middle of a chain, confidently wrong (`chain_steps_after_error`). The student
-# is steps' own: its arithmetic errors, anywhere in a chain, lead into the teacher's unreliable
-# region, and no single token choice keeps it out (unlike brittle-teacher's format token).
+# The "error-cascade" setting (issue 30): the steps teacher also taught to continue, after a running
+# value restated wrongly in the middle of a chain, confidently wrong (`chain_steps_after_error`).
+# The student is steps' own: its copy errors, anywhere in a chain, lead into the teacher's
+# unreliable region, and no single token choice keeps it out (unlike brittle-teacher's format
+# token). A first version injected wrong *results* instead: the 4-layer teacher could not tell a
+# wrong result from a right one (0.75 / 0.73 held-out accuracy on its own chains after 400 / 1200
+# steps, and right arithmetic on 0.89 of its steps after the student's errors), so it went wrong on
+# its own chains too; a wrongly restated value is seen by comparing it with the result before it.
 CASCADE_ERROR_SHARE = 0.5  # of the cascade teacher's training solutions
 
 
@@ -270,8 +274,8 @@ def brittle_teacher_solution(problem: Problem, rng: random.Random) -> Solution:
 
 
 def cascade_teacher_solution(problem: Problem, rng: random.Random) -> Solution:
-    """Half "steps" solutions (learned whole), half continuations after a wrong result (the
-    wrong result itself carries no loss: the teacher does not learn to make the error)."""
+    """Half "steps" solutions (learned whole), half continuations after a wrongly restated value
+    (the error itself carries no loss: the teacher does not learn to make it)."""
     terms = chain_terms(problem.prompt)
     if rng.random() < CASCADE_ERROR_SHARE:
         return chain_steps_after_error(terms, rng)
@@ -313,7 +317,8 @@ def build_steps(out_dir: Path, *, quick: bool = False, only: Optional[list[str]]
         elif name == "brittle/teacher":
             solution_fn, trained_on = brittle_teacher_solution, "steps + wrong rewrite continuations"
         elif name == "cascade/teacher":
-            solution_fn, trained_on = cascade_teacher_solution, "steps + wrong continuations after a wrong result"
+            solution_fn = cascade_teacher_solution
+            trained_on = "steps + wrong continuations after a wrongly restated value"
         else:
             teacher = load_causal_lm(out_dir / "steps/teacher")
             problems = teacher_samples(teacher, tokenizer, train[: 100 if quick else 8000], seed=seed)

@@ -10,7 +10,7 @@ Four statistics, measured on the initial student before any update (docs: "The d
 
 and `continuation_accuracy`: how often the teacher finishes a prefix correctly; and, for the
 chain task's "steps" solutions, `step_accuracy_after_error`: whether the teacher still does
-arithmetic right after the student's first wrong result.
+arithmetic right after the student restates a running value wrongly.
 """
 
 from __future__ import annotations
@@ -147,6 +147,23 @@ def step_results(text: str) -> list[Optional[bool]]:
     return out
 
 
+def first_copy_error(text: str) -> Optional[int]:
+    """The end (a character index) of the first value a "steps" solution restates wrongly: a
+    step whose left operand is not the result just written (additions may be written either way
+    round, so either operand may restate it). None when every restatement is right, or when a
+    part is not a step."""
+    previous, end = None, 0
+    for part in text.split(","):
+        match = _STEP.match(part.strip())
+        if match is None:
+            return None
+        a, op, b = int(match[1]), match[2], int(match[3])
+        if previous is not None and a != previous and not (op == "+" and b == previous):
+            return end + len(match[1])
+        previous, end = int(match[4]), end + len(part) + 1
+    return None
+
+
 @torch.no_grad()
 def step_accuracy_after_error(
     teacher,
@@ -160,10 +177,11 @@ def step_accuracy_after_error(
     batch_size: int = 256,
 ) -> dict:
     """How reliable the teacher is after the student's mistake, measured directly: on the
-    student's rollouts with a wrong step, the prefix through its first wrong result goes to the
-    teacher, which continues greedily; the share of the teacher's steps that are right on their
-    own operands (a reliable teacher carries the wrong value on with right arithmetic; the
-    error-cascade teacher adds |t| whatever t's sign). Steps format only."""
+    student's rollouts that restate a running value wrongly (`first_copy_error`), the prefix
+    through that value goes to the teacher, which continues greedily; the share of the steps
+    from there on that are right on their own operands (a reliable teacher does the arithmetic
+    right from the wrong value; the error-cascade teacher adds |t| whatever t's sign). Steps
+    format only."""
     torch.manual_seed(seed)
     prefixes, chunks = [], []
     for start in range(0, len(problems), batch_size):
@@ -172,12 +190,10 @@ def step_accuracy_after_error(
             student, tokenizer, [p.prompt for p in chunk], max_new_tokens=max_new_tokens, temperature=temperature
         )
         for problem, text in zip(chunk, rollouts.texts):
-            results = step_results(text)
-            if False not in results:
-                continue
-            first_wrong = results.index(False)
-            prefixes.append(",".join(text.split(",")[: first_wrong + 1]) + ",")
-            chunks.append(problem)
+            end = first_copy_error(text)
+            if end is not None:
+                prefixes.append(text[:end])
+                chunks.append(problem)
     right = steps = 0
     for start in range(0, len(prefixes), batch_size):
         batch = prefixes[start : start + batch_size]
@@ -188,12 +204,14 @@ def step_accuracy_after_error(
             max_new_tokens=max_new_tokens,
             do_sample=False,
         )
-        for text in continued.texts:
-            checked = [bool(r) for r in step_results(text) if r is not None]
+        for prefix, text in zip(batch, continued.texts):
+            # the steps from the one whose restated value is wrong (its rest is the teacher's)
+            done = prefix.count(",")
+            checked = [bool(r) for r in step_results(prefix + text)[done:] if r is not None]
             right += sum(checked)
             steps += len(checked)
     return {
-        "student_rollouts_with_a_wrong_step": len(prefixes),
+        "student_rollouts_with_a_copy_error": len(prefixes),
         "teacher_steps_after_the_error": steps,
         "teacher_step_accuracy_after_error": right / steps if steps else float("nan"),
     }

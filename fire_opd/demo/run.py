@@ -11,9 +11,9 @@ Settings (assets under fire_opd/demo/assets, made by `python -m fire_opd.demo.bu
   brittle-teacher  FiRe's premise built to hold: the steps teacher additionally taught to continue
                    a "rewrite" solution (which it never starts itself) confidently wrong, and a
                    student that writes half of its solutions as rewrites.
-  error-cascade    a teacher unreliable after any arithmetic error: the steps teacher additionally
-                   taught to continue a chain confidently wrong after one wrong result, and steps'
-                   student, whose errors anywhere in a chain lead into that region.
+  error-cascade    a teacher unreliable after the student's mistake: the steps teacher additionally
+                   taught to continue a chain confidently wrong after a running value restated
+                   wrongly, and steps' student, whose copy errors anywhere in a chain lead there.
   chain            the documented failure case: a teacher with three valid formats; distillation
                    moves the student's format choice onto the one it executes worst.
   single           two-step arithmetic; teacher and student trained apart, near-deterministic

@@ -97,27 +97,25 @@ def chain_steps(terms: list[int], rng: Optional[random.Random] = None) -> str:
     return ",".join(parts)
 
 
-CASCADE_ERRORS = (-2, -1, 1, 2)  # how far the injected wrong result is from the right one
+CASCADE_ERRORS = (-2, -1, 1, 2)  # how far the wrongly restated value is from the right one
 
 
 def chain_steps_after_error(terms: list[int], rng: random.Random) -> tuple[str, int]:
-    """A "steps" solution with one wrong result in the middle, continued confidently wrong: the
-    step chosen among the second to the fourth writes value + t + e (e in `CASCADE_ERRORS`), and
-    every later step carries that wrong value on and adds |t| whatever t's sign (restating t
-    correctly). Returns (text, k): the first k characters, up to and including the wrong result,
-    are the context the `error-cascade` teacher learns to continue, not to write."""
-    value, parts, k = terms[0], [], 0
+    """A "steps" solution that goes wrong in the middle and continues confidently wrong: the step
+    chosen among the second to the fourth restates the running value wrongly (value + e, e in
+    `CASCADE_ERRORS`: a copy error, which a model sees by comparing it with the result just
+    written), and from there every step adds |t| whatever t's sign (restating t correctly).
+    Returns (text, k): the first k characters, through the wrongly restated value, are the
+    context the `error-cascade` teacher learns to continue, not to write."""
+    value, k = terms[0], 0
+    parts: list[str] = []
     wrong_step = rng.randint(1, min(3, len(terms) - 2))
     for step, t in enumerate(terms[1:]):
-        if step < wrong_step:
-            result = value + t
-        elif step == wrong_step:
-            result = value + t + rng.choice(CASCADE_ERRORS)
-        else:
-            result = value + abs(t)
-        parts.append(f"{value}{_signed(t)}={result}")
         if step == wrong_step:
-            k = len(",".join(parts))
+            value += rng.choice(CASCADE_ERRORS)
+            k = len(",".join([*parts, str(value)]))
+        result = value + (abs(t) if step >= wrong_step else t)
+        parts.append(f"{value}{_signed(t)}={result}")
         value = result
     return ",".join(parts), k
 

@@ -43,6 +43,7 @@ from fire_opd.demo.study.report import (
     format_markdown,
     format_paired,
     format_provenance,
+    format_rule_diagnostics,
     metric_values,
     plot_study,
 )
@@ -119,6 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             [
                 format_markdown(summary, selection),
                 format_paired(results),
+                format_rule_diagnostics(results),
                 format_diagnostics(results),
                 format_provenance(results, stale),
             ],

@@ -96,7 +96,7 @@ def format_markdown(summary: dict, selection: Optional[list[dict]] = None) -> st
                     lines.append(
                         f"| {r_key} (prefix cut {entry['reliability'][0]['prefix_cut']:g}) | {_cell(values)} |"
                     )
-            for a_key in ("teacher_step_accuracy_after_error", "student_rollouts_with_a_wrong_step"):
+            for a_key in ("teacher_step_accuracy_after_error", "student_rollouts_with_a_copy_error"):
                 values = [r[a_key] for r in entry.get("after_error", []) if r[a_key] == r[a_key]]
                 if values:
                     lines.append(f"| {a_key} | {_cell(values)} |")
@@ -216,6 +216,40 @@ def format_paired(results: list[dict], baseline: str = "opd") -> str:
         "|---|---|---|---|" + "---|" * len(METRICS),
     ]
     return "\n".join(header + lines)
+
+
+RULE_COLUMNS = {  # the selection rules' per-step metrics (runner.RULE_METRICS), mean over steps, then seeds
+    "fire/token_keep_ratio": "tokens in the loss",
+    "fire/truncated_ratio": "rollouts truncated",
+    "fire/verified_rollouts": "rollouts verified / step",
+    "fire/verified_reliable_ratio": "verified reliable",
+    "fire/verify_tokens": "verify tokens / step",
+    "time/verify_s": "verify s / step",
+}
+
+
+def format_rule_diagnostics(results: list[dict]) -> str:
+    """How much each run's selection keeps: the share of response tokens in the loss, of rollouts
+    truncated, and verification's count, verdicts and cost."""
+    groups: dict = {}
+    for r in results:
+        if r.get("diagnostics") and "fire/token_keep_ratio" in r["diagnostics"]:
+            groups.setdefault((r["setting"], r["objective"], r["variant"]), []).append(r["diagnostics"])
+    if not groups:
+        return ""
+    lines = [
+        "### What each rule keeps (mean over steps, then seeds)",
+        "",
+        "| setting | objective | variant | " + " | ".join(RULE_COLUMNS.values()) + " |",
+        "|---|---|---|" + "---|" * len(RULE_COLUMNS),
+    ]
+    for (setting, objective, variant), runs in sorted(groups.items()):
+        cells = []
+        for key in RULE_COLUMNS:
+            values = [d[key] for d in runs if d.get(key, float("nan")) == d.get(key)]
+            cells.append(f"{mean_std(values)[0]:.3f}" if values else "")
+        lines.append(f"| {setting} | {objective} | {variant} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_diagnostics(results: list[dict]) -> str:
