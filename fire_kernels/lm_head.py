@@ -29,13 +29,6 @@ class LMHead:
         """Weight and bias in `dtype` (differentiable casts: gradients reach the parameters)."""
         return replace(self, weight=self.weight.to(dtype), bias=None if self.bias is None else self.bias.to(dtype))
 
-    def rows(self, stop: int) -> LMHead:
-        """The head's first `stop` vocabulary rows (views): a padded head cut to its vocabulary."""
-        return replace(self, weight=self.weight[:stop], bias=None if self.bias is None else self.bias[:stop])
-
-    def detach(self) -> LMHead:
-        return replace(self, weight=self.weight.detach(), bias=None if self.bias is None else self.bias.detach())
-
 
 HeadLike = Union[torch.Tensor, LMHead]
 
