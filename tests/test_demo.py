@@ -7,7 +7,8 @@ import json
 import pytest
 
 from fire_opd.demo.build_assets import build, build_chain, build_steps
-from fire_opd.demo.run import SETTINGS, format_table, run_demo
+from fire_opd.demo.recipes import DEMO_VARIANTS
+from fire_opd.demo.run import SETTINGS, format_table, row_name, run_demo
 from fire_opd.demo.tasks import TASKS, is_correct, sample_problems, split_of
 from fire_opd.train.health import is_looping, is_well_formed
 from fire_opd.train.models import load_causal_lm, load_tokenizer
@@ -23,7 +24,8 @@ REGIME_KEYS = (
 def test_demo_multi_teacher_runs_end_to_end(tmp_path):
     summary = run_demo("multi-teacher", steps=2, eval_size=12, out_dir=tmp_path, progress=False)
     names = [row["model"] for row in summary["rows"]]
-    assert names == ["teacher arith", "teacher reverse", "student (initial)", "student + OPD", "student + FiRe-OPD"]
+    assert names == ["teacher arith", "teacher reverse", "student (initial)", *map(row_name, DEMO_VARIANTS)]
+    assert names[3:5] == ["student + OPD", "student + FiRe-OPD"]  # then the recommended rule, if any
     assert all(0.0 <= v <= 1.0 for row in summary["rows"] for v in row["accuracy"].values())
     assert {"all", "arith", "reverse"} <= set(summary["rows"][-1]["accuracy"])
     assert (tmp_path / "demo.png").stat().st_size > 10_000
@@ -36,7 +38,9 @@ def test_demo_multi_teacher_runs_end_to_end(tmp_path):
 def test_default_demo_in_the_papers_regime(tmp_path):
     """The default setting: one family, long worked solutions, a teacher with real entropy; the
     table has greedy and sampled columns and summary.json each row's `sampled` metrics."""
-    summary = run_demo(steps=2, eval_size=8, out_dir=tmp_path, progress=False, plot=False, samples=4)
+    summary = run_demo(
+        steps=2, eval_size=8, out_dir=tmp_path, progress=False, plot=False, samples=4, variants=("opd", "fire")
+    )
     assert summary["setting"] == "steps"
     names = [row["model"] for row in summary["rows"]]
     assert names == ["teacher chain", "student (initial)", "student + OPD", "student + FiRe-OPD"]
@@ -288,3 +292,48 @@ def test_cli_lists_every_demo_setting_default_first():
 
     assert DEMO_SETTINGS == tuple(s for s in SETTINGS if s not in STUDY_ONLY_SETTINGS)
     assert DEMO_SETTINGS[0] == DEFAULT_SETTING
+
+
+def test_demo_variants_are_the_studys_and_bad_names_fail_before_loading(tmp_path, capsys):
+    """The demo trains the study's variants by name (each its config overrides); a name that is
+    not one is refused in one line, before any model loads."""
+    from fire_opd.cli.main import main
+    from fire_opd.demo.study.grid import VARIANTS
+
+    assert DEMO_VARIANTS[:2] == ("opd", "fire") and set(DEMO_VARIANTS) <= set(VARIANTS)
+    assert main(["demo", "--variants", "opd", "fire_trunc", "--out", str(tmp_path)]) == 2
+    assert "--variants: ['fire_trunc'] are not variants" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="variants must be names from"):
+        run_demo(variants=("opd", "drop"), out_dir=tmp_path, assets=tmp_path / "no-assets")
+    summary = run_demo(
+        "single",
+        steps=1,
+        eval_size=4,
+        out_dir=tmp_path,
+        progress=False,
+        plot=False,
+        samples=2,
+        variants=("fire_truncate",),
+    )
+    (row,) = [r for r in summary["rows"] if r.get("variant")]
+    assert row["model"] == "student + FiRe-OPD, truncate"
+    curves = json.loads((tmp_path / "summary.json").read_text())["curves"]
+    assert "fire/truncated_ratio" in curves["fire_truncate"][0]  # only the truncate rule logs it
+
+
+def test_a_preset_variant_is_not_overridden_by_the_grids_objective():
+    """FiRe as released in the study is the preset: the sampled objective, statistics per micro-batch
+    of one, one rollout per prompt (the study's job sets full_vocab for every other variant)."""
+    from fire_opd.demo.study.grid import job_config
+
+    job = {"kind": "train", "setting": "steps", "seed": 0, "split": "test", "quick": False, "objective": "full_vocab"}
+    released = job_config({**job, "variant": "fire_released"}, quick=False)
+    opd = job_config({**job, "variant": "opd"}, quick=False)
+    assert (released.loss.objective, released.loss.stats_scope, released.fire.method) == (
+        "sampled",
+        "micro_batch",
+        "fire",
+    )
+    assert (released.sampling.samples_per_prompt, released.optim.micro_batch_size) == (1, 1)
+    assert released.sampling.rollouts_per_step == opd.sampling.rollouts_per_step
+    assert released.optim.lr == opd.optim.lr and opd.loss.objective == "full_vocab"

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write the JSON to this file")
     ev.add_argument("--no-progress", action="store_true")
 
-    demo = sub.add_parser("demo", help="OPD vs FiRe-OPD on the built-in tasks and tiny models")
+    demo = sub.add_parser("demo", help="OPD, FiRe-OPD and the recommended rule on the built-in tasks and tiny models")
     demo.add_argument("--setting", choices=DEMO_SETTINGS, default=DEMO_SETTINGS[0])
     demo.add_argument(
         "--objective", choices=["sampled", "full_vocab"], help="training signal (default: the setting's recipe)"
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="sampled completions per held-out problem for avg@K and pass@K (default 8)",
+    )
+    demo.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="what to train side by side, by the study's variant names (fire-opd study --help lists them; "
+        "default: OPD, FiRe-OPD and the recommended rule)",
     )
     demo.add_argument("--no-plot", action="store_true")
     plot_parser = sub.add_parser("plot", parents=[debug], help="overlay the curves of training runs")
@@ -425,6 +432,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     _quiet_third_party()
     if args.command == "demo":
         from fire_opd.demo.run import run_demo
+        from fire_opd.demo.study.grid import VARIANTS
+
+        unknown = [v for v in args.variants or () if v not in VARIANTS]
+        if unknown:
+            print(
+                f"fire-opd: error: --variants: {unknown} are not variants; expected names from {list(VARIANTS)}",
+                file=sys.stderr,
+            )
+            return 2
 
         run_demo(
             args.setting,
@@ -433,6 +449,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             out_dir=args.out,
             eval_size=args.eval_size,
             objective=args.objective,
+            **({"variants": tuple(args.variants)} if args.variants else {}),
             plot=not args.no_plot,
             samples=args.samples,
         )

@@ -1,7 +1,7 @@
 """The built-in demo: plain OPD against FiRe-OPD from the same student, on this machine.
 
     fire-opd demo [--setting steps|brittle-teacher|error-cascade|chain|single|multi-teacher] [--steps N] [--seed S]
-                  [--samples K] [--out runs/demo]
+                  [--variants opd fire ...] [--samples K] [--out runs/demo]
 
 Settings (assets under fire_opd/demo/assets, made by `python -m fire_opd.demo.build_assets`):
   steps            (default) the paper's regime, well posed: one family, one solution format
@@ -20,7 +20,8 @@ Settings (assets under fire_opd/demo/assets, made by `python -m fire_opd.demo.bu
                    teacher, 7-token answers, 4 rollouts per prompt (the first demo).
   multi-teacher    arithmetic and digit reversal, each rollout routed to its own teacher.
 
-Trains the same student with `method="opd"` and `method="fire"` for the same steps and seed,
+Trains the same student with each of DEMO_VARIANTS (plain OPD, FiRe-OPD, and the selection rule
+the study recommends; `--variants` picks others) for the same steps and seed,
 evaluates teacher(s), the initial student and both results on held-out problems, greedy
 accuracy beside the sampled avg@K and pass@K (K completions per problem at the training
 temperature, top-p 1, as the field reports on-policy distillation), prints a table and the
@@ -36,8 +37,9 @@ from pathlib import Path
 from typing import Optional
 
 from fire_opd.demo.build_assets import ASSETS_DIR
-from fire_opd.demo.recipes import DEFAULT_SETTING, EVAL_SAMPLES, RECIPE_LR, SETTINGS, DemoSetting
+from fire_opd.demo.recipes import DEFAULT_SETTING, DEMO_VARIANTS, EVAL_SAMPLES, RECIPE_LR, SETTINGS, DemoSetting
 from fire_opd.demo.regime import measure_regime
+from fire_opd.demo.study.grid import VARIANT_LABELS, VARIANTS, variant_overrides
 from fire_opd.demo.tasks import sample_problems
 from fire_opd.train.config import TrainConfig
 from fire_opd.train.data import Problem
@@ -46,12 +48,15 @@ from fire_opd.train.health import ANSWER_FORMATS
 from fire_opd.train.models import load_causal_lm, load_tokenizer
 from fire_opd.train.trainer import FireOPDTrainer
 
-METHOD_NAMES = {"opd": "OPD", "fire": "FiRe-OPD"}
 REGIME_ROLLOUTS = 256
 
 
-def row_name(method: str) -> str:
-    return f"student + {METHOD_NAMES.get(method, method)}"
+def label(variant: str) -> str:
+    return VARIANT_LABELS.get(variant, variant)
+
+
+def row_name(variant: str) -> str:
+    return f"student + {label(variant)}"
 
 
 def recipe_lr(setting: str, objective: str) -> float:
@@ -139,12 +144,18 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     assets: str | Path = ASSETS_DIR,
     eval_size: Optional[int] = None,
-    methods: tuple[str, ...] = ("opd", "fire"),
+    variants: tuple[str, ...] = DEMO_VARIANTS,
     objective: Optional[str] = None,
     plot: bool = True,
     progress: bool = True,
     samples: int = EVAL_SAMPLES,
 ) -> dict:
+    """Train the setting's student once per variant (a name of the study's `VARIANTS`: a method
+    and its options) from the same seed and recipe, evaluate every row on the same held-out
+    problems, print the table and return the summary."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be names from {sorted(VARIANTS)}, got {list(variants)!r}")
     spec, tokenizer, teachers = load_setting(setting, assets)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,18 +193,20 @@ def run_demo(
     initial.close()
 
     curves = {}
-    for method in methods:
-        config = base.updated({"fire.method": method, "output_dir": str(out_dir / method)})
+    for variant in variants:
+        config = base.updated(
+            {**variant_overrides(variant, setting, spec.recipe), "output_dir": str(out_dir / variant)}
+        )
         run = train_student(
             setting, config, assets=assets, loaded=(spec, tokenizer, teachers), problems=(train, held_out)
         )
         history, seconds = run["history"], run["seconds"]
         tokens = sum(h["train/response_length"] * config.sampling.rollouts_per_step for h in history)
-        curves[method] = history
+        curves[variant] = history
         rows.append(
             {
-                "model": row_name(method),
-                "method": method,
+                "model": row_name(variant),
+                "variant": variant,
                 **evaluate_row(run["trainer"].student, tokenizer, held_out, base, samples),
                 "steps": config.optim.steps,
                 "tokens_per_s": tokens / seconds,
@@ -275,18 +288,16 @@ def plot_curves(curves: dict, path: Path, title: str, initial_accuracy: Optional
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for method, history in curves.items():
+    for variant, history in curves.items():
         evals = [(0, initial_accuracy)] if initial_accuracy is not None else []
         evals += [(h["train/step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h]
         if evals:
-            axes[0].plot(*zip(*evals), marker="o", label=METHOD_NAMES.get(method, method))
+            axes[0].plot(*zip(*evals), marker="o", label=label(variant))
         steps = [h["train/step"] for h in history]
-        axes[1].plot(
-            steps,
-            [h["train/reward"] for h in history],
-            alpha=0.7,
-            label=f"train reward ({METHOD_NAMES.get(method, method)})",
-        )
+        axes[1].plot(steps, [h["train/reward"] for h in history], alpha=0.7, label=f"train reward ({label(variant)})")
+        if variant != "fire" and history and "fire/token_keep_ratio" in history[0]:
+            kept = [h["fire/token_keep_ratio"] for h in history]
+            axes[1].plot(steps, kept, label=f"token keep ratio ({label(variant)})")
     axes[0].set(title="held-out accuracy", xlabel="step", ylabel="accuracy")
     fire = curves.get("fire", [])
     steps = [h["train/step"] for h in fire]

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from fire_opd.demo.recipes import SELECT_LRS
+from fire_opd.train.config import PRESETS, TrainConfig
 
 OUT_DIR = Path("benchmarks/results/study")
 
 # name -> TrainConfig overrides. fire at percentile 0 keeps every rollout, so it *is* reweight_only
-# (bit for bit); the percentile sweep reports that row for p = 0.
-
-
+# (bit for bit); the percentile sweep reports that row for p = 0. A callable gets (setting, recipe).
 VARIANTS = {
     "opd": {"fire.method": "opd"},
     "fire": {"fire.method": "fire"},
@@ -50,24 +49,33 @@ VARIANTS = {
     },
 }
 
+# How the demo's table names the variants it shows (the study's tables use the variant names)
+VARIANT_LABELS = {
+    "opd": "OPD",
+    "fire": "FiRe-OPD",
+    "fire_released": "FiRe as released",
+    "fire_truncate": "FiRe-OPD, truncate",
+    "fire_verified": "FiRe-OPD, verified",
+    "filter_truncate": "filter, truncate",
+    "opd_trust": "OPD, trust ratio",
+}
 
 ROW_ORDER = [*VARIANTS, "trl_distillation"]
-# The grid's variants per setting. With one rollout per prompt (chain) the group filter keeps
-# everything, i.e. it is reweight_only, so it runs only where prompts have several rollouts.
 
-
+# The hypotheses beyond the paper (issue 7), tested on the default objective only, to halve their cost.
 HYPOTHESES = ["opd_gate", "fire_gate", "fire_score_sum", "fire_score_adv"]
-# The premise test (brittle-teacher) runs the four methods of the paper's ablation; steps, the
-# default demo setting, the same.
 
-
+# The four methods of the paper's ablation: what the premise test (brittle-teacher) and steps, the
+# default demo setting, run.
 PAPER_VARIANTS = ["opd", "fire", "filter_only", "reweight_only"]
+
 # Issue 30's candidates, compared with OPD on the validation split before the held-out study
 # (benchmarks/results/study-rules/preregistration.md says how the one carried forward is chosen).
 RULE_CANDIDATES = ["opd", "fire_truncate", "fire_verified", "filter_truncate", "opd_trust"]
 RULE_SETTINGS = ["steps", "brittle-teacher", "chain", "error-cascade"]
 
-
+# The grid's variants per setting. With one rollout per prompt (chain) the group filter keeps
+# everything, i.e. it is reweight_only, so it runs only where prompts have several rollouts.
 STUDY_VARIANTS = {
     "steps": PAPER_VARIANTS,
     "brittle-teacher": PAPER_VARIANTS,
@@ -86,18 +94,15 @@ STUDY_VARIANTS = {
         *HYPOTHESES,
     ],
 }
+
 # Run on the dense objective only: the comparison with TRL (whose objective is the dense one), and
-# the hypotheses, tested on the default objective to halve their cost.
-
-
+# the hypotheses.
 DENSE_ONLY_VARIANTS = {"opd_trl_layout", *HYPOTHESES}
 
-
 PERCENTILE_SWEEP = {0: "reweight_only", 10: "fire_p10", 20: "fire", 30: "fire_p30"}
+
 # What a user would run instead: TRL 1.16's on-policy DistillationTrainer (exact full-vocabulary
 # generalized JSD, beta = 1: reverse KL), same rollouts per step, steps, schedule and clipping.
-
-
 TRL = "trl_distillation"
 
 
@@ -108,6 +113,15 @@ def run_name(job: dict) -> str:
         f"{job['kind']}-{job['setting']}-{job.get('objective', 'na')}-{job.get('variant', 'na')}{lr}"
         f"-s{job['seed']}{split}"
     )
+
+
+def variant_overrides(name: str, setting: str, recipe: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields variant `name` sets in `setting` (whose recipe is `recipe`). A
+    variant that names a preset gets the preset's fields too: the preset is the variant's
+    definition, so the grid's own per-job fields (the objective) never override it."""
+    variant: Any = VARIANTS.get(name, {})
+    overrides = dict(variant(setting, recipe) if callable(variant) else variant)
+    return {**PRESETS.get(overrides.get("preset") or "", {}), **overrides}
 
 
 def recipe_lr_of(setting: str, objective: str) -> float:
@@ -121,7 +135,6 @@ def job_config(job: dict, quick: bool):
 
     recipe = get_setting(job["setting"]).recipe
     objective = job.get("objective", recipe.loss.objective)
-    variant: Any = VARIANTS.get(job.get("variant") or "", {})
     fields = {
         "seed": job["seed"],
         "loss.objective": objective,
@@ -130,7 +143,7 @@ def job_config(job: dict, quick: bool):
         "runtime.threads": 1,
         "output_dir": f"/tmp/fire-opd-study/{run_name(job)}",
     }
-    fields.update(variant(job["setting"], recipe) if callable(variant) else variant)
+    fields.update(variant_overrides(job.get("variant") or "", job["setting"], recipe))
     config = recipe.updated(fields)
     if quick:
         config = config.updated({"optim.steps": 2, "eval.every": 1, "eval.size": 8, "sampling.prompts_per_step": 4})
