@@ -431,6 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party()
     if args.command == "demo":
+        from fire_opd.demo.recipes import DEMO_VARIANTS
         from fire_opd.demo.run import run_demo
         from fire_opd.demo.study.grid import VARIANTS
 
@@ -449,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             out_dir=args.out,
             eval_size=args.eval_size,
             objective=args.objective,
-            **({"variants": tuple(args.variants)} if args.variants else {}),
+            variants=tuple(args.variants or DEMO_VARIANTS),
             plot=not args.no_plot,
             samples=args.samples,
         )
