@@ -124,7 +124,7 @@ STUDY_ONLY_SETTINGS = ("steps-100",)
 # What `make demo` trains, side by side: plain OPD, the paper's FiRe-OPD, and the selection rule
 # the issue-30 study carried forward from the validation split (names of the study's VARIANTS;
 # benchmarks/results/study-rules/outcome.md).
-DEMO_VARIANTS = ("opd", "fire")
+DEMO_VARIANTS = ("opd", "fire", "filter_truncate")
 EVAL_SAMPLES = 8  # sampled completions per held-out problem: avg@8 and pass@k, as the FiRe-OPD paper reports
 # The learning rates `fire-opd study --select` sweeps per setting (plain OPD and TRL's trainer, on
 # the validation split). chain: every lr of the first sweep (1e-4..1e-3) ended below the initial
