@@ -15,6 +15,8 @@ GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torc
 # Absolute floor for gradients that are exactly zero in exact arithmetic (V = 1, p == q),
 # where round-off of O(1) logits leaves O(eps) residue.
 GRAD_ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Unit round-off of the fp32 accumulation every backend recomputes its logits in (below).
+FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def make_problem(n, vocab, d_s, d_t, dtype, *, seed=0, ignore_frac=0.2, scale=1.0, teacher_dtype=None):
@@ -40,10 +42,28 @@ def assert_close_output(actual, expected, dtype, name):
     )
 
 
-def assert_close_grad(actual, expected, dtype, name):
+def assert_close_grad(actual, expected, dtype, name, *, cancelled: float = 0.0):
+    """|actual - expected| <= rtol * max|expected| + atol + u * cancelled.
+
+    `cancelled` is the size of the terms that cancel in exact arithmetic (`cancelled_terms`):
+    where a gradient is exactly zero (V = 1: p = 1 whatever the logit) the fused backends
+    recompute each logit in fp32, off by ~u |z| from the forward's, and sum that residue over
+    tokens or the vocabulary; how far is a property of the problem (|z|, |h|, N), not of the
+    backend, so a fixed floor passes or fails with the machine's BLAS blocking."""
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().item() if expected.numel() else 0.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= GRAD_RTOL[dtype] * scale + GRAD_ATOL[dtype], (
-        f"{name}: max error {err:.3e} vs scale {scale:.3e} ({dtype})"
-    )
+    bound = GRAD_RTOL[dtype] * scale + GRAD_ATOL[dtype] + FP32_UNIT_ROUNDOFF * cancelled
+    assert err <= bound, f"{name}: max error {err:.3e} vs scale {scale:.3e}, bound {bound:.3e} ({dtype})"
+
+
+def cancelled_terms(hidden, weight, bias, probs, dz_scale) -> tuple[float, float, float]:
+    """Upper bounds of sum |delta dL/dr| |other operand| for (grad_hidden, grad_weight,
+    grad_bias) when each logit is recomputed with a round-off of |delta r| <= |h| |W|^T + |b|
+    (per unit round-off): p_v moves by p_v delta z_v, so the error of dL/dz_v is that times
+    `dz_scale` [N] (the head's Jacobian and the sum of the row's upstream coefficients).
+    `probs` [N, V]: the student's softmax."""
+    h, w = hidden.double().abs(), weight.double().abs()
+    r = h @ w.T + (0.0 if bias is None else bias.double().abs())
+    dz = r * probs.double() * dz_scale.double()[:, None]
+    return (dz @ w).max().item(), (dz.T @ h).max().item(), dz.sum(0).max().item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -595,10 +596,18 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, tokenizer, monkeypatch):
     trainer.train()
     run_id = (tmp_path / "run" / "wandb-run-id").read_text().strip()
     (offline,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
-    data = offline.read_bytes()  # protobuf records: each history item holds its key and its value as JSON
-    for row in trainer.history:
-        value = json.dumps(row["train/loss"]).encode()
-        assert b"train/loss\x82\x01" + bytes([len(value)]) + value in data
+    # protobuf records: each history item holds its key and its value as JSON. wandb's service
+    # process writes the file; on a loaded machine it was seen holding only its 7-byte header
+    # just after finish() returned, so wait (bounded) for the records before judging them.
+    records = [
+        b"train/loss\x82\x01" + bytes([len(v)]) + v
+        for v in (json.dumps(r["train/loss"]).encode() for r in trainer.history)
+    ]
+    deadline = time.monotonic() + 60
+    while not all(r in (data := offline.read_bytes()) for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for record in records:
+        assert record in data, (record, len(data))
     assert b"percentile" in data and b"samples_per_prompt" in data  # the run's config
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
