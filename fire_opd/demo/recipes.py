@@ -129,12 +129,13 @@ EVAL_SAMPLES = 8  # sampled completions per held-out problem: avg@8 and pass@k, 
 # The learning rates `fire-opd study --select` sweeps per setting (plain OPD and TRL's trainer, on
 # the validation split). chain: every lr of the first sweep (1e-4..1e-3) ended below the initial
 # student, so it also tries 3e-5; steps-100 / brittle-teacher: 1e-3 was the best of 1e-4..1e-3 in a
-# first sweep, so it also tries 3e-3; steps (200 steps): around steps-100's choice.
+# first sweep, so it also tries 3e-3; steps (200 steps): around steps-100's choice, and 1e-4 for the
+# sampled objective, which degraded plain OPD at 3e-4 and above (benchmarks/results/study-rules/sampled-lr).
 SELECT_LRS = {
     "chain": (3e-5, 1e-4, 3e-4, 1e-3),
     "single": (1e-4, 3e-4, 1e-3),
-    "steps": (3e-4, 1e-3, 3e-3),
+    "steps": (1e-4, 3e-4, 1e-3, 3e-3),
     "steps-100": (1e-4, 3e-4, 1e-3, 3e-3),
     "brittle-teacher": (1e-4, 3e-4, 1e-3, 3e-3),
-    "error-cascade": (3e-4, 1e-3, 3e-3),  # steps' (same student, same recipe)
+    "error-cascade": (1e-4, 3e-4, 1e-3, 3e-3),  # steps' (same student, same recipe)
 }
