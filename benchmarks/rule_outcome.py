@@ -48,14 +48,25 @@ PREDICTIONS = {
 UNRELIABLE = ("brittle-teacher", "error-cascade")  # the settings whose teacher is unreliable off its own distribution
 
 
-def paired(runs: list[dict], variant: str, setting: str, metric: str, baseline: str = "opd") -> list[float]:
+def paired(
+    runs: list[dict],
+    variant: str,
+    setting: str,
+    metric: str,
+    baseline: str = "opd",
+    objective: str = "full_vocab",
+    baseline_objective: str = "full_vocab",
+) -> list[float]:
+    """Per-seed `variant` (on `objective`) minus `baseline` (on `baseline_objective`)."""
     by_seed: dict = {}
     for r in runs:
-        if r["kind"] == "train" and r["setting"] == setting and r["objective"] == "full_vocab":
-            by_seed.setdefault(r["seed"], {})[r["variant"]] = metric_values(r["accuracy"], r.get("sampled"))
-    return [
-        v[variant][metric] - v[baseline][metric] for _, v in sorted(by_seed.items()) if variant in v and baseline in v
-    ]
+        if r["kind"] != "train" or r["setting"] != setting:
+            continue
+        for name, wanted in ((variant, objective), (baseline, baseline_objective)):
+            if r["variant"] == name and r["objective"] == wanted:
+                by_seed.setdefault(r["seed"], {})[(name, wanted)] = metric_values(r["accuracy"], r.get("sampled"))
+    a, b = (variant, objective), (baseline, baseline_objective)
+    return [v[a][metric] - v[b][metric] for _, v in sorted(by_seed.items()) if a in v and b in v]
 
 
 def cell(diffs: list[float]) -> str:
@@ -100,6 +111,29 @@ def main() -> None:
         met &= ok
         print(f"- {setting}: {cell(diffs)}; needs {need}: {'met' if ok else 'NOT met'}")
     print(f"goal {'MET' if met else 'NOT MET'}")
+    follow_up(held_out)
+
+
+def follow_up(held_out: list[dict]) -> None:
+    """The follow-up the pre-registration adds after step 3: FiRe as released on the sampled
+    objective at that objective's own learning rate, against the study's OPD and against OPD on
+    the same objective and rate."""
+    runs = [r for r in held_out if r.get("objective") == "sampled"]
+    if not runs:
+        print("\nFollow-up (FiRe as released at the sampled objective's rate): not run")
+        return
+    print("\nFollow-up: FiRe as released on the sampled objective at its own learning rate (held-out)")
+    print("| setting | against | prediction | greedy | avg@8 | pass@8 | verdict (avg@8) |")
+    print("|---|---|---|---|---|---|---|")
+    for setting in RULE_SETTINGS:
+        for label, baseline_objective in (("OPD (full_vocab)", "full_vocab"), ("OPD (sampled)", "sampled")):
+            cells = []
+            for metric in ("greedy", "avg@8", "pass@8"):
+                diffs = paired(held_out, "fire_released", setting, metric, "opd", "sampled", baseline_objective)
+                cells.append(cell(diffs) if diffs else "not run")
+            diffs = paired(held_out, "fire_released", setting, "avg@8", "opd", "sampled", baseline_objective)
+            verdict = ("holds" if LEVEL[1](paired_difference(diffs)[0]) else "**refuted**") if diffs else ""
+            print(f"| {setting} | {label} | {LEVEL[2]} | {' | '.join(cells)} | {verdict} |")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import _config, _trainer
+from test_trainer import _config, _model, _trainer
 
 import fire_opd.train.verify as verify_module
 from fire_opd.algorithm.selection import first_divergence
-from fire_opd.demo.tasks import TASK_ALPHABET
+from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
 from fire_opd.demo.tiny_models import build_char_tokenizer
+from fire_opd.train.trainer import FireOPDTrainer
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,35 @@ def test_verified_needs_the_batch_statistics_and_replicated_teachers(tmp_path):
         _config(tmp_path, filter_mode="verified", stats_scope="micro_batch")
     with pytest.raises(ValueError, match="needs parallel.teachers: replicate and parallel.vocab: false"):
         _config(tmp_path, filter_mode="verified", teacher_parallel="fsdp")
+
+
+def test_verified_with_padded_heads_equals_the_unpadded_run(tmp_path, tokenizer, monkeypatch):
+    """Checkpoints pad their heads past the tokenizer. The teacher's greedy continuation (the one
+    generation only `verified` runs) must never pick a padding row, even one that would win every
+    argmax, and the step must equal the unpadded pair's."""
+    from test_padded_vocab import _pad_head
+
+    continuations = []
+    real = verify_module.greedy_continuations
+
+    def spy(model, tok, prefixes, max_new_tokens):
+        out = real(model, tok, prefixes, max_new_tokens)
+        continuations.extend(out)
+        return out
+
+    monkeypatch.setattr(verify_module, "greedy_continuations", spy)
+    steps = {}
+    for name in ("plain", "padded"):
+        student, teacher = _model(tokenizer, 0), _model(tokenizer, 10, hidden=48)
+        if name == "padded":  # padding rows large enough to win every argmax if they took part
+            student, teacher = _pad_head(student, 24, 2), _pad_head(teacher, 40, 3)
+        trainer = FireOPDTrainer(
+            _config(tmp_path / name, **RULE, filter_mode="verified"), student=student, teachers={"arith": teacher},
+            tokenizer=tokenizer, train_problems=sample_problems(["arith"], 40, seed=1, split="train"),
+        )  # fmt: skip
+        assert trainer.vocab_size == (None if name == "plain" else len(tokenizer))
+        steps[name] = trainer.train()[0]
+    assert continuations and all(int(c.max()) < len(tokenizer) for c in continuations if c.numel())
+    assert steps["padded"]["fire/verified_rollouts"] > 0
+    for key in ("train/loss", "fire/token_keep_ratio", "fire/truncated_ratio", "fire/verified_reliable_ratio"):
+        assert steps["padded"][key] == pytest.approx(steps["plain"][key], rel=1e-5, abs=1e-6), key
