@@ -97,11 +97,15 @@ def probe() -> None:
     (OUT / "probe.json").write_text(json.dumps({"steps": PROBE_STEPS, "seed": 0, "rows": rows}, indent=1) + "\n")
 
 
-def study(
-    split: str, variants: list[str], seeds: list[int], quick: bool, settings: list[str] = grid.RULE_SETTINGS
-) -> None:
+def held_out_dir() -> Path:
+    """Where the held-out runs go: apart from the validation runs, since the study writes one
+    `study.json` per folder, for the split it ran."""
+    return OUT / "held-out"
+
+
+def study(out: Path, split: str, variants: list[str], seeds: list[int], settings: list[str], quick: bool) -> None:
     argv = ["--split", split, "--settings", *settings, "--variants", *variants, "--seeds", *map(str, seeds)]
-    study_main([*argv, "--no-trl", "--jobs", "2", "--out", str(OUT), *(["--quick"] if quick else [])])
+    study_main([*argv, "--no-trl", "--jobs", "2", "--out", str(out), *(["--quick"] if quick else [])])
 
 
 def choose() -> float:
@@ -177,7 +181,7 @@ def report(percentile: float, settings: list[str]) -> None:
     (same code), and the goal."""
     held_out = json.loads((RESULTS / "study.json").read_text())["runs"]
     if percentile != FIXED:
-        ours = [r for r in json.loads((OUT / "study.json").read_text())["runs"] if r["split"] == "test"]
+        ours = [r for r in json.loads((held_out_dir() / "study.json").read_text())["runs"] if r["split"] == "test"]
         codes = {r["code_hash"] for r in held_out + ours}
         if len(codes) != 1:
             raise SystemExit(f"the runs to pair came from different code: {sorted(codes)}")
@@ -213,7 +217,7 @@ def main() -> None:
     if args.step == "probe":
         probe()
     elif args.step == "validate":
-        study("validation", ["opd", *map(variant, PERCENTILES)], [0, 1], args.quick)
+        study(OUT, "validation", ["opd", *map(variant, PERCENTILES)], [0, 1], grid.RULE_SETTINGS, args.quick)
     elif args.step == "choose":
         choose()
     elif args.step == "held-out":
@@ -223,11 +227,13 @@ def main() -> None:
             return
         # the initial students' held-out jobs are step 3's: the cache reads them back when their
         # key (same code, config and assets) still matches, and runs them again if it does not
-        (OUT / "runs").mkdir(parents=True, exist_ok=True)
-        for path in (RESULTS / "runs").glob("initial-*-s[0-4].json"):
-            if not (OUT / "runs" / path.name).exists():
-                shutil.copy(path, OUT / "runs" / path.name)
-        study("test", [variant(percentile)], [0, 1, 2, 3, 4], quick=False, settings=args.settings)
+        runs = held_out_dir() / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        for setting in args.settings:
+            for path in (RESULTS / "runs").glob(f"initial-{setting}-na-na-s[0-4].json"):
+                if not (runs / path.name).exists():
+                    shutil.copy(path, runs / path.name)
+        study(held_out_dir(), "test", [variant(percentile)], [0, 1, 2, 3, 4], args.settings, quick=False)
     else:
         report(chosen() if percentile is None else percentile, args.settings)
 
