@@ -26,7 +26,9 @@ class DemoSetting:
 
 # Recipes. Each was chosen on the setting's validation split (never on held-out problems) by the
 # learning-rate sweep that `fire-opd study --select` runs for plain OPD (benchmarks/results/study/),
-# and is used unchanged for every method. `threads` is fixed so that a seed reproduces its numbers.
+# and is used unchanged for every method. The study runs every job on one torch thread
+# (grid.job_config), so that a seed reproduces its numbers on a given machine; `make demo` keeps
+# torch's default. Across CPUs the float kernels round differently and a run's numbers move.
 SINGLE_RECIPE = TrainConfig.from_dict(
     {
         "optim.steps": 150,
