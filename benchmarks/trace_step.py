@@ -3,6 +3,7 @@ counted; generator expressions and lambdas not) of fire_opd and fire_kernels tha
 `FireOPDTrainer.train_step` enters, as a cold reader following the step would have to read them.
 
     python benchmarks/trace_step.py            # one step of the default recipe, one process
+    python benchmarks/trace_step.py --tree     # and the call tree a reader follows from train_step
 
 The step is the default recipe's (dense objective, FiRe-OPD, chunked kernels) on tiny models; the
 trainer is set up first and only the step is traced (`sys.setprofile`). Run it on two commits to
@@ -16,13 +17,27 @@ import collections
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fire_opd", "fire_kernels")
 
 
-def traced_step() -> dict[str, set[str]]:
-    """{file: {function}} of the package code one `train_step` enters."""
+def _package_function(frame) -> Optional[str]:
+    """ "file:qualname" of a frame of fire_opd / fire_kernels code (None for any other frame, and for
+    generator expressions, lambdas and comprehensions)."""
+    try:
+        relative = Path(frame.f_code.co_filename).resolve().relative_to(ROOT)
+    except ValueError:
+        return None
+    name = frame.f_code.co_qualname
+    return f"{relative}:{name}" if relative.parts[0] in PACKAGES and not name.endswith(">") else None
+
+
+def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({file: {function}}, {caller: {callee}}) of the package code one `train_step` enters; a
+    callee's caller is the nearest package function below it on the stack (torch in between is
+    skipped), each named "file:qualname"."""
     from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
     from fire_opd.demo.tiny_models import build_char_tokenizer, tiny_llama
     from fire_opd.train.config import TrainConfig, dotted
@@ -49,18 +64,18 @@ def traced_step() -> dict[str, set[str]]:
             eval_problems=[],
         )
         seen: dict[str, set[str]] = collections.defaultdict(set)
+        calls: dict[str, set[str]] = collections.defaultdict(set)
 
         def profile(frame, event, _arg):
-            if event != "call":
+            if event != "call" or (callee := _package_function(frame)) is None:
                 return
-            path = Path(frame.f_code.co_filename)
-            try:
-                relative = path.resolve().relative_to(ROOT)
-            except ValueError:
-                return
-            name = frame.f_code.co_qualname
-            if relative.parts[0] in PACKAGES and not name.endswith(">"):  # not <genexpr>, <lambda>, ...
-                seen[str(relative)].add(name)
+            path, name = callee.split(":", 1)
+            seen[path].add(name)
+            caller = frame.f_back
+            while caller is not None and _package_function(caller) is None:
+                caller = caller.f_back
+            if caller is not None:
+                calls[_package_function(caller) or ""].add(callee)
 
         sys.setprofile(profile)
         try:
@@ -68,19 +83,42 @@ def traced_step() -> dict[str, set[str]]:
         finally:
             sys.setprofile(None)
         trainer.close()
-    return seen
+    return seen, calls
+
+
+def print_tree(calls: dict[str, set[str]], root: str) -> None:
+    """The call tree from `root`, depth first; a function met again is marked, not expanded."""
+    shown: set[str] = set()
+
+    def visit(node: str, depth: int) -> None:
+        again = node in shown
+        print(f"{'  ' * depth}{node}{'  (above)' if again and calls.get(node) else ''}")
+        if again:
+            return
+        shown.add(node)
+        for child in sorted(calls.get(node, ())):
+            if child != node:
+                visit(child, depth + 1)
+
+    visit(root, 0)
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    seen = traced_step()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", action="store_true", help="also print the call tree from train_step")
+    args = parser.parse_args()
+    seen, calls = traced_step()
     functions = sum(len(names) for names in seen.values())
+    callers = {caller for caller, callees in calls.items() if callees - {caller}}
     print(f"one default training step: {len(seen)} files, {functions} functions (closures and methods counted)")
+    print(f"  of which {len(callers)} call further package functions, {functions - len(callers)} are leaves")
     for package in PACKAGES:
         files = [path for path in seen if path.startswith(package + "/")]
         print(f"  of which {package}: {len(files)} files, {sum(len(seen[f]) for f in files)} functions")
     for path in sorted(seen, key=lambda p: -len(seen[p])):
         print(f"  {len(seen[path]):3d}  {path}")
+    if args.tree:
+        print_tree(calls, "fire_opd/train/trainer.py:FireOPDTrainer.train_step")
 
 
 if __name__ == "__main__":
