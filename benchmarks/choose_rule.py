@@ -37,6 +37,18 @@ def differences(runs: list[dict], candidate: str, setting: str) -> list[float]:
     return [v[candidate] - v["opd"] for _, v in sorted(by_seed.items()) if candidate in v and "opd" in v]
 
 
+def setting_means(runs: list[dict], candidate: str, where: Path) -> dict[str, dict]:
+    """{setting: {"mean", "seeds"}}: `candidate`'s mean per-seed avg@8 difference from OPD in each
+    of the study's settings (runs read from `where`; every setting must have a pair)."""
+    means = {}
+    for setting in RULE_SETTINGS:
+        diffs = differences(runs, candidate, setting)
+        if not diffs:
+            raise SystemExit(f"{where}: no paired {candidate} / opd runs in {setting}")
+        means[setting] = {"mean": paired_difference(diffs)[0], "seeds": len(diffs)}
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", type=Path, default=ROOT / "benchmarks/results/study-rules/validation")
@@ -44,12 +56,7 @@ def main() -> None:
     runs = json.loads((folder / "study.json").read_text())["runs"]
     rows = []
     for candidate in [c for c in RULE_CANDIDATES if c != "opd"]:
-        per_setting = {}
-        for setting in RULE_SETTINGS:
-            diffs = differences(runs, candidate, setting)
-            if not diffs:
-                raise SystemExit(f"{folder}: no paired {candidate} / opd runs in {setting}")
-            per_setting[setting] = {"mean": paired_difference(diffs)[0], "seeds": len(diffs)}
+        per_setting = setting_means(runs, candidate, folder)
         rows.append(
             {"candidate": candidate, "settings": per_setting, "minimum": min(v["mean"] for v in per_setting.values())}
         )

@@ -71,11 +71,11 @@ def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 return
             path, name = callee.split(":", 1)
             seen[path].add(name)
-            caller = frame.f_back
-            while caller is not None and _package_function(caller) is None:
+            caller, caller_name = frame.f_back, None
+            while caller is not None and (caller_name := _package_function(caller)) is None:
                 caller = caller.f_back
-            if caller is not None:
-                calls[_package_function(caller) or ""].add(callee)
+            if caller_name is not None:
+                calls[caller_name].add(callee)
 
         sys.setprofile(profile)
         try:

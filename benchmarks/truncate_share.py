@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from choose_rule import TIE, differences  # noqa: E402  (this script's folder is on sys.path)
+from choose_rule import TIE, setting_means  # noqa: E402  (this script's folder is on sys.path)
 from rule_outcome import UNRELIABLE, cell, paired  # noqa: E402
 
 from fire_opd.demo.study import grid  # noqa: E402
@@ -73,9 +73,10 @@ def probe() -> None:
     for setting in grid.RULE_SETTINGS:
         loaded = load_setting(setting)
         train, evaluation = problem_sets(loaded[0], 0, 8, eval_split="validation")
-        job = {"kind": "train", "setting": setting, "seed": 0, "split": "validation", "quick": False}
+        job = {"kind": "train", "setting": setting, "seed": 0, "split": "validation", "quick": False,
+               "objective": "full_vocab", "variant": "filter_truncate"}  # fmt: skip
         for threshold in PROBE_THRESHOLDS:
-            config = grid.job_config({**job, "objective": "full_vocab", "variant": "filter_truncate"}, False)
+            config = grid.job_config(job, False)
             config = config.updated(
                 {
                     "optim.steps": PROBE_STEPS,
@@ -112,24 +113,18 @@ def choose() -> float:
     """The percentile with the highest minimum over the settings of its mean validation avg@8
     difference from OPD; a tie within TIE of that best goes to the fixed 20."""
     runs = [r for r in json.loads((OUT / "study.json").read_text())["runs"] if r["split"] == "validation"]
-    trained = [r for r in runs if r["kind"] == "train"]
     rows = []
     for percentile in PERCENTILES:
-        means = {}
-        for setting in grid.RULE_SETTINGS:
-            diffs = differences(runs, variant(percentile), setting)
-            if not diffs:
-                raise SystemExit(f"{OUT}: no paired {variant(percentile)} / opd validation runs in {setting}")
-            means[setting] = paired_difference(diffs)[0]
+        means = setting_means(runs, variant(percentile), OUT)
         keep = {
-            s: [r["diagnostics"][KEEP] for r in trained if r["variant"] == variant(percentile) and r["setting"] == s]
+            s: [r["diagnostics"][KEEP] for r in runs if r.get("variant") == variant(percentile) and r["setting"] == s]
             for s in grid.RULE_SETTINGS
         }
         rows.append(
             {
                 "percentile": percentile,
                 "settings": means,
-                "minimum": min(means.values()),
+                "minimum": min(m["mean"] for m in means.values()),
                 "token_keep_ratio": {s: sum(v) / len(v) for s, v in keep.items()},
             }
         )
@@ -141,26 +136,24 @@ def choose() -> float:
     print("|---|" + "---|" * (len(grid.RULE_SETTINGS) + 1))
     for r in rows:
         mark = " **(chosen)**" if r["percentile"] == chosen else ""
-        cells = " | ".join(f"{r['settings'][s]:+.3f}" for s in grid.RULE_SETTINGS)
+        cells = " | ".join(f"{r['settings'][s]['mean']:+.3f}" for s in grid.RULE_SETTINGS)
         print(f"| {r['percentile']:g}{mark} | {cells} | {r['minimum']:+.3f} |")
     print(f"tied within {TIE} of the best minimum {best:+.3f}: {tied}; carried forward: {chosen:g}")
     print("\nshare of response tokens kept (fire/token_keep_ratio, mean over steps and seeds):")
     print("| setting | " + " | ".join(f"p = {p:g}" for p in PERCENTILES) + " | falls as p rises |")
     print("|---|" + "---|" * (len(PERCENTILES) + 1))
+    falls = {}
     for setting in grid.RULE_SETTINGS:
         keep = [r["token_keep_ratio"][setting] for r in rows]
-        falls = all(a > b for a, b in zip(keep, keep[1:]))
-        print(f"| {setting} | " + " | ".join(f"{k:.3f}" for k in keep) + f" | {'yes' if falls else '**no**'} |")
-    by_p = {r["percentile"]: r for r in rows}
-    steps_gap = by_p[100.0]["settings"]["steps"] - by_p[FIXED]["settings"]["steps"]
-    cascade_gap = by_p[100.0]["settings"]["error-cascade"] - by_p[FIXED]["settings"]["error-cascade"]
-    falls_everywhere = all(
-        by_p[a]["token_keep_ratio"][s] > by_p[b]["token_keep_ratio"][s]
-        for s in grid.RULE_SETTINGS
-        for a, b in zip(PERCENTILES, PERCENTILES[1:])
-    )
+        falls[setting] = all(a > b for a, b in zip(keep, keep[1:]))
+        print(
+            f"| {setting} | " + " | ".join(f"{k:.3f}" for k in keep) + f" | {'yes' if falls[setting] else '**no**'} |"
+        )
+    by_p = {r["percentile"]: r["settings"] for r in rows}
+    steps_gap = by_p[100.0]["steps"]["mean"] - by_p[FIXED]["steps"]["mean"]
+    cascade_gap = by_p[100.0]["error-cascade"]["mean"] - by_p[FIXED]["error-cascade"]["mean"]
     print("\npre-registered predictions (validation):")
-    print(f"- the share of tokens kept falls from p = 20 to 50 to 100 everywhere: {verdict(falls_everywhere)}")
+    print(f"- the share of tokens kept falls from p = 20 to 50 to 100 everywhere: {verdict(all(falls.values()))}")
     print(f"- steps: p = 100 below p = 20 by more than 0.01 ({steps_gap:+.3f}): {verdict(steps_gap < -0.01)}")
     print(f"- error-cascade: p = 100 above p = 20 by >= 0.01 ({cascade_gap:+.3f}): {verdict(cascade_gap >= 0.01)}")
     choice = {"metric": "avg@8", "tie": TIE, "rows": rows, "tied": tied, "chosen": chosen}

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["steps", "brittle-teacher", "chain", "error-cascade"]
 
 
-def _runs(avg8: dict[str, list[float]], split: str) -> list[dict]:
-    """Train runs with the given avg@8 per variant, as [setting 0 seed 0, setting 0 seed 1, ...]."""
+def _runs(avg8: dict[str, list[float]]) -> list[dict]:
+    """Validation runs with the given avg@8 per variant, as [setting 0 seed 0, setting 0 seed 1, ...],
+    beside the initial students' runs (which have no variant)."""
+    split = "validation"
     runs = [{"kind": "initial", "setting": s, "seed": seed, "split": split} for s in SETTINGS for seed in (0, 1)]
     for variant, values in avg8.items():
         for i, value in enumerate(values):
@@ -33,16 +35,17 @@ def _runs(avg8: dict[str, list[float]], split: str) -> list[dict]:
                     "accuracy": 0.5,
                     "sampled": {"avg@8": value, "pass@8": 0.9},
                     "diagnostics": {"fire/token_keep_ratio": {"filter_truncate": 0.9}.get(variant, 0.5 + value / 10)},
-                    "code_hash": "x",
                 }
             )
     return runs
 
 
-def _choose(script: str, folder: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True, cwd=ROOT
-    )
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True)
+
+
+def _choose(script: str, *args: str) -> str:
+    done = _run(script, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -66,11 +69,9 @@ OPD = [0.50, 0.52, 0.30, 0.32, 0.40, 0.42, 0.60, 0.62]
 def test_truncate_share_choice_by_hand(tmp_path, p50, p100, chosen):
     # p = 20 (the study's filter_truncate): -0.01 in brittle-teacher's two seeds, +0.01 elsewhere
     p20 = [v + (-0.01 if i in (2, 3) else 0.01) for i, v in enumerate(OPD)]
-    runs = _runs(
-        {"opd": OPD, "filter_truncate": p20, "filter_truncate_p50": p50, "filter_truncate_p100": p100}, "validation"
-    )
+    runs = _runs({"opd": OPD, "filter_truncate": p20, "filter_truncate_p50": p50, "filter_truncate_p100": p100})
     (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
-    out = _choose("truncate_share.py", tmp_path, "choose", "--out", str(tmp_path))
+    out = _choose("truncate_share.py", "choose", "--out", str(tmp_path))
     choice = json.loads((tmp_path / "share-choice.json").read_text())
     assert choice["chosen"] == chosen, out
     minimum = {r["percentile"]: r["minimum"] for r in choice["rows"]}
@@ -79,18 +80,10 @@ def test_truncate_share_choice_by_hand(tmp_path, p50, p100, chosen):
 
 
 def test_truncate_share_choice_needs_every_pair(tmp_path):
-    runs = _runs(
-        {"opd": OPD, "filter_truncate": OPD, "filter_truncate_p50": OPD[:6], "filter_truncate_p100": OPD}, "validation"
-    )
+    runs = _runs({"opd": OPD, "filter_truncate": OPD, "filter_truncate_p50": OPD[:6], "filter_truncate_p100": OPD})
     (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/truncate_share.py"), "choose", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        done.returncode != 0 and "no paired filter_truncate_p50 / opd validation runs in error-cascade" in done.stderr
-    )
+    done = _run("truncate_share.py", "choose", "--out", str(tmp_path))
+    assert done.returncode != 0 and "no paired filter_truncate_p50 / opd runs in error-cascade" in done.stderr
 
 
 def test_rule_choice_by_hand(tmp_path):
@@ -103,11 +96,10 @@ def test_rule_choice_by_hand(tmp_path):
             "fire_verified": [v + 0.01 for v in OPD],
             "filter_truncate": [v + 0.007 for v in OPD],
             "opd_trust": [v - 0.1 for v in OPD],
-        },
-        "validation",
+        }
     )
     (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
-    _choose("choose_rule.py", tmp_path, str(tmp_path))
+    _choose("choose_rule.py", str(tmp_path))
     choice = json.loads((tmp_path / "rule-choice.json").read_text())
     assert choice["chosen"] == "filter_truncate"
     assert sorted(choice["tied"]) == ["filter_truncate", "fire_verified"]
