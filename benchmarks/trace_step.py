@@ -2,8 +2,9 @@
 counted; generator expressions and lambdas not) of fire_opd and fire_kernels that
 `FireOPDTrainer.train_step` enters, as a cold reader following the step would have to read them.
 
-    python benchmarks/trace_step.py            # one step of the default recipe, one process
-    python benchmarks/trace_step.py --tree     # and the call tree a reader follows from train_step
+    python benchmarks/trace_step.py                # one step of the default recipe, one process
+    python benchmarks/trace_step.py --tree         # and the call tree a reader follows from train_step
+    python benchmarks/trace_step.py --collectives  # the collectives one step calls, 2 processes (torchrun)
 
 The step is the default recipe's (dense objective, FiRe-OPD, chunked kernels) on tiny models; the
 trainer is set up first and only the step is traced (`sys.setprofile`). Run it on two commits to
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,10 +37,8 @@ def _package_function(frame) -> Optional[str]:
     return f"{relative}:{name}" if relative.parts[0] in PACKAGES and not name.endswith(">") else None
 
 
-def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """({file: {function}}, {caller: {callee}}) of the package code one `train_step` enters; a
-    callee's caller is the nearest package function below it on the stack (torch in between is
-    skipped), each named "file:qualname"."""
+def default_trainer(out: str):
+    """The default recipe's trainer on tiny models, writing to `out`."""
     from fire_opd.demo.tasks import TASK_ALPHABET, sample_problems
     from fire_opd.demo.tiny_models import build_char_tokenizer, tiny_llama
     from fire_opd.train.config import TrainConfig, dotted
@@ -50,19 +51,26 @@ def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
             len(tokenizer), hidden, 1, 2, seed=seed, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id
         )
 
+    settings = dict(output_dir=out, steps=1, prompts_per_step=4, samples_per_prompt=2, micro_batch_size=4)
+    config = TrainConfig.from_dict(
+        {"logging.report_to": [], "logging.progress": False, "eval.at_start": False, **dotted(settings)}
+    )
+    return FireOPDTrainer(
+        config,
+        student=model(0, 32),
+        teachers={"arith": model(1, 48)},
+        tokenizer=tokenizer,
+        train_problems=sample_problems(("arith",), 40, seed=1, split="train"),
+        eval_problems=[],
+    )
+
+
+def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({file: {function}}, {caller: {callee}}) of the package code one `train_step` enters; a
+    callee's caller is the nearest package function below it on the stack (torch in between is
+    skipped), each named "file:qualname"."""
     with tempfile.TemporaryDirectory() as out:
-        settings = dict(output_dir=out, steps=1, prompts_per_step=4, samples_per_prompt=2, micro_batch_size=4)
-        config = TrainConfig.from_dict(
-            {"logging.report_to": [], "logging.progress": False, "eval.at_start": False, **dotted(settings)}
-        )
-        trainer = FireOPDTrainer(
-            config,
-            student=model(0, 32),
-            teachers={"arith": model(1, 48)},
-            tokenizer=tokenizer,
-            train_problems=sample_problems(("arith",), 40, seed=1, split="train"),
-            eval_problems=[],
-        )
+        trainer = default_trainer(out)
         seen: dict[str, set[str]] = collections.defaultdict(set)
         calls: dict[str, set[str]] = collections.defaultdict(set)
 
@@ -86,6 +94,42 @@ def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     return seen, calls
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
+
+
+def counted_collectives() -> None:
+    """Under torchrun: count the calls of each `torch.distributed` collective during the second
+    step (the first builds DDP's buckets) of the default recipe, and print rank 0's. DDP's
+    gradient buckets go through its reducer, not these functions, and are not counted."""
+    import torch.distributed as dist
+
+    calls: collections.Counter[str] = collections.Counter()
+    counting = [False]
+
+    def counted(name, collective):
+        def call(*args, **kwargs):
+            if counting[0]:
+                calls[name] += 1
+            return collective(*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(name, getattr(dist, name)))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = default_trainer(out)
+        trainer.train_step()
+        trainer.step += 1
+        counting[0] = True
+        trainer.train_step()
+        counting[0] = False
+        if trainer.is_main:
+            print(f"collectives one step calls, per process (2 processes): {sum(calls.values())}")
+            for name, n in calls.most_common():
+                print(f"  {n:3d}  dist.{name}")
+        trainer.close()
+
+
 def print_tree(calls: dict[str, set[str]], root: str) -> None:
     """The call tree from `root`, depth first; a function met again is marked, not expanded."""
     shown: set[str] = set()
@@ -106,7 +150,16 @@ def print_tree(calls: dict[str, set[str]], root: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", action="store_true", help="also print the call tree from train_step")
+    parser.add_argument("--collectives", action="store_true", help="count one step's collectives, 2 processes")
     args = parser.parse_args()
+    if args.collectives:
+        if "WORLD_SIZE" in os.environ:
+            counted_collectives()
+        else:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+            one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+            subprocess.run([*launch, __file__, "--collectives"], check=True, env=one_thread)
+        return
     seen, calls = traced_step()
     functions = sum(len(names) for names in seen.values())
     callers = {caller for caller, callees in calls.items() if callees - {caller}}

@@ -84,7 +84,7 @@ def test_host_value_collectives_go_where_the_group_reduces(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", fake.all_reduce)
     monkeypatch.setattr(dist, "all_gather", fake.all_gather)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "active", lambda group=None: True)
     # the device the group serves: the meta device has no data, so the values are read back
     # through a CPU copy that the fake hands over
     served = torch.device("meta")
@@ -102,3 +102,39 @@ def test_host_value_collectives_go_where_the_group_reduces(monkeypatch):
             call()
         assert "No backend type" not in str(raised.value)
     assert fake.devices and set(fake.devices) == {"meta"}
+
+
+def test_the_fire_selection_reduces_its_statistics_in_four_all_reduces(monkeypatch):
+    """compute_fire_advantages over a process group: every collective is a latency on NCCL and a
+    wait for the device, so the batch's statistics travel together (the entropy maxima, the token
+    totals, the weights' range, and every reported ratio and mean as one [k, 2] tensor), and the
+    filter's scores in one gather, however many metrics the selection reports."""
+    from fire_opd.algorithm.options import FireOptions
+    from fire_opd.algorithm.selection import compute_fire_advantages
+
+    calls: list[tuple[str, int]] = []
+
+    def all_reduce(tensor, op=None, group=None):  # a second process that holds nothing: x + 0
+        calls.append(("all_reduce", tensor.numel()))
+
+    def all_gather(parts, tensor, group=None):
+        calls.append(("all_gather", tensor.numel()))
+        parts[0].copy_(tensor)
+        parts[1].zero_()
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(vocab_parallel, "collective_device", lambda group=None, like=None: like or torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    b, t = 6, 5
+    mask = torch.rand(b, t, generator=g) > 0.2
+    per_token = [torch.randn(b, t, generator=g) for _ in range(2)] + [torch.rand(b, t, generator=g) for _ in range(2)]
+    selection = compute_fire_advantages(*per_token, mask, fire=FireOptions(method="fire", filter_mode="truncate"))
+    assert [name for name, _ in calls].count("all_reduce") == 4, calls
+    assert [name for name, _ in calls].count("all_gather") == 2, calls  # the score counts, then the scores
+    assert ("all_reduce", 2 * 10) in calls  # 10 ratios and means, each a (numerator, denominator) pair
+    assert {"fire/keep_ratio", "fire/truncated_ratio", "fire/weight_min", "fire/student_entropy_mean"} <= set(
+        selection.metrics
+    )

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from fire_opd.algorithm.options import LOSS_AGG_MODES, FireOptions
-from fire_opd.algorithm.selection import FireSelection, _all_reduce, _check_per_token, compute_fire_advantages
+from fire_opd.algorithm.selection import FireSelection, _check_per_token, compute_fire_advantages
+from fire_opd.parallel.distributed import all_reduce
 
 
 def loss_normalizer(
@@ -22,7 +23,7 @@ def loss_normalizer(
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     count = loss_mask.sum() if loss_agg_mode == "token-mean" else loss_mask.any(dim=-1).sum()
-    return float(_all_reduce(count.float(), dist.ReduceOp.SUM, process_group))
+    return float(all_reduce(count.float(), dist.ReduceOp.SUM, process_group))
 
 
 def token_loss_scale(loss_mask: torch.Tensor, loss_agg_mode: str, normalizer: Optional[float] = None) -> torch.Tensor:

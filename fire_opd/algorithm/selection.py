@@ -12,6 +12,7 @@ from torch.distributed import ProcessGroup
 
 from fire_kernels.fire_weights import confidence_and_confusion, fire_row_stats, inverse_max
 from fire_opd.algorithm.options import FireOptions
+from fire_opd.parallel.distributed import all_gather_rows, all_reduce
 
 
 @dataclass
@@ -70,40 +71,6 @@ def _check_per_token(names_and_tensors: dict, response_mask: torch.Tensor) -> to
             raise ValueError("response_mask must be boolean or hold only 0 and 1")
         response_mask = response_mask.bool()
     return response_mask
-
-
-# process_group=LOCAL: statistics over this process's rows only, with no collective (for callers
-# whose processes do not call the loss the same number of times, e.g. verl's dynamic micro-batches)
-LOCAL = "local"
-
-
-def _distributed(group) -> bool:
-    if group == LOCAL:
-        return False
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
-    if _distributed(group):
-        x = x.clone()
-        _count_comm(x)
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
-def _count_comm(*tensors: torch.Tensor) -> None:
-    from fire_opd.parallel.distributed import count
-
-    count(*tensors)
-
-
-def _all_gather_varlen(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate 1-D tensors of different lengths from every rank."""
-    if not _distributed(group):
-        return x
-    from fire_opd.parallel.distributed import all_gather_rows
-
-    return all_gather_rows(x, group)
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:
@@ -178,18 +145,10 @@ def compute_fire_advantages(
         student_entropy, teacher_entropy = student_entropy.detach().float(), teacher_entropy.detach().float()
         zero = torch.zeros((), device=mask.device)
         neg_inf = torch.tensor(float("-inf"), device=mask.device)
-        max_t = _all_reduce(
-            torch.where(mask, teacher_entropy, neg_inf).amax() if mask.numel() else neg_inf,
-            dist.ReduceOp.MAX,
-            process_group,
-        )
-        max_s = _all_reduce(
-            torch.where(mask, student_entropy, neg_inf).amax() if mask.numel() else neg_inf,
-            dist.ReduceOp.MAX,
-            process_group,
-        )
-        # -inf when no rank has a valid token
-        max_teacher_entropy, max_student_entropy = float(max_t), float(max_s)
+        # both entropy maxima in one collective; -inf when no rank has a valid token
+        entropies = (teacher_entropy, student_entropy)
+        maxima = torch.stack([torch.where(mask, e, neg_inf).amax() if mask.numel() else neg_inf for e in entropies])
+        max_teacher_entropy, max_student_entropy = all_reduce(maxima, dist.ReduceOp.MAX, process_group).tolist()
         rows = fire_row_stats(
             teacher_log_prob=teacher_log_prob,
             student_entropy=student_entropy,
@@ -201,7 +160,7 @@ def compute_fire_advantages(
             max_student_entropy=max_student_entropy,
             backend=backend,
         )
-        totals = _all_reduce(
+        totals = all_reduce(
             torch.stack([rows.row_weight_sum.sum(), rows.row_tokens.sum()])
             if mask.numel()
             else torch.zeros(2, device=mask.device),
@@ -226,7 +185,7 @@ def compute_fire_advantages(
                     group_thresholds.append(tau)
             threshold = sum(group_thresholds) / len(group_thresholds) if group_thresholds else float("-inf")
         elif fire.filters:
-            threshold = _quantile(_all_gather_varlen(score[has_tokens], process_group), percentile / 100.0)
+            threshold = _quantile(all_gather_rows(score[has_tokens], process_group), percentile / 100.0)
             kept_rollouts &= score >= threshold
         loss_mask = mask & kept_rollouts[:, None]
         flagged = has_tokens & ~kept_rollouts  # what the filter would drop
@@ -254,7 +213,7 @@ def compute_fire_advantages(
             weights = rows.weights / weight_mean
         elif method == "hard_token":
             score = rows.weights
-            threshold = _quantile(_all_gather_varlen(score[mask], process_group), percentile / 100.0)
+            threshold = _quantile(all_gather_rows(score[mask], process_group), percentile / 100.0)
             loss_mask &= score >= threshold
             weights = torch.ones_like(score)
         else:
@@ -266,25 +225,47 @@ def compute_fire_advantages(
         weights = torch.where(loss_mask, weights, zero)
         advantages = torch.where(loss_mask, weights * advantage, zero)
 
-        metrics = {
-            "fire/keep_ratio": _ratio(kept_rollouts.sum(), has_tokens.sum(), process_group),
-            **(
-                {"fire/truncated_ratio": _ratio(truncated.sum(), has_tokens.sum(), process_group)}
-                if fire.truncates
-                else {}
-            ),
-            "fire/token_keep_ratio": _ratio(loss_mask.sum(), mask.sum(), process_group),
-            # no threshold (no filter, or nothing to rank): left out, as -inf is no JSON number
-            **({"fire/threshold": threshold} if math.isfinite(threshold) else {}),
-            **_masked_stats("fire/weight", weights, loss_mask, process_group),
-            "fire/teacher_confidence_mean": _masked_mean(confidence, mask, process_group),
-            "fire/student_confusion_mean": _masked_mean(confusion, mask, process_group),
-            "fire/reverse_kl": _masked_mean(-advantage, mask, process_group),
-            "fire/advantage_mean": _masked_mean(advantages, loss_mask, process_group),
-            "fire/teacher_entropy_mean": _masked_mean(teacher_entropy, mask, process_group),
-            "fire/student_entropy_mean": _masked_mean(student_entropy, mask, process_group),
-            "fire/response_tokens": global_tokens,
+        # every ratio and mean below is a (numerator, denominator) pair summed over the processes in
+        # one all-reduce, and the weights' range one more: two collectives for the step's metrics
+        weight_range = all_reduce(
+            torch.stack([-weights[loss_mask].min(), weights[loss_mask].max()])
+            if bool(loss_mask.any())
+            else torch.full((2,), float("-inf"), device=mask.device),
+            dist.ReduceOp.MAX,
+            process_group,
+        )
+        fractions = {
+            "fire/keep_ratio": (kept_rollouts.sum(), has_tokens.sum()),
+            **({"fire/truncated_ratio": (truncated.sum(), has_tokens.sum())} if fire.truncates else {}),
+            "fire/token_keep_ratio": (loss_mask.sum(), mask.sum()),
+            "fire/weight_mean": _masked_sum(weights, loss_mask),
+            "fire/teacher_confidence_mean": _masked_sum(confidence, mask),
+            "fire/student_confusion_mean": _masked_sum(confusion, mask),
+            "fire/reverse_kl": _masked_sum(-advantage, mask),
+            "fire/advantage_mean": _masked_sum(advantages, loss_mask),
+            "fire/teacher_entropy_mean": _masked_sum(teacher_entropy, mask),
+            "fire/student_entropy_mean": _masked_sum(student_entropy, mask),
         }
+        pairs = all_reduce(
+            torch.stack([torch.stack([num.float(), den.float()]) for num, den in fractions.values()]),
+            dist.ReduceOp.SUM,
+            process_group,
+        )
+        # one copy to the host for all of them (each float() of a GPU tensor waits for the device)
+        k = len(fractions)
+        host = torch.cat([pairs[:, 0] / pairs[:, 1], pairs[:, 1], weight_range.to(pairs.dtype)]).tolist()
+        ratios, denominators, (minus_lowest, highest) = host[:k], host[k : 2 * k], host[2 * k :]
+        metrics = {name: r if d > 0 else 0.0 for name, r, d in zip(fractions, ratios, denominators)}
+        has_weights = math.isfinite(minus_lowest)
+        metrics.update(
+            {
+                # no threshold (no filter, or nothing to rank): left out, as -inf is no JSON number
+                **({"fire/threshold": threshold} if math.isfinite(threshold) else {}),
+                "fire/weight_min": -minus_lowest if has_weights else 0.0,
+                "fire/weight_max": highest if has_weights else 0.0,
+                "fire/response_tokens": global_tokens,
+            }
+        )
     return FireSelection(advantages, loss_mask, kept_rollouts, weights, threshold, metrics)
 
 
@@ -327,30 +308,9 @@ def _trajectory_score(
     return torch.where(mask, teacher_log_prob - old_log_prob, 0.0).sum(dim=-1) / tokens
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor, group) -> float:
-    both = _all_reduce(torch.stack([num.float(), den.float()]), dist.ReduceOp.SUM, group)
-    return float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, group) -> float:
-    both = _all_reduce(torch.stack([torch.where(mask, x, 0.0).sum(), mask.sum().float()]), dist.ReduceOp.SUM, group)
-    return float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
-
-
-def _masked_stats(prefix: str, x: torch.Tensor, mask: torch.Tensor, group) -> dict:
-    any_token = bool(mask.any())
-    lo = _all_reduce(
-        x[mask].min() if any_token else torch.tensor(float("inf"), device=x.device), dist.ReduceOp.MIN, group
-    )
-    hi = _all_reduce(
-        x[mask].max() if any_token else torch.tensor(float("-inf"), device=x.device), dist.ReduceOp.MAX, group
-    )
-    has = math.isfinite(float(lo))
-    return {
-        f"{prefix}_mean": _masked_mean(x, mask, group),
-        f"{prefix}_min": float(lo) if has else 0.0,
-        f"{prefix}_max": float(hi) if has else 0.0,
-    }
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of x over the mask, number of masked tokens): a masked mean before the all-reduce."""
+    return torch.where(mask, x, 0.0).sum(), mask.sum()
 
 
 # ----------------------------------------------------------------------------- step 4

@@ -59,7 +59,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from fire_kernels import token_stats
 from fire_opd.algorithm.options import FireOptions, with_fire_fields
-from fire_opd.algorithm.selection import LOCAL, compute_fire_advantages
+from fire_opd.algorithm.selection import compute_fire_advantages
+from fire_opd.parallel import distributed
 
 LOSS_NAME = "fire_opd"
 
@@ -151,7 +152,7 @@ def fire_opd_distillation_loss(config, distillation_config, model_output: dict, 
         teacher_entropy,
         mask,
         fire=fire_options(loss_config),
-        process_group=LOCAL,
+        process_group=distributed.LOCAL,
     )
     advantages = fire.advantages * denominator_correction(mask, fire.loss_mask, config.loss_agg_mode)
     metrics: dict[str, Any] = {f"distillation/{key}": value for key, value in fire.metrics.items()}

@@ -39,24 +39,6 @@ from fire_opd.parallel.sharded_head import gather_tokens
 IGNORE_INDEX = -100
 
 
-def _flat_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    if response_ids.dim() != 2 or response_mask.shape != response_ids.shape:
-        raise ValueError(
-            f"response_ids and response_mask must both be [batch, response_len], got "
-            f"{tuple(response_ids.shape)} and {tuple(response_mask.shape)}"
-        )
-    return torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, IGNORE_INDEX)).reshape(-1)
-
-
-def _flat_hidden(name: str, hidden: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
-    if hidden.dim() != 3 or hidden.shape[:2] != response_ids.shape:
-        raise ValueError(
-            f"{name} must be [batch, response_len, D] matching response_ids "
-            f"{tuple(response_ids.shape)}, got {tuple(hidden.shape)}"
-        )
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
 def response_token_stats(
     student_hidden: torch.Tensor,
     student_head: HeadLike,
@@ -86,16 +68,14 @@ def response_token_stats(
         vocab_process_group: vocabulary-sharded weights (module docstring); scoring only (no
             gradient: a loss must cover every process's tokens, as `FireOPDLoss` does).
     """
-    targets = _flat_targets(response_ids, response_mask)
-    shape, n = response_ids.shape, targets.shape[0]
     if vocab_process_group is not None and torch.is_grad_enabled() and student_hidden.requires_grad:
         raise ValueError(
             "response_token_stats with vocab_process_group scores (no gradient); train with "
             "FireOPDLoss(fused_update=True, vocab_process_group=...)"
         )
-    s_h = _flat_hidden("student_hidden", student_hidden, response_ids)
-    t_h = None if teacher_hidden is None else _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
-    tokens = _gathered(vocab_process_group, s_h, targets, t_h)
+    hidden = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden}
+    tokens = _response_tokens(vocab_process_group, response_ids, response_mask, hidden)
+    shape, n = response_ids.shape, response_ids.numel()
     (t_h,) = tokens.per_token
     out: tuple[Optional[torch.Tensor], ...]
     if t_h is None:
@@ -134,13 +114,36 @@ class GatheredTokens(NamedTuple):
         return values.new_zeros(n).index_copy(0, self.valid_rows, values[self.mine])
 
 
-def _gathered(group, hidden: torch.Tensor, targets: torch.Tensor, *per_token: Optional[torch.Tensor]) -> GatheredTokens:
-    """`GatheredTokens` of this process's [N, D] hidden states, [N] targets and [N] / [N, D] `per_token`."""
+def _response_tokens(
+    group,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    hidden: dict[str, Optional[torch.Tensor]],
+    *per_token: Optional[torch.Tensor],
+) -> GatheredTokens:
+    """`GatheredTokens` of a batch's response tokens: the [B, T] ids as flat targets (IGNORE_INDEX
+    off `mask`), each [B, T, D] of `hidden` (by argument name, the student's first; None passes)
+    flattened to [N, D] and checked against the ids, and the [N] / [N, D] `per_token` values."""
+    if response_ids.dim() != 2 or mask.shape != response_ids.shape:
+        raise ValueError(
+            f"response_ids and response_mask must both be [batch, response_len], got "
+            f"{tuple(response_ids.shape)} and {tuple(mask.shape)}"
+        )
+    targets = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, IGNORE_INDEX)).reshape(-1)
+    for name, h in hidden.items():
+        if h is not None and (h.dim() != 3 or h.shape[:2] != response_ids.shape):
+            raise ValueError(
+                f"{name} must be [batch, response_len, D] matching response_ids "
+                f"{tuple(response_ids.shape)}, got {tuple(h.shape)}"
+            )
+    flat = [None if h is None else h.reshape(-1, h.shape[-1]) for h in hidden.values()]
+    student, *rest = flat + list(per_token)
+    assert student is not None
     if group is None:
-        return GatheredTokens(hidden, targets, list(per_token), slice(0, targets.shape[0]), None)
+        return GatheredTokens(student, targets, rest, slice(0, targets.shape[0]), None)
     valid_rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     (h, y, *rest), mine = gather_tokens(
-        group, hidden[valid_rows], targets[valid_rows], *(None if t is None else t[valid_rows] for t in per_token)
+        group, student[valid_rows], targets[valid_rows], *(None if t is None else t[valid_rows] for t in rest)
     )
     assert h is not None and y is not None
     return GatheredTokens(h, y, rest, mine, valid_rows)
@@ -242,13 +245,12 @@ def fused_clipped_surrogate(
     """`clipped_surrogate(log pi_theta, ...)` from hidden states with the gradient formed in the
     forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob).
     With `vocab_process_group` the loss is that of every process's tokens (module docstring)."""
-    targets = _flat_targets(response_ids, loss_mask)
-    hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
-    n = targets.shape[0]
-    tokens = _gathered(
+    n = response_ids.numel()
+    tokens = _response_tokens(
         vocab_process_group,
-        hidden,
-        targets,
+        response_ids,
+        loss_mask,
+        {"student_hidden": student_hidden},
         old_log_prob.detach().reshape(-1).float(),
         advantages.detach().reshape(-1).float(),
         token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer).reshape(-1).float(),
@@ -297,16 +299,16 @@ def dense_divergence_loss(
     through `fire_kernels.teacher_student_stats`. With `vocab_process_group` (fused only) the
     loss is that of every process's tokens (module docstring).
     """
-    targets = _flat_targets(response_ids, coefficients != 0)
-    hidden = _flat_hidden("student_hidden", student_hidden, response_ids)
-    t_hidden = _flat_hidden("teacher_hidden", teacher_hidden, response_ids)
     if vocab_process_group is not None and not fused_update:
         raise ValueError(
             "vocab_process_group needs fused_update=True (the gradients of every process's tokens are "
             "formed in the sweep)"
         )
-    n = targets.shape[0]
-    tokens = _gathered(vocab_process_group, hidden, targets, t_hidden, coefficients.reshape(-1).detach())
+    n = response_ids.numel()
+    hidden = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden}
+    tokens = _response_tokens(
+        vocab_process_group, response_ids, coefficients != 0, hidden, coefficients.reshape(-1).detach()
+    )
     gathered_teacher, coefficient = tokens.per_token
     assert gathered_teacher is not None and coefficient is not None
     if not fused_update:

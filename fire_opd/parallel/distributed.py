@@ -65,8 +65,27 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+# group=LOCAL: this process's rows only, with no collective (for callers whose processes do not
+# call the loss the same number of times, e.g. verl's dynamic micro-batches)
+LOCAL = "local"
+
+
+def active(group=None) -> bool:
+    """Whether collectives over `group` (the default group when None) reach other processes."""
+    if group == LOCAL:
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """x reduced with `op` over `group`'s processes, into a new tensor on x's device (x itself for
+    one process); through a device the group serves when x's is not one (`vocab_parallel.all_reduce`)."""
+    from fire_kernels import vocab_parallel
+
+    if not active(group):
+        return x
+    count(x)
+    return vocab_parallel.all_reduce(x.clone(), op, group)
 
 
 def barrier() -> None:
@@ -240,9 +259,11 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 def all_gather_rows(x: torch.Tensor, group=None, counts: Optional[list[int]] = None) -> torch.Tensor:
     """Every process's rows of x ([n_r, ...], n_r may differ between processes) concatenated in
     rank order: one all-gather padded to the longest, after one of the row counts unless `counts`
-    gives them."""
+    gives them (x itself for one process)."""
     from fire_kernels.vocab_parallel import collective_device, gathered_sizes
 
+    if not active(group):
+        return x
     if counts is None:
         counts = gathered_sizes(x.shape[0], group)
         count(torch.zeros(len(counts), dtype=torch.int64))

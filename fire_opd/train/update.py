@@ -21,7 +21,7 @@ import torch
 
 from fire_kernels import TeacherStudentStats
 from fire_opd.algorithm.objectives import loss_normalizer
-from fire_opd.algorithm.selection import LOCAL, compute_fire_advantages
+from fire_opd.algorithm.selection import compute_fire_advantages
 from fire_opd.errors import TrainingStopped
 from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import MicroBatch, Parallelism
@@ -91,7 +91,8 @@ class Updater:
         dense = cfg.loss.objective == "full_vocab"  # the dense loss reads one teacher per micro-batch
         micro_batches = plan.micro_batches if dense else self._any_rows(len(rollouts), mask.device)
 
-        metrics: dict = {}
+        metrics: dict = {}  # of the whole batch's selection (already global), or averaged over micro-batches
+        local: dict = {}  # this process's values, made global in one collective after the micro-steps
         by_micro_batch = cfg.loss.stats_scope == "micro_batch"
         if not by_micro_batch:
             selection = compute_fire_advantages(
@@ -109,7 +110,7 @@ class Updater:
                     old_log_prob,
                     cfg.sampling.samples_per_prompt,
                 )
-                metrics.update(distributed.mean_over_ranks(diagnostics))
+                local.update(diagnostics)
 
         # the module whose forward computes the loss, inside its DDP wrapper when it has one
         student = parallel.wrapper if parallel.wrapper is not None else self.student
@@ -125,7 +126,7 @@ class Updater:
                 # micro-batches
                 part = compute_fire_advantages(
                     old_log_prob[rows], teacher_log_prob[rows], student_entropy[rows], teacher_entropy[rows],
-                    mask[rows], fire=cfg.fire, group_ids=group_ids[rows], process_group=LOCAL,
+                    mask[rows], fire=cfg.fire, group_ids=group_ids[rows], process_group=distributed.LOCAL,
                 )  # fmt: skip
                 part_normalizer, scale = None, parallel.micro_batch_scale(real)
                 if not batch.padding:
@@ -142,19 +143,17 @@ class Updater:
             total_loss += float(loss.detach()) * scale / parallel.reported_loss_divisor
             if not batch.padding:
                 loss_metrics = _accumulate(loss_metrics, batch_metrics, real)
-        total_loss = distributed.mean_over_ranks({"loss": total_loss}, summed=("loss",))["loss"]
-        loss_metrics = distributed.mean_over_ranks(loss_metrics)
-        if by_micro_batch:
-            metrics = distributed.mean_over_ranks(metrics)
+        # the loss is summed over processes (each share already divided), every other value averaged
+        local.update({**(metrics if by_micro_batch else {}), **loss_metrics, "train/loss": total_loss})
+        local = distributed.mean_over_ranks(local, summed=("train/loss",))
         grad_norm = parallel.clip_grad_norm(self.student.model, cfg.optim.max_grad_norm)
-        skipped = self._skip_if_not_finite(total_loss, grad_norm, state)
+        skipped = self._skip_if_not_finite(local["train/loss"], grad_norm, state)
         if not skipped:
             self.optimizer.step()
         self.scheduler.step()  # the schedule follows the step count either way
         return {
-            **metrics,
-            **loss_metrics,
-            "train/loss": total_loss,
+            **({} if by_micro_batch else metrics),
+            **local,
             "train/grad_norm": grad_norm,
             "train/step_skipped": float(skipped),
         }
