@@ -17,7 +17,7 @@ every process's tokens, so that each lm_head shard gets the whole batch's gradie
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 from torch.distributed import ProcessGroup
@@ -118,7 +118,7 @@ def _response_tokens(
     group,
     response_ids: torch.Tensor,
     mask: torch.Tensor,
-    hidden: dict[str, Optional[torch.Tensor]],
+    hidden: Mapping[str, Optional[torch.Tensor]],
     *per_token: Optional[torch.Tensor],
 ) -> GatheredTokens:
     """`GatheredTokens` of a batch's response tokens: the [B, T] ids as flat targets (IGNORE_INDEX

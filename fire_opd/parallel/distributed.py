@@ -18,7 +18,6 @@ reduction order.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
@@ -206,22 +205,6 @@ def is_fsdp(wrapper) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(wrapper, FSDPModule)
-
-
-@contextmanager
-def gradient_sync(wrapper, sync: bool):
-    """Accumulate gradients locally (sync=False) or reduce them in this backward (sync=True)."""
-    if wrapper is None or sync:
-        yield
-    elif is_fsdp(wrapper):
-        wrapper.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            wrapper.set_requires_gradient_sync(True)
-    else:
-        with wrapper.no_sync():
-            yield
 
 
 def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:

@@ -174,9 +174,20 @@ class Parallelism:
 
     @contextmanager
     def gradient_sync(self, index: int, count: int) -> Iterator[None]:
-        """Synchronize gradients on the last micro-batch of a step only."""
-        with distributed.gradient_sync(self.wrapper, self.wrapper is None or index == count - 1):
+        """Synchronize gradients on the last micro-batch of a step only: the others accumulate
+        locally (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`)."""
+        wrapper: Any = self.wrapper  # DDP or FSDP2's module: their own sync switches
+        if wrapper is None or index == count - 1:
             yield
+        elif distributed.is_fsdp(wrapper):
+            wrapper.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapper.set_requires_gradient_sync(True)
+        else:
+            with wrapper.no_sync():
+                yield
 
     def clip_grad_norm(self, student: torch.nn.Module, max_norm: float) -> float:
         """Clip the student's gradients to `max_norm` over all processes; returns their norm before

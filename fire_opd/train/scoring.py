@@ -9,13 +9,12 @@ the teacher's log-prob and entropy, and the full-vocab reverse KL.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from fire_kernels import TeacherStudentStats
-from fire_opd.algorithm.routing import route_rows, scatter_rows
-from fire_opd.parallel.parallelism import MicroBatch, Parallelism
+from fire_opd.algorithm.routing import scatter_rows
+from fire_opd.parallel.parallelism import MicroBatch
 from fire_opd.train.forwards import StudentForward, TeacherForward
 from fire_opd.train.rollouts import Rollouts
 
@@ -27,18 +26,6 @@ class TeacherPlan:
 
     routes: dict[str, torch.Tensor]  # teacher name -> this process's row indices
     micro_batches: list[MicroBatch]  # at most `size` rows each, one teacher each, teachers in name order
-
-
-def plan_teachers(
-    keys: list[Optional[str]],
-    teachers: dict[str, torch.nn.Module],
-    default_teacher: Optional[str],
-    parallel: Parallelism,
-    size: int,
-) -> TeacherPlan:
-    """The step's `TeacherPlan` (`keys`: each row's teacher key, None for the default teacher)."""
-    routes = route_rows(keys, teachers, default=default_teacher)
-    return TeacherPlan(routes, parallel.plan_micro_batches(routes, size, order=sorted(teachers)))
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 import torch
 
 from fire_kernels import TeacherStudentStats
+from fire_opd.algorithm.routing import route_rows
 from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import Parallelism
 from fire_opd.train import checkpoint, run_dir
@@ -39,7 +40,7 @@ from fire_opd.train.health import health_metrics, rollout_health
 from fire_opd.train.models import prepare_models, save_merged
 from fire_opd.train.rollouts import Rollouts, sample_step
 from fire_opd.train.run_log import RunLog, check_report_to
-from fire_opd.train.scoring import TeacherPlan, plan_teachers, score_rollouts
+from fire_opd.train.scoring import TeacherPlan, score_rollouts
 from fire_opd.train.update import Updater
 from fire_opd.train.verifiers import resolve_verifier
 from fire_opd.train.verify import verify_flagged
@@ -262,9 +263,11 @@ class FireOPDTrainer:
         )  # fmt: skip
 
     def plan(self, keys: list[Optional[str]]) -> TeacherPlan:
-        """Which teacher reads which rollout, in which micro-batches (`keys`: each row's teacher key)."""
+        """Which teacher reads which rollout, in which micro-batches (`keys`: each row's teacher key,
+        None for the default teacher); one collective under torchrun."""
+        routes = route_rows(keys, self.teachers, default=self.default_teacher)
         size = self.config.optim.micro_batch_size
-        return plan_teachers(keys, self.teachers, self.default_teacher, self.parallel, size)
+        return TeacherPlan(routes, self.parallel.plan_micro_batches(routes, size, order=sorted(self.teachers)))
 
     def score(self, rollouts: Rollouts, keys: list[Optional[str]]) -> TeacherStudentStats:
         """Per-token [B, T] statistics of the rollouts, each by its own teacher (scoring.score_rollouts)."""
