@@ -227,10 +227,10 @@ def compute_fire_advantages(
 
         # every ratio and mean below is a (numerator, denominator) pair summed over the processes in
         # one all-reduce, and the weights' range one more: two collectives for the step's metrics
+        # (-min, max) of the kept weights as two maxima, -inf when no rank keeps a token (no host sync)
+        signed = (-weights, weights)
         weight_range = all_reduce(
-            torch.stack([-weights[loss_mask].min(), weights[loss_mask].max()])
-            if bool(loss_mask.any())
-            else torch.full((2,), float("-inf"), device=mask.device),
+            torch.stack([torch.where(loss_mask, w, neg_inf).amax() if mask.numel() else neg_inf for w in signed]),
             dist.ReduceOp.MAX,
             process_group,
         )

@@ -91,7 +91,7 @@ class Updater:
         dense = cfg.loss.objective == "full_vocab"  # the dense loss reads one teacher per micro-batch
         micro_batches = plan.micro_batches if dense else self._any_rows(len(rollouts), mask.device)
 
-        metrics: dict = {}  # of the whole batch's selection (already global), or averaged over micro-batches
+        metrics: dict = {}  # the whole batch's selection statistics (already global)
         local: dict = {}  # this process's values, made global in one collective after the micro-steps
         by_micro_batch = cfg.loss.stats_scope == "micro_batch"
         if not by_micro_batch:
@@ -130,7 +130,7 @@ class Updater:
                 )  # fmt: skip
                 part_normalizer, scale = None, parallel.micro_batch_scale(real)
                 if not batch.padding:
-                    metrics = _accumulate(metrics, part.metrics, real)
+                    local = _accumulate(local, part.metrics, real)
             else:
                 part, part_normalizer, scale = selection.rows(rows), normalizer, 1.0
             if batch.padding:  # only there to keep every process's collectives in step
@@ -144,7 +144,7 @@ class Updater:
             if not batch.padding:
                 loss_metrics = _accumulate(loss_metrics, batch_metrics, real)
         # the loss is summed over processes (each share already divided), every other value averaged
-        local.update({**(metrics if by_micro_batch else {}), **loss_metrics, "train/loss": total_loss})
+        local.update({**loss_metrics, "train/loss": total_loss})
         local = distributed.mean_over_ranks(local, summed=("train/loss",))
         grad_norm = parallel.clip_grad_norm(self.student.model, cfg.optim.max_grad_norm)
         skipped = self._skip_if_not_finite(local["train/loss"], grad_norm, state)
@@ -152,7 +152,7 @@ class Updater:
             self.optimizer.step()
         self.scheduler.step()  # the schedule follows the step count either way
         return {
-            **({} if by_micro_batch else metrics),
+            **metrics,
             **local,
             "train/grad_norm": grad_norm,
             "train/step_skipped": float(skipped),
