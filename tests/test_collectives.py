@@ -77,7 +77,7 @@ class _NcclLike:
 
 
 def test_host_value_collectives_go_where_the_group_reduces(monkeypatch):
-    """mean_over_ranks, any_rank, max_over_ranks_each, gathered_sizes and all_gather_rows put
+    """mean_over_ranks, any_rank, max_over_ranks_each, gathered_sizes, all_gather_rows and all_reduce put
     their tensors on `collective_device`: on a group that refuses CPU tensors (faked here, the
     "accelerator" being the CPU under another name) none reaches it on the CPU."""
     fake = _NcclLike()
@@ -97,6 +97,7 @@ def test_host_value_collectives_go_where_the_group_reduces(monkeypatch):
         lambda: distributed.max_over_ranks_each([3, 4]),
         lambda: vocab_parallel.gathered_sizes(5, None),
         lambda: distributed.all_gather_rows(torch.ones(2, 3), None, counts=[2, 2]),
+        lambda: distributed.all_reduce(torch.ones(2)),  # the FiRe selection's and the loss normalizer's
     ):
         with pytest.raises((NotImplementedError, RuntimeError)) as raised:
             call()
