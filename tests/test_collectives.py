@@ -139,3 +139,27 @@ def test_the_fire_selection_reduces_its_statistics_in_four_all_reduces(monkeypat
     assert {"fire/keep_ratio", "fire/truncated_ratio", "fire/weight_min", "fire/student_entropy_mean"} <= set(
         selection.metrics
     )
+
+
+def _ddp_wrap_worker(rank: int, store: str) -> None:
+    import warnings
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    distributed.active = lambda group=None: True  # a group of one process, wrapped as if it were two
+    try:
+        model = torch.nn.Linear(3, 2)
+        model.register_buffer("table", torch.zeros(2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # torch 2.13: broadcast_buffers is deprecated
+            wrapper = distributed.wrap(model, torch.device("cpu"))
+        assert wrapper is not None and wrapper.broadcast_buffers is False  # no broadcast before each forward
+        wrapper(torch.randn(4, 3)).sum().backward()
+        assert model.weight.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_wraps_without_a_buffer_broadcast_per_forward_or_a_deprecation_warning(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_wrap_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)

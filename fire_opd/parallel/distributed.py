@@ -17,6 +17,7 @@ reduction order.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Iterable, Optional
 
@@ -126,9 +127,10 @@ def wrap(
     """The data-parallel wrapper of `model` when several processes run, else None.
 
     "ddp": DistributedDataParallel (every process holds the whole model; buffers are not
-    broadcast, decoder LMs have no running statistics). "fsdp": FSDP2 (`fully_shard`) on every
-    decoder layer (the `_no_split_modules` classes of `layers_of`, default `model`) and on the
-    whole model, so each process holds 1 / K of the parameters, gradients and optimizer state;
+    broadcast before every forward, decoder LMs have no running statistics). "fsdp": FSDP2
+    (`fully_shard`) on every decoder layer (the `_no_split_modules` classes of `layers_of`,
+    default `model`) and on the whole model, so each process holds 1 / K of the parameters,
+    gradients and optimizer state;
     the returned wrapper is the model itself, and `forward_methods` (methods of `model` that run
     its submodules, such as `generate`) gather the root's parameters as its forward does.
     `ignore`: names of parameters DDP leaves alone (vocab_parallel's lm_head shards, which differ
@@ -162,7 +164,11 @@ def wrap(
     ignore = list(ignore)
     if ignore:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # No buffer broadcast before every forward (a collective for nothing: decoder LMs have no
+    # running statistics). torch 2.13 renamed the switch and warns on the old name.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
 def _count_fsdp_collectives(module) -> None:
