@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -167,7 +167,7 @@ def wrap(
     # No buffer broadcast before every forward (a collective for nothing: decoder LMs have no
     # running statistics). torch 2.13 renamed the switch and warns on the old name.
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    no_buffer_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    no_buffer_sync: dict[str, Any] = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
