@@ -37,7 +37,7 @@ def measure_regime(trainer, problems: list[Problem], *, seed: int = 0, batch_siz
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         rollouts = generate_rollouts(
-            trainer.student,
+            trainer.student_forward,  # its generate: under FSDP2 it gathers the student's shards
             trainer.tokenizer,
             [p.prompt for p in chunk],
             max_new_tokens=cfg.sampling.max_new_tokens,
