@@ -156,7 +156,7 @@ def main() -> None:
         if "WORLD_SIZE" in os.environ:
             counted_collectives()
         else:
-            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
             one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
             subprocess.run([*launch, __file__, "--collectives"], check=True, env=one_thread)
         return
