@@ -79,21 +79,30 @@ def _initial_eval(run: Path) -> dict:
     return first
 
 
+# fire.filter_mode "verified": each process has the teachers finish its own flagged rollouts
+VERIFIED = {"method": "filter_only", "filter_mode": "verified", "percentile": 60.0, "divergence_prob": 0.9}
+
+
 @pytest.mark.parametrize(
-    "objective,parallel,teacher_parallel,chunk_prompts",
+    "objective,parallel,teacher_parallel,chunk_prompts,fire",
     [
-        ("full_vocab", "ddp", "replicate", 0),  # the default: each process samples its share in one call
-        ("sampled", "ddp", "replicate", 2),
-        ("full_vocab", "fsdp", "replicate", 2),
-        ("full_vocab", "fsdp", "fsdp", 2),
+        ("full_vocab", "ddp", "replicate", 0, {}),  # the default: each process samples its share in one call
+        ("sampled", "ddp", "replicate", 2, {}),
+        ("full_vocab", "fsdp", "replicate", 2, {}),
+        ("full_vocab", "fsdp", "fsdp", 2, {}),
+        ("full_vocab", "ddp", "replicate", 2, VERIFIED),
     ],
+    ids=["ddp", "ddp-sampled", "fsdp", "fsdp-teachers-too", "ddp-verified"],
 )
-def test_one_and_two_processes_train_the_same_model(tmp_path, objective, parallel, teacher_parallel, chunk_prompts):
+def test_one_and_two_processes_train_the_same_model(
+    tmp_path, objective, parallel, teacher_parallel, chunk_prompts, fire
+):
     """DDP and FSDP2 (each process holds half the student, and with teacher_parallel: fsdp half of
-    each teacher) match one process; the FSDP run's checkpoint is a whole Hugging Face folder."""
+    each teacher) match one process, and so does the verified filter, whose continuations each
+    process generates for its own rollouts; the FSDP run's checkpoint is a whole Hugging Face folder."""
     _config(
         tmp_path, objective=objective, parallel=parallel, teacher_parallel=teacher_parallel,
-        rollout_chunk_prompts=chunk_prompts,
+        rollout_chunk_prompts=chunk_prompts, **fire,
     )  # fmt: skip
     one, two = _run(tmp_path, "one", 1), _run(tmp_path, "two", 2)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -109,8 +118,11 @@ def test_one_and_two_processes_train_the_same_model(tmp_path, objective, paralle
             "train/response_length",
             "train/reward",
             "train/tokens",
+            *(("fire/verified_rollouts", "fire/verified_reliable", "fire/verify_tokens") if fire else ()),
         ):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
+    if fire:
+        assert sum(r["fire/verified_rollouts"] for r in rows_one) > 0  # the teachers did continue rollouts
         for key in ("train/loss", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
