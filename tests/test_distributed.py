@@ -84,6 +84,10 @@ VERIFIED = {"method": "filter_only", "filter_mode": "verified", "percentile": 60
 # the released code's statistics inside each micro-batch, one rollout each (its scripts' setting):
 # the same micro-batches whatever the process count, so the same model
 PER_ROLLOUT = {"stats_scope": "micro_batch", "micro_batch_size": 1}
+# a token quantile over every process's tokens, and a per-sequence normalizer summed over processes
+HARD_TOKEN_SEQ_MEAN = {"method": "hard_token", "loss_agg_mode": "seq-mean-token-mean"}
+# a quantile per prompt: each prompt's rollouts sit on one process
+GROUP_FILTER_SEQ_SUM = {"filter_scope": "group", "loss_agg_mode": "seq-mean-token-sum"}
 
 
 @pytest.mark.parametrize(
@@ -95,8 +99,19 @@ PER_ROLLOUT = {"stats_scope": "micro_batch", "micro_batch_size": 1}
         ("full_vocab", "fsdp", "fsdp", 2, {}),
         ("full_vocab", "ddp", "replicate", 2, VERIFIED),
         ("sampled", "ddp", "replicate", 2, PER_ROLLOUT),
+        ("full_vocab", "ddp", "replicate", 2, HARD_TOKEN_SEQ_MEAN),
+        ("sampled", "ddp", "replicate", 2, GROUP_FILTER_SEQ_SUM),
     ],
-    ids=["ddp", "ddp-sampled", "fsdp", "fsdp-teachers-too", "ddp-verified", "ddp-micro-batch-statistics"],
+    ids=[
+        "ddp",
+        "ddp-sampled",
+        "fsdp",
+        "fsdp-teachers-too",
+        "ddp-verified",
+        "ddp-micro-batch-statistics",
+        "ddp-hard-token-seq-mean",
+        "ddp-group-filter-seq-sum",
+    ],  # fmt: skip
 )
 def test_one_and_two_processes_train_the_same_model(
     tmp_path, objective, parallel, teacher_parallel, chunk_prompts, fire

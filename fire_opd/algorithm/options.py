@@ -41,7 +41,8 @@ class FireOptions:
     alpha: teacher-confidence strength (>= 0).
     beta: student-confusion strength (>= 0).
     filter_scope: "batch" (the paper: one quantile over the rollout batch) or "group" (over
-        each prompt's own rollouts; beyond the paper).
+        each prompt's own rollouts; beyond the paper; `fire/threshold` is then the mean of the
+        prompts' thresholds over every process).
     filter_score: what the filter ranks: "teacher_mean" (the paper: mean log pi_T over the
         response), "teacher_sum" (no length normalization) or "advantage_mean"
         (mean log pi_T - log pi_old).

@@ -12,7 +12,7 @@ from torch.distributed import ProcessGroup
 
 from fire_kernels.fire_weights import confidence_and_confusion, fire_row_stats, inverse_max
 from fire_opd.algorithm.options import FireOptions
-from fire_opd.parallel.distributed import all_gather_rows, all_reduce
+from fire_opd.parallel.distributed import active, all_gather_rows, all_reduce
 
 
 @dataclass
@@ -175,8 +175,8 @@ def compute_fire_advantages(
         # 1. rollout filter
         kept_rollouts = has_tokens.clone()
         threshold = float("-inf")
+        group_thresholds: list[float] = []  # filter_scope "group": one per prompt; fire/threshold is their mean
         if fire.filters and filter_scope == "group":
-            group_thresholds = []  # one per prompt; fire/threshold reports their mean
             for group in torch.unique(group_ids):
                 members = (group_ids == group).to(mask.device) & has_tokens
                 if bool(members.any()):
@@ -234,6 +234,9 @@ def compute_fire_advantages(
             dist.ReduceOp.MAX,
             process_group,
         )
+        # each process ranks its own prompts: their thresholds' mean over every process travels as a pair
+        # too (one process keeps its float64 mean)
+        groups_spread = fire.filters and filter_scope == "group" and active(process_group)
         fractions = {
             "fire/keep_ratio": (kept_rollouts.sum(), has_tokens.sum()),
             **({"fire/truncated_ratio": (truncated.sum(), has_tokens.sum())} if fire.truncates else {}),
@@ -246,6 +249,9 @@ def compute_fire_advantages(
             "fire/teacher_entropy_mean": _masked_sum(teacher_entropy, mask),
             "fire/student_entropy_mean": _masked_sum(student_entropy, mask),
         }
+        if groups_spread:  # the last pair
+            sums = torch.tensor([sum(group_thresholds), len(group_thresholds)], device=mask.device)
+            fractions["fire/threshold"] = (sums[0], sums[1])
         pairs = all_reduce(
             torch.stack([torch.stack([num.float(), den.float()]) for num, den in fractions.values()]),
             dist.ReduceOp.SUM,
@@ -256,6 +262,9 @@ def compute_fire_advantages(
         host = torch.cat([pairs[:, 0] / pairs[:, 1], pairs[:, 1], weight_range.to(pairs.dtype)]).tolist()
         ratios, denominators, (minus_lowest, highest) = host[:k], host[k : 2 * k], host[2 * k :]
         metrics = {name: r if d > 0 else 0.0 for name, r, d in zip(fractions, ratios, denominators)}
+        if groups_spread:
+            del metrics["fire/threshold"]  # set below, left out when no process ranked a group
+            threshold = ratios[k - 1] if denominators[k - 1] > 0 else float("-inf")
         has_weights = math.isfinite(minus_lowest)
         metrics.update(
             {
