@@ -88,6 +88,10 @@ PER_ROLLOUT = {"stats_scope": "micro_batch", "micro_batch_size": 1}
 HARD_TOKEN_SEQ_MEAN = {"method": "hard_token", "loss_agg_mode": "seq-mean-token-mean"}
 # a quantile per prompt: each prompt's rollouts sit on one process
 GROUP_FILTER_SEQ_SUM = {"filter_scope": "group", "loss_agg_mode": "seq-mean-token-sum"}
+# truncation, the confidence gate, the trust ratio and the JSD: per-token rules on global maxima
+TRUNCATE_GATE_JSD = {
+    "filter_mode": "truncate", "teacher_confidence_gate": 0.1, "trust_ratio": True, "divergence": "jsd",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -101,6 +105,7 @@ GROUP_FILTER_SEQ_SUM = {"filter_scope": "group", "loss_agg_mode": "seq-mean-toke
         ("sampled", "ddp", "replicate", 2, PER_ROLLOUT),
         ("full_vocab", "ddp", "replicate", 2, HARD_TOKEN_SEQ_MEAN),
         ("sampled", "ddp", "replicate", 2, GROUP_FILTER_SEQ_SUM),
+        ("full_vocab", "ddp", "replicate", 2, TRUNCATE_GATE_JSD),
     ],
     ids=[
         "ddp",
@@ -111,14 +116,16 @@ GROUP_FILTER_SEQ_SUM = {"filter_scope": "group", "loss_agg_mode": "seq-mean-toke
         "ddp-micro-batch-statistics",
         "ddp-hard-token-seq-mean",
         "ddp-group-filter-seq-sum",
-    ],  # fmt: skip
+        "ddp-truncate-gate-jsd",
+    ],
 )
 def test_one_and_two_processes_train_the_same_model(
     tmp_path, objective, parallel, teacher_parallel, chunk_prompts, fire
 ):
     """DDP and FSDP2 (each process holds half the student, and with teacher_parallel: fsdp half of
-    each teacher) match one process, and so does the verified filter, whose continuations each
-    process generates for its own rollouts; the FSDP run's checkpoint is a whole Hugging Face folder."""
+    each teacher) match one process, and so do the selection rules whose statistics span the
+    processes (the constants above say what each case adds): the metrics logged, the loss, the
+    gradient norm and the weights. The FSDP run's checkpoint is a whole Hugging Face folder."""
     _config(
         tmp_path, objective=objective, parallel=parallel, teacher_parallel=teacher_parallel,
         rollout_chunk_prompts=chunk_prompts, **fire,
