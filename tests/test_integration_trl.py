@@ -99,6 +99,49 @@ def test_two_training_steps_log_fire_metrics(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+# One process of a torchrun job (accelerate's MULTI_CPU over gloo): two steps, then its weights and
+# logged metrics to files named by rank.
+_RANK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_integration_trl import _trainer
+out = Path(sys.argv[1])
+trainer = _trainer(out, max_steps=2, fire_percentile=25.0)
+trainer.train()
+rank = os.environ["RANK"]
+torch.save(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]), out / f"weights{{rank}}.pt")
+(out / f"log{{rank}}.json").write_text(json.dumps(trainer.state.log_history))
+"""
+
+
+def test_two_processes_select_over_both_and_end_with_the_same_weights(tmp_path):
+    """Under torchrun the FiRe statistics span both processes' rollouts (each process generates
+    4 x 2 rollouts of 6 tokens per step: 96 response tokens between them, 25 % of the 16 dropped),
+    no collective is left waiting, and DDP leaves both processes with the same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run(
+        [*launch, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "weights0.pt"), torch.load(tmp_path / "weights1.pt"))
+    rows = [row for row in json.loads((tmp_path / "log0.json").read_text()) if "fire/keep_ratio" in row]
+    assert len(rows) == 2
+    assert all(row["fire/response_tokens"] == 96 and row["fire/keep_ratio"] == 0.75 for row in rows)
+
+
 @pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
 def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objective):
     trainer = _trainer(
