@@ -119,7 +119,8 @@ torch.save(torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 def test_two_processes_select_over_both_and_end_with_the_same_weights(tmp_path):
     """Under torchrun the FiRe statistics span both processes' rollouts (each process generates
     4 x 2 rollouts of 6 tokens per step: 96 response tokens between them, 25 % of the 16 dropped),
-    no collective is left waiting, and DDP leaves both processes with the same weights."""
+    the metrics of each process's own rows are logged over both, no collective is left waiting,
+    and DDP leaves both processes with the same weights."""
     import json
     import os
     import subprocess
@@ -140,6 +141,11 @@ def test_two_processes_select_over_both_and_end_with_the_same_weights(tmp_path):
     rows = [row for row in json.loads((tmp_path / "log0.json").read_text()) if "fire/keep_ratio" in row]
     assert len(rows) == 2
     assert all(row["fire/response_tokens"] == 96 and row["fire/keep_ratio"] == 0.75 for row in rows)
+    # the metrics of each process's own rows are logged as the mean over both, the same on each
+    other = [row for row in json.loads((tmp_path / "log1.json").read_text()) if "fire/keep_ratio" in row]
+    for mine, theirs in zip(rows, other):
+        for key in ("fire/full_vocab_reverse_kl", "fire/divergence", "fire/dense_loss", "fire/keep_ratio"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-12), key
 
 
 @pytest.mark.parametrize("objective", ["full_vocab", "sampled"])

@@ -231,6 +231,26 @@ class FireOPDDistillationTrainer(DistillationTrainer):
             stats.divergence,
         )
 
+    # ------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log, with the `fire/*` metrics of every process: the loss metrics, the full-vocab
+        reverse KL and the padded-id count come from this process's rows (the selection's are
+        global already: the same on every process, so their mean is them). Reduced here, where
+        every process calls `log` in step, not inside the wrapped forward that computes them."""
+        mode = "train" if self.model is not None and self.model.training else "eval"
+        keys = sorted(k for k, v in self._metrics[mode].items() if k.startswith("fire/") and v)
+        if keys and self.accelerator.num_processes > 1:
+            local = [sum(self._metrics[mode][k]) / len(self._metrics[mode][k]) for k in keys]
+            total = self.accelerator.reduce(
+                torch.tensor(local, dtype=torch.float64, device=self.accelerator.device), reduction="sum"
+            ).tolist()
+            for key, value in zip(keys, total):  # a count is summed, every other value averaged
+                self._metrics[mode][key] = [
+                    value if key == "fire/padded_id_tokens" else value / self.accelerator.num_processes
+                ]
+        super().log(logs, start_time)
+
     # ------------------------------------------------------------------ the loss of one micro-batch
 
     def _compute_loss(self, unwrapped_student, inputs: dict[str, Any], num_items_in_batch):
