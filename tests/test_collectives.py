@@ -163,3 +163,25 @@ def test_ddp_wraps_without_a_buffer_broadcast_per_forward_or_a_deprecation_warni
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_wrap_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)
+
+
+def test_pooled_metrics_divide_the_sums_over_ranks(monkeypatch):
+    """mean_over_ranks' `pooled` pairs: numerators and denominators are summed over the ranks in
+    the same collective as the means, then divided (NaN where no rank has a row); one process
+    divides its own."""
+    assert distributed.mean_over_ranks({"m": 2.0}, pooled={"p": (3.0, 2.0), "none": (0.0, 0.0)}) == pytest.approx(
+        {"m": 2.0, "p": 1.5, "none": float("nan")}, nan_ok=True
+    )
+    reduced = []
+
+    def all_reduce(tensor, op=None, group=None):  # a second rank with m = 4, p = (1, 2), none = (0, 0)
+        reduced.append(tensor.tolist())
+        tensor += torch.tensor([1.0, 4.0, 0.0, 0.0, 1.0, 2.0], dtype=tensor.dtype)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "active", lambda group=None: True)
+    monkeypatch.setattr(distributed, "_host_values_device", lambda: torch.device("cpu"))
+    out = distributed.mean_over_ranks({"m": 2.0, "c": 1.0}, summed=("c",), pooled={"p": (3.0, 2.0), "none": (0.0, 0.0)})
+    assert len(reduced) == 1  # one collective for all of them
+    assert out == pytest.approx({"c": 2.0, "m": 3.0, "none": float("nan"), "p": 1.0}, nan_ok=True)

@@ -147,6 +147,10 @@ def test_one_and_two_processes_train_the_same_model(
             *(("fire/verified_rollouts", "fire/verified_reliable", "fire/verify_tokens") if fire == VERIFIED else ()),
         ):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
+        diagnostics = sorted(key for key in a if key.startswith("diag/"))  # what the filter dropped, pooled
+        assert diagnostics == sorted(key for key in b if key.startswith("diag/"))
+        for key in diagnostics:  # null where neither run kept (or dropped) a rollout of that kind
+            assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
         for key in ("train/loss", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     if fire == VERIFIED:
@@ -206,6 +210,10 @@ def test_vocab_parallel_lm_heads_train_the_same_model(tmp_path, objective):
             "train/full_vocab_reverse_kl",
         ):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # same rollouts and statistics
+        diagnostics = sorted(key for key in a if key.startswith("diag/"))  # what the filter dropped, pooled
+        assert diagnostics == sorted(key for key in b if key.startswith("diag/"))
+        for key in diagnostics:  # null where neither run kept (or dropped) a rollout of that kind
+            assert (a[key] is None and b[key] is None) or a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
         for key in ("train/loss", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
     assert rows_one[1]["eval/accuracy"] == rows_two[1]["eval/accuracy"]  # generation with sharded heads

@@ -18,8 +18,9 @@ reduction order.
 from __future__ import annotations
 
 import inspect
+import math
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -287,18 +288,26 @@ def max_over_ranks_each(values: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def mean_over_ranks(metrics: dict[str, float], *, summed: Iterable[str] = ()) -> dict[str, float]:
-    """Metrics of this rank's rows -> the global value: the mean over ranks (ranks hold equal
-    numbers of rollouts), or the sum for the keys in `summed`. Every rank must pass the same keys."""
-    if not active():
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_host_values_device())
-    count(values)
-    dist.all_reduce(values)
-    world = dist.get_world_size()
-    summed = set(summed)
-    return {k: float(v) if k in summed else float(v) / world for k, v in zip(keys, values.tolist())}
+def mean_over_ranks(
+    metrics: dict[str, float], *, summed: Iterable[str] = (), pooled: Mapping[str, tuple[float, float]] = {}
+) -> dict[str, float]:
+    """Metrics of this rank's rows -> the global value, in one collective: the mean over ranks
+    (ranks hold equal numbers of rollouts), or the sum for the keys in `summed`. `pooled`: name ->
+    (numerator, denominator) over this rank's rows, both summed over ranks before the division
+    (a mean over rows of which each rank holds its own number; NaN where no rank has one). Every
+    rank must pass the same keys."""
+    names = sorted(pooled)
+    if active():
+        keys = sorted(metrics)
+        flat = [float(metrics[k]) for k in keys] + [float(x) for name in names for x in pooled[name]]
+        values = torch.tensor(flat, dtype=torch.float64, device=_host_values_device())
+        count(values)
+        dist.all_reduce(values)
+        totals, world, summed = values.tolist(), dist.get_world_size(), set(summed)
+        metrics = {k: v if k in summed else v / world for k, v in zip(keys, totals)}
+        pooled = {name: (totals[len(keys) + 2 * i], totals[len(keys) + 2 * i + 1]) for i, name in enumerate(names)}
+    ratios = {name: (pooled[name][0] / pooled[name][1] if pooled[name][1] > 0 else math.nan) for name in names}
+    return {**metrics, **ratios}
 
 
 def any_rank(flag: bool) -> bool:

@@ -97,11 +97,16 @@ def filter_diagnostics(
     teacher_log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     samples_per_prompt: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """What the rollout filter drops, against what it keeps (the `diag/*` metrics): correctness,
     length, truncation, the prompt's difficulty (the mean reward of its group of rollouts, when
     there are several per prompt), the per-token advantage A_t = log pi_T - log pi_old, and where
-    the first token the teacher rejects (p_T < 0.1) sits. Empty groups report NaN."""
+    the first token the teacher rejects (p_T < 0.1) sits.
+
+    Returns (counts, pooled) over this process's rows: the kept and dropped rollout counts (to be
+    summed over processes), and every mean as (n m, n), this process's mean m over its n rows,
+    weighted so that processes that kept or dropped different numbers pool into the mean over
+    all their rows (`distributed.mean_over_ranks`'s `pooled`; NaN where no process has a row)."""
     mask = response_mask.cpu()
     kept_rollouts, has_tokens = kept_rollouts.cpu(), mask.any(dim=1)
     advantage = torch.where(mask, (teacher_log_prob - old_log_prob).cpu(), 0.0)
@@ -110,22 +115,23 @@ def filter_diagnostics(
     first_reject = torch.where(rejected.any(dim=1), rejected.float().argmax(dim=1).float(), float("nan"))
     correct = health["correct"].float()
     group_reward = correct.view(-1, samples_per_prompt).mean(dim=1).repeat_interleave(samples_per_prompt)
-    out = {}
+
+    def weighted_mean(x: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
+        n = int(rows.sum())
+        return (float(x[rows].float().mean()) * n, float(n)) if n else (0.0, 0.0)
+
+    counts, pooled = {}, {}
     for name, rows in (("kept", kept_rollouts & has_tokens), ("dropped", ~kept_rollouts & has_tokens)):
-        count = int(rows.sum())
-        mean = (lambda x: float(x[rows].float().mean())) if count else (lambda x: float("nan"))
-        out[f"diag/{name}_rollouts"] = float(count)
-        out[f"diag/{name}_correct"] = mean(correct)
-        out[f"diag/{name}_length"] = mean(lengths)
-        out[f"diag/{name}_truncated"] = mean(health["truncated"])
-        out[f"diag/{name}_advantage_per_token"] = (
-            float(advantage[rows].sum() / lengths[rows].sum()) if count else float("nan")
+        counts[f"diag/{name}_rollouts"] = float(rows.sum())
+        pooled[f"diag/{name}_correct"] = weighted_mean(correct, rows)
+        pooled[f"diag/{name}_length"] = weighted_mean(lengths, rows)
+        pooled[f"diag/{name}_truncated"] = weighted_mean(health["truncated"], rows)
+        tokens = float(lengths[rows].sum())  # the advantage's mean is over tokens, not rollouts
+        pooled[f"diag/{name}_advantage_per_token"] = (
+            (float(advantage[rows].sum() / lengths[rows].sum()) * tokens, tokens) if tokens else (0.0, 0.0)
         )
-        out[f"diag/{name}_with_rejected_token"] = mean(rejected.any(dim=1))
-        reject_rows = rows & ~first_reject.isnan()
-        out[f"diag/{name}_first_rejected_position"] = (
-            float(first_reject[reject_rows].mean()) if bool(reject_rows.any()) else float("nan")
-        )
+        pooled[f"diag/{name}_with_rejected_token"] = weighted_mean(rejected.any(dim=1), rows)
+        pooled[f"diag/{name}_first_rejected_position"] = weighted_mean(first_reject, rows & ~first_reject.isnan())
         if samples_per_prompt > 1:
-            out[f"diag/{name}_prompt_group_reward"] = mean(group_reward)
-    return out
+            pooled[f"diag/{name}_prompt_group_reward"] = weighted_mean(group_reward, rows)
+    return counts, pooled

@@ -93,6 +93,8 @@ class Updater:
 
         metrics: dict = {}  # the whole batch's selection statistics (already global)
         local: dict = {}  # this process's values, made global in one collective after the micro-steps
+        counts: dict = {}  # ... of which these are summed over processes
+        pooled: dict = {}  # ... and these (numerator, denominator) pairs pooled (health.filter_diagnostics)
         by_micro_batch = cfg.loss.stats_scope == "micro_batch"
         if not by_micro_batch:
             selection = compute_fire_advantages(
@@ -102,7 +104,7 @@ class Updater:
             normalizer = loss_normalizer(selection.loss_mask, cfg.loss.agg_mode)
             metrics = dict(selection.metrics)
             if health is not None and cfg.fire.filters:
-                diagnostics = filter_diagnostics(
+                counts, pooled = filter_diagnostics(
                     selection.kept_rollouts,
                     health,
                     mask,
@@ -110,7 +112,6 @@ class Updater:
                     old_log_prob,
                     cfg.sampling.samples_per_prompt,
                 )
-                local.update(diagnostics)
 
         # the module whose forward computes the loss, inside its DDP wrapper when it has one
         student = parallel.wrapper if parallel.wrapper is not None else self.student
@@ -144,8 +145,8 @@ class Updater:
             if not batch.padding:
                 loss_metrics = _accumulate(loss_metrics, batch_metrics, real)
         # the loss is summed over processes (each share already divided), every other value averaged
-        local.update({**loss_metrics, "train/loss": total_loss})
-        local = distributed.mean_over_ranks(local, summed=("train/loss",))
+        local.update({**loss_metrics, **counts, "train/loss": total_loss})
+        local = distributed.mean_over_ranks(local, summed=("train/loss", *counts), pooled=pooled)
         grad_norm = parallel.clip_grad_norm(self.student.model, cfg.optim.max_grad_norm)
         skipped = self._skip_if_not_finite(local["train/loss"], grad_norm, state)
         if not skipped:
