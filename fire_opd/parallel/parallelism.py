@@ -164,7 +164,9 @@ class Parallelism:
 
     def micro_batch_scale(self, micro_batches: int) -> float:
         """The weight of one micro-batch's own-normalized loss when statistics are per micro-batch:
-        the mean over every process's micro-batches."""
+        each process's mean over its `micro_batches`, averaged over the processes, as the released
+        code's gradient accumulation under DDP does (the mean over all processes' micro-batches
+        when each has as many: one teacher, or the sampled objective)."""
         return 1 / (micro_batches * self.world_size)
 
     @property
