@@ -262,9 +262,9 @@ def compute_fire_advantages(
         host = torch.cat([pairs[:, 0] / pairs[:, 1], pairs[:, 1], weight_range.to(pairs.dtype)]).tolist()
         ratios, denominators, (minus_lowest, highest) = host[:k], host[k : 2 * k], host[2 * k :]
         metrics = {name: r if d > 0 else 0.0 for name, r, d in zip(fractions, ratios, denominators)}
-        if groups_spread:
-            del metrics["fire/threshold"]  # set below, left out when no process ranked a group
-            threshold = ratios[k - 1] if denominators[k - 1] > 0 else float("-inf")
+        if groups_spread:  # set below, left out when no process ranked a group
+            spread_mean = metrics.pop("fire/threshold")
+            threshold = spread_mean if denominators[k - 1] > 0 else float("-inf")
         has_weights = math.isfinite(minus_lowest)
         metrics.update(
             {

@@ -51,6 +51,7 @@ from fire_opd.algorithm.options import LOSS_AGG_MODES, OBJECTIVES, FireOptions, 
 from fire_opd.algorithm.selection import compute_fire_advantages
 from fire_opd.ops.heads import lm_head
 from fire_opd.ops.loss_from_hidden import FireOPDLoss, response_token_stats
+from fire_opd.parallel import distributed
 from fire_opd.parallel.parallelism import averaged_gradient_scale, plan_micro_batches
 from fire_opd.train.models import shared_vocabulary
 
@@ -239,16 +240,10 @@ class FireOPDDistillationTrainer(DistillationTrainer):
         global already: the same on every process, so their mean is them). Reduced here, where
         every process calls `log` in step, not inside the wrapped forward that computes them."""
         mode = "train" if self.model is not None and self.model.training else "eval"
-        keys = sorted(k for k, v in self._metrics[mode].items() if k.startswith("fire/") and v)
-        if keys and self.accelerator.num_processes > 1:
-            local = [sum(self._metrics[mode][k]) / len(self._metrics[mode][k]) for k in keys]
-            total = self.accelerator.reduce(
-                torch.tensor(local, dtype=torch.float64, device=self.accelerator.device), reduction="sum"
-            ).tolist()
-            for key, value in zip(keys, total):  # a count is summed, every other value averaged
-                self._metrics[mode][key] = [
-                    value if key == "fire/padded_id_tokens" else value / self.accelerator.num_processes
-                ]
+        local = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if k.startswith("fire/") and v}
+        if local and distributed.active():  # a count is summed, every other value averaged
+            reduced = distributed.mean_over_ranks(local, summed=("fire/padded_id_tokens",))
+            self._metrics[mode].update({k: [v] for k, v in reduced.items()})
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ the loss of one micro-batch
