@@ -1,4 +1,6 @@
-"""Where the benchmarks write their figures: benchmarks/results/<name>-<device>-<date>.{json,md}."""
+"""Where the benchmarks write their figures: benchmarks/results/<name>-<device>-<date>.{json,md},
+each stamped with the code it measured (`provenance`), so that a figure quoted later can say
+whether it is still the final code's."""
 
 from __future__ import annotations
 
@@ -18,10 +20,31 @@ def device_label(cuda: bool = False) -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def provenance() -> dict:
+    """What a result measured: the commit ("+dirty" when fire_opd / fire_kernels differ from it;
+    "unknown" outside a git checkout, as on a lent GPU machine), the hash of the package's source
+    (which says it without git), the package, torch and Python versions, and the UTC time."""
+    import torch
+
+    from fire_opd.demo.provenance import stamp
+
+    return {**stamp(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def provenance_line(stamp: dict) -> str:
+    """One Markdown line for `provenance()`."""
+    return (
+        f"Measured on commit {stamp['commit']} (source hash {stamp['code_hash']}), torch {stamp['torch']}, "
+        f"{stamp['date']}."
+    )
+
+
 def write_results(out: Path, name: str, title: str, rows, table: str, device: str) -> Path:
-    """rows as JSON and `table` as Markdown under `title`, side by side; returns the path stem."""
+    """rows as JSON (with their provenance) and `table` as Markdown under `title`, side by side;
+    returns the path stem."""
     stem = out / f"{name}-{device}-{_dt.date.today().isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    stem.with_suffix(".md").write_text(f"## {title}: {device}\n\n{table}\n")
+    stamp = provenance()
+    stem.with_suffix(".json").write_text(json.dumps({"provenance": stamp, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(f"## {title}: {device}\n\n{provenance_line(stamp)}\n\n{table}\n")
     return stem

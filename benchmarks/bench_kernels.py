@@ -51,6 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E402
 from _peers import method_fn  # noqa: E402  (one adapter per method)
+from _results import provenance, provenance_line  # noqa: E402
 
 # Model pairs (vocab, student D, teacher D): Qwen3 4B student / 8B teacher, Llama 3 8B, Gemma 2 2B.
 SHAPES = {
@@ -63,9 +64,11 @@ SHAPES = {
     # the GPU check's Qwen3 pair (Qwen3-8B student, Qwen3-14B teacher)
     "qwen3-8b-14b": {"vocab": 151_936, "d_student": 4096, "d_teacher": 5120},
 }
-# Which shapes each workload runs by default (the CPU budget of one run is ~15 minutes).
+# Which shapes each workload runs by default (the CPU budget of one run is ~15 minutes); every
+# workload of METHODS has one (tests/test_benchmarks.py)
 DEFAULT_PLAN = {
     "logprob": ["qwen3-narrow"],
+    "jsd_loss": ["qwen3-narrow"],
     "kl": ["qwen3-narrow"],
     "stats": ["qwen3", "llama3", "gemma2"],
     "jsd": ["qwen3"],
@@ -216,6 +219,7 @@ def run_suite(args, checkpoint=None) -> dict:
         "date": _dt.date.today().isoformat(),
         "dtype": args.dtype,
         "torch_threads": os.cpu_count(),
+        "provenance": provenance(),
         "rows": rows,
         "sweeps": sweeps,
     }
@@ -300,6 +304,8 @@ def markdown(result: dict) -> str:
     mib = 2**20
     lines = [
         f"## Kernel benchmark: {result['device']}, {result['date']}, {result['dtype']}",
+        "",
+        provenance_line(result["provenance"]),
         "",
         "Time: median forward+backward. Peak: tensor memory allocated above the inputs (CPU: the "
         "profiler's allocation events; CUDA: the allocator), including the gradient buffers. Working set: "

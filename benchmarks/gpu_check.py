@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_kernels  # noqa: E402
+from _results import provenance, provenance_line  # noqa: E402
 
 # name: (what it reproduces, workload, shape, methods, published figure)
 ANCHORS = {
@@ -142,6 +143,8 @@ def markdown(result: dict) -> str:
         f"## GPU check: {result['device']}, {result['date']}, {result['dtype']}"
         + (" (DRY RUN on the CPU, tiny shapes: the figures mean nothing)" if result["dry"] else ""),
         "",
+        provenance_line(result["provenance"]),
+        "",
         f"CUDA tests: {result['tests']['summary']} ({result['tests']['seconds']:.0f} s).",
         "",
         "Time: median forward + backward of the repeats after a warm-up; peak: tensor memory above the inputs "
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
         "date": _dt.date.today().isoformat(),
         "dtype": dtype,
         "dry": dry,
+        "provenance": provenance(),
         "tests": tests,
         "rows": rows,
         "seconds": time.perf_counter() - started,
