@@ -69,25 +69,28 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Everything that needs a GPU, in one command (benchmarks/gpu_check.py): the CUDA tests, then the
-# anchor workloads side by side; results to benchmarks/results/<gpu>-<date>-gpu-check.*. On a CUDA
-# machine it runs with that machine's own python3 (its CUDA build of torch; nothing is downloaded
-# there: peers come as wheels from .whl/, which `make gpu-wheels` fills here). Without CUDA it is
-# the dry run on tiny shapes.
+# anchor workloads side by side; results to $(GPU_CHECK_OUT) (default benchmarks/results), written
+# as each phase and row finishes. On a CUDA machine benchmarks/gpu_check.sh runs it with that
+# machine's own python3 (its CUDA build of torch; nothing is downloaded there: peers come as
+# wheels from .whl/, which `make gpu-wheels` fills here). Without CUDA it is the dry run on tiny
+# shapes. On a lent machine: `make gpu-check GPU_CHECK_OUT=$$OUT` (docs/development.md).
 GPU_PYTHON ?= python3
-GPU_SITE   ?= /tmp/fire-opd-site
+GPU_CHECK_OUT ?=
 gpu-check:
 	@if $(GPU_PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
-	  if ls .whl/*.whl >/dev/null 2>&1; then \
-	    $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; fi; \
-	  PYTHONPATH=$(CURDIR):$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py; \
+	  GPU_PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT); \
 	else \
 	  $(MAKE) --no-print-directory $(STAMP) && $(PY) benchmarks/gpu_check.py --dry; \
 	fi
 
-# The GPU check's peers, as wheels to carry to a machine that cannot download (pure Python).
+# The GPU check's peers and what they need that the lent machines' image lacks, as wheels to carry
+# there (that machine reaches no registry). Fetched for its Python (3.12 on 2026-11's image), not
+# this one's: multiprocess ships one wheel per Python version.
+GPU_PYTHON_VERSION ?= 3.12
 gpu-wheels:
-	$(PYTHON) -m pip download -q --no-deps -d .whl "cut-cross-entropy==25.1.1" "liger-kernel==0.8.5" "trl==1.16.0" \
-	  "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19"
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) -d .whl \
+	  "cut-cross-entropy==25.1.1" "liger-kernel==0.8.5" "trl==1.16.0" "datasets==5.2.0" "dill==0.4.1" \
+	  "multiprocess==0.70.19"
 
 # Does distillation help, and does FiRe-OPD beat OPD: the learning-rate sweep on validation (seed 0),
 # then the paper's four methods x 3 seeds on the steps (200 steps), steps-100, brittle-teacher and chain

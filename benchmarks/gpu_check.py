@@ -20,22 +20,33 @@
    carry): Apple's cut-cross-entropy, Liger, TRL's trl.kernels, torch.compile'd reference. Both of
    our GPU paths run (`triton`; `chunked` = cuBLAS tiles + Triton folds), so that the `auto`
    backend can be chosen from the measurement.
-3. Results: benchmarks/results/<gpu>-<date>-gpu-check.{json,md,png}.
+3. Results: <out>/<gpu>-<date>-gpu-check.{json,md} after the tests and again after every anchor
+   row (so that a check stopped at the lent machine's time limit still brings back what it
+   measured), the .png at the end, and the tests' log, one line per test as it finishes
+   (<stem>-tests.log); <out> is --out, default benchmarks/results. Every file names the code it
+   measured (commit where git is there, and the source hash, which holds without it).
+
+Time: the tests stop after --tests-budget-s (240 s; on CUDA 8 pytest-xdist processes share the
+GPU, since we expect compiling each shape specialization of the Triton kernels, one CPU core per
+process, to take most of the suite's time: not yet measured), and the whole check ends within
+--budget-s (480 s): no anchor row starts with less than 30 s left, and none runs past the budget.
 
 --dry runs the same steps on the CPU at tiny shapes (the CUDA-only peers and cases report "needs
 CUDA"), writes nothing unless --out is given, and is part of `make test`, so that this script
-cannot rot between the rare days a GPU is lent. A row that would start past --budget-s is not
-run and says so.
+cannot rot between the rare days a GPU is lent.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,32 +89,58 @@ ANCHORS = {
 }
 GPU_TOKENS = 8192
 DRY_TOKENS = 16
+OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED")
+ROW_TIMEOUT_S = 240  # one method of one anchor, its warm-up and repeats
+MIN_ROW_S = 30  # a row that could not finish in less is not started
+FIRST = ("floor", "chunked", "triton")  # every anchor's ratios and the `auto` choice need these
 
 
-def run_cuda_tests(dry: bool) -> dict:
-    """tests/test_cuda.py on the check's device; its summary line and exit status."""
+def run_cuda_tests(dry: bool, log: Path, budget_s: float, workers: int) -> dict:
+    """tests/test_cuda.py on the check's device: one line per test streamed to `log` as it
+    finishes (a check stopped at the machine's time limit still brings back what passed), stopped
+    after `budget_s`; on CUDA `workers` pytest-xdist processes share the GPU, since most of the
+    suite's time there should be Triton compiling each new shape specialization on one CPU core
+    (the image has pytest-xdist; without it the tests run in one process).
+    Returns the exit status, the summary and the counts."""
     env = {**os.environ, "FIRE_OPD_TEST_DEVICE": "cpu" if dry else "cuda", "PYTHONPATH": str(ROOT)}
+    # pyproject's addopts has -q: -vv makes one line per test (and keeps pytest's "N passed" line)
+    command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-rs", "-vv"]
+    if not dry and workers > 1 and importlib.util.find_spec("xdist") is not None:
+        command += ["-n", str(workers)]
     t0 = time.perf_counter()
-    # pyproject's addopts already has -q: one more would drop pytest's "N passed" line
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda.py"), "-rs"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    summary = next(
-        (line for line in reversed(lines) if " passed" in line or " failed" in line or " error" in line),
-        lines[-1] if lines else "no output",
-    )
-    print(proc.stdout[-4000:] if proc.returncode else summary, flush=True)
-    return {"returncode": proc.returncode, "summary": summary.strip("= "), "seconds": time.perf_counter() - t0}
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        try:
+            returncode = proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:  # the whole group: xdist's workers too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    counts = {word.lower(): sum(f" {word}" in line and "::" in line for line in lines) for word in OUTCOMES}
+    if returncode is None:
+        summary = f"stopped after {budget_s:.0f}s: " + ", ".join(f"{n} {w}" for w, n in counts.items() if n)
+        returncode = 124
+    else:
+        summary = next(
+            (line for line in reversed(lines) if " passed" in line or " failed" in line or " error" in line),
+            lines[-1] if lines else "no output",
+        ).strip("= ")
+    failing = [line for line in lines if "::" in line and (" FAILED" in line or " ERROR" in line)]
+    print("\n".join([*failing[:40], summary]), flush=True)
+    return {"returncode": returncode, "summary": summary, "counts": counts, "seconds": time.perf_counter() - t0}
 
 
-def run_anchors(dry: bool, device: str, dtype: str, budget_s: float, started: float, repeats: int) -> list[dict]:
+def run_anchors(
+    dry: bool, device: str, dtype: str, budget_s: float, started: float, repeats: int, checkpoint
+) -> list[dict]:
     """Every anchor's methods, each in its own process (one at a time on a GPU, so that timings
-    and peaks are undisturbed; the dry run's figures mean nothing, so it runs one per core)."""
+    and peaks are undisturbed; the dry run's figures mean nothing, so it runs one per core).
+    First the rows `auto` is chosen from (FIRST: the floor and both of our paths on every anchor),
+    then the peers, so that a budget cut short costs the comparisons before our own figures. No
+    row starts with less than MIN_ROW_S of the budget left, none runs past the budget, and
+    `checkpoint(rows)` gets the finished rows after each one."""
     rows = [
         {
             "anchor": name,
@@ -114,26 +151,31 @@ def run_anchors(dry: bool, device: str, dtype: str, budget_s: float, started: fl
             "tokens": DRY_TOKENS if dry else GPU_TOKENS,
             "published": published,
         }
+        for first in (True, False)
         for name, (title, workload, shape, methods, published) in ANCHORS.items()
         for method in methods
+        if (method in FIRST) == first
     ]
 
     def measure(row: dict) -> dict:
         if row["method"] in bench_kernels.CUDA_ONLY and not device.startswith("cuda"):
             return {**row, "error": "needs CUDA"}
-        if time.perf_counter() - started > budget_s:
+        left = budget_s - (time.perf_counter() - started)
+        if left < MIN_ROW_S:
             return {**row, "error": f"not run: past the {budget_s:.0f}s budget"}
         result = bench_kernels.run_one(
-            row["workload"], row["method"], row["shape"], row["tokens"], device, dtype, repeats, timeout=240
-        )
+            row["workload"], row["method"], row["shape"], row["tokens"], device, dtype, repeats,
+            timeout=int(min(ROW_TIMEOUT_S, left)),
+        )  # fmt: skip
         return {**row, **result}
 
-    done = []
+    done: list[dict] = []
     with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) if dry else 1) as pool:
         for row in pool.map(measure, rows):  # in order: a row prints once it and those before it are done
             bench_kernels._print_row(row)
             done.append(row)
-    bench_kernels._add_ratios(done)
+            bench_kernels._add_ratios(done)
+            checkpoint(done)
     return done
 
 
@@ -196,7 +238,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (automatic without CUDA)")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="no row starts after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="the whole check ends within this many seconds")
+    parser.add_argument("--tests-budget-s", type=float, default=240.0, help="the CUDA tests stop after this long")
+    parser.add_argument("--test-workers", type=int, default=8, help="pytest-xdist processes for the CUDA tests")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; --dry: none)")
     parser.add_argument("--no-tests", action="store_true", help="only the anchors")
     args = parser.parse_args(argv)
@@ -208,20 +252,15 @@ def main(argv=None) -> int:
     if dry and not args.dry:
         print("gpu-check: no CUDA device here, so this is the DRY RUN (tiny shapes on the CPU)", flush=True)
     device, dtype = ("cpu", "float32") if dry else ("cuda", "bfloat16")
-    tests = (
-        {"returncode": 0, "summary": "not run (--no-tests)", "seconds": 0.0} if args.no_tests else run_cuda_tests(dry)
-    )
-    rows = run_anchors(dry, device, dtype, args.budget_s, started, repeats=1 if dry else 3)
     result = {
         "device": bench_kernels.device_name(device),
         "date": _dt.date.today().isoformat(),
         "dtype": dtype,
         "dry": dry,
         "provenance": provenance(),
-        "tests": tests,
-        "rows": rows,
-        "seconds": time.perf_counter() - started,
         "torch": torch.__version__,
+        "tests": {"returncode": None, "summary": "not run yet", "seconds": 0.0},
+        "rows": [],
     }
     try:
         import triton
@@ -229,16 +268,43 @@ def main(argv=None) -> int:
         result["triton"] = triton.__version__
     except ImportError:
         pass
-    text = markdown(result)
-    print(text)
     out = args.out if args.out is not None else (None if dry else bench_kernels.RESULTS)
+    scratch = tempfile.TemporaryDirectory()
+    stem = Path(scratch.name) / "gpu-check"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"{result['device']}-{result['date']}-gpu-check{'-dry' if dry else ''}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        stem.with_suffix(".md").write_text(text)
-        plot(result, stem.with_suffix(".png"))
-        print(f"results: {stem}.json / .md / .png")
+
+    def save(complete: bool = False) -> None:
+        """The results so far (every phase and anchor row adds to them), so that a check stopped
+        at the machine's limit still brings back what it measured."""
+        result["seconds"] = time.perf_counter() - started
+        if out is None:
+            return
+        stem.with_suffix(".json").write_text(json.dumps({**result, "complete": complete}, indent=1))
+        stem.with_suffix(".md").write_text(markdown(result))
+        if complete:
+            plot(result, stem.with_suffix(".png"))
+
+    if args.no_tests:
+        result["tests"] = {"returncode": 0, "summary": "not run (--no-tests)", "seconds": 0.0}
+    else:
+        budget = min(args.tests_budget_s, args.budget_s)
+        result["tests"] = run_cuda_tests(dry, stem.with_name(stem.name + "-tests.log"), budget, args.test_workers)
+    save()
+
+    def checkpoint(rows: list[dict]) -> None:
+        result["rows"] = rows
+        save()
+
+    rows = run_anchors(dry, device, dtype, args.budget_s, started, 1 if dry else 3, checkpoint)
+    result["rows"] = rows
+    save(complete=True)
+    print(markdown(result))
+    if out is not None:
+        print(f"results: {stem}.json / .md / .png / -tests.log")
+    scratch.cleanup()
+    tests = result["tests"]
     failed = [
         r
         for r in rows

@@ -33,3 +33,67 @@ def test_result_files_name_the_code_they_measured(tmp_path):
     assert stamp["code_hash"] == code_hash()  # the package source, known without git (a lent GPU machine)
     assert stamp["commit"]  # a short hash, with +dirty when the package differs from it, or "unknown"
     assert provenance_line(stamp) in stem.with_suffix(".md").read_text()
+
+
+# ----------------------------------------------------------------------------- the GPU check
+# A lent GPU machine gives back only the files of a folder, and stops a command at its time limit:
+# the check must leave what it has measured on disk after every phase and row, and stop its own
+# phases in time.
+
+import gpu_check  # noqa: E402
+
+
+def test_the_gpu_check_hands_each_finished_row_to_its_checkpoint_in_order(monkeypatch):
+    def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout):
+        assert 0 < timeout <= gpu_check.ROW_TIMEOUT_S  # no row may run past the budget
+        return {"time_s": 0.001, "peak_above_inputs_bytes": 1, "grad_bytes": 0, "input_bytes": 1}
+
+    monkeypatch.setattr(gpu_check.bench_kernels, "run_one", run_one)
+    saved: list[list[str]] = []
+    rows = gpu_check.run_anchors(
+        True, "cpu", "float32", 600.0, gpu_check.time.perf_counter(), 1, lambda done: saved.append(
+            [r["method"] for r in done])
+    )  # fmt: skip
+    assert [len(s) for s in saved] == list(range(1, len(rows) + 1))
+    assert saved[-1] == [r["method"] for r in rows]  # in the order they ran
+    ours = [r["method"] in gpu_check.FIRST for r in rows]  # the floor and our paths before any peer
+    assert ours == sorted(ours, reverse=True) and sum(ours) == 3 * len(gpu_check.ANCHORS)
+    cuda_only = [r for r in rows if r["method"] in gpu_check.bench_kernels.CUDA_ONLY]
+    assert cuda_only and all(r["error"] == "needs CUDA" for r in cuda_only)
+
+
+def test_the_gpu_check_writes_its_files_when_no_row_fits_the_budget(tmp_path):
+    assert gpu_check.main(["--dry", "--no-tests", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    (saved,) = [json.loads(p.read_text()) for p in tmp_path.glob("*-gpu-check-dry.json")]
+    assert saved["complete"] and saved["provenance"]["code_hash"] == code_hash()
+    assert saved["rows"] and all(r["error"].startswith(("not run", "needs CUDA")) for r in saved["rows"])
+    assert len(list(tmp_path.glob("*-gpu-check-dry.*"))) == 3  # .json, .md, .png
+
+
+def test_the_gpu_check_stops_its_tests_at_their_budget_and_keeps_their_log(tmp_path):
+    """The whole pytest process group is stopped (its xdist workers on a GPU), and the summary
+    says so; the log is the one the device brings back."""
+    log = tmp_path / "tests.log"
+    started = gpu_check.time.perf_counter()
+    tests = gpu_check.run_cuda_tests(True, log, budget_s=2.0, workers=1)
+    assert gpu_check.time.perf_counter() - started < 30
+    assert tests["returncode"] == 124 and tests["summary"].startswith("stopped after 2s")
+    assert log.exists()
+
+
+def test_every_result_file_the_docs_cite_is_committed():
+    """A figure in the README or the docs names the file it came from; that file must be there
+    (a path under benchmarks/results/, or a dated result file's bare name)."""
+    import re
+
+    results = ROOT / "benchmarks" / "results"
+    names = {p.name for p in results.rglob("*")}
+    cited = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for path in re.findall(r"benchmarks/results/([A-Za-z0-9_./-]*[A-Za-z0-9_/-])", text):
+            cited.append((page.name, path, (results / path).exists()))
+        for name in re.findall(r"`([A-Za-z0-9_.-]+-20\d\d-\d\d-\d\d[A-Za-z0-9_.-]*\.(?:md|txt|json|png))`", text):
+            cited.append((page.name, name, name in names))
+    assert len(cited) > 20
+    assert [(page, path) for page, path, found in cited if not found] == []
