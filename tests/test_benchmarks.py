@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -97,3 +99,37 @@ def test_every_result_file_the_docs_cite_is_committed():
             cited.append((page.name, name, name in names))
     assert len(cited) > 20
     assert [(page, path) for page, path, found in cited if not found] == []
+
+
+# ----------------------------------------------------------------------------- revisions compared
+def test_compare_revisions_runs_the_base_from_its_own_unpacked_tree_in_alternating_order(tmp_path, monkeypatch):
+    """`compare_revisions.py --base REV` times REV's own worker script from a `git archive` of REV
+    beside the working tree, alternating which goes first; the table's last column is new / base of
+    the median ratio to the floor. (The workers are replaced here: a real row takes seconds.)"""
+    import compare_revisions
+
+    calls = []
+
+    def fake_worker(tree, workload, method, args):
+        assert (tree / "benchmarks" / "bench_kernels.py").is_file()
+        assert (tree / "fire_kernels" / "__init__.py").is_file()
+        version = "new" if tree == ROOT else "base"
+        calls.append((version, method))
+        # base: chunked 1.5x the floor; new: 1.2x
+        return {"floor": 2.0, "chunked": 3.0 if version == "base" else 2.4}[method]
+
+    monkeypatch.setattr(compare_revisions, "_worker", fake_worker)
+    assert compare_revisions.main(["--base", "HEAD", "--workloads", "kl", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    assert [v for v, m in calls if m == "floor"] == ["base", "new", "new", "base"]
+    (md,) = tmp_path.glob("compare-*.md")
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| kl |")]
+    assert rows[0].split("|")[6].strip() == "1.50" and rows[1].split("|")[6].strip() == "1.20"
+    assert rows[1].split("|")[7].strip() == "0.80"
+
+
+def test_compare_revisions_names_a_bad_base_before_running_anything(capsys):
+    import compare_revisions
+
+    with pytest.raises(SystemExit):
+        compare_revisions.main(["--base", "no-such-revision"])
+    assert "--base: expected a git revision" in capsys.readouterr().err
