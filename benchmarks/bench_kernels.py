@@ -43,6 +43,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,11 +170,13 @@ def worker(args) -> dict:
 # ----------------------------------------------------------------------------- driver side
 
 
-def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout) -> dict:
+def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout, tree: Path | None = None) -> dict:
+    """One row in a fresh worker process. `tree`: another checkout whose own worker script runs,
+    with that checkout's packages first on the path (benchmarks/compare_revisions.py)."""
     named = isinstance(shape, str)
     cmd = [
         sys.executable,
-        __file__,
+        str(tree / "benchmarks" / "bench_kernels.py") if tree else __file__,
         "--worker",
         "--workload",
         workload,
@@ -191,8 +194,12 @@ def run_one(workload, method, shape, tokens, device, dtype, repeats, timeout) ->
         str(repeats),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cwd = None
+    if tree:
+        env["PYTHONPATH"] = str(tree)
+        cwd = tempfile.gettempdir()  # outside both checkouts: the installed package must not shadow `tree`
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout}s"}
     if proc.returncode != 0:

@@ -17,8 +17,6 @@ ratio, and new / base of that ratio. Results: benchmarks/results/compare-<base>-
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,33 +29,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def _worker(tree: Path, workload: str, method: str, args) -> float:
     """One row's median time (s) from `tree`'s own bench_kernels worker, with `tree` on the path."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(tree)
-    cmd = [
-        sys.executable,
-        str(tree / "benchmarks" / "bench_kernels.py"),
-        "--worker",
-        "--workload",
-        workload,
-        "--method",
-        method,
-        "--shape",
-        args.shape,
-        "--tokens",
-        str(args.tokens),
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--repeats",
-        str(args.repeats),
-    ]
-    # cwd outside both trees: the installed package must not shadow PYTHONPATH's
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        raise SystemExit(f"{tree.name}: {workload}/{method} failed: {tail}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["time_s"])
+    from bench_kernels import run_one
+
+    row = run_one(workload, method, args.shape, args.tokens, "cpu", "float32", args.repeats, args.timeout, tree=tree)
+    if "error" in row:
+        raise SystemExit(f"{tree}: {workload}/{method} failed: {row['error']}")
+    return float(row["time_s"])
 
 
 def compare(trees: dict[str, Path], args) -> list[dict]:
@@ -114,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median), after a warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="old/new pairs per workload, order alternating")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per row")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.tokens < 1:
