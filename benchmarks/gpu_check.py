@@ -179,6 +179,31 @@ def run_anchors(
     return done
 
 
+def paths_table(rows: list[dict]) -> list[str]:
+    """Our two GPU paths side by side on every anchor, the figures `auto` is chosen from: time and
+    peak of `chunked` (cuBLAS tiles + Triton folds) and `triton` (fused tiles), and which is faster."""
+    mib = 2**20
+    lines = [
+        "| anchor | chunked (ms) | triton (ms) | triton / chunked | chunked peak (MiB) | triton peak (MiB) | faster |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (title, *_rest) in ANCHORS.items():
+        by_method = {r["method"]: r for r in rows if r["anchor"] == name}
+        ours = [by_method.get(m, {"error": "not run"}) for m in ("chunked", "triton")]
+        if any("error" in r for r in ours):
+            why = "; ".join(f"{m}: {r['error'][:60]}" for m, r in zip(("chunked", "triton"), ours) if "error" in r)
+            lines.append(f"| {title} | | | | | | {why} |")
+            continue
+        chunked, triton = ours
+        ratio = triton["time_s"] / chunked["time_s"]
+        lines.append(
+            f"| {title} | {chunked['time_s'] * 1e3:.1f} | {triton['time_s'] * 1e3:.1f} | {ratio:.2f} | "
+            f"{chunked['peak_above_inputs_bytes'] / mib:.0f} | {triton['peak_above_inputs_bytes'] / mib:.0f} | "
+            f"{'triton' if ratio < 1 else 'chunked'} |"
+        )
+    return lines
+
+
 def markdown(result: dict) -> str:
     mib = 2**20
     lines = [
@@ -191,6 +216,10 @@ def markdown(result: dict) -> str:
         "",
         "Time: median forward + backward of the repeats after a warm-up; peak: tensor memory above the inputs "
         "(CUDA allocator). × floor: against the bare matrix products of the same workload in the same run.",
+        "",
+        "### Our two paths (what `auto` is chosen from)",
+        "",
+        *paths_table(result["rows"]),
         "",
     ]
     for name, (title, *_rest, published) in ANCHORS.items():

@@ -64,6 +64,25 @@ def test_the_gpu_check_hands_each_finished_row_to_its_checkpoint_in_order(monkey
     assert cuda_only and all(r["error"] == "needs CUDA" for r in cuda_only)
 
 
+def test_the_gpu_check_puts_our_two_paths_side_by_side_for_auto():
+    """The Markdown that comes back from a lent machine opens with chunked against triton on every
+    anchor (the figures `auto` is set from), naming a path that failed or did not run."""
+    first, second, third, *_ = gpu_check.ANCHORS
+    mib = 2**20
+    rows = [
+        {"anchor": first, "method": "chunked", "time_s": 0.004, "peak_above_inputs_bytes": 300 * mib},
+        {"anchor": first, "method": "triton", "time_s": 0.003, "peak_above_inputs_bytes": 200 * mib},
+        {"anchor": second, "method": "chunked", "time_s": 0.002, "peak_above_inputs_bytes": mib},
+        {"anchor": second, "method": "triton", "error": "RuntimeError: out of resources"},
+    ]
+    table = gpu_check.paths_table(rows)
+    assert len(table) == 2 + len(gpu_check.ANCHORS)
+    assert table[2].split("|")[2:8] == [" 4.0 ", " 3.0 ", " 0.75 ", " 300 ", " 200 ", " triton "]
+    assert "triton: RuntimeError: out of resources" in table[3]
+    assert "chunked: not run" in table[4] and "triton: not run" in table[4]
+    assert gpu_check.ANCHORS[third][0] in table[4]
+
+
 def test_the_gpu_check_writes_its_files_when_no_row_fits_the_budget(tmp_path):
     assert gpu_check.main(["--dry", "--no-tests", "--budget-s", "0", "--out", str(tmp_path)]) == 0
     (saved,) = [json.loads(p.read_text()) for p in tmp_path.glob("*-gpu-check-dry.json")]
