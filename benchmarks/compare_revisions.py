@@ -80,7 +80,7 @@ def table(rows: list[dict], base: str, method: str) -> str:
 
 
 def main(argv=None) -> int:
-    from bench_kernels import METHODS, SHAPES
+    from bench_kernels import CUDA_ONLY, METHODS, SHAPES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="a git revision of this repository to compare against")
@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.tokens < 1:
         parser.error("--rounds, --repeats and --tokens must be at least 1")
+    lacking = [w for w in args.workloads if args.method not in METHODS[w] or args.method in CUDA_ONLY]
+    if lacking or args.method == "floor":
+        parser.error(f"--method: expected a CPU method other than the floor of every workload, got {args.method!r}")
     resolved = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short=12", f"{args.base}^{{commit}}"], capture_output=True, text=True
     )

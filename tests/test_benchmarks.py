@@ -152,3 +152,6 @@ def test_compare_revisions_names_a_bad_base_before_running_anything(capsys):
     with pytest.raises(SystemExit):
         compare_revisions.main(["--base", "no-such-revision"])
     assert "--base: expected a git revision" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare_revisions.main(["--base", "HEAD", "--method", "triton"])  # no CPU path
+    assert "--method: expected a CPU method" in capsys.readouterr().err
