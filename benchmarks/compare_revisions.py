@@ -96,8 +96,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.tokens < 1:
         parser.error("--rounds, --repeats and --tokens must be at least 1")
-    lacking = [w for w in args.workloads if args.method not in METHODS[w] or args.method in CUDA_ONLY]
-    if lacking or args.method == "floor":
+    if args.method == "floor" or args.method in CUDA_ONLY or any(args.method not in METHODS[w] for w in args.workloads):
         parser.error(f"--method: expected a CPU method other than the floor of every workload, got {args.method!r}")
     resolved = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short=12", f"{args.base}^{{commit}}"], capture_output=True, text=True
