@@ -215,17 +215,21 @@ def test_output_dir_guard_and_overwrite(tmp_path):
 def test_a_second_interrupt_stops_at_once_and_keeps_the_checkpoints(tmp_path):
     """Ctrl-C twice: the first says the run will stop after the step, the second stops it at once
     (exit 130, its own last line), and the newest complete checkpoint is intact and resumes."""
-    write_prompts(sample_problems(["arith"], 32, seed=0, split="train"), tmp_path / "p.jsonl")
+    write_prompts(sample_problems(["arith"], 128, seed=0, split="train"), tmp_path / "p.jsonl")
+    # Steps long enough (64 rollouts of up to 16 tokens, about half a second here) that both signals
+    # land inside step 3: with 8 rollouts of 8 tokens a step took about as long as the 50 ms between
+    # them, and a first signal at the step boundary ended the run (exit 75) before the second came.
     config = {
         "models": {"student": str(ASSETS / "student_init"), "teachers": {"arith": str(ASSETS / "teacher_arith")},
                    "tokenizer": str(ASSETS / "tokenizer")},
         "data": {"prompts": "p.jsonl"},
-        "optim": {"steps": 200}, "sampling": {"prompts_per_step": 8, "max_new_tokens": 8},
+        "optim": {"steps": 200}, "sampling": {"prompts_per_step": 64, "max_new_tokens": 16},
         "checkpoint": {"save_every": 1}, "eval": {"every": 0}, "logging": {"progress": False, "report_to": []},
     }  # fmt: skip
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     run = _launch(tmp_path, "run")
     _wait_for(tmp_path / "run" / "step-000002", run)
+    time.sleep(0.1)  # past step 2's bookkeeping, into step 3
     run.send_signal(signal.SIGINT)
     time.sleep(0.05)
     run.send_signal(signal.SIGINT)
