@@ -1,6 +1,6 @@
 """Compile every Triton kernel ahead of time for sm_80 and sm_90 and report its resources.
 
-    python -m fire_kernels.compile_report [--arch 80 90] [--dtype bf16 fp16 fp32] [--markdown]
+    python -m fire_kernels.compile_report [--arch 80 90] [--dtype bf16 fp16 fp32] [--json]
 
 Needs no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` produces a
 cubin, and the cuobjdump that ships with Triton reads its register count and local-memory
@@ -11,12 +11,15 @@ The exit status is 1 if a kernel fails to compile or spills.
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -319,6 +322,17 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
     return out
 
 
+def _ast_source(variant: KernelVariant) -> ASTSource:
+    """The variant as Triton's compiler input. Triton 3.3 and later take the whole signature, the
+    constexprs marked "constexpr", and `constexprs=`; Triton 3.0-3.2 take only the runtime
+    arguments' signature and `constants=` (both keyed by name)."""
+    fn = _kernel_fn(variant.kernel)
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=fn, signature=variant.signature, constexprs=variant.constexprs)
+    runtime_args = {name: kind for name, kind in variant.signature.items() if kind != "constexpr"}
+    return ASTSource(fn, runtime_args, constants=variant.constexprs)
+
+
 _RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -326,7 +340,7 @@ def compile_variant(args: tuple[KernelVariant, int]) -> CompileResult:
     variant, arch = args
     res = CompileResult(variant.kernel, variant.variant, variant.dtype, arch, ok=False)
     try:
-        src = ASTSource(fn=_kernel_fn(variant.kernel), signature=variant.signature, constexprs=variant.constexprs)
+        src = _ast_source(variant)
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", arch, 32),
@@ -354,13 +368,49 @@ def compile_variant(args: tuple[KernelVariant, int]) -> CompileResult:
     return res
 
 
+_COMPILE_ALONE = (
+    "import json, sys; from dataclasses import asdict; from fire_kernels import compile_report as c; "
+    "v = c.KernelVariant(**json.loads(sys.argv[1])); "
+    "print(json.dumps(asdict(c.compile_variant((v, int(sys.argv[2]))))))"
+)
+
+
+def compile_alone(job: tuple[KernelVariant, int]) -> CompileResult:
+    """`compile_variant` in a process of its own. A compiler assertion (Triton 3.2 on sm_90, for
+    one) aborts the process with no Python exception; this reports it as the variant's failure,
+    with the assertion's line, instead of losing the report."""
+    variant, arch = job
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_ALONE, json.dumps(asdict(variant)), str(arch)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+    if proc.returncode == 0:
+        return CompileResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    error = f"compiler process died (exit {proc.returncode}): {last}"[:300]
+    return CompileResult(variant.kernel, variant.variant, variant.dtype, arch, ok=False, error=error)
+
+
 def run_report(archs=ARCHS, dtypes=DTYPES, workers: Optional[int] = None) -> list[CompileResult]:
+    """Every variant for every arch, `workers` processes at a time. A job whose worker died
+    (which breaks the pool and every job pending in it) is run again in a process of its own."""
     jobs = [(v, a) for v in variants(dtypes) for a in archs]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    if workers <= 1:
-        return [compile_variant(j) for j in jobs]
+    results: list[Optional[CompileResult]] = [None] * len(jobs)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(compile_variant, jobs))
+        futures = [pool.submit(compile_variant, job) for job in jobs]
+        for i, future in enumerate(futures):
+            try:
+                results[i] = future.result()
+            except BrokenProcessPool:
+                pass
+    missing = [i for i, r in enumerate(results) if r is None]
+    with ThreadPoolExecutor(max_workers=workers) as threads:
+        for i, result in zip(missing, threads.map(compile_alone, [jobs[i] for i in missing])):
+            results[i] = result
+    return [r for r in results if r is not None]
 
 
 def format_table(results: list[CompileResult]) -> str:
@@ -385,8 +435,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     results = run_report(tuple(args.arch), tuple(args.dtype))
     if args.json:
-        import json
-
         print(json.dumps([asdict(r) for r in results], indent=1))
     else:
         print(f"triton {triton.__version__}; registers and spills from cuobjdump, shared memory from Triton metadata")

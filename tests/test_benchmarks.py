@@ -155,3 +155,42 @@ def test_compare_revisions_names_a_bad_base_before_running_anything(capsys):
     with pytest.raises(SystemExit):
         compare_revisions.main(["--base", "HEAD", "--method", "triton"])  # no CPU path
     assert "--method: expected a CPU method" in capsys.readouterr().err
+
+
+def _compile_row(kernel: str, ok: bool, spill_bytes, error: str = "") -> dict:
+    registers = 255 if ok else None
+    return dict(
+        kernel=kernel,
+        variant="v",
+        dtype="bf16",
+        arch=90,
+        ok=ok,
+        registers=registers,
+        spill_bytes=spill_bytes,
+        error=error,
+    )
+
+
+def test_compile_matrix_counts_each_release_and_lists_what_was_not_clean():
+    import compile_matrix
+
+    died = "compiler process died (exit -6): boom"
+    text = compile_matrix.tables(
+        {
+            "3.2.0": [_compile_row("a", True, 0), _compile_row("b", True, 24), _compile_row("c", False, None, died)],
+            "3.9.0": [_compile_row("a", True, 0)],
+        }
+    )
+    assert "| 3.2.0 | 2.6 | 3 | 1 | 1 | 1 |" in text
+    assert "| 3.9.0 | - | 1 | 1 | 0 | 0 |" in text
+    assert "| 3.2.0 | b | v | bf16 | sm_90 | 255 | 24 |" in text
+    assert f"| 3.2.0 | c | v | bf16 | sm_90 | None | {died} |" in text
+    assert "| 3.9.0 | a |" not in text
+
+
+def test_compile_matrix_names_a_bad_release_before_installing_anything(capsys):
+    import compile_matrix
+
+    with pytest.raises(SystemExit):
+        compile_matrix.main(["--triton", "3.2", "latest"])
+    assert "--triton: expected release numbers such as 3.2.0, got 3.2 latest" in capsys.readouterr().err

@@ -222,3 +222,35 @@ def test_chunked_working_set_is_a_few_tiles(monkeypatch, divergence, tiles):
     _, working_set = tensor_peak_bytes(call)
     row_state = 24 * n * 4  # per-row statistics and upstream gradients: about 24 fp32 vectors of N
     assert (tiles - 1) * tile_bytes < working_set <= tiles * tile_bytes + row_state, working_set / tile_bytes
+
+
+def test_triton_backward_refuses_the_one_compiler_known_to_abort_on_it(monkeypatch):
+    """Triton 3.2 (torch 2.6) aborts the process compiling the 16-bit backward for sm_90
+    (benchmarks/compile_matrix.py): exactly that case gets one line instead."""
+    rule = triton_token_stats.backward_compiler_aborts
+    assert rule("3.2.0", (9, 0), {torch.bfloat16}) and rule("3.2.0", (9, 0), {torch.float16, torch.float32})
+    assert not rule("3.2.0", (9, 0), {torch.float32})
+    assert not rule("3.2.0", (8, 0), {torch.bfloat16})
+    assert not rule("3.3.1", (9, 0), {torch.bfloat16}) and not rule("3.1.0", (9, 0), {torch.bfloat16})
+
+    monkeypatch.setattr(triton_token_stats, "interpreter_active", lambda: False)
+    monkeypatch.setattr(triton_token_stats.triton, "__version__", "3.2.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    bf16 = torch.zeros(2, 2, dtype=torch.bfloat16)
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match=r"backend='triton' .* sm_90 with Triton 3\.2\.0 .* backend='chunked'"):
+        triton_token_stats.refuse_known_compiler_abort(cuda, bf16.float(), bf16, None)
+    triton_token_stats.refuse_known_compiler_abort(cuda, bf16.float(), None)  # fp32 compiles
+    triton_token_stats.refuse_known_compiler_abort(torch.device("cpu"), bf16)
+
+
+def test_triton_backward_asks_about_the_compiler_before_it_launches(monkeypatch):
+    def refuse(device, *operands):
+        raise RuntimeError(f"refused on {device}: {[t.dtype for t in operands if t is not None]}")
+
+    monkeypatch.setattr(triton_token_stats, "refuse_known_compiler_abort", refuse)
+    s_h, s_w, t_h, t_w, y = make_problem(6, 40, 8, 8, torch.float32, seed=3)
+    s_h.requires_grad_()
+    out = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend="triton")
+    with pytest.raises(RuntimeError, match=r"refused on cpu: \[torch.float32(, torch.float32){3}\]"):
+        out.divergence.sum().backward()

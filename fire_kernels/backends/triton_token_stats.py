@@ -76,7 +76,8 @@ class TritonTileConfig:
     """Tile sizes and launch options. Any V and D work: tiles are masked at the edges.
 
     The defaults are the largest tiles from a sweep (csrc_notes/token_stats.md) that compile
-    with zero spills for every kernel variant and dtype on both sm_80 and sm_90."""
+    with zero spills for every kernel variant and dtype on both sm_80 and sm_90 under Triton
+    3.9; other releases spill in a few variants (`benchmarks/compile_matrix.py`)."""
 
     block_n: int = 64
     block_v: int = 64
@@ -950,6 +951,30 @@ def triton_forward(
     return finish_jsd(stats, valid, jsd_partials.sum(0), beta, shards)
 
 
+def backward_compiler_aborts(triton_version: str, capability: tuple[int, int], dtypes: set[torch.dtype]) -> bool:
+    """Whether this Triton's compiler is known to abort on `_token_stats_bwd_kernel`'s default tiles.
+
+    Triton 3.2.x (torch 2.6's) fails an assertion in LinearLayout::reshapeOuts on sm_90 for
+    16-bit operands: the process dies with SIGABRT, no Python exception. Every other release
+    from 3.0 to 3.9 compiles the kernel for sm_80 and sm_90, and 3.2 compiles it for sm_80 and for
+    fp32 (`benchmarks/compile_matrix.py`, csrc_notes/token_stats.md)."""
+    sixteen_bit = bool(dtypes & {torch.bfloat16, torch.float16})
+    return triton_version.startswith("3.2.") and capability[0] == 9 and sixteen_bit
+
+
+def refuse_known_compiler_abort(device: torch.device, *operands: Optional[torch.Tensor]) -> None:
+    """One clear line instead of a process that aborts inside Triton's compiler."""
+    if device.type != "cuda" or interpreter_active():
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if backward_compiler_aborts(triton.__version__, capability, {t.dtype for t in operands if t is not None}):
+        raise RuntimeError(
+            f"backend='triton' cannot run its backward on sm_{capability[0]}{capability[1]} with "
+            f"Triton {triton.__version__} and 16-bit weights: that compiler aborts on the kernel. "
+            "Use backend='chunked' (what 'auto' runs) or Triton >= 3.3 (torch >= 2.7)"
+        )
+
+
 def triton_backward(
     problem: StatsProblem,
     inputs: BackwardInputs,
@@ -967,6 +992,7 @@ def triton_backward(
     n, vocab = problem.num_tokens, problem.vocab_size
     d_s = student_hidden.shape[1]
     dev = student_hidden.device
+    refuse_known_compiler_abort(dev, student_hidden, student_weight, teacher_hidden, teacher_weight)
     grad_hidden = torch.zeros((n, d_s), dtype=torch.float32, device=dev) if need_hidden_grad else None
     grad_weight = torch.zeros((vocab, d_s), dtype=torch.float32, device=dev) if need_weight_grad else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias_grad else None
