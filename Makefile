@@ -18,7 +18,7 @@ VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
 # `make test`'s smoke runs of the benchmark scripts (bench-quick, below)
 QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory bench-quick-prompts gpu-check-dry
 
-.PHONY: demo test lint docs compile-report bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
+.PHONY: demo test lint docs compile-report compile-matrix bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -109,6 +109,11 @@ study: $(STAMP)
 
 compile-report: $(STAMP)
 	$(PY) -m fire_kernels.compile_report
+
+# The same report under every Triton release torch has pinned since 2.4, and 3.9 (pip installs
+# each, about 600 MB, into ~/.cache/fire-opd-triton-releases; about 15 minutes on 2 cores).
+compile-matrix: $(STAMP)
+	$(PY) benchmarks/compile_matrix.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 keeps its default
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -32,6 +34,7 @@ from triton.compiler import ASTSource  # noqa: E402
 ARCHS = (80, 90)
 DTYPES = ("bf16", "fp16", "fp32")
 DIVERGENCE_NAMES = {0: "none", 1: "reverse_kl", 2: "forward_kl", 3: "jsd"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -102,15 +105,14 @@ def _model_args(prefix: str) -> dict:
 
 def variants(dtypes=DTYPES) -> list[KernelVariant]:
     """Every kernel specialization the package launches, per dtype."""
-    from fire_kernels.backends.triton_token_stats import FP32_CONFIG, TritonTileConfig
+    from fire_kernels.backends.triton_token_stats import default_config
     from fire_kernels.fire_weights import FIRE_WEIGHTS_BLOCK
 
     out: list[KernelVariant] = []
     for dt in dtypes:
-        # The configurations the host launches (triton_token_stats.default_config) per dtype.
-        cfg = FP32_CONFIG if dt == "fp32" else TritonTileConfig()
+        # The configurations the host launches per dtype (and, in backward, per head).
+        cfg = default_config(TORCH_DTYPES[dt])
         tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
-        bwd_tiles = {"BLOCK_N": cfg.bwd_block_n, "BLOCK_V": cfg.bwd_block_v, "BLOCK_D": cfg.bwd_block_d}
         p = f"*{dt}"
         common = {"N": "i32", "V": "i32", "D_S": "i32", "D_T": "i32", **_model_args("s"), **_model_args("t")}
         precision = "ieee"
@@ -120,7 +122,9 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
             out.append(KernelVariant(kernel, name, dt, sig, const, warps, cfg.num_stages))
 
         # Plain heads for every variant; "+head" adds a bias and a soft-cap to both models (the
-        # heaviest head: one more load per tile, a tanh, and in backward its Jacobian and db).
+        # heaviest head: one more load per tile, a tanh, and in backward its Jacobian and db), in
+        # the forward with the reverse KL, in the backward (whose fp32 tile depends on the head)
+        # with every divergence.
         for has_teacher, div, head in (
             (False, 0, False),
             (True, 0, False),
@@ -174,8 +178,10 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
             }
             const = {**tiles, "DOT_FP32": False, "INPUT_PRECISION": precision, **head_const}
             add("_jsd_fwd_kernel", "jsd+head" if head else "jsd", sig, const, cfg.jsd_num_warps)
-        for div, head in ((0, False), (1, False), (2, False), (3, False), (1, True)):
+        for head, div in itertools.product((False, True), DIVERGENCE_NAMES):
             head_sig, head_const = _heads(head, head)
+            bwd_cfg = default_config(TORCH_DTYPES[dt], head=head)
+            bwd_tiles = {"BLOCK_N": bwd_cfg.bwd_block_n, "BLOCK_V": bwd_cfg.bwd_block_v, "BLOCK_D": bwd_cfg.bwd_block_d}
             sig = {
                 "S_HIDDEN": p,
                 "S_WEIGHT": p,
@@ -270,7 +276,7 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
                 {**head_const, **fold_tiles},
                 FOLD_NUM_WARPS["jsd"],
             )
-        for div, head in ((0, False), (1, False), (2, False), (3, False), (1, True)):
+        for head, div in itertools.product((False, True), DIVERGENCE_NAMES):
             head_sig, head_const = _heads(head, head)
             sig = {
                 "Z": "*fp32",

@@ -254,3 +254,35 @@ def test_triton_backward_asks_about_the_compiler_before_it_launches(monkeypatch)
     out = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend="triton")
     with pytest.raises(RuntimeError, match=r"refused on cpu: \[torch.float32(, torch.float32){3}\]"):
         out.divergence.sum().backward()
+
+
+def test_fp32_heads_take_the_narrow_backward_tile_where_the_wide_one_spills(monkeypatch):
+    """An fp32 backward with a bias or soft-cap spills with a 32-wide D tile under every Triton
+    3.0-3.8 and fits it under 3.9 (benchmarks/compile_matrix.py); 16-bit and plain heads keep theirs."""
+    release = triton_token_stats.triton_release
+    assert release("3.9.0") == (3, 9) and release("3.2.0+git1a2b") == (3, 2) and release("nightly") == (0, 0)
+    monkeypatch.setattr(triton_token_stats, "interpreter_active", lambda: False)
+    config = triton_token_stats.default_config
+    wide = release(triton_token_stats.triton.__version__) >= (3, 9)
+    assert config(torch.float32, head=True).bwd_block_d == (32 if wide else 16)
+    assert config(torch.float32) == triton_token_stats.FP32_CONFIG and config(torch.float32).bwd_block_d == 32
+    assert config(torch.bfloat16, head=True) == config(torch.bfloat16) == triton_token_stats.TritonTileConfig()
+
+
+@pytest.mark.parametrize("head", ["plain", "softcap", "bias"])
+def test_triton_backward_asks_for_the_tile_of_its_head(monkeypatch, head):
+    from fire_kernels import LMHead
+
+    asked = []
+
+    def config(dtype, head=False):
+        asked.append(head)
+        return triton_token_stats.INTERPRETER_CONFIG
+
+    monkeypatch.setattr(triton_token_stats, "default_config", config)
+    s_h, s_w, t_h, t_w, y = make_problem(6, 40, 8, 8, torch.float32, seed=4)
+    s_h.requires_grad_()
+    teacher = {"plain": LMHead(t_w), "softcap": LMHead(t_w, logit_softcap=30.0), "bias": LMHead(t_w, torch.zeros(40))}
+    out = teacher_student_stats(s_h, s_w, t_h, teacher[head], y, divergence="reverse_kl", backend="triton")
+    out.divergence.sum().backward()
+    assert asked[-1] is (head != "plain")

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -95,11 +96,29 @@ class TritonTileConfig:
 FP32_CONFIG = TritonTileConfig(block_d=16, num_stages=1, jsd_num_warps=4)
 
 
-def default_config(dtype: torch.dtype) -> TritonTileConfig:
-    """The zero-spill configuration for a parameter dtype (see compile_report)."""
+def triton_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a Triton version such as "3.9.0" or "3.2.0+git1234"; (0, 0), the oldest,
+    for a string that names none."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+# An fp32 backward with a head (bias or soft-cap on either model) keeps the head's logits, tanh
+# and Jacobian live beside the gradient tile: with a 32-wide D tile every Triton from 3.0 to 3.8
+# (the releases torch 2.4-2.14 pin) spills 184-416 bytes for every divergence, and 16 spills none;
+# 3.9 fits 32 with no spill and spills 16 bytes with 16 (benchmarks/compile_matrix.py,
+# csrc_notes/token_stats.md).
+FP32_HEAD_CONFIG = replace(FP32_CONFIG, bwd_block_d=32 if triton_release(triton.__version__) >= (3, 9) else 16)
+
+
+def default_config(dtype: torch.dtype, head: bool = False) -> TritonTileConfig:
+    """The zero-spill configuration for a parameter dtype, and whether either model's head has a
+    bias or a soft-cap (see compile_report)."""
     if interpreter_active():
         return INTERPRETER_CONFIG
-    return FP32_CONFIG if dtype == torch.float32 else TritonTileConfig()
+    if dtype == torch.float32:
+        return FP32_HEAD_CONFIG if head else FP32_CONFIG
+    return TritonTileConfig()
 
 
 # Small tiles keep interpreted tests fast; they are also valid GPU tiles (dot needs >= 16).
@@ -959,7 +978,7 @@ def backward_compiler_aborts(triton_version: str, capability: tuple[int, int], d
     from 3.0 to 3.9 compiles the kernel for sm_80 and sm_90, and 3.2 compiles it for sm_80 and for
     fp32 (`benchmarks/compile_matrix.py`, csrc_notes/token_stats.md)."""
     sixteen_bit = bool(dtypes & {torch.bfloat16, torch.float16})
-    return triton_version.startswith("3.2.") and capability[0] == 9 and sixteen_bit
+    return triton_release(triton_version) == (3, 2) and capability[0] == 9 and sixteen_bit
 
 
 def refuse_known_compiler_abort(device: torch.device, *operands: Optional[torch.Tensor]) -> None:
@@ -988,7 +1007,6 @@ def triton_backward(
     student_hidden, student_weight, targets, teacher_hidden, teacher_weight = inputs[:5]
     student_lse, student_entropy, teacher_lse, div_aux = inputs[5:9]
     grad_log_prob, grad_entropy, grad_divergence, student_bias, teacher_bias = inputs[9:]
-    cfg = config or default_config(student_hidden.dtype)
     n, vocab = problem.num_tokens, problem.vocab_size
     d_s = student_hidden.shape[1]
     dev = student_hidden.device
@@ -1006,6 +1024,7 @@ def triton_backward(
     (t_bias, t_scale, t_cap), (t_has_bias, t_has_cap) = _head_args(
         problem.teacher_head if kind != DIV_NONE else PLAIN_HEAD, teacher_bias if kind != DIV_NONE else None, t_weight
     )
+    cfg = config or default_config(student_hidden.dtype, head=s_has_bias or s_has_cap or t_has_bias or t_has_cap)
     dummy = student_lse
     beta = problem.jsd_beta
     grid = (triton.cdiv(n, cfg.bwd_block_n), triton.cdiv(vocab, cfg.bwd_block_v))
