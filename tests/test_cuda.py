@@ -17,7 +17,7 @@ from conftest import TEST_DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fire_kernels import teacher_student_stats, token_stats
+from fire_kernels import LMHead, teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_divergence_update
 
 DEVICE = torch.device(TEST_DEVICE)
@@ -31,40 +31,59 @@ MAX_N = 1_500 if ON_CUDA else 24
 MAX_D = 320 if ON_CUDA else 24
 
 
-def _grads(backend, s_h, s_w, t_h, t_w, targets, divergence, dtype):
-    """Outputs and gradients of a fixed random combination of the differentiable outputs."""
+def _grads(backend, s_h, s_w, t_h, t_w, targets, divergence, dtype, s_b=None, t_b=None, softcap=None):
+    """Outputs and gradients (hidden, weight, and the bias when there is one) of a fixed random
+    combination of the differentiable outputs; with `s_b` / `t_b` / `softcap`, heads beyond h W^T."""
     s_h = s_h.detach().clone().requires_grad_()
     s_w = s_w.detach().clone().requires_grad_()
-    out = teacher_student_stats(s_h, s_w, t_h, t_w, targets, divergence=divergence, backend=backend)
+    s_b = None if s_b is None else s_b.detach().clone().requires_grad_()
+    head, teacher_head = LMHead(s_w, s_b, logit_softcap=softcap), LMHead(t_w, t_b, logit_softcap=softcap)
+    out = teacher_student_stats(s_h, head, t_h, teacher_head, targets, divergence=divergence, backend=backend)
     gen = torch.Generator().manual_seed(1)
     n = targets.shape[0]
     coeffs = [torch.randn(n, generator=gen).to(DEVICE if backend != "reference" else "cpu") for _ in range(3)]
     loss = (coeffs[0] * out.student_log_prob.float()).sum() + (coeffs[1] * out.student_entropy.float()).sum()
     if divergence is not None:
         loss = loss + (coeffs[2] * out.divergence.float()).sum()
-    grad_h, grad_w = torch.autograd.grad(loss, (s_h, s_w), allow_unused=True)
-    return out, grad_h, grad_w
+    inputs = (s_h, s_w) + (() if s_b is None else (s_b,))
+    return out, torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
-def _compare_on_device(backend, dtype, divergence, *, n, vocab, d_s, d_t, seed):
+def _compare_on_device(backend, dtype, divergence, *, n, vocab, d_s, d_t, seed, head_seed=None):
+    """Against the float64 oracle on the CPU, from the same rounded inputs; `head_seed` gives both
+    models a bias (drawn from it) and Gemma 2's soft-cap of 30."""
     s_h, s_w, t_h, t_w, targets = make_problem(n, vocab, d_s, d_t, dtype, seed=seed)
-    # the oracle: float64 from the same rounded inputs, on the CPU
-    ref, ref_gh, ref_gw = _grads(
+    heads = {}
+    if head_seed is not None:
+        gen = torch.Generator().manual_seed(head_seed)
+        heads = {"s_b": torch.randn(vocab, generator=gen).to(dtype), "t_b": torch.randn(vocab, generator=gen).to(dtype)}
+    ref_heads = {k: v.double() for k, v in heads.items()}
+    softcap = 30.0 if heads else None
+    ref, ref_grads = _grads(
         "reference",
         *(x.double() if x.is_floating_point() else x for x in (s_h, s_w, t_h, t_w, targets)),
         divergence,
         torch.float64,
+        softcap=softcap,
+        **ref_heads,
     )
-    got, got_gh, got_gw = _grads(backend, *(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)), divergence, dtype)
+    got, got_grads = _grads(
+        backend,
+        *(x.to(DEVICE) for x in (s_h, s_w, t_h, t_w, targets)),
+        divergence,
+        dtype,
+        softcap=softcap,
+        **{k: v.to(DEVICE) for k, v in heads.items()},
+    )
     for field in got._fields:
         if getattr(ref, field) is None:
             assert getattr(got, field) is None, field
             continue
         assert getattr(got, field).device.type == DEVICE.type
         assert_close_output(getattr(got, field).cpu().float(), getattr(ref, field).float(), dtype, f"{backend}/{field}")
-    assert got_gh.dtype == dtype and got_gw.dtype == dtype
-    assert_close_grad(got_gh.cpu(), ref_gh, dtype, f"{backend}/grad_hidden")
-    assert_close_grad(got_gw.cpu(), ref_gw, dtype, f"{backend}/grad_weight")
+    for name, got_grad, ref_grad in zip(("grad_hidden", "grad_weight", "grad_bias"), got_grads, ref_grads):
+        assert got_grad.dtype == dtype, name
+        assert_close_grad(got_grad.cpu(), ref_grad, dtype, f"{backend}/{name}")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -82,6 +101,16 @@ def test_statistics_and_gradients_match_the_float64_oracle(backend, dtype, diver
     if not ON_CUDA and backend == "triton" and dtype == torch.bfloat16 and divergence is not None and n > 12:
         n = 12  # the interpreter's bf16 path is the slowest; the CUDA run covers the sizes
     _compare_on_device(backend, dtype, divergence, n=n, vocab=vocab, d_s=d_s, d_t=d_t, seed=seed)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_biased_soft_capped_heads_match_the_float64_oracle(backend, dtype, divergence):
+    """Both models with a bias and a soft-cap: the "+head" kernels, the bias gradient, and in fp32
+    under Triton < 3.9 the backward's narrower D tile (csrc_notes/token_stats.md)."""
+    n, vocab, d_s, d_t = (600, 4_099, 192, 256) if ON_CUDA else (11, 37, 12, 20)
+    _compare_on_device(backend, dtype, divergence, n=n, vocab=vocab, d_s=d_s, d_t=d_t, seed=21, head_seed=22)
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
