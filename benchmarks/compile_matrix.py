@@ -2,6 +2,7 @@
 
     python benchmarks/compile_matrix.py                        # every release torch has pinned, and 3.8, 3.9
     python benchmarks/compile_matrix.py --triton 3.2.0 3.6.0 --cache /tmp/triton-releases
+    python benchmarks/compile_matrix.py --triton 3.4.0 3.9.0 --arch 100 120   # Blackwell
 
 The package asks for triton >= 3.0, and each torch release for Linux pins one Triton (TORCH_PINS),
 so a user's Triton is usually not the one the tiles were tuned under (3.9, which no torch release
@@ -9,7 +10,8 @@ pins yet). Each release is installed once with `pip install --no-deps --target
 <cache>/triton-<version>` (a package registry is needed, not a GPU; about 600 MB each) and put
 first on PYTHONPATH for one `python -m fire_kernels.compile_report --json`, which compiles every
 kernel variant for sm_80 and sm_90 ahead of time and reports a variant whose compile aborts the
-process as that variant's failure. Results: benchmarks/results/compile-matrix-aot-<date>.{json,md}:
+process as that variant's failure. Results: benchmarks/results/compile-matrix-aot-<date>.{json,md}
+(compile-matrix-aot-sm100-sm120-<date> for other `--arch`):
 per release the variants that compiled clean, spilled or failed, then every one that was not clean.
 """
 
@@ -67,8 +69,8 @@ def install(version: str, cache: Path) -> Path:
     return target
 
 
-def report(version: str, target: Path, cache: Path) -> list[dict]:
-    """compile_report's rows for every variant under the Triton in `target`."""
+def report(version: str, target: Path, cache: Path, archs: list[int]) -> list[dict]:
+    """compile_report's rows for every variant and arch under the Triton in `target`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(target), str(ROOT)])
     env["TRITON_CACHE_DIR"] = str(cache / f"compiled-{version}")
@@ -78,7 +80,10 @@ def report(version: str, target: Path, cache: Path) -> list[dict]:
     if found != version:
         raise SystemExit(f"{target}: expected triton {version} first on the path, found {found or 'none'}")
     proc = subprocess.run(
-        [sys.executable, "-m", "fire_kernels.compile_report", "--json"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "fire_kernels.compile_report", "--json", "--arch", *map(str, archs)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     try:
         return json.loads(proc.stdout)
@@ -121,6 +126,7 @@ def tables(results: dict[str, list[dict]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton", nargs="+", default=list(RELEASES), help="Triton releases (x.y.z)")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 90)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fire-opd-triton-releases")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -132,14 +138,16 @@ def main(argv=None) -> int:
 
     results = {}
     for version in args.triton:
-        results[version] = report(version, install(version, args.cache), args.cache)
+        results[version] = report(version, install(version, args.cache), args.cache, args.arch)
         print(
             f"triton {version}: {sum(status(r) == 'clean' for r in results[version])} of {len(results[version])} clean"
         )
     text = tables(results)
     rows = [{"triton": version, **row} for version, version_rows in results.items() for row in version_rows]
-    title = "Every kernel variant compiled ahead of time for sm_80 and sm_90 under each Triton release"
-    stem = write_results(args.out, "compile-matrix", title, rows, text, "aot")
+    arch_names = " and ".join(f"sm_{arch}" for arch in args.arch)
+    title = f"Every kernel variant compiled ahead of time for {arch_names} under each Triton release"
+    label = "aot" if args.arch == [80, 90] else "aot-" + "-".join(f"sm{arch}" for arch in args.arch)
+    stem = write_results(args.out, "compile-matrix", title, rows, text, label)
     print(text)
     print(f"results: {stem}.md")
     return 0
