@@ -122,16 +122,9 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
             out.append(KernelVariant(kernel, name, dt, sig, const, warps, cfg.num_stages))
 
         # Plain heads for every variant; "+head" adds a bias and a soft-cap to both models (the
-        # heaviest head: one more load per tile, a tanh, and in backward its Jacobian and db), in
-        # the forward with the reverse KL, in the backward (whose fp32 tile depends on the head)
-        # with every divergence.
-        for has_teacher, div, head in (
-            (False, 0, False),
-            (True, 0, False),
-            (True, 1, False),
-            (True, 2, False),
-            (True, 1, True),
-        ):
+        # heaviest head: one more load per tile, a tanh, and in backward its Jacobian and db).
+        forward_cases = [(False, 0), (True, 0), (True, 1), (True, 2)]  # (has_teacher, divergence)
+        for head, (has_teacher, div) in itertools.product((False, True), forward_cases):
             head_sig, head_const = _heads(head, head)
             sig = {
                 "S_HIDDEN": p,
@@ -237,7 +230,7 @@ def variants(dtypes=DTYPES) -> list[KernelVariant]:
             "tile_stride": "i32",
             "inv_temp": "fp32",
         }
-        for has_teacher, div, head in ((False, 0, False), (True, 1, False), (True, 2, False), (True, 1, True)):
+        for head, (has_teacher, div) in itertools.product((False, True), [(False, 0), (True, 1), (True, 2)]):
             head_sig, head_const = _heads(head, head)
             sig = {
                 "Z": "*fp32",
