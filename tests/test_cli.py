@@ -390,3 +390,28 @@ def test_an_interrupted_or_failed_load_leaves_no_lock(workdir, capsys, monkeypat
         with pytest.raises(RuntimeError, match="while loading"):
             cli.main(argv)
     assert not (workdir / "run" / ".fire-opd.lock").exists()
+
+
+def test_the_triton_backend_where_its_compiler_aborts_fails_before_any_model_loads(workdir, capsys, monkeypatch):
+    """Triton 3.2 aborts compiling the backward on sm_90 with 16-bit operands (the compile matrix):
+    `runtime.backend=triton` there is one line before loading, not a dead process after it."""
+    import torch
+
+    from fire_kernels.backends import triton_token_stats
+    from fire_opd.cli.preflight import check_kernel_backend
+    from fire_opd.train.config import TrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_token_stats.triton, "__version__", "3.2.0")
+    line = _error(capsys, _train("--set", "runtime.backend=triton", "--set", "models.dtype=bfloat16"))
+    assert "runtime.backend: triton cannot train here: Triton 3.2.0" in line and "sm_90 with bfloat16" in line
+    assert "runtime.backend=auto" in line
+
+    def config(**runtime):
+        return TrainConfig.from_dict({"runtime": runtime, "models": {"dtype": "float32"}})
+
+    check_kernel_backend(config(backend="triton"))  # float32 compiles there
+    check_kernel_backend(config(backend="auto"))
+    monkeypatch.setattr(triton_token_stats.triton, "__version__", "3.3.1")
+    check_kernel_backend(TrainConfig.from_dict({"runtime": {"backend": "triton"}, "models": {"dtype": "bfloat16"}}))

@@ -220,6 +220,30 @@ def check_prompts(
 # ----------------------------------------------------------------------------- the commands
 
 
+def check_kernel_backend(config: TrainConfig) -> None:
+    """runtime.backend=triton on a GPU whose Triton is known to abort compiling the kernels'
+    backward (`fire_kernels.backends.triton_token_stats.backward_compiler_aborts`: Triton 3.2 on
+    sm_90 with 16-bit operands). The abort kills the process with no Python error at the first
+    backward, after every model has loaded; here it costs a second."""
+    if config.runtime.backend != "triton" or config.runtime.device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from fire_kernels.backends.triton_token_stats import backward_compiler_aborts, triton
+
+    device = torch.device(config.runtime.device) if config.runtime.device.startswith("cuda") else None
+    capability = torch.cuda.get_device_capability(device)
+    dtypes = {config.models.dtype, config.models.teacher_dtype or config.models.dtype}
+    if backward_compiler_aborts(triton.__version__, capability, {getattr(torch, name) for name in dtypes}):
+        raise UsageError(
+            f"runtime.backend: triton cannot train here: Triton {triton.__version__} aborts compiling its "
+            f"backward for sm_{capability[0]}{capability[1]} with {' / '.join(sorted(dtypes))} models; use "
+            "runtime.backend=auto (the chunked kernels) or torch >= 2.7 (Triton >= 3.3)"
+        )
+
+
 def check_train(config: TrainConfig) -> None:
     """Everything `fire-opd train` can check before loading weights, the checks that need no
     heavy import (torch, transformers, datasets) first."""
@@ -278,6 +302,7 @@ def check_train(config: TrainConfig) -> None:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    check_kernel_backend(config)
     student_config = check_model(config.models.student, "student")
     if config.lora.enabled:
         check_lora(config, student_config)
