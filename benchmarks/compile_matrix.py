@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fire_kernels.compile_report import CompileResult
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -92,7 +94,8 @@ def report(version: str, target: Path, cache: Path, archs: list[int]) -> list[di
 
 
 def status(row: dict) -> str:
-    return "clean" if row["ok"] and row["spill_bytes"] == 0 else ("spills" if row["ok"] else "failed")
+    """compile_report's verdict on one of its JSON rows: "clean", "spills" or "failed"."""
+    return CompileResult(**row).status
 
 
 def tables(results: dict[str, list[dict]]) -> str:

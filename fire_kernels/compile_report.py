@@ -62,6 +62,11 @@ class CompileResult:
     shared_bytes: Optional[int] = None
     error: str = ""
 
+    @property
+    def status(self) -> str:
+        """ "clean", "spills" (compiled, with local-memory bytes) or "failed"."""
+        return "failed" if not self.ok else ("spills" if self.spill_bytes else "clean")
+
 
 def _kernel_fn(name: str) -> Callable:
     from fire_kernels import fire_weights
@@ -418,7 +423,7 @@ def format_table(results: list[CompileResult]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        status = "ok" if r.ok and r.spill_bytes == 0 else ("SPILLS" if r.ok else f"FAILED {r.error}")
+        status = {"clean": "ok", "spills": "SPILLS"}.get(r.status, f"FAILED {r.error}")
         lines.append(
             f"| {r.kernel} | {r.variant} | {r.dtype} | sm_{r.arch} | {r.registers} | {r.spill_bytes} | "
             f"{r.shared_bytes} | {status} |"
@@ -438,7 +443,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(f"triton {triton.__version__}; registers and spills from cuobjdump, shared memory from Triton metadata")
         print(format_table(results))
-    bad = [r for r in results if not r.ok or r.spill_bytes]
+    bad = [r for r in results if r.status != "clean"]
     return 1 if bad else 0
 
 
