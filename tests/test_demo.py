@@ -162,6 +162,7 @@ def test_paired_differences_and_their_interval():
 
 
 def test_study_quick(tmp_path, capsys):
+    pytest.importorskip("trl")  # the study's TRL baseline (fire-opd[study]); absent only in `make test-oldest`
     from fire_opd.demo.provenance import git_commit
     from fire_opd.demo.study import main
 
@@ -244,6 +245,23 @@ def test_asset_builder_quick(tmp_path):
         report
     )
     assert report["brittle/teacher"]["base"] == report["cascade/teacher"]["base"] == "steps/teacher"
+
+
+def test_tokenizers_are_saved_under_a_class_every_supported_transformers_loads(tmp_path):
+    """transformers 5 saves a fast tokenizer as "TokenizersBackend", a class 4.x (>= 4.56 is
+    supported) does not know: the builder and the shipped assets name PreTrainedTokenizerFast,
+    which both load as the same tokenizer."""
+    from fire_opd.demo import ASSETS
+    from fire_opd.demo.tasks import TASK_ALPHABET
+    from fire_opd.demo.tiny_models import build_char_tokenizer
+
+    built = build_char_tokenizer(TASK_ALPHABET, tmp_path)
+    shipped = sorted(ASSETS.rglob("tokenizer_config.json"))
+    assert len(shipped) >= 2
+    for config in [tmp_path / "tokenizer_config.json", *shipped]:
+        assert json.loads(config.read_text())["tokenizer_class"] == "PreTrainedTokenizerFast", config
+    loaded = load_tokenizer(tmp_path)
+    assert loaded("12+3=")["input_ids"] == built("12+3=")["input_ids"] and len(loaded) == len(built)
 
 
 def test_tasks_and_verifier():

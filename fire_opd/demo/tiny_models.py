@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,12 @@ def build_char_tokenizer(alphabet: str, save_dir: Optional[str | Path] = None):
     tokenizer.chat_template = CHAR_CHAT_TEMPLATE
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
+        # transformers 5 names the class it saved "TokenizersBackend", which transformers 4
+        # cannot load; under the name both know, both load the same fast tokenizer.
+        config_file = Path(save_dir) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return tokenizer
 
 
