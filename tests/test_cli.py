@@ -392,6 +392,45 @@ def test_an_interrupted_or_failed_load_leaves_no_lock(workdir, capsys, monkeypat
     assert not (workdir / "run" / ".fire-opd.lock").exists()
 
 
+def test_fsdp_on_cpu_with_a_torch_that_sums_its_gradients_fails_before_any_model_loads(workdir, capsys, monkeypatch):
+    """Before torch 2.9, FSDP2 over gloo sums the gradients it should average (2.7, 2.8) or fails
+    at its first all-gather (2.6): under torchrun on CPU `parallel.student=fsdp` is one line
+    before loading, not a run whose updates are K times too large. On CUDA (NCCL) it runs."""
+    import torch
+    from torch.torch_version import TorchVersion
+
+    import fire_opd.train.trainer as trainer_module
+    from fire_opd.cli.preflight import check_fsdp
+    from fire_opd.errors import UsageError
+    from fire_opd.train.config import TrainConfig
+
+    def load_nothing(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(trainer_module, "prepare_models", load_nothing)
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.8.0+cu128"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = _error(capsys, _train("--set", "parallel.teachers=fsdp", "--set", "runtime.device=cpu"))
+    assert line == (
+        "fire-opd: error: parallel.teachers: fsdp on CPU needs torch >= 2.9, found 2.8.0+cu128: before it FSDP2 "
+        "sums the gradients over gloo instead of averaging them (pytorch/pytorch#162338); use ddp on CPU"
+    )
+
+    def config(device: str, **parallel) -> TrainConfig:
+        return TrainConfig.from_dict({"runtime": {"device": device}, "parallel": parallel})
+
+    check_fsdp(config("cuda", student="fsdp"))  # NCCL averages
+    check_fsdp(config("cpu", student="ddp"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="parallel.student and parallel.teachers: fsdp on CPU"):
+        check_fsdp(config("auto", student="fsdp", teachers="fsdp"))
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.9.0+cpu"))
+    check_fsdp(config("cpu", student="fsdp"))
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.8.0+cu128"))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing is sharded
+    check_fsdp(config("cpu", student="fsdp"))
+
+
 def test_the_triton_backend_where_its_compiler_aborts_fails_before_any_model_loads(workdir, capsys, monkeypatch):
     """Triton 3.2 aborts compiling the backward on sm_90 with 16-bit operands (the compile matrix):
     `runtime.backend=triton` there is one line before loading, not a dead process after it."""

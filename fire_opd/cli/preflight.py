@@ -244,6 +244,21 @@ def check_kernel_backend(config: TrainConfig) -> None:
         )
 
 
+def check_fsdp(config: TrainConfig) -> None:
+    """FSDP2 on CPU with a torch that gets it wrong (`distributed.fsdp_refusal`), refused before
+    any model loads rather than after every model has."""
+    sharded = [f"parallel.{name}" for name in ("student", "teachers") if getattr(config.parallel, name) == "fsdp"]
+    if not sharded or os.environ.get("WORLD_SIZE", "1") == "1":
+        return
+    import torch
+
+    from fire_opd.parallel.distributed import fsdp_refusal
+
+    on_cpu = config.runtime.device == "cpu" or (config.runtime.device == "auto" and not torch.cuda.is_available())
+    if (refusal := fsdp_refusal("cpu" if on_cpu else "cuda")) is not None:
+        raise UsageError(f"{' and '.join(sharded)}: {refusal}")
+
+
 def check_train(config: TrainConfig) -> None:
     """Everything `fire-opd train` can check before loading weights, the checks that need no
     heavy import (torch, transformers, datasets) first."""
@@ -303,6 +318,7 @@ def check_train(config: TrainConfig) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_kernel_backend(config)
+    check_fsdp(config)
     student_config = check_model(config.models.student, "student")
     if config.lora.enabled:
         check_lora(config, student_config)

@@ -143,6 +143,8 @@ def wrap(
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        if (refusal := fsdp_refusal(next(model.parameters()).device.type)) is not None:
+            raise RuntimeError(f"parallel: {refusal}")
         layers_of = model if layers_of is None else layers_of
         layer_classes = set(getattr(layers_of, "_no_split_modules", None) or [])
         layers = [m for m in layers_of.modules() if type(m).__name__ in layer_classes]
@@ -170,6 +172,19 @@ def wrap(
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     no_buffer_sync: dict[str, Any] = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+
+
+def fsdp_refusal(device_type: str) -> Optional[str]:
+    """Why FSDP2 cannot shard a model on `device_type` with this torch, or None. On CPU tensors
+    (gloo) it is right from torch 2.9 only: 2.6 fails at the first all-gather (CPU streams have no
+    record_event), and 2.7 / 2.8 sum the gradients where they should average them, K times too
+    large without an error (pytorch/pytorch#162338). NCCL is unaffected."""
+    if device_type == "cpu" and torch.__version__ < "2.9":
+        return (
+            f"fsdp on CPU needs torch >= 2.9, found {torch.__version__}: before it FSDP2 sums the gradients "
+            "over gloo instead of averaging them (pytorch/pytorch#162338); use ddp on CPU"
+        )
+    return None
 
 
 def _count_fsdp_collectives(module) -> None:
