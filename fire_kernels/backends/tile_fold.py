@@ -172,11 +172,19 @@ def _fold_stats_kernel(
     s_s = tl.load(state + 1 * N, mask=row_mask, other=0.0)
     a_s = tl.load(state + 2 * N, mask=row_mask, other=0.0)
     zy = tl.load(state + 3 * N, mask=row_mask, other=0.0)
-    m_t = tl.load(state + 4 * N, mask=row_mask & HAS_TEACHER, other=-1.0e30)
-    s_t = tl.load(state + 5 * N, mask=row_mask & HAS_TEACHER, other=0.0)
-    a_t = tl.load(state + 6 * N, mask=row_mask & HAS_TEACHER, other=0.0)
-    uy = tl.load(state + 7 * N, mask=row_mask & HAS_TEACHER, other=0.0)
-    cross = tl.load(state + 8 * N, mask=row_mask & HAS_TEACHER, other=0.0)
+    if HAS_TEACHER:
+        m_t = tl.load(state + 4 * N, mask=row_mask, other=-1.0e30)
+        s_t = tl.load(state + 5 * N, mask=row_mask, other=0.0)
+        a_t = tl.load(state + 6 * N, mask=row_mask, other=0.0)
+        uy = tl.load(state + 7 * N, mask=row_mask, other=0.0)
+        cross = tl.load(state + 8 * N, mask=row_mask, other=0.0)
+    else:  # the empty teacher state, as _store_state skips it (a mask `row_mask & HAS_TEACHER`
+        # compiles the same, but Triton 3.2's interpreter cannot broadcast the constant)
+        m_t = tl.full([BLOCK_N], -1.0e30, tl.float32)
+        s_t = tl.zeros([BLOCK_N], tl.float32)
+        a_t = s_t
+        uy = s_t
+        cross = s_t
     for c0 in range(0, C, BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
         col_mask = offs_c < C
