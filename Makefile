@@ -18,7 +18,7 @@ VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
 # `make test`'s smoke runs of the benchmark scripts (bench-quick, below)
 QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory bench-quick-prompts gpu-check-dry
 
-.PHONY: demo test lint docs compile-report compile-matrix bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
+.PHONY: demo test test-oldest lint docs compile-report compile-matrix bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ test: $(STAMP) $(VERL_STAMP) lint docs
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal --ignore=tests/test_integration_verl.py
 	$(VERL_VENV)/bin/python -m pytest tests/test_integration_verl.py
 	$(MAKE) --no-print-directory bench-quick
+
+# The suite on every lower bound pyproject.toml declares, pinned, in .venv-oldest (torch 2.6's CUDA
+# build, about 3 GB, is downloaded once: no CPU build of it is on the registry). Not part of `make
+# test`; run it when a bound or a compatibility shim changes (docs/development.md).
+OLDEST_PYTHON ?= python3.10
+test-oldest: $(STAMP)
+	$(PY) benchmarks/oldest_deps.py --python $(OLDEST_PYTHON)
 
 # The benchmark scripts on tiny shapes and the GPU check's dry run, so that none can rot; under
 # `make -j` (CI) two run at a time

@@ -194,3 +194,25 @@ def test_compile_matrix_names_a_bad_release_before_installing_anything(capsys):
     with pytest.raises(SystemExit):
         compile_matrix.main(["--triton", "3.2", "latest"])
     assert "--triton: expected release numbers such as 3.2.0, got 3.2 latest" in capsys.readouterr().err
+
+
+def test_oldest_deps_pins_every_lower_bound_the_package_declares(tmp_path):
+    """`make test-oldest` installs exactly the floors of pyproject.toml (so a bound changed there is
+    the bound tested), and a dependency without a floor is an error, not whatever pip finds."""
+    import oldest_deps
+
+    pinned = oldest_deps.pins()
+    assert "torch==2.6" in pinned and "transformers==4.56" in pinned and "peft==0.13" in pinned
+    assert not any(name.startswith(("trl", "liger", "ruff")) for name in pinned)
+    assert all("==" in pin and "," not in pin for pin in pinned)
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\ndependencies = ["torch>=2.6,<3", "pyyaml"]\n'
+        '[project.optional-dependencies]\ntest = ["wandb>=0.17"]\n'
+    )
+    with pytest.raises(SystemExit, match="'pyyaml' needs exactly one lower bound"):
+        oldest_deps.pins(pyproject)
+    pyproject.write_text(pyproject.read_text().replace('"pyyaml"', '"pyyaml>=6.0"'))
+    assert oldest_deps.pins(pyproject) == ["torch==2.6", "pyyaml==6.0", "wandb==0.17"]
+    assert oldest_deps.oldest_python() == "python3.10"  # requires-python = ">=3.10"

@@ -1,0 +1,139 @@
+"""The test suite on the oldest releases the package declares: every lower bound of
+pyproject.toml's dependencies, and of the integrations the suite tests besides TRL (peft,
+tensorboard, wandb), pinned exactly, in a venv of its own (`make test-oldest`).
+
+    python benchmarks/oldest_deps.py            # builds .venv-oldest once, runs the suite, writes the result
+    python benchmarks/oldest_deps.py --pins     # the pins only
+
+A user's environment may be this old, and `make test` only ever sees the newest releases, so a
+bound nobody ran is a guess (until 2026-12-07 the package said torch >= 2.4 and transformers
+>= 4.45, and neither could load a model through fire-opd). Results:
+benchmarks/results/oldest-deps-<date>.{json,md}: the versions, and every test that did not pass.
+
+What these floors leave out, and why:
+- TRL and Liger: TRL 1.16 needs transformers >= 4.56.2 and datasets >= 4.7, newer than our
+  floors; their tests skip here and run in `make test`.
+- numpy < 2.4: the Triton interpreter of torch 2.6's Triton 3.2 (like 3.6's) fails under numpy
+  2.4. The interpreter is how the suite runs kernels without a GPU; users compile them, which
+  `make compile-matrix` checks for every Triton a torch pins.
+- FSDP on CPU needs torch >= 2.9 (pytorch/pytorch#162338): fire-opd refuses it before, and its
+  tests skip.
+The floors are what this run found: torch 2.4 / 2.5 have no public `fully_shard`, transformers
+before 4.56 no `from_pretrained(dtype=)`, matplotlib before 3.8.4, tensorboard before 2.18 and
+wandb before 0.17.2 do not import under numpy 2, and tqdm 4.62.1 is datasets 2.19's own floor.
+torch 2.6 has no CPU build on the package registries, so the first run downloads its CUDA
+build (about 3 GB); it is not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTED_EXTRAS = ("peft", "tensorboard", "wandb")  # of the `test` extra; the rest are tools or TRL / Liger
+HARNESS = ("numpy<2.4", "pytest>=7.4", "pytest-xdist>=3.5", "hypothesis>=6.90")
+
+
+def lower_bound(requirement: str) -> str:
+    """ "name==X" for a requirement "name>=X..."; a requirement without a lower bound is an error
+    (its floor would be whatever pip finds)."""
+    parsed = Requirement(requirement)
+    floors = [spec.version for spec in parsed.specifier if spec.operator == ">="]
+    if len(floors) != 1:
+        raise SystemExit(f"pyproject.toml: {requirement!r} needs exactly one lower bound (>=)")
+    return f"{parsed.name}=={floors[0]}"
+
+
+def pins(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The package's dependencies and TESTED_EXTRAS, each pinned at its lower bound."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = [r for r in project["optional-dependencies"]["test"] if Requirement(r).name in TESTED_EXTRAS]
+    return [lower_bound(r) for r in project["dependencies"] + extras]
+
+
+def oldest_python(pyproject: Path = ROOT / "pyproject.toml") -> str:
+    """The interpreter of `requires-python`'s floor, e.g. "python3.10" for ">=3.10"."""
+    requires = tomllib.loads(pyproject.read_text())["project"]["requires-python"]
+    return "python" + lower_bound(f"python{requires}").split("==")[1]
+
+
+def build(venv: Path, python: str, pinned: list[str]) -> None:
+    """`venv` on `python` with exactly `pinned` (re-installed only when the pins change) and the
+    package."""
+    stamp = venv / ".oldest-pins"
+    wanted = "\n".join([python, *pinned, *HARNESS])
+    if stamp.exists() and stamp.read_text() == wanted:
+        return
+    if not shutil.which(python) or subprocess.run([python, "-c", ""], capture_output=True).returncode != 0:
+        raise SystemExit(f"--python {python}: does not run; pass the path of a {oldest_python()} interpreter")
+    if stamp.exists() or not (venv / "bin" / "python").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *pinned, *HARNESS], check=True)
+    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
+    stamp.write_text(wanted)
+
+
+def installed(venv: Path, names: list[str]) -> dict[str, str]:
+    """name -> version installed in `venv`, and its Python's."""
+    code = (
+        "import sys, platform, importlib.metadata as m; print('python', platform.python_version()); "
+        "[print(n, m.version(n)) for n in sys.argv[1:]]"
+    )
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code, *names], capture_output=True, text=True, check=True)
+    return dict(line.split() for line in out.stdout.splitlines())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pins", action="store_true", help="print the pins and exit")
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-oldest")
+    parser.add_argument("--python", default=oldest_python(), help="interpreter (default: requires-python's floor)")
+    parser.add_argument("--workers", default="2", help="pytest-xdist workers")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    pinned = pins()
+    if args.pins:
+        print("\n".join(pinned))
+        return 0
+    build(args.venv, args.python, pinned)
+    proc = subprocess.run(  # the skips named above are expected here, and listed in the result
+        [str(args.venv / "bin" / "python"), "-m", "pytest", "tests", "-n", args.workers, "-rfEs"]
+        + ["--ignore=tests/test_integration_verl.py"],
+        cwd=ROOT,
+        env={**os.environ, "FIRE_OPD_ALLOW_SKIPS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    print(proc.stdout[-20000:], proc.stderr[-2000:], sep="\n")
+    names = [Requirement(p).name for p in pinned] + ["triton", "numpy"]
+    versions = installed(args.venv, sorted(set(names)))
+    summary = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
+    verdict = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest exited {proc.returncode}"
+    table = "\n".join(
+        ["| package | version |", "|---|---|", *(f"| {n} | {v} |" for n, v in sorted(versions.items()))]
+        + ["", f"`pytest tests` (verl's tests aside): **{verdict}**", ""]
+        + [f"- {line}" for line in summary]
+    )
+    from _results import write_results
+
+    rows = [{"versions": versions, "verdict": verdict, "not_passed": summary, "exit": proc.returncode}]
+    stem = write_results(args.out, "oldest-deps", "The test suite on the declared lower bounds", rows, table, "cpu")
+    print(f"results: {stem}.md")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
