@@ -45,8 +45,9 @@ test: $(STAMP) $(VERL_STAMP) lint docs
 	$(MAKE) --no-print-directory bench-quick
 
 # The suite on every lower bound pyproject.toml declares, pinned, in .venv-oldest (torch 2.6's CUDA
-# build, about 3 GB, is downloaded once: no CPU build of it is on the registry). Not part of `make
-# test`; run it when a bound or a compatibility shim changes (docs/development.md).
+# build, about 3 GB, is downloaded once and the venv takes about 6 GB: no CPU build of it is on the
+# registry). Not part of `make test`; run it when a bound or a compatibility shim changes
+# (docs/development.md). OLDEST_PYTHON=path where python3.10 is not on the PATH.
 OLDEST_PYTHON ?= python3.10
 test-oldest: $(STAMP)
 	$(PY) benchmarks/oldest_deps.py --python $(OLDEST_PYTHON)

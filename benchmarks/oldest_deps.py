@@ -22,7 +22,7 @@ The floors are what this run found: torch 2.4 / 2.5 have no public `fully_shard`
 before 4.56 no `from_pretrained(dtype=)`, matplotlib before 3.8.4, tensorboard before 2.18 and
 wandb before 0.17.2 do not import under numpy 2, and tqdm 4.62.1 is datasets 2.19's own floor.
 torch 2.6 has no CPU build on the package registries, so the first run downloads its CUDA
-build (about 3 GB); it is not part of `make test`.
+build (about 3 GB to fetch, 6 GB installed); it is not part of `make test`.
 """
 
 from __future__ import annotations
