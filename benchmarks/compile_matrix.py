@@ -4,7 +4,7 @@
     python benchmarks/compile_matrix.py --triton 3.2.0 3.6.0 --cache /tmp/triton-releases
     python benchmarks/compile_matrix.py --triton 3.4.0 3.9.0 --arch 100 120   # Blackwell
 
-The package asks for triton >= 3.0, and each torch release for Linux pins one Triton (TORCH_PINS),
+Each torch release for Linux pins one Triton (TORCH_PINS; the package needs torch >= 2.6, Triton >= 3.2),
 so a user's Triton is usually not the one the tiles were tuned under (3.9, which no torch release
 pins yet). Each release is installed once with `pip install --no-deps --target
 <cache>/triton-<version>` (a package registry is needed, not a GPU; about 600 MB each) and put

@@ -11,13 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import triton
 
 from fire_kernels.backends.triton_token_stats import backward_compiler_aborts
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def recorded_matrix() -> list[dict]:
@@ -73,6 +71,8 @@ def test_the_kernels_refuse_exactly_the_compiles_recorded_to_abort():
     """`triton_backward` (and `fire-opd train`'s checks) refuse a (release, arch, dtype) by
     backward_compiler_aborts; in the committed matrix, that rule names every failed compile and
     nothing that compiled, so no user meets the abort and none is refused for nothing."""
+    from fire_kernels.compile_report import TORCH_DTYPES
+
     rows = recorded_matrix()
     assert len({r["triton"] for r in rows}) >= 10  # every release a torch pins, not a sample
     mismatched = [
@@ -81,7 +81,7 @@ def test_the_kernels_refuse_exactly_the_compiles_recorded_to_abort():
         if (not r["ok"])
         != (
             r["kernel"] == "_token_stats_bwd_kernel"
-            and backward_compiler_aborts(r["triton"], divmod(r["arch"], 10), {DTYPES[r["dtype"]]})
+            and backward_compiler_aborts(r["triton"], divmod(r["arch"], 10), {TORCH_DTYPES[r["dtype"]]})
         )
     ]
     assert not mismatched, "\n".join(mismatched)

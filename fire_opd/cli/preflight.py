@@ -250,12 +250,10 @@ def check_fsdp(config: TrainConfig) -> None:
     sharded = [f"parallel.{name}" for name in ("student", "teachers") if getattr(config.parallel, name) == "fsdp"]
     if not sharded or os.environ.get("WORLD_SIZE", "1") == "1":
         return
-    import torch
-
     from fire_opd.parallel.distributed import fsdp_refusal
+    from fire_opd.train.trainer import resolve_device
 
-    on_cpu = config.runtime.device == "cpu" or (config.runtime.device == "auto" and not torch.cuda.is_available())
-    if (refusal := fsdp_refusal("cpu" if on_cpu else "cuda")) is not None:
+    if (refusal := fsdp_refusal(resolve_device(config.runtime.device).type)) is not None:
         raise UsageError(f"{' and '.join(sharded)}: {refusal}")
 
 
