@@ -103,10 +103,11 @@ def linear_log_prob_update(
     rows, bias_rows = head.weight.shape[0], None if head.bias is None else head.bias.shape[0]
     (cut,) = valid_head_rows(vocab_size, vocab_process_group, head)
     assert cut is not None
-    update = _log_prob_update(
-        hidden, cut, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
-        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
-    )  # fmt: skip
+    with torch.autocast(hidden.device.type, enabled=False):  # the inputs' precision (token_stats' doc)
+        update = _log_prob_update(
+            hidden, cut, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
+            vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
+        )  # fmt: skip
     return _with_padding_rows(update, rows, bias_rows)
 
 
@@ -278,11 +279,12 @@ def linear_divergence_update(
     rows, bias_rows = head.weight.shape[0], None if head.bias is None else head.bias.shape[0]
     student, teacher = valid_head_rows(vocab_size, vocab_process_group, head, teacher_head)
     assert student is not None and teacher is not None
-    update = _divergence_update(
-        student_hidden, student, teacher_hidden, teacher, targets, coefficient, divergence=divergence,
-        jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index, backend=backend,
-        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
-    )  # fmt: skip
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the inputs' precision (token_stats' doc)
+        update = _divergence_update(
+            student_hidden, student, teacher_hidden, teacher, targets, coefficient, divergence=divergence,
+            jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index, backend=backend,
+            vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
+        )  # fmt: skip
     return _with_padding_rows(update, rows, bias_rows)
 
 

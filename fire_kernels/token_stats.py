@@ -10,6 +10,14 @@ student log-prob, the student entropy and the divergence; teacher outputs carry 
 Backends: "triton" (fused, CUDA or the CPU interpreter), "chunked" (bounded tiles: on CUDA
 cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "reference"
 (materialized logits, the oracle), "auto" (chunked; see `resolve_backend`).
+
+Precision is the inputs' own, under `torch.autocast` too: the products take the hidden states and
+weights in their dtypes and accumulate in float32, as the Triton kernels do (autocast never reaches
+inside a Triton kernel, nor inside Cut Cross-Entropy's). Every backend therefore runs with autocast
+off: otherwise the torch backends' `h @ W^T` would round float32 operands to bf16 where Triton
+does not, and the fused updates' `mm(out=float32)` would meet a bf16 operand (a RuntimeError, as
+TRL's Trainer under transformers 4.x runs the loss inside CPU/CUDA autocast). To run the products
+in bf16, pass bf16 hidden states and head.
 """
 
 from __future__ import annotations
@@ -159,13 +167,14 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             teacher_lse, div_aux, upstream(g_log_prob), upstream(g_entropy), grad_divergence,
             student_bias=student_bias, teacher_bias=teacher_bias,
         )  # fmt: skip
-        grad_hidden, grad_weight, grad_bias = _BACKWARD[ctx.backend](
-            problem,
-            inputs,
-            need_hidden_grad=need_h,
-            need_weight_grad=need_w,
-            need_bias_grad=need_b,
-        )
+        with torch.autocast(student_hidden.device.type, enabled=False):  # `backward()` may run inside autocast
+            grad_hidden, grad_weight, grad_bias = _BACKWARD[ctx.backend](
+                problem,
+                inputs,
+                need_hidden_grad=need_h,
+                need_weight_grad=need_w,
+                need_bias_grad=need_b,
+            )
         if grad_hidden is not None:  # every vocabulary shard contributes to dL/dh
             grad_hidden = vocab_parallel.complete_hidden_grad(ctx.shards, grad_hidden).to(student_hidden.dtype)
         if grad_weight is not None:
@@ -261,32 +270,33 @@ def _stats(
     )
     student_weight, student_bias = student.weight, student.bias
     teacher_weight, teacher_bias = (None, None) if teacher is None else (teacher.weight, teacher.bias)
-    if backend == "reference":
-        return reference_stats(
-            problem,
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the inputs' precision (module doc)
+        if backend == "reference":
+            return reference_stats(
+                problem,
+                student_hidden,
+                student_weight,
+                targets,
+                teacher_hidden,
+                teacher_weight,
+                student_bias=student_bias,
+                teacher_bias=teacher_bias,
+            )
+        if teacher_hidden is not None and teacher_weight is not None:
+            teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+            teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
+        outputs = FusedTokenStatsFunction.apply(
             student_hidden,
             student_weight,
-            targets,
+            student_bias,
             teacher_hidden,
             teacher_weight,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
+            teacher_bias,
+            targets,
+            problem,
+            backend,
+            shards,
         )
-    if teacher_hidden is not None and teacher_weight is not None:
-        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-        teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
-    outputs = FusedTokenStatsFunction.apply(
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        targets,
-        problem,
-        backend,
-        shards,
-    )
     return tuple(outputs[:2]) + tuple(
         outputs[i] if ok else None
         for i, ok in ((2, problem.has_teacher), (3, problem.has_teacher), (4, problem.divergence != DIV_NONE))

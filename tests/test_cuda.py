@@ -143,6 +143,47 @@ def test_fused_divergence_update_matches_autograd_of_the_oracle(backend, diverge
     assert_close_grad(got.grad_weight.cpu(), ref_gw, torch.float32, "grad_weight")
 
 
+@pytest.mark.parametrize("whole_rows", [True, False])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "reference"])
+def test_autocast_changes_no_entry_point(monkeypatch, backend, whole_rows):
+    """Under bf16 `torch.autocast` on the device (TRL's Trainer computes its loss there under
+    transformers 4.x) every entry point computes in its inputs' dtype, as outside autocast,
+    backward included: the torch backends' products are not rounded to bf16 (the Triton kernels'
+    never are), and the fused updates' float32 `mm(out=)` meets no bf16 operand. `whole_rows`
+    False sends the fused updates down the streaming path."""
+    from fire_kernels import fused_update
+
+    if not whole_rows:
+        monkeypatch.setattr(fused_update, "_whole_row_limit", lambda *_: 1)
+    n, vocab, d = (300, 4_099, 64) if ON_CUDA else (19, 37, 16)
+    device = DEVICE if backend != "reference" else torch.device("cpu")
+    s_h, s_w, t_h, t_w, targets = (x.to(device) for x in make_problem(n, vocab, d, d + 8, torch.float32, seed=5))
+    coefficient = torch.randn(n, generator=torch.Generator().manual_seed(6)).to(device)
+
+    def every_entry_point() -> list[torch.Tensor]:
+        h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
+        stats = teacher_student_stats(h, w, t_h, t_w, targets, divergence="jsd", backend=backend)
+        log_prob, entropy = token_stats(h, w, targets, backend=backend)
+        loss = sum((c * x).sum() for c, x in zip((1.0, -0.5, 2.0, 0.3), (*stats[:2], stats.divergence, log_prob)))
+        if backend == "reference":  # its backward is autograd's, which autocast reaches when backward() runs in it
+            with torch.autocast(device.type, enabled=False):
+                return [*stats, log_prob, entropy, *torch.autograd.grad(loss + entropy.sum(), (h, w))]
+        outputs = [*stats, log_prob, entropy, *torch.autograd.grad(loss + entropy.sum(), (h, w))]
+        dense = fused_update.linear_divergence_update(s_h, s_w, t_h, t_w, targets, coefficient, backend=backend)
+        sampled = fused_update.linear_log_prob_update(
+            s_h, s_w, targets, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]), backend=backend
+        )
+        return outputs + [*dense[:4], *sampled[:4]]
+
+    expected = every_entry_point()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = every_entry_point()
+    assert len(got) == len(expected) >= 8
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype, i
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"output {i}: {m}")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_int64_offsets_past_two_to_the_31(backend):
