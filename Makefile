@@ -44,13 +44,16 @@ test: $(STAMP) $(VERL_STAMP) lint docs
 	$(VERL_VENV)/bin/python -m pytest tests/test_integration_verl.py
 	$(MAKE) --no-print-directory bench-quick
 
-# The suite on every lower bound pyproject.toml declares, pinned, in .venv-oldest (torch 2.6's CUDA
-# build, about 3 GB, is downloaded once and the venv takes about 6 GB: no CPU build of it is on the
-# registry). Not part of `make test`; run it when a bound or a compatibility shim changes
-# (docs/development.md). OLDEST_PYTHON=path where python3.10 is not on the PATH.
+# The suite on every lower bound pyproject.toml declares, pinned, in .venv-oldest, then with TRL and
+# Liger at their floors too (transformers 4.x), in .venv-oldest-peers (torch 2.6's CUDA build, about
+# 3 GB, is downloaded once and each venv takes about 6 GB: no CPU build of it is on the registry).
+# Not part of `make test`; run it when a bound or a compatibility shim changes (docs/development.md).
+# OLDEST_PYTHON / PEERS_PYTHON=path where python3.10 / python3.11 is not on the PATH.
 OLDEST_PYTHON ?= python3.10
+PEERS_PYTHON ?= python3.11
 test-oldest: $(STAMP)
 	$(PY) benchmarks/oldest_deps.py --python $(OLDEST_PYTHON)
+	$(PY) benchmarks/oldest_deps.py --peers --python $(PEERS_PYTHON)
 
 # The benchmark scripts on tiny shapes and the GPU check's dry run, so that none can rot; under
 # `make -j` (CI) two run at a time

@@ -4,6 +4,14 @@ tensorboard, wandb), pinned exactly, in a venv of its own (`make test-oldest`).
 
     python benchmarks/oldest_deps.py            # builds .venv-oldest once, runs the suite, writes the result
     python benchmarks/oldest_deps.py --pins     # the pins only
+    python benchmarks/oldest_deps.py --peers    # the same with TRL and Liger at their floors (.venv-oldest-peers)
+
+`--peers` is the oldest environment a TRL user can have: TRL 1.16 and Liger 0.8 at the test
+extra's floors, and every other floor lifted only as far as they require (uv's lowest-direct
+resolution: transformers 4.56.2, datasets 4.7.0, tqdm 4.66.3, pyyaml 6.0.1 on 2026-12-07), on
+Python 3.11, TRL's own floor. It is the only run of the TRL integration on transformers 4.x, where
+TRL's Trainer computes the loss inside autocast (it found fire_kernels' fused update failing
+there). The result lists each lifted floor.
 
 A user's environment may be this old, and `make test` only ever sees the newest releases, so a
 bound nobody ran is a guess (until 2026-12-07 the package said torch >= 2.4 and transformers
@@ -11,8 +19,8 @@ bound nobody ran is a guess (until 2026-12-07 the package said torch >= 2.4 and 
 benchmarks/results/oldest-deps-<date>.{json,md}: the versions, and every test that did not pass.
 
 What these floors leave out, and why:
-- TRL and Liger: TRL 1.16 needs transformers >= 4.56.2 and datasets >= 4.7, newer than our
-  floors; their tests skip here and run in `make test`.
+- TRL and Liger: TRL 1.16 needs transformers >= 4.56.2, datasets >= 4.7 and Python >= 3.11,
+  newer than our floors; their tests skip here and run in `--peers` and in `make test`.
 - numpy < 2.4: the Triton interpreter of torch 2.6's Triton 3.2 (like 3.6's) fails under numpy
   2.4. The interpreter is how the suite runs kernels without a GPU; users compile them, which
   `make compile-matrix` checks for every Triton a torch pins.
@@ -31,9 +39,13 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 try:
     import tomllib
@@ -42,6 +54,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTED_EXTRAS = ("peft", "tensorboard", "wandb")  # of the `test` extra; the rest are tools or TRL / Liger
+PEERS = ("trl", "liger-kernel")  # of the `test` extra: integrations whose own floors sit above ours
+PEERS_PYTHON = "python3.11"  # TRL >= 1.15 requires it
 HARNESS = ("numpy<2.4", "pytest>=7.4", "pytest-xdist>=3.5", "hypothesis>=6.90")
 
 
@@ -55,11 +69,58 @@ def lower_bound(requirement: str) -> str:
     return f"{parsed.name}=={floors[0]}"
 
 
+def requirements(pyproject: Path = ROOT / "pyproject.toml", extras: tuple[str, ...] = TESTED_EXTRAS) -> list[str]:
+    """The package's dependencies and those of the `test` extra named in `extras`, as declared."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    tested = [r for r in project["optional-dependencies"]["test"] if Requirement(r).name in extras]
+    return project["dependencies"] + tested
+
+
 def pins(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """The package's dependencies and TESTED_EXTRAS, each pinned at its lower bound."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    extras = [r for r in project["optional-dependencies"]["test"] if Requirement(r).name in TESTED_EXTRAS]
-    return [lower_bound(r) for r in project["dependencies"] + extras]
+    return [lower_bound(r) for r in requirements(pyproject)]
+
+
+def peer_pins(python: str = PEERS_PYTHON) -> list[str]:
+    """`requirements` with PEERS, each at the lowest release that installs beside the others on
+    `python` (uv's lowest-direct resolution: a floor moves only where a peer requires more). Needs
+    the package index."""
+    declared = requirements(extras=TESTED_EXTRAS + PEERS)
+    for requirement in declared:
+        lower_bound(requirement)  # every one has a floor to start from
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uv"], check=True)
+        from uv import find_uv_bin
+    version = python.removeprefix("python") if python.startswith("python3") else _python_version(python)
+    with tempfile.TemporaryDirectory() as tmp:
+        wanted, numpy = Path(tmp) / "requirements.in", Path(tmp) / "constraints.txt"
+        wanted.write_text("\n".join(declared) + "\n")
+        numpy.write_text(HARNESS[0] + "\n")  # the interpreter's numpy, as in build()
+        lock = subprocess.run(
+            [find_uv_bin(), "pip", "compile", "--quiet", "--resolution", "lowest-direct", "--python-version", version]
+            + ["--no-header", "--no-annotate", str(wanted), "-c", str(numpy)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    resolved = dict(line.split("==") for line in lock.splitlines() if "==" in line)
+    return [f"{Requirement(r).name}=={resolved[canonicalize_name(Requirement(r).name)]}" for r in declared]
+
+
+def lifted(floors: list[str], resolved: list[str]) -> dict[str, tuple[str, str]]:
+    """name -> (our floor, the pin) for each of `floors` that `resolved` pins higher."""
+    ours = dict(pin.split("==") for pin in floors)
+    return {
+        name: (ours[name], version)
+        for name, version in (pin.split("==") for pin in resolved)
+        if name in ours and Version(version) != Version(ours[name])
+    }
+
+
+def _python_version(python: str) -> str:
+    """ "3.11" for an interpreter path."""
+    code = "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def oldest_python(pyproject: Path = ROOT / "pyproject.toml") -> str:
@@ -99,18 +160,22 @@ def installed(venv: Path, names: list[str]) -> dict[str, str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pins", action="store_true", help="print the pins and exit")
-    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-oldest")
-    parser.add_argument("--python", default=oldest_python(), help="interpreter (default: requires-python's floor)")
+    parser.add_argument("--peers", action="store_true", help="TRL and Liger at their floors too (see above)")
+    parser.add_argument("--venv", type=Path, help="default: .venv-oldest, .venv-oldest-peers with --peers")
+    parser.add_argument("--python", help=f"interpreter (default: requires-python's floor; {PEERS_PYTHON} with --peers)")
     parser.add_argument("--workers", default="2", help="pytest-xdist workers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    pinned = pins()
+    python = args.python or (PEERS_PYTHON if args.peers else oldest_python())
+    venv = args.venv or ROOT / (".venv-oldest-peers" if args.peers else ".venv-oldest")
+    pinned = peer_pins(python) if args.peers else pins()
+    moved = lifted(pins(), pinned)
     if args.pins:
         print("\n".join(pinned))
         return 0
-    build(args.venv, args.python, pinned)
+    build(venv, python, pinned)
     proc = subprocess.run(  # the skips named above are expected here, and listed in the result
-        [str(args.venv / "bin" / "python"), "-m", "pytest", "tests", "-n", args.workers, "-rfEs"]
+        [str(venv / "bin" / "python"), "-m", "pytest", "tests", "-n", args.workers, "-rfEs"]
         + ["--ignore=tests/test_integration_verl.py"],
         cwd=ROOT,
         env={**os.environ, "FIRE_OPD_ALLOW_SKIPS": "1"},
@@ -119,18 +184,21 @@ def main(argv=None) -> int:
     )
     print(proc.stdout[-20000:], proc.stderr[-2000:], sep="\n")
     names = [Requirement(p).name for p in pinned] + ["triton", "numpy"]
-    versions = installed(args.venv, sorted(set(names)))
+    versions = installed(venv, sorted(set(names)))
     summary = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
     verdict = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest exited {proc.returncode}"
+    raised = ", ".join(f"{name} {ours} -> {pin}" for name, (ours, pin) in moved.items())
     table = "\n".join(
         ["| package | version |", "|---|---|", *(f"| {n} | {v} |" for n, v in sorted(versions.items()))]
+        + (["", f"Floors the peers' own lift: {raised}"] if moved else [])
         + ["", f"`pytest tests` (verl's tests aside): **{verdict}**", ""]
         + [f"- {line}" for line in summary]
     )
     from _results import write_results
 
-    rows = [{"versions": versions, "verdict": verdict, "not_passed": summary, "exit": proc.returncode}]
-    stem = write_results(args.out, "oldest-deps", "The test suite on the declared lower bounds", rows, table, "cpu")
+    rows = [{"versions": versions, "lifted": moved, "verdict": verdict, "not_passed": summary, "exit": proc.returncode}]
+    title = "The test suite on the declared lower bounds" + (", TRL and Liger at theirs" if args.peers else "")
+    stem = write_results(args.out, "oldest-deps-peers" if args.peers else "oldest-deps", title, rows, table, "cpu")
     print(f"results: {stem}.md")
     return proc.returncode
 

@@ -216,3 +216,21 @@ def test_oldest_deps_pins_every_lower_bound_the_package_declares(tmp_path):
     pyproject.write_text(pyproject.read_text().replace('"pyyaml"', '"pyyaml>=6.0"'))
     assert oldest_deps.pins(pyproject) == ["torch==2.6", "pyyaml==6.0", "wandb==0.17"]
     assert oldest_deps.oldest_python() == "python3.10"  # requires-python = ">=3.10"
+
+
+def test_oldest_deps_peers_start_from_our_floors_and_name_each_one_they_lift():
+    """`make test-oldest`'s second run adds TRL and Liger at the test extra's floors; every other
+    requirement is the one pyproject.toml declares (so it starts from our floor, and an excluded
+    release stays excluded), and the result names each floor the peers' own requirements lift."""
+    import oldest_deps
+    from packaging.requirements import Requirement
+
+    declared = oldest_deps.requirements(extras=oldest_deps.TESTED_EXTRAS + oldest_deps.PEERS)
+    names = [Requirement(r).name for r in declared]
+    assert set(names) - {Requirement(p).name for p in oldest_deps.pins()} == {"trl", "liger-kernel"}
+    assert all(oldest_deps.lower_bound(r) for r in declared)
+    datasets = Requirement(next(r for r in declared if r.startswith("datasets")))
+    assert "4.7.0" not in datasets.specifier and "4.8.4" in datasets.specifier
+    floors = ["torch==2.6", "transformers==4.56", "tqdm==4.62.1"]
+    resolved = ["torch==2.6.0", "transformers==4.56.2", "tqdm==4.62.1", "trl==1.16.0"]
+    assert oldest_deps.lifted(floors, resolved) == {"transformers": ("4.56", "4.56.2")}
