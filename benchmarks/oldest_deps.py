@@ -39,7 +39,6 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -91,8 +90,7 @@ def peer_pins(python: str = PEERS_PYTHON) -> list[str]:
     try:
         from uv import find_uv_bin
     except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uv"], check=True)
-        from uv import find_uv_bin
+        raise SystemExit("--peers needs uv (the test extra: pip install -e '.[test]')") from None
     version = python.removeprefix("python") if python.startswith("python3") else _python_version(python)
     with tempfile.TemporaryDirectory() as tmp:
         wanted, numpy = Path(tmp) / "requirements.in", Path(tmp) / "constraints.txt"
