@@ -8,7 +8,7 @@ tensorboard, wandb), pinned exactly, in a venv of its own (`make test-oldest`).
 
 `--peers` is the oldest environment a TRL user can have: TRL 1.16 and Liger 0.8 at the test
 extra's floors, and every other floor lifted only as far as they require (uv's lowest-direct
-resolution: transformers 4.56.2, datasets 4.7.0, tqdm 4.66.3, pyyaml 6.0.1 on 2026-12-07), on
+resolution: transformers 4.56.2, datasets 4.8.4, tqdm 4.66.3, pyyaml 6.0.1 on 2026-12-07), on
 Python 3.11, TRL's own floor. It is the only run of the TRL integration on transformers 4.x, where
 TRL's Trainer computes the loss inside autocast (it found fire_kernels' fused update failing
 there). The result lists each lifted floor.
@@ -99,9 +99,11 @@ def peer_pins(python: str = PEERS_PYTHON) -> list[str]:
         lock = subprocess.run(
             [find_uv_bin(), "pip", "compile", "--quiet", "--resolution", "lowest-direct", "--python-version", version]
             + ["--no-header", "--no-annotate", str(wanted), "-c", str(numpy)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    resolved = dict(line.split("==") for line in lock.splitlines() if "==" in line)
+            capture_output=True, text=True,
+        )  # fmt: skip
+    if lock.returncode != 0:  # no set of releases satisfies our requirements and the peers' together
+        raise SystemExit(f"--peers: uv found no releases that install together on Python {version}:\n{lock.stderr}")
+    resolved = dict(line.split("==") for line in lock.stdout.splitlines() if "==" in line)
     return [f"{Requirement(r).name}=={resolved[canonicalize_name(Requirement(r).name)]}" for r in declared]
 
 
