@@ -162,7 +162,7 @@ def test_paired_differences_and_their_interval():
 
 
 def test_study_quick(tmp_path, capsys):
-    pytest.importorskip("trl")  # the study's TRL baseline (fire-opd[study]); absent only in `make test-oldest`
+    pytest.importorskip("trl")  # the study's TRL baseline; absent only in test-oldest's floors run
     from fire_opd.demo.provenance import git_commit
     from fire_opd.demo.study import main
 
