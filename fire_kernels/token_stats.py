@@ -14,10 +14,11 @@ cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "
 Precision is the inputs' own, under `torch.autocast` too: the products take the hidden states and
 weights in their dtypes and accumulate in float32, as the Triton kernels do (autocast never reaches
 inside a Triton kernel, nor inside Cut Cross-Entropy's). Every backend therefore runs with autocast
-off: otherwise the torch backends' `h @ W^T` would round float32 operands to bf16 where Triton
-does not, and the fused updates' `mm(out=float32)` would meet a bf16 operand (a RuntimeError, as
-TRL's Trainer under transformers 4.x runs the loss inside CPU/CUDA autocast). To run the products
-in bf16, pass bf16 hidden states and head.
+off: otherwise the reference's `h @ W^T` would round float32 operands to bf16 where the streaming
+tiles (written with `out=`, which autocast skips) do not, and the fused updates' whole-row
+`mm(out=float32)` would meet a bf16 operand (a RuntimeError; TRL's Trainer under transformers 4.x
+runs the loss inside CPU/CUDA autocast). To run the products in bf16, pass bf16 hidden states and
+head.
 """
 
 from __future__ import annotations
