@@ -194,6 +194,31 @@ def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objectiv
     assert int(dropped.sum()) == 2  # below the 30th percentile of 6 scores (between the 2nd and 3rd): two dropped
 
 
+@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
+def test_the_loss_runs_inside_bf16_autocast(tmp_path, objective):
+    """Under transformers 4.x TRL's Trainer computes the loss inside bf16 autocast (transformers 5
+    does not, so `make test` never meets it in a real run; `make test-oldest --peers` does). The
+    loss and its gradients there are finite and within bf16's rounding of the float32 ones (before
+    2ab5c12 the dense objective raised inside the fused update)."""
+    trainer = _trainer(tmp_path, fire_objective=objective, fire_percentile=30.0)
+    trainer.model.train()
+    batch = _batch(trainer)
+
+    def loss_and_grads():
+        with_stats = {**batch, **trainer._fire_statistics(batch)}
+        loss, _, _ = trainer._compute_loss(trainer.model, with_stats, batch["num_items_in_batch"])
+        return loss, torch.autograd.grad(loss, list(trainer.model.parameters()))
+
+    expected, expected_grads = loss_and_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads()
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=5e-2, atol=1e-3)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == e.dtype and bool(torch.isfinite(g).all())
+        assert float((g - e).norm()) <= 0.1 * float(e.norm()) + 1e-6
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
 def test_opd_method_equals_trls_own_loss(tmp_path, beta):
     """fire_method="opd" (no filter, weight 1) on a fixed batch is TRL's own DistillationTrainer
