@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -91,7 +92,7 @@ def peer_pins(python: str = PEERS_PYTHON) -> list[str]:
         from uv import find_uv_bin
     except ImportError:
         raise SystemExit("--peers needs uv (the test extra: pip install -e '.[test]')") from None
-    version = python.removeprefix("python") if python.startswith("python3") else _python_version(python)
+    version = _python_version(python)
     with tempfile.TemporaryDirectory() as tmp:
         wanted, numpy = Path(tmp) / "requirements.in", Path(tmp) / "constraints.txt"
         wanted.write_text("\n".join(declared) + "\n")
@@ -118,7 +119,10 @@ def lifted(floors: list[str], resolved: list[str]) -> dict[str, tuple[str, str]]
 
 
 def _python_version(python: str) -> str:
-    """ "3.11" for an interpreter path."""
+    """ "3.11" for an interpreter named pythonX.Y (a path too; it need not run, as a pyenv shim
+    may not), else the version it reports."""
+    if named := re.fullmatch(r"python(\d+\.\d+)", Path(python).name):
+        return named.group(1)
     code = "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"
     return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
