@@ -51,7 +51,7 @@ from fire_kernels.backends.chunked import (
     scale_by_jacobian_,
 )
 from fire_kernels.lm_head import HeadLike, LMHead, as_head
-from fire_kernels.token_stats import prepare_call
+from fire_kernels.token_stats import autocast_inputs, autocast_off, prepare_call
 from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_head_rows
 
 # grad_fn(log_prob[C], rows: slice) -> (loss contribution (scalar), dL/dlog_prob [C])
@@ -100,15 +100,15 @@ def linear_log_prob_update(
     padded heads, as in `token_stats`; the padding rows' gradient is zero.
     """
     head = as_head(head, "head")
-    rows, bias_rows = head.weight.shape[0], None if head.bias is None else head.bias.shape[0]
     (cut,) = valid_head_rows(vocab_size, vocab_process_group, head)
     assert cut is not None
-    with torch.autocast(hidden.device.type, enabled=False):  # the inputs' precision (token_stats' doc)
+    cast_hidden, cut, _, _ = autocast_inputs(hidden, cut)
+    with autocast_off(hidden.device):  # the products in the (cast) inputs' dtypes (token_stats' doc)
         update = _log_prob_update(
-            hidden, cut, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
+            cast_hidden, cut, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
             vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
-    return _with_padding_rows(update, rows, bias_rows)
+    return _as_callers(update, hidden, head)
 
 
 def _log_prob_update(
@@ -200,11 +200,16 @@ def _log_prob_update(
     )
 
 
-def _with_padding_rows(update: UpdateT, rows: int, bias_rows: Optional[int]) -> UpdateT:
-    """An update whose weight (and bias) gradients cover the head's padding rows too (zero)."""
-    grad_weight, grad_bias = _pad_rows(update.grad_weight, rows), _pad_rows(update.grad_bias, bias_rows)
+def _as_callers(update: UpdateT, hidden: torch.Tensor, head: LMHead) -> UpdateT:
+    """An update whose gradients are shaped and typed as the caller's `hidden` and `head`: in
+    their dtypes (under autocast the sweep ran on cast copies), the weight (and bias) gradient
+    covering the head's padding rows too (zero)."""
+    bias = head.bias
+    grad_weight = _pad_rows(update.grad_weight.to(head.weight.dtype), head.weight.shape[0])
+    grad_bias = None if bias is None else _pad_rows(_cast(update.grad_bias, bias), bias.shape[0])
     assert grad_weight is not None
-    return update._replace(grad_weight=grad_weight, grad_bias=grad_bias)
+    grad_hidden = update.grad_hidden.to(hidden.dtype)
+    return update._replace(grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias)
 
 
 def _pad_rows(grad: Optional[torch.Tensor], rows: Optional[int]) -> Optional[torch.Tensor]:
@@ -276,16 +281,16 @@ def linear_divergence_update(
     gradient is zero.
     """
     head, teacher_head = as_head(head, "head"), as_head(teacher_head, "teacher_head")
-    rows, bias_rows = head.weight.shape[0], None if head.bias is None else head.bias.shape[0]
     student, teacher = valid_head_rows(vocab_size, vocab_process_group, head, teacher_head)
     assert student is not None and teacher is not None
-    with torch.autocast(student_hidden.device.type, enabled=False):  # the inputs' precision (token_stats' doc)
+    cast = autocast_inputs(student_hidden, student, teacher_hidden, teacher)
+    with autocast_off(student_hidden.device):  # the products in the (cast) inputs' dtypes (token_stats' doc)
         update = _divergence_update(
-            student_hidden, student, teacher_hidden, teacher, targets, coefficient, divergence=divergence,
+            *cast, targets, coefficient, divergence=divergence,  # type: ignore[arg-type]  # prepare_call checks them
             jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index, backend=backend,
             vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
-    return _with_padding_rows(update, rows, bias_rows)
+    return _as_callers(update, student_hidden, head)
 
 
 def _divergence_update(

@@ -11,18 +11,21 @@ Backends: "triton" (fused, CUDA or the CPU interpreter), "chunked" (bounded tile
 cuBLAS products folded by Triton kernels, `tile_fold`; elsewhere PyTorch ops), "reference"
 (materialized logits, the oracle), "auto" (chunked; see `resolve_backend`).
 
-Precision is the inputs' own, under `torch.autocast` too: the products take the hidden states and
-weights in their dtypes and accumulate in float32, as the Triton kernels do (autocast never reaches
-inside a Triton kernel, nor inside Cut Cross-Entropy's). Every backend therefore runs with autocast
-off: otherwise the reference's `h @ W^T` would round float32 operands to bf16 where the streaming
-tiles (written with `out=`, which autocast skips) do not, and the fused updates' whole-row
-`mm(out=float32)` would meet a bf16 operand (a RuntimeError; TRL's Trainer under transformers 4.x
-runs the loss inside CPU/CUDA autocast). To run the products in bf16, pass bf16 hidden states and
-head.
+Precision under `torch.autocast` is autocast's: where it is on for the hidden states' device, every
+entry point first casts the hidden states and heads (floating tensors other than float64) to its
+dtype, as autocast does to a matmul's operands and as the fused-linear peers do before their
+kernels (Cut Cross-Entropy, Liger, TRL's), then computes with autocast off (`autocast_inputs`,
+`autocast_off`). So a float32 model under bf16 autocast gets bf16 products, accumulated in float32
+on every backend as for bf16 inputs, and its gradients come back in its own dtypes (rounded to the
+autocast dtype first, as autocast's own matmul backward rounds them). Autocast must not reach
+inside: the reference's `h @ W^T` and the fused updates' whole-row `mm(out=float32)` would meet
+operands of two dtypes (a RuntimeError before 2ab5c12; TRL's Trainer under transformers 4.x runs the
+loss inside CPU/CUDA autocast). Outside autocast the inputs' dtypes are the products' dtypes.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple, Optional
 
 import torch
@@ -168,7 +171,7 @@ class FusedTokenStatsFunction(torch.autograd.Function):
             teacher_lse, div_aux, upstream(g_log_prob), upstream(g_entropy), grad_divergence,
             student_bias=student_bias, teacher_bias=teacher_bias,
         )  # fmt: skip
-        with torch.autocast(student_hidden.device.type, enabled=False):  # `backward()` may run inside autocast
+        with autocast_off(student_hidden.device):  # `backward()` may run inside autocast
             grad_hidden, grad_weight, grad_bias = _BACKWARD[ctx.backend](
                 problem,
                 inputs,
@@ -183,6 +186,46 @@ class FusedTokenStatsFunction(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(student_bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def autocast_inputs(
+    hidden: torch.Tensor,
+    head: LMHead,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_head: Optional[LMHead] = None,
+) -> tuple[torch.Tensor, LMHead, Optional[torch.Tensor], Optional[LMHead]]:
+    """The inputs as autocast hands a matmul its operands: where autocast is on for `hidden`'s
+    device, each floating tensor other than float64 in its dtype (differentiable casts, so the
+    gradients reach the caller's tensors in their dtypes); elsewhere the inputs themselves."""
+    dtype = autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
+    if dtype is None:
+        return hidden, head, teacher_hidden, teacher_head
+
+    def cast(x):
+        eligible = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+        return x.to(dtype) if eligible else x
+
+    def cast_head(h: Optional[LMHead]) -> Optional[LMHead]:
+        return h if h is None or cast(h.weight) is h.weight else h.to(dtype)
+
+    cast_student = cast_head(head)
+    assert cast_student is not None
+    return cast(hidden), cast_student, cast(teacher_hidden), cast_head(teacher_head)
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    """Autocast off on `device` while a kernel runs (nothing to enter where it is not on, so a
+    device without autocast support is never asked to turn it off)."""
+    return torch.autocast(device.type, enabled=False) if autocast_dtype(device) is not None else nullcontext()
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """Autocast's dtype where it is on for `device`; None where it is off, or unknown to autocast
+    (`meta`, a backend that registered none), which then cannot be on."""
+    try:
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    except RuntimeError:  # "unknown device type for autocast"
+        return None
 
 
 class PreparedCall(NamedTuple):
@@ -254,6 +297,7 @@ def _stats(
     teacher = None if teacher_head is None else as_head(teacher_head, "teacher_head")
     student, teacher = vocab_parallel.valid_head_rows(vocab_size, vocab_process_group, as_head(head, "head"), teacher)
     assert student is not None
+    student_hidden, student, teacher_hidden, teacher = autocast_inputs(student_hidden, student, teacher_hidden, teacher)
     problem, targets, _, shards, backend = prepare_call(
         student_hidden,
         student,
@@ -271,7 +315,7 @@ def _stats(
     )
     student_weight, student_bias = student.weight, student.bias
     teacher_weight, teacher_bias = (None, None) if teacher is None else (teacher.weight, teacher.bias)
-    with torch.autocast(student_hidden.device.type, enabled=False):  # the inputs' precision (module doc)
+    with autocast_off(student_hidden.device):  # the products in the (cast) inputs' dtypes (module doc)
         if backend == "reference":
             return reference_stats(
                 problem,

@@ -143,14 +143,52 @@ def test_fused_divergence_update_matches_autograd_of_the_oracle(backend, diverge
     assert_close_grad(got.grad_weight.cpu(), ref_gw, torch.float32, "grad_weight")
 
 
+def _every_entry_point(backend, s_h, s_w, t_h, t_w, targets, coefficient, *, cast=None) -> list[torch.Tensor]:
+    """Outputs and gradients of all four entry points on one problem: the statistics with and
+    without a teacher (gradients w.r.t. the student's hidden states and head by autograd), and
+    both fused updates. `cast`: hand every entry point the inputs cast to that dtype (through
+    differentiable casts, so gradients come back in the inputs' own dtypes)."""
+    from fire_kernels import fused_update
+
+    def given(x):
+        return x if cast is None else x.to(cast)
+
+    h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
+    stats = teacher_student_stats(
+        given(h), given(w), given(t_h), given(t_w), targets, divergence="jsd", backend=backend
+    )
+    log_prob, entropy = token_stats(given(h), given(w), targets, backend=backend)
+    loss = sum((c * x).sum() for c, x in zip((1.0, -0.5, 2.0, 0.3), (*stats[:2], stats.divergence, log_prob)))
+    # the reference's backward is autograd's, which autocast reaches when backward() runs inside it
+    with torch.autocast(s_h.device.type, enabled=False):
+        outputs = [*stats, log_prob, entropy, *torch.autograd.grad(loss + entropy.sum(), (h, w))]
+    if backend == "reference":  # no fused update
+        return outputs
+
+    def fused(x):  # the fused updates return plain tensors: the caller's dtype is restored here
+        return x if cast is None or not x.is_floating_point() else x.to(s_h.dtype)
+
+    dense = fused_update.linear_divergence_update(
+        given(s_h), given(s_w), given(t_h), given(t_w), targets, coefficient, backend=backend
+    )
+    sampled = fused_update.linear_log_prob_update(
+        given(s_h), given(s_w), targets, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]),
+        backend=backend,
+    )  # fmt: skip
+    return outputs + [fused(x) for x in (*dense[:4], *sampled[:4])]
+
+
 @pytest.mark.parametrize("whole_rows", [True, False])
 @pytest.mark.parametrize("backend", ["chunked", "triton", "reference"])
-def test_autocast_changes_no_entry_point(monkeypatch, backend, whole_rows):
+def test_autocast_computes_in_its_dtype(monkeypatch, backend, whole_rows):
     """Under bf16 `torch.autocast` on the device (TRL's Trainer computes its loss there under
-    transformers 4.x) every entry point computes in its inputs' dtype, as outside autocast,
-    backward included: the torch backends' products are not rounded to bf16 (the Triton kernels'
-    never are), and the fused updates' float32 `mm(out=)` meets no bf16 operand. `whole_rows`
-    False sends the fused updates down the streaming path."""
+    transformers 4.x; our trainer runs a float32 student's forwards there on CUDA) every entry
+    point computes exactly what it computes outside autocast on the inputs cast to bf16, as
+    autocast does for a matmul and the fused-linear peers do before their kernels, backward
+    included; the gradients come back in the inputs' float32. Before, the products stayed float32
+    (the head's products at float32 speed), and before 2ab5c12 the fused updates' whole-row
+    `mm(out=float32)` met a bf16 operand. `whole_rows` False sends the fused updates down the
+    streaming path."""
     from fire_kernels import fused_update
 
     if not whole_rows:
@@ -159,29 +197,39 @@ def test_autocast_changes_no_entry_point(monkeypatch, backend, whole_rows):
     device = DEVICE if backend != "reference" else torch.device("cpu")
     s_h, s_w, t_h, t_w, targets = (x.to(device) for x in make_problem(n, vocab, d, d + 8, torch.float32, seed=5))
     coefficient = torch.randn(n, generator=torch.Generator().manual_seed(6)).to(device)
+    problem = (backend, s_h, s_w, t_h, t_w, targets, coefficient)
 
-    def every_entry_point() -> list[torch.Tensor]:
-        h, w = s_h.clone().requires_grad_(), s_w.clone().requires_grad_()
-        stats = teacher_student_stats(h, w, t_h, t_w, targets, divergence="jsd", backend=backend)
-        log_prob, entropy = token_stats(h, w, targets, backend=backend)
-        loss = sum((c * x).sum() for c, x in zip((1.0, -0.5, 2.0, 0.3), (*stats[:2], stats.divergence, log_prob)))
-        if backend == "reference":  # its backward is autograd's, which autocast reaches when backward() runs in it
-            with torch.autocast(device.type, enabled=False):
-                return [*stats, log_prob, entropy, *torch.autograd.grad(loss + entropy.sum(), (h, w))]
-        outputs = [*stats, log_prob, entropy, *torch.autograd.grad(loss + entropy.sum(), (h, w))]
-        dense = fused_update.linear_divergence_update(s_h, s_w, t_h, t_w, targets, coefficient, backend=backend)
-        sampled = fused_update.linear_log_prob_update(
-            s_h, s_w, targets, lambda lp, rows: ((coefficient[rows] * lp).sum(), coefficient[rows]), backend=backend
-        )
-        return outputs + [*dense[:4], *sampled[:4]]
-
-    expected = every_entry_point()
+    expected = _every_entry_point(*problem, cast=torch.bfloat16)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        got = every_entry_point()
+        got = _every_entry_point(*problem)
     assert len(got) == len(expected) >= 8
     for i, (a, b) in enumerate(zip(got, expected)):
         assert a.dtype == b.dtype, i
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"output {i}: {m}")
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"output {i}: {m}")
+    # and they are bf16 products, not float32 ones: the float32 run differs
+    float32 = _every_entry_point(*problem)
+    assert not torch.equal(got[0], float32[0])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_autocast_leaves_float64_and_harmonizes_mixed_dtypes(backend):
+    """Autocast's casting rule, not a blanket one: float64 inputs stay float64 (autocast never
+    casts them), and a float32 student with a bf16 teacher head, refused outside autocast (one
+    dtype per model), is accepted inside it, both cast to bf16."""
+    s_h, s_w, t_h, t_w, targets = make_problem(13, 37, 16, 24, torch.float64, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, ent = token_stats(s_h, s_w, targets, backend=backend)
+    torch.testing.assert_close(lp, token_stats(s_h, s_w, targets, backend=backend)[0], rtol=0, atol=0)
+    assert lp.dtype == ent.dtype == torch.float64
+
+    s_h, s_w = s_h.float(), s_w.float()
+    with pytest.raises(TypeError, match="share a dtype"):
+        teacher_student_stats(s_h, s_w.bfloat16(), t_h.float(), t_w.float(), targets, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = teacher_student_stats(s_h, s_w.bfloat16(), t_h.float(), t_w.float(), targets, backend=backend)
+    want = teacher_student_stats(*(x.bfloat16() for x in (s_h, s_w, t_h, t_w)), targets, backend=backend)
+    for a, b in zip(got[:4], want[:4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -3,6 +3,8 @@
 - no module's `forward` is ever replaced: the student's and teachers' per-step computations are
   modules (`train/forwards.py`) whose own `forward` returns statistics or the loss, wrapped once
   at setup;
+- a float32 student's mixed-precision forwards (bf16 autocast, on CUDA) reach the kernels inside
+  autocast, so the heads' products are bf16;
 - one default step over two processes calls at most 10 collectives (`trace_step.py
   --collectives`; 22 before the FiRe statistics and the step's metrics were batched), each a
   launch and a wait on NCCL.
@@ -53,6 +55,43 @@ def test_a_step_replaces_no_modules_forward(monkeypatch, tmp_path):
         trainer.close()
     assert replaced == [] and instance_forwards == []
     assert metrics["train/tokens"] > 0
+
+
+def test_a_mixed_precision_step_gives_the_kernels_bf16_operands(monkeypatch, tmp_path):
+    """On CUDA a float32 student's forwards run under bf16 autocast (`forwards.autocast`). A
+    float32 decoder's final hidden states stay float32 there, so the kernels must be called inside
+    the autocast region to cast them and the heads to bf16; called after it, every product of the
+    step ran in float32. Here CPU autocast stands in for CUDA's."""
+    import importlib
+    from contextlib import nullcontext
+
+    from fire_opd.train import forwards
+
+    token_stats = importlib.import_module("fire_kernels.token_stats")  # the module (the package exports a function)
+
+    monkeypatch.setattr(
+        forwards,
+        "autocast",
+        lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "float32" else nullcontext(),
+    )
+    seen: set[tuple[str, torch.dtype]] = set()
+    validate = token_stats.validate_stats_inputs
+
+    def watched(hidden, head, targets, teacher_hidden=None, teacher_head=None, **checks):
+        seen.update({("hidden", hidden.dtype), ("head", head.weight.dtype)})
+        if teacher_hidden is not None and teacher_head is not None:
+            seen.update({("teacher_hidden", teacher_hidden.dtype), ("teacher_head", teacher_head.weight.dtype)})
+        return validate(hidden, head, targets, teacher_hidden, teacher_head, **checks)
+
+    monkeypatch.setattr(token_stats, "validate_stats_inputs", watched)
+    trainer = _trace_step().default_trainer(str(tmp_path))
+    try:
+        assert next(trainer.student.parameters()).dtype == torch.float32
+        metrics = trainer.train_step()
+    finally:
+        trainer.close()
+    assert seen == {(name, torch.bfloat16) for name in ("hidden", "head", "teacher_hidden", "teacher_head")}
+    assert metrics["train/tokens"] > 0 and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
 def test_a_two_process_step_calls_at_most_ten_collectives():

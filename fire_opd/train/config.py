@@ -86,7 +86,8 @@ class ModelsConfig:
         metadata={
             "help": (
                 "the student's dtype: float32 | bfloat16 (its full fine-tune trains through float32 master weights,"
-                " optim.master_weights); on CUDA a float32 student runs under bf16 autocast"
+                " optim.master_weights); on CUDA a float32 student runs under bf16 autocast, its decoder and the"
+                " heads' products in bf16"
             )
         },
     )

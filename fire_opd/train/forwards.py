@@ -35,7 +35,10 @@ from fire_opd.train.rollouts import ResponseTokens
 
 
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
-    """bf16 autocast for a float32 model on CUDA (the kernels take the bf16 hidden states)."""
+    """bf16 autocast for a float32 model on CUDA, around the decoder and the kernels alike: a
+    float32 decoder's final hidden states stay float32 under autocast (the residual stream is
+    float32), so it is the kernels that cast them and the head to bf16 for their products, as
+    autocast does for a matmul (fire_kernels.token_stats' doc)."""
     if device.type == "cuda" and dtype == "float32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -100,25 +103,25 @@ class StudentForward(nn.Module):
         metrics), the dense divergence to `teacher` or, with no teacher, the clipped surrogate."""
         with autocast(self.device, self.model_dtype):
             hidden = response_hidden_states(self.model, batch.input_ids, batch.attention_mask, batch.prompt_len)
-        head = lm_head(self.model).to(hidden.dtype)  # under FSDP2 gathered by this forward
-        loss = self.loss
-        if target is None:
-            assert teacher is not None  # scoring reads every teacher
-            return response_token_stats(
-                hidden, head, batch.response_ids, batch.response_mask, teacher.hidden, teacher.head,
-                temperature=loss.temperature, divergence="reverse_kl", backend=loss.backend,
-                vocab_process_group=loss.vocab_process_group, vocab_size=loss.vocab_size,
+            head = lm_head(self.model).to(hidden.dtype)  # under FSDP2 gathered by this forward
+            loss = self.loss
+            if target is None:
+                assert teacher is not None  # scoring reads every teacher
+                return response_token_stats(
+                    hidden, head, batch.response_ids, batch.response_mask, teacher.hidden, teacher.head,
+                    temperature=loss.temperature, divergence="reverse_kl", backend=loss.backend,
+                    vocab_process_group=loss.vocab_process_group, vocab_size=loss.vocab_size,
+                )  # fmt: skip
+            part = target.selection
+            if teacher is not None:
+                coefficients = dense_coefficients(part, loss.loss_agg_mode, target.normalizer)
+                return loss.dense(
+                    hidden, head, teacher.hidden, teacher.head, batch.response_ids, coefficients, part.loss_mask
+                )
+            return loss.sampled(
+                hidden, head, batch.response_ids, target.old_log_prob, part.advantages, part.loss_mask,
+                normalizer=target.normalizer,
             )  # fmt: skip
-        part = target.selection
-        if teacher is not None:
-            coefficients = dense_coefficients(part, loss.loss_agg_mode, target.normalizer)
-            return loss.dense(
-                hidden, head, teacher.hidden, teacher.head, batch.response_ids, coefficients, part.loss_mask
-            )
-        return loss.sampled(
-            hidden, head, batch.response_ids, target.old_log_prob, part.advantages, part.loss_mask,
-            normalizer=target.normalizer,
-        )  # fmt: skip
 
     def generate(self, *args, **kwargs) -> torch.Tensor:
         """The student's `generate` (registered as an FSDP2 forward method when sharded)."""
