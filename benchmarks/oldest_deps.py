@@ -10,7 +10,7 @@ tensorboard, wandb), pinned exactly, in a venv of its own (`make test-oldest`).
 extra's floors, and every other floor lifted only as far as they require (uv's lowest-direct
 resolution: transformers 4.56.2, datasets 4.8.4, tqdm 4.66.3, pyyaml 6.0.1 on 2026-12-07), on
 Python 3.11, TRL's own floor. It is the only run of the TRL integration on transformers 4.x, where
-TRL's Trainer computes the loss inside autocast (it found fire_kernels' fused update failing
+TRL's Trainer computes the loss inside autocast on the CPU (it found fire_kernels' fused update failing
 there). The result lists each lifted floor.
 
 A user's environment may be this old, and `make test` only ever sees the newest releases, so a

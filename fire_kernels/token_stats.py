@@ -20,7 +20,7 @@ on every backend as for bf16 inputs, and its gradients come back in its own dtyp
 autocast dtype first, as autocast's own matmul backward rounds them). Autocast must not reach
 inside: the reference's `h @ W^T` and the fused updates' whole-row `mm(out=float32)` would meet
 operands of two dtypes (a RuntimeError before 2ab5c12; TRL's Trainer under transformers 4.x runs the
-loss inside CPU/CUDA autocast). Outside autocast the inputs' dtypes are the products' dtypes.
+loss inside CPU autocast). Outside autocast the inputs' dtypes are the products' dtypes.
 """
 
 from __future__ import annotations

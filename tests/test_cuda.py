@@ -181,8 +181,8 @@ def _every_entry_point(backend, s_h, s_w, t_h, t_w, targets, coefficient, *, cas
 @pytest.mark.parametrize("whole_rows", [True, False])
 @pytest.mark.parametrize("backend", ["chunked", "triton", "reference"])
 def test_autocast_computes_in_its_dtype(monkeypatch, backend, whole_rows):
-    """Under bf16 `torch.autocast` on the device (TRL's Trainer computes its loss there under
-    transformers 4.x; our trainer runs a float32 student's forwards there on CUDA) every entry
+    """Under bf16 `torch.autocast` on the device (TRL's Trainer computes its loss in CPU autocast
+    under transformers 4.x; our trainer runs a float32 student's forwards there on CUDA) every entry
     point computes exactly what it computes outside autocast on the inputs cast to bf16, as
     autocast does for a matmul and the fused-linear peers do before their kernels, backward
     included; the gradients come back in the inputs' float32. Before, the products stayed float32

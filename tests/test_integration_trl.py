@@ -196,16 +196,20 @@ def test_loss_on_a_fixed_batch_equals_the_materialized_oracle(tmp_path, objectiv
 
 @pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
 def test_the_loss_runs_inside_bf16_autocast(tmp_path, objective):
-    """Under transformers 4.x TRL's Trainer computes the loss inside bf16 autocast (transformers 5
-    does not, so `make test` never meets it in a real run; `make test-oldest --peers` does). The
-    loss and its gradients there are finite and within bf16's rounding of the float32 ones (before
-    2ab5c12 the dense objective raised inside the fused update)."""
+    """Under transformers 4.x TRL's Trainer computes the loss inside bf16 autocast on the CPU
+    (`bf16=True` there; transformers 5 does not, so `make test` never meets it in a real run;
+    `make test-oldest --peers` does). The loss and its gradients there are finite and within bf16's
+    rounding of the float32 ones (before 2ab5c12 the dense objective raised inside the fused
+    update). The statistics come first, outside autocast, as TRL's `_prepare_inputs` computes them
+    before `compute_loss`'s autocast region: a no-grad forward inside the loss's region would, on
+    torch 2.6 (not 2.13), leave the loss forward autocast's cached gradient-less weight casts and
+    the decoder's linear layers without gradients."""
     trainer = _trainer(tmp_path, fire_objective=objective, fire_percentile=30.0)
     trainer.model.train()
     batch = _batch(trainer)
+    with_stats = {**batch, **trainer._fire_statistics(batch)}
 
     def loss_and_grads():
-        with_stats = {**batch, **trainer._fire_statistics(batch)}
         loss, _, _ = trainer._compute_loss(trainer.model, with_stats, batch["num_items_in_batch"])
         return loss, torch.autograd.grad(loss, list(trainer.model.parameters()))
 
@@ -241,19 +245,19 @@ def test_opd_method_equals_trls_own_loss(tmp_path, beta):
 
 @pytest.mark.parametrize("beta", [1.0, 0.0])
 def test_opd_method_inside_bf16_autocast_equals_trls_own_loss_there(tmp_path, beta):
-    """Inside bf16 autocast (TRL's Trainer under transformers 4.x) our kernels cast to bf16 for
-    their products as TRL's logits are, so fire_method="opd" is still TRL's loss: the loss equal,
-    the gradients within the rounding of bf16 logit gradients (0.5-0.6% measured) and nearer to
-    TRL's than to our own float32 ones (1.5-5% away). Before c1e8593 our loss there was the
-    float32 one, 1e-2 from TRL's."""
+    """Inside bf16 autocast (TRL's Trainer's loss under transformers 4.x on the CPU) our kernels
+    cast to bf16 for their products as TRL's logits are, so fire_method="opd" is still TRL's loss:
+    the loss equal, the gradients within the rounding of bf16 logit gradients (0.5-0.6% measured)
+    and nearer to TRL's than to our own float32 ones (1.5-5% away). Before c1e8593 our loss there
+    was the float32 one, 1e-2 from TRL's. The statistics come first, outside autocast, as in
+    `test_the_loss_runs_inside_bf16_autocast`."""
     ours = _trainer(tmp_path / "ours", fire_method="opd", beta=beta, fire_backend="chunked")
     theirs = _trainer(tmp_path / "theirs", cls=DistillationTrainer, config_cls=DistillationConfig, beta=beta)
     batch = _batch(ours, seed=1)
+    with_stats = {**batch, **ours._fire_statistics(batch)}
 
     def loss_and_grads(trainer, inputs, bf16: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if trainer is ours:
-                inputs = {**inputs, **ours._fire_statistics(inputs)}
             loss = trainer._compute_loss(trainer.model, inputs, inputs["num_items_in_batch"])[0]
             return loss, torch.autograd.grad(loss, list(trainer.model.parameters()))
 
@@ -261,9 +265,9 @@ def test_opd_method_inside_bf16_autocast_equals_trls_own_loss_there(tmp_path, be
         difference = torch.cat([(x - y).flatten() for x, y in zip(a, b)])
         return float(difference.norm() / torch.cat([y.flatten() for y in b]).norm())
 
-    loss, grads = loss_and_grads(ours, batch, True)
+    loss, grads = loss_and_grads(ours, with_stats, True)
     expected, expected_grads = loss_and_grads(theirs, batch, True)
-    _, float32_grads = loss_and_grads(ours, batch, False)
+    _, float32_grads = loss_and_grads(ours, with_stats, False)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     assert distance(grads, expected_grads) <= 0.02
     assert distance(grads, expected_grads) < distance(grads, float32_grads)
