@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,33 @@ def test_two_training_steps_log_fire_metrics(tmp_path):
     keep = [row["fire/keep_ratio"] for row in trainer.state.log_history if "fire/keep_ratio" in row]
     assert keep and all(0.6 <= k <= 0.8 for k in keep)  # 25 % of 8 rollouts dropped per generation batch
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("objective", ["full_vocab", "sampled"])
+def test_bf16_mixed_precision_steps_train_every_parameter(tmp_path, monkeypatch, objective):
+    """Two real steps with `bf16=True` on the CPU: every parameter moves. Under transformers 4.x
+    TRL's Trainer computes the loss inside CPU autocast (`use_cpu_amp`), where the kernels then get
+    bf16 operands; transformers 5 does not autocast the loss, and they get the model's float32.
+    (The `make test-oldest --peers` run is the one that meets the first case.)"""
+    import importlib
+
+    token_stats = importlib.import_module("fire_kernels.token_stats")
+    seen: set[torch.dtype] = set()
+    validate = token_stats.validate_stats_inputs
+
+    def watched(hidden, *args, **kwargs):
+        seen.add(hidden.dtype)
+        return validate(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(token_stats, "validate_stats_inputs", watched)
+    trainer = _trainer(tmp_path, max_steps=2, bf16=True, fire_objective=objective)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert [name for name, p in trainer.model.named_parameters() if torch.equal(before[name], p)] == []
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert losses and all(math.isfinite(x) for x in losses)
+    autocast_loss = bool(getattr(trainer, "use_cpu_amp", False))
+    assert (torch.bfloat16 in seen) == autocast_loss and torch.float32 in seen  # the statistics: float32
 
 
 # One process of a torchrun job (accelerate's MULTI_CPU over gloo): two steps, then its weights and
