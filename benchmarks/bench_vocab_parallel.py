@@ -122,8 +122,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir:
         "backward_comm_bytes": comm.get("backward", 0),
     }
     Path(out_dir, f"{world}-{rank}.json").write_text(json.dumps(row))
-    if group is not None:
-        dist.destroy_process_group()
+    if group is not None:  # a barrier first: a bare destroy can hang on gloo (pytorch/pytorch#75097)
+        from fire_opd.parallel.distributed import teardown
+
+        teardown()
 
 
 def main(argv=None) -> int:

@@ -67,3 +67,35 @@ def cancelled_terms(hidden, weight, bias, probs, dz_scale) -> tuple[float, float
     r = h @ w.T + (0.0 if bias is None else bias.double().abs())
     dz = r * probs.double() * dz_scale.double()[:, None]
     return (dz @ w).max().item(), (dz.T @ h).max().item(), dz.sum(0).max().item()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 no process is listening on (for a spawned group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_gloo_group(worker, world: int, *args) -> None:
+    """`worker(rank, world, *args)` in `world` spawned processes joined in one gloo group (a
+    module-level function, so that spawn can pickle it); raises if any process fails."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_in_gloo_group, args=(world, free_port(), worker, args), nprocs=world, join=True)
+
+
+def _in_gloo_group(rank: int, world: int, port: int, worker, args: tuple) -> None:
+    """One process of `run_in_gloo_group`. The group is torn down as the package tears down its
+    own (`distributed.teardown`: a barrier, then destroy), and only after the worker succeeded:
+    a bare `destroy_process_group` can hang on gloo (pytorch/pytorch#75097; both processes of a
+    2-process test hung there under torch 2.6), and a process whose worker raised must not wait
+    in a barrier for the others (spawn stops them when it exits)."""
+    import torch.distributed as dist
+
+    from fire_opd.parallel.distributed import teardown
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    worker(rank, world, *args)
+    teardown()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _helpers import run_in_gloo_group
 
 from fire_opd.algorithm.options import FireOptions
 
@@ -325,45 +326,34 @@ def test_fire_linear_cross_entropy_matches_verls_contract():
         verl_lce.linear_cross_entropy = original
 
 
-def _tensor_parallel_worker(rank: int, world: int, port: int) -> None:
+def _tensor_parallel_worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(5)
-        hidden = torch.randn(2, 5, 8, generator=gen)
-        weight = torch.randn(12, 8, generator=gen)
-        labels = torch.randint(0, 12, (2, 5), generator=gen)
-        labels[0, 0], labels[1, 4] = 0, 11  # one label in each rank's shard
-        upstream = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
-        full = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
-        ref = fire_linear_cross_entropy(full[0], full[1], labels, 0.9, "none")
-        ref_grads = torch.autograd.grad((ref[0] * upstream[0] + ref[1] * upstream[1]).sum(), full)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 8, generator=gen)
+    weight = torch.randn(12, 8, generator=gen)
+    labels = torch.randint(0, 12, (2, 5), generator=gen)
+    labels[0, 0], labels[1, 4] = 0, 11  # one label in each rank's shard
+    upstream = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    full = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    ref = fire_linear_cross_entropy(full[0], full[1], labels, 0.9, "none")
+    ref_grads = torch.autograd.grad((ref[0] * upstream[0] + ref[1] * upstream[1]).sum(), full)
 
-        rows = slice(rank * 6, (rank + 1) * 6)  # verl's layout: rank r holds rows [r V / K, (r + 1) V / K)
-        mine = [hidden.clone().requires_grad_(True), weight[rows].clone().requires_grad_(True)]
-        out = fire_linear_cross_entropy(mine[0], mine[1], labels, 0.9, "none", dist.group.WORLD)
-        for got, want in zip(out, ref):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # whole-vocabulary outputs
-        grads = torch.autograd.grad((out[0] * upstream[0] + out[1] * upstream[1]).sum(), mine)
-        torch.testing.assert_close(grads[1], ref_grads[1][rows], rtol=1e-5, atol=1e-5)
-        partial = grads[0].clone()
-        dist.all_reduce(partial)  # what Megatron's reduce does with each rank's part
-        torch.testing.assert_close(partial, ref_grads[0], rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(grads[0], ref_grads[0])  # the shard's part, as verl's kernel returns it
-    finally:
-        dist.destroy_process_group()
+    rows = slice(rank * 6, (rank + 1) * 6)  # verl's layout: rank r holds rows [r V / K, (r + 1) V / K)
+    mine = [hidden.clone().requires_grad_(True), weight[rows].clone().requires_grad_(True)]
+    out = fire_linear_cross_entropy(mine[0], mine[1], labels, 0.9, "none", dist.group.WORLD)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # whole-vocabulary outputs
+    grads = torch.autograd.grad((out[0] * upstream[0] + out[1] * upstream[1]).sum(), mine)
+    torch.testing.assert_close(grads[1], ref_grads[1][rows], rtol=1e-5, atol=1e-5)
+    partial = grads[0].clone()
+    dist.all_reduce(partial)  # what Megatron's reduce does with each rank's part
+    torch.testing.assert_close(partial, ref_grads[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(grads[0], ref_grads[0])  # the shard's part, as verl's kernel returns it
 
 
 def test_fire_linear_cross_entropy_takes_verls_tensor_parallel_group():
     """Megatron TP: each rank passes its vocabulary shard of the output weight and verl's TP group;
     outputs are the whole vocabulary's, dW is the shard's, and the ranks' dL/dh parts sum to the
     unsharded gradient (verl's kernel leaves that sum to Megatron)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_tensor_parallel_worker, args=(2, port), nprocs=2, join=True)
+    run_in_gloo_group(_tensor_parallel_worker, 2)

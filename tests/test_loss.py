@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _helpers import run_in_gloo_group
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -397,38 +396,26 @@ def test_response_token_stats_shapes():
 # ----------------------------------------------------------------------------- distributed
 
 
-def _dist_worker(rank, world, port, results):
-    import torch.distributed as dist
+def _dist_worker(rank, world, results):
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        log_prob, old, teacher, ent_s, ent_t, mask = _random_batch(6, 5, 11, 0.8)
-        part = slice(0, 2) if rank == 0 else slice(2, 6)  # uneven shards
-        fire = compute_fire_advantages(
-            old[part],
-            teacher[part],
-            ent_s[part],
-            ent_t[part],
-            mask[part],
-            fire=FireOptions(percentile=40.0),
-        )
-        results[rank] = (fire.advantages, fire.kept_rollouts, fire.metrics["fire/keep_ratio"], fire.threshold)
-    finally:
-        dist.destroy_process_group()
+    log_prob, old, teacher, ent_s, ent_t, mask = _random_batch(6, 5, 11, 0.8)
+    part = slice(0, 2) if rank == 0 else slice(2, 6)  # uneven shards
+    fire = compute_fire_advantages(
+        old[part],
+        teacher[part],
+        ent_s[part],
+        ent_t[part],
+        mask[part],
+        fire=FireOptions(percentile=40.0),
+    )
+    results[rank] = (fire.advantages, fire.kept_rollouts, fire.metrics["fire/keep_ratio"], fire.threshold)
 
 
 def test_statistics_span_data_parallel_ranks():
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_dist_worker, args=(2, port, results), nprocs=2, join=True)
+    results = mp.Manager().dict()
+    run_in_gloo_group(_dist_worker, 2, results)
     _, old, teacher, ent_s, ent_t, mask = _random_batch(6, 5, 11, 0.8)
     whole = compute_fire_advantages(
         old,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_close_grad, assert_close_output, make_problem
+from _helpers import assert_close_grad, assert_close_output, make_problem, run_in_gloo_group
 
 from fire_kernels import LMHead, teacher_student_stats, token_stats
 from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
@@ -172,49 +172,38 @@ def test_generation_never_samples_padding_rows():
     assert int(rollouts.response_ids.max()) < len(tokenizer)
 
 
-def _sharded_worker(rank: int, world: int, port: int) -> None:
+def _sharded_worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     from fire_opd.parallel.sharded_head import shard_layout
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        s_h, s_w, t_h, t_w, y = make_problem(11, V, 8, 6, torch.float32, seed=3)
-        s_pad, t_pad = _padded(s_w, 3, 4).detach(), _padded(t_w, 8, 5).detach()
-        (s_lo, s_hi), (t_lo, t_hi) = (shard_layout(w.shape[0], world, V)[rank] for w in (s_pad, t_pad))
-        assert s_lo == t_lo  # the heads' shards start at one row whatever their padding
-        want = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend="reference")
-        for backend in ("chunked", "triton"):
-            mine = s_pad[s_lo:s_hi].clone().requires_grad_()
-            got = teacher_student_stats(
-                s_h, mine, t_h, t_pad[t_lo:t_hi], y, divergence="reverse_kl", backend=backend,
-                vocab_process_group=dist.group.WORLD, vocab_size=V,
-            )  # fmt: skip
-            for name, a, b in zip(got._fields, got, want):
-                assert_close_output(a, b, torch.float32, f"{backend} {name}")
-            (got.student_log_prob.sum() + got.divergence.sum()).backward()
-            whole = s_w.clone().requires_grad_()
-            ref = teacher_student_stats(s_h, whole, t_h, t_w, y, divergence="reverse_kl", backend="reference")
-            (ref.student_log_prob.sum() + ref.divergence.sum()).backward()
-            valid = max(0, min(V, s_hi) - s_lo)
-            assert_close_grad(mine.grad[:valid], whole.grad[s_lo : s_lo + valid], torch.float32, f"{backend} dW")
-            assert torch.all(mine.grad[valid:] == 0)
-    finally:
-        dist.destroy_process_group()
+    s_h, s_w, t_h, t_w, y = make_problem(11, V, 8, 6, torch.float32, seed=3)
+    s_pad, t_pad = _padded(s_w, 3, 4).detach(), _padded(t_w, 8, 5).detach()
+    (s_lo, s_hi), (t_lo, t_hi) = (shard_layout(w.shape[0], world, V)[rank] for w in (s_pad, t_pad))
+    assert s_lo == t_lo  # the heads' shards start at one row whatever their padding
+    want = teacher_student_stats(s_h, s_w, t_h, t_w, y, divergence="reverse_kl", backend="reference")
+    for backend in ("chunked", "triton"):
+        mine = s_pad[s_lo:s_hi].clone().requires_grad_()
+        got = teacher_student_stats(
+            s_h, mine, t_h, t_pad[t_lo:t_hi], y, divergence="reverse_kl", backend=backend,
+            vocab_process_group=dist.group.WORLD, vocab_size=V,
+        )  # fmt: skip
+        for name, a, b in zip(got._fields, got, want):
+            assert_close_output(a, b, torch.float32, f"{backend} {name}")
+        (got.student_log_prob.sum() + got.divergence.sum()).backward()
+        whole = s_w.clone().requires_grad_()
+        ref = teacher_student_stats(s_h, whole, t_h, t_w, y, divergence="reverse_kl", backend="reference")
+        (ref.student_log_prob.sum() + ref.divergence.sum()).backward()
+        valid = max(0, min(V, s_hi) - s_lo)
+        assert_close_grad(mine.grad[:valid], whole.grad[s_lo : s_lo + valid], torch.float32, f"{backend} dW")
+        assert torch.all(mine.grad[valid:] == 0)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_shards_of_padded_heads(world):
     """parallel.vocab with padded heads: the padding goes to the last process's shard, every shard
     starts at one row in both heads, and the statistics and gradients are the unpadded ones."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(world, port), nprocs=world, join=True)
+    run_in_gloo_group(_sharded_worker, world)
 
 
 def test_a_head_short_of_the_tokenizer_is_refused():

@@ -4,11 +4,10 @@ trust-ratio weight, on test_loss's hand-computed batch, and exact over two proce
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
+from _helpers import run_in_gloo_group
 from test_loss import MASK, OLD_LP, STUDENT_ENT, TEACHER_ENT, TEACHER_LP, _random_batch
 
 from fire_opd.algorithm.objectives import fire_policy_loss
@@ -129,32 +128,23 @@ def _reliable(batch: int) -> torch.Tensor:
     return torch.arange(batch) % 3 == 0
 
 
-def _dist_worker(rank, world, port, results):
-    import torch.distributed as dist
+def _dist_worker(rank, world, results):
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _, old, teacher, ent_s, ent_t, mask = _random_batch(7, 6, 13, 0.8)
-        part = slice(0, 3) if rank == 0 else slice(3, 7)  # uneven shards
-        for index, fire in enumerate(RULES):
-            out = compute_fire_advantages(
-                old[part], teacher[part], ent_s[part], ent_t[part], mask[part], fire=fire,
-                teacher_reliable=_reliable(7)[part],
-            )  # fmt: skip
-            results[(rank, index)] = (out.advantages, out.loss_mask, dict(out.metrics))
-    finally:
-        dist.destroy_process_group()
+    _, old, teacher, ent_s, ent_t, mask = _random_batch(7, 6, 13, 0.8)
+    part = slice(0, 3) if rank == 0 else slice(3, 7)  # uneven shards
+    for index, fire in enumerate(RULES):
+        out = compute_fire_advantages(
+            old[part], teacher[part], ent_s[part], ent_t[part], mask[part], fire=fire,
+            teacher_reliable=_reliable(7)[part],
+        )  # fmt: skip
+        results[(rank, index)] = (out.advantages, out.loss_mask, dict(out.metrics))
 
 
 def test_rules_are_exact_over_two_processes():
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_dist_worker, args=(2, port, results), nprocs=2, join=True)
+    run_in_gloo_group(_dist_worker, 2, results)
     _, old, teacher, ent_s, ent_t, mask = _random_batch(7, 6, 13, 0.8)
     for index, fire in enumerate(RULES):
         whole = compute_fire_advantages(old, teacher, ent_s, ent_t, mask, fire=fire, teacher_reliable=_reliable(7))

@@ -4,12 +4,10 @@ shards, targets in every shard, ignored rows, every divergence, and O(N) forward
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import run_in_gloo_group
 
 SHARDS = {2: [9, 14], 3: [5, 11, 7]}  # uneven splits of V = 23
 CASES = [  # (divergence, jsd_beta, head)
@@ -19,12 +17,6 @@ CASES = [  # (divergence, jsd_beta, head)
     ("jsd", 0.3, {"logit_softcap": 4.0}),
     ("jsd", 0.5, {"bias": True}),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem(dtype, n=13, vocab=23, d_s=6, d_t=5, seed=0):
@@ -44,10 +36,9 @@ def _problem(dtype, n=13, vocab=23, d_s=6, d_t=5, seed=0):
 BACKENDS = [("chunked", torch.float64, 1e-10, 1e-9), ("triton", torch.float32, 2e-5, 5e-5)]
 
 
-def _worker(rank: int, world: int, port: int, backend: str) -> None:
+def _worker(rank: int, world: int, backend: str) -> None:
     from fire_kernels import LMHead, teacher_student_stats, token_stats
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     sizes = SHARDS[world]
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     _, dtype, out_tol, grad_tol = next(b for b in BACKENDS if b[0] == backend)
@@ -112,13 +103,12 @@ def _worker(rank: int, world: int, port: int, backend: str) -> None:
             assert max(forward_floats) <= 7 * n and sum(forward_floats) <= 11 * n, (case, forward_floats)
     finally:
         dist.all_reduce = original
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", [b[0] for b in BACKENDS])
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_vocabulary_equals_the_unsharded_oracle(world, backend):
-    mp.spawn(_worker, args=(world, _free_port(), backend), nprocs=world, join=True)
+    run_in_gloo_group(_worker, world, backend)
 
 
 def test_vocab_parallel_refuses_the_materializing_reference_backend():
@@ -134,78 +124,74 @@ def test_vocab_parallel_refuses_the_materializing_reference_backend():
         )
 
 
-def _fused_update_worker(rank: int, world: int, port: int) -> None:
+def _fused_update_worker(rank: int, world: int) -> None:
     from fire_kernels import LMHead
     from fire_kernels.fused_update import linear_divergence_update, linear_log_prob_update
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        sizes = SHARDS[world]
-        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        s_h, s_w, t_h, t_w, bias, targets, upstream = _problem(torch.float64, seed=7)
-        coefficient = upstream[0].abs()
+    sizes = SHARDS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    s_h, s_w, t_h, t_w, bias, targets, upstream = _problem(torch.float64, seed=7)
+    coefficient = upstream[0].abs()
 
-        def grad_fn(lp, rows):  # loss = sum_t c_t lp_t^2 / 2
-            return (coefficient[rows] * lp * lp / 2).sum(), coefficient[rows] * lp
+    def grad_fn(lp, rows):  # loss = sum_t c_t lp_t^2 / 2
+        return (coefficient[rows] * lp * lp / 2).sum(), coefficient[rows] * lp
 
-        for reduce in (True, False):
-            whole = linear_log_prob_update(s_h, LMHead(s_w, bias), targets, grad_fn)
-            mine = linear_log_prob_update(
+    for reduce in (True, False):
+        whole = linear_log_prob_update(s_h, LMHead(s_w, bias), targets, grad_fn)
+        mine = linear_log_prob_update(
+            s_h,
+            LMHead(s_w[lo:hi], bias[lo:hi]),
+            targets,
+            grad_fn,
+            vocab_process_group=dist.group.WORLD,
+            reduce_hidden_grad=reduce,
+        )
+        for a, b in (
+            (mine.log_prob, whole.log_prob),
+            (mine.loss, whole.loss),
+            (mine.grad_weight, whole.grad_weight[lo:hi]),
+            (mine.grad_bias, whole.grad_bias[lo:hi]),
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
+        torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
+        for divergence in ("reverse_kl", "forward_kl", "jsd"):
+            whole = linear_divergence_update(
+                s_h, s_w, t_h, t_w, targets, coefficient, divergence=divergence, jsd_beta=0.3
+            )
+            mine = linear_divergence_update(
                 s_h,
-                LMHead(s_w[lo:hi], bias[lo:hi]),
+                s_w[lo:hi],
+                t_h,
+                t_w[lo:hi],
                 targets,
-                grad_fn,
+                coefficient,
+                divergence=divergence,
+                jsd_beta=0.3,
                 vocab_process_group=dist.group.WORLD,
                 reduce_hidden_grad=reduce,
             )
             for a, b in (
-                (mine.log_prob, whole.log_prob),
+                (mine.divergence, whole.divergence),
                 (mine.loss, whole.loss),
                 (mine.grad_weight, whole.grad_weight[lo:hi]),
-                (mine.grad_bias, whole.grad_bias[lo:hi]),
             ):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
             grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
             torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
-            for divergence in ("reverse_kl", "forward_kl", "jsd"):
-                whole = linear_divergence_update(
-                    s_h, s_w, t_h, t_w, targets, coefficient, divergence=divergence, jsd_beta=0.3
-                )
-                mine = linear_divergence_update(
-                    s_h,
-                    s_w[lo:hi],
-                    t_h,
-                    t_w[lo:hi],
-                    targets,
-                    coefficient,
-                    divergence=divergence,
-                    jsd_beta=0.3,
-                    vocab_process_group=dist.group.WORLD,
-                    reduce_hidden_grad=reduce,
-                )
-                for a, b in (
-                    (mine.divergence, whole.divergence),
-                    (mine.loss, whole.loss),
-                    (mine.grad_weight, whole.grad_weight[lo:hi]),
-                ):
-                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-                grad_hidden = mine.grad_hidden if reduce else _summed(mine.grad_hidden)
-                torch.testing.assert_close(grad_hidden, whole.grad_hidden, rtol=1e-9, atol=1e-10)
-        # every row ignored (a micro-batch whose rollouts were all filtered) and no rows at all
-        for rows in (s_h.shape[0], 0):
-            ignored = torch.full((rows,), -100)
-            out = linear_divergence_update(
-                s_h[:rows],
-                s_w[lo:hi],
-                t_h[:rows],
-                t_w[lo:hi],
-                ignored,
-                coefficient[:rows],
-                vocab_process_group=dist.group.WORLD,
-            )
-            assert float(out.loss) == 0.0 and not out.grad_hidden.any() and not out.grad_weight.any()
-    finally:
-        dist.destroy_process_group()
+    # every row ignored (a micro-batch whose rollouts were all filtered) and no rows at all
+    for rows in (s_h.shape[0], 0):
+        ignored = torch.full((rows,), -100)
+        out = linear_divergence_update(
+            s_h[:rows],
+            s_w[lo:hi],
+            t_h[:rows],
+            t_w[lo:hi],
+            ignored,
+            coefficient[:rows],
+            vocab_process_group=dist.group.WORLD,
+        )
+        assert float(out.loss) == 0.0 and not out.grad_hidden.any() and not out.grad_weight.any()
 
 
 def _summed(x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +205,7 @@ def test_fused_updates_on_a_sharded_vocabulary_equal_the_whole_one(world):
     """The trainer's fused sweeps (gradients formed in the forward) on vocabulary shards: the same
     per-token values and loss as one process, the shard's weight and bias gradients, and dL/dh
     complete (reduce_hidden_grad) or as the shards' parts that sum to it."""
-    mp.spawn(_fused_update_worker, args=(world, _free_port()), nprocs=world, join=True)
+    run_in_gloo_group(_fused_update_worker, world)
 
 
 @pytest.mark.parametrize(
@@ -237,37 +223,33 @@ def test_vocab_parallel_config_errors_say_what_to_change(overrides, message):
         TrainConfig.from_dict({"parallel.vocab": True, **dotted(overrides)})
 
 
-def _single_process_worker(rank: int, port: int) -> None:
+def _single_process_worker(rank: int, world: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fire_opd.parallel.sharded_head import ShardedLMHead, shard_rows
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        assert [shard_rows(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
-        config = LlamaConfig(
-            vocab_size=11,
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-        with pytest.raises(ValueError, match="ties its lm_head to its input embeddings"):
-            ShardedLMHead.shard(LlamaForCausalLM(config), "the student", dist.group.WORLD)
-        config.tie_word_embeddings = False
-        model = LlamaForCausalLM(config)
-        hidden = torch.randn(2, 3, 8)
-        whole = model.lm_head(hidden)
-        head = ShardedLMHead.shard(model, "the student", dist.group.WORLD)
-        with torch.no_grad():
-            torch.testing.assert_close(head(hidden), whole.detach())
-        with pytest.raises(RuntimeError, match="generation only"):
-            head(hidden.requires_grad_(True))
-    finally:
-        dist.destroy_process_group()
+    assert [shard_rows(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    config = LlamaConfig(
+        vocab_size=11,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    with pytest.raises(ValueError, match="ties its lm_head to its input embeddings"):
+        ShardedLMHead.shard(LlamaForCausalLM(config), "the student", dist.group.WORLD)
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    hidden = torch.randn(2, 3, 8)
+    whole = model.lm_head(hidden)
+    head = ShardedLMHead.shard(model, "the student", dist.group.WORLD)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden), whole.detach())
+    with pytest.raises(RuntimeError, match="generation only"):
+        head(hidden.requires_grad_(True))
 
 
 def test_sharded_head_refuses_tied_embeddings_and_gives_whole_logits():
-    mp.spawn(_single_process_worker, args=(_free_port(),), nprocs=1, join=True)
+    run_in_gloo_group(_single_process_worker, 1)
