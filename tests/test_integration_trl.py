@@ -39,6 +39,16 @@ COMMON = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_mixed_precision(monkeypatch):
+    """Each test's trainers see the precision its own arguments name. transformers 4.x's
+    TrainingArguments writes it into the process's environment (ACCELERATE_MIXED_PRECISION), where
+    every later Accelerator reads it: after a `bf16=True` test, a `bf16=False` trainer's teacher ran
+    under bf16 autocast, and the oracle test met bf16 teacher statistics in `make test-oldest
+    --peers`. Set to accelerate's default here, it is restored when the test ends."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+
+
 def _trainer(tmp_path, cls=FireOPDDistillationTrainer, config_cls=FireOPDConfig, **fields):
     tokenizer = load_tokenizer(ASSETS / "tokenizer")
     dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
