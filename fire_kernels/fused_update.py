@@ -51,8 +51,8 @@ from fire_kernels.backends.chunked import (
     scale_by_jacobian_,
 )
 from fire_kernels.lm_head import HeadLike, LMHead, as_head
-from fire_kernels.token_stats import autocast_inputs, autocast_off, prepare_call
-from fire_kernels.vocab_parallel import VocabShards, complete_hidden_grad, valid_head_rows
+from fire_kernels.token_stats import PreparedCall, autocast_off, prepare_call
+from fire_kernels.vocab_parallel import complete_hidden_grad
 
 # grad_fn(log_prob[C], rows: slice) -> (loss contribution (scalar), dL/dlog_prob [C])
 GradFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
@@ -99,64 +99,26 @@ def linear_log_prob_update(
     (the streaming two-pass path on every device; `grad_weight` is the shard's). `vocab_size`:
     padded heads, as in `token_stats`; the padding rows' gradient is zero.
     """
-    head = as_head(head, "head")
-    (cut,) = valid_head_rows(vocab_size, vocab_process_group, head)
-    assert cut is not None
-    cast_hidden, cut, _, _ = autocast_inputs(hidden, cut)
-    with autocast_off(hidden.device):  # the products in the (cast) inputs' dtypes (token_stats' doc)
-        update = _log_prob_update(
-            cast_hidden, cut, targets, grad_fn, temperature=temperature, ignore_index=ignore_index, backend=backend,
-            vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
-        )  # fmt: skip
-    return _as_callers(update, hidden, head)
-
-
-def _log_prob_update(
-    hidden: torch.Tensor,
-    head: LMHead,
-    targets: torch.Tensor,
-    grad_fn: GradFn,
-    *,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-    vocab_process_group: Optional[ProcessGroup],
-    reduce_hidden_grad: bool,
-) -> LogprobUpdate:
-    problem, targets, valid, shards, backend = prepare_call(
-        hidden,
-        head,
-        targets,
-        backend=backend,
-        vocab_process_group=vocab_process_group,
-        reduce_hidden_grad=reduce_hidden_grad,
-        temperature=temperature,
-        ignore_index=ignore_index,
+    call = prepare_call(
+        hidden, head, targets, backend=backend, vocab_size=vocab_size, vocab_process_group=vocab_process_group,
+        reduce_hidden_grad=reduce_hidden_grad, temperature=temperature, ignore_index=ignore_index,
         hidden_name="hidden",
-    )
-    weight, bias = head.weight, head.bias
+    )  # fmt: skip
+    with autocast_off(hidden.device):  # the products in the (cast) inputs' dtypes (token_stats' doc)
+        update = _log_prob_sweep(call, grad_fn)
+    return _as_callers(update, hidden, as_head(head))
+
+
+def _log_prob_sweep(call: PreparedCall, grad_fn: GradFn) -> LogprobUpdate:
+    """`linear_log_prob_update` on its prepared inputs."""
+    problem, hidden, targets, valid = call.problem, call.hidden, call.targets, call.valid
+    weight, bias = call.head.weight, call.head.bias
     bias = bias.detach() if bias is not None else None
     # the whole-row path's buffers: the logits / p / dz tile and logsumexp's temporary (+ the soft-cap Jacobian)
     rows_per_chunk = _whole_row_limit(problem.vocab_size, 3 if problem.student_head.softcap else 2, problem.divergence)
-    two_pass = _two_pass(backend, hidden.device, shards, whole_rows=problem.num_tokens <= rows_per_chunk)
-    if two_pass is not None:
-        forward, backward = two_pass
-        stats, _ = forward(problem, hidden, weight, targets, student_bias=bias, shards=shards)
-        loss, grad_log_prob = grad_fn(stats.student_log_prob, slice(0, problem.num_tokens))
-        grad_log_prob = torch.where(valid, grad_log_prob.to(stats.student_lse.dtype), 0.0)
-        inputs = BackwardInputs(
-            hidden, weight, targets, None, None, stats.student_lse, stats.student_entropy, None, None,
-            grad_log_prob, torch.zeros_like(grad_log_prob), None, student_bias=bias,
-        )  # fmt: skip
-        grad_hidden, grad_weight, grad_bias = backward(problem, inputs, need_bias_grad=bias is not None)
-        grad_hidden = complete_hidden_grad(shards, grad_hidden)
-        return LogprobUpdate(
-            stats.student_log_prob,
-            loss,
-            grad_hidden.to(hidden.dtype),
-            grad_weight.to(weight.dtype),
-            _cast(grad_bias, bias),
-        )
+    passes = _two_pass(call, whole_rows=problem.num_tokens <= rows_per_chunk)
+    if passes is not None:
+        return LogprobUpdate(*_streaming_update(call, passes, grad_fn=grad_fn))
 
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
@@ -221,18 +183,67 @@ def _pad_rows(grad: Optional[torch.Tensor], rows: Optional[int]) -> Optional[tor
     return padded
 
 
-def _two_pass(backend: str, device: torch.device, shards: Optional[VocabShards] = None, *, whole_rows: bool):
-    """(forward, backward) of the streaming path for `backend` on `device`, or None for the
+def _two_pass(call: PreparedCall, *, whole_rows: bool):
+    """(forward, backward) of the streaming path for the call's backend and device, or None for the
     whole-row torch path: chunked on the CPU, when the call's rows fit in the statistics'
     working set (`whole_rows`) and one process holds the whole vocabulary (a sharded one takes
     the chunked backend's streaming passes)."""
-    if backend == "triton":
+    if call.backend == "triton":
         return triton_token_stats.triton_forward, triton_token_stats.triton_backward
-    if tile_fold.enabled(device):
+    if tile_fold.enabled(call.hidden.device):
         return tile_fold.fold_forward, tile_fold.fold_backward
-    if shards is not None or not whole_rows:
+    if call.shards is not None or not whole_rows:
         return chunked.chunked_forward, chunked.chunked_backward
     return None
+
+
+def _streaming_update(
+    call: PreparedCall, passes, *, grad_fn: Optional[GradFn] = None, coefficient: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Both fused updates on the streaming path (`_two_pass`'s forward and backward): the forward
+    gives the row statistics, the upstream gradients are formed from them (`grad_fn`'s dL/dlog p
+    for the log-prob update, the `coefficient` on the divergence for the divergence update), and
+    the backward recomputes the tiles. Returns (per-token values, loss, grad_hidden, grad_weight,
+    grad_bias) in the fields' order of `LogprobUpdate` / `DivergenceUpdate`."""
+    forward, backward = passes
+    problem, head, teacher = call.problem, call.head, call.teacher_head
+    bias = head.bias.detach() if head.bias is not None else None
+    teacher_hidden = teacher_weight = teacher_bias = None
+    if call.teacher_hidden is not None and teacher is not None:
+        teacher_hidden, teacher_weight = call.teacher_hidden.detach(), teacher.weight.detach()
+        teacher_bias = teacher.bias.detach() if teacher.bias is not None else None
+    stats, div_aux = forward(
+        problem,
+        call.hidden,
+        head.weight,
+        call.targets,
+        teacher_hidden,
+        teacher_weight,
+        student_bias=bias,
+        teacher_bias=teacher_bias,
+        shards=call.shards,
+    )
+    acc = stats.student_lse.dtype
+    grad_divergence: Optional[torch.Tensor] = None
+    if coefficient is None:  # the log-prob update
+        assert grad_fn is not None
+        loss, grad_log_prob = grad_fn(stats.student_log_prob, slice(0, problem.num_tokens))
+        grad_log_prob = torch.where(call.valid, grad_log_prob.to(acc), 0.0)
+        grad_entropy = torch.zeros_like(grad_log_prob)
+        values = stats.student_log_prob
+    else:  # the divergence update
+        grad_divergence = torch.where(call.valid, coefficient.detach().to(acc), 0.0)
+        loss = (grad_divergence * stats.divergence).sum()
+        grad_log_prob = grad_entropy = torch.zeros_like(grad_divergence)
+        values = stats.divergence
+    inputs = BackwardInputs(
+        call.hidden, head.weight, call.targets, teacher_hidden, teacher_weight, stats.student_lse,
+        stats.student_entropy, stats.teacher_lse, div_aux, grad_log_prob, grad_entropy, grad_divergence,
+        student_bias=bias, teacher_bias=teacher_bias,
+    )  # fmt: skip
+    grad_hidden, grad_weight, grad_bias = backward(problem, inputs, need_bias_grad=bias is not None)
+    grad_hidden = complete_hidden_grad(call.shards, grad_hidden)
+    return values, loss, grad_hidden.to(call.hidden.dtype), grad_weight.to(head.weight.dtype), _cast(grad_bias, bias)
 
 
 def _cast(grad: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -280,96 +291,39 @@ def linear_divergence_update(
     may have different numbers of rows), as in `teacher_student_stats`; the padding rows'
     gradient is zero.
     """
-    head, teacher_head = as_head(head, "head"), as_head(teacher_head, "teacher_head")
-    student, teacher = valid_head_rows(vocab_size, vocab_process_group, head, teacher_head)
-    assert student is not None and teacher is not None
-    cast = autocast_inputs(student_hidden, student, teacher_hidden, teacher)
-    with autocast_off(student_hidden.device):  # the products in the (cast) inputs' dtypes (token_stats' doc)
-        update = _divergence_update(
-            *cast, targets, coefficient, divergence=divergence,  # type: ignore[arg-type]  # prepare_call checks them
-            jsd_beta=jsd_beta, temperature=temperature, ignore_index=ignore_index, backend=backend,
-            vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad,
-        )  # fmt: skip
-    return _as_callers(update, student_hidden, head)
-
-
-def _divergence_update(
-    student_hidden: torch.Tensor,
-    head: LMHead,
-    teacher_hidden: torch.Tensor,
-    teacher_head: LMHead,
-    targets: torch.Tensor,
-    coefficient: torch.Tensor,
-    *,
-    divergence: str,
-    jsd_beta: float,
-    temperature: float,
-    ignore_index: int,
-    backend: str,
-    vocab_process_group: Optional[ProcessGroup],
-    reduce_hidden_grad: bool,
-) -> DivergenceUpdate:
     if divergence is None:
         raise ValueError("divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got None")
-    problem, targets, valid, shards, backend = prepare_call(
-        student_hidden,
-        head,
-        targets,
-        teacher_hidden,
-        teacher_head,
-        backend=backend,
-        vocab_process_group=vocab_process_group,
-        reduce_hidden_grad=reduce_hidden_grad,
-        temperature=temperature,
-        divergence=divergence,
-        jsd_beta=jsd_beta,
-        ignore_index=ignore_index,
-    )
-    student_weight, bias = head.weight, head.bias
-    teacher_weight, teacher_bias = teacher_head.weight, teacher_head.bias
-    if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (problem.num_tokens,):
+    call = prepare_call(
+        student_hidden, head, targets, teacher_hidden, teacher_head, backend=backend, vocab_size=vocab_size,
+        vocab_process_group=vocab_process_group, reduce_hidden_grad=reduce_hidden_grad, temperature=temperature,
+        divergence=divergence, jsd_beta=jsd_beta, ignore_index=ignore_index,
+    )  # fmt: skip
+    if not isinstance(coefficient, torch.Tensor) or coefficient.shape != (call.problem.num_tokens,):
         raise ValueError(
-            f"coefficient must be a [{problem.num_tokens}] tensor, got "
+            f"coefficient must be a [{call.problem.num_tokens}] tensor, got "
             f"{getattr(coefficient, 'shape', type(coefficient).__name__)}"
         )
-    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-    bias = bias.detach() if bias is not None else None
-    teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
+    with autocast_off(student_hidden.device):  # the products in the (cast) inputs' dtypes (token_stats' doc)
+        update = _divergence_sweep(call, coefficient)
+    return _as_callers(update, student_hidden, as_head(head))
+
+
+def _divergence_sweep(call: PreparedCall, coefficient: torch.Tensor) -> DivergenceUpdate:
+    """`linear_divergence_update` on its prepared inputs."""
+    problem, student_hidden, valid = call.problem, call.hidden, call.valid
     kind, beta = problem.divergence, problem.jsd_beta
     # the whole-row path's buffers: log p (in z), log q (in u), p, and two temporaries (+ the soft-cap Jacobian)
     rows_per_chunk = _whole_row_limit(problem.vocab_size, 6 if problem.student_head.softcap else 5, kind)
-    two_pass = _two_pass(backend, student_hidden.device, shards, whole_rows=problem.num_tokens <= rows_per_chunk)
-    if two_pass is not None:
-        forward, backward = two_pass
-        stats, div_aux = forward(
-            problem,
-            student_hidden,
-            student_weight,
-            targets,
-            teacher_hidden,
-            teacher_weight,
-            student_bias=bias,
-            teacher_bias=teacher_bias,
-            shards=shards,
-        )
-        coef = torch.where(valid, coefficient.detach().to(stats.student_lse.dtype), 0.0)
-        loss = (coef * stats.divergence).sum()
-        zeros = torch.zeros_like(coef)
-        inputs = BackwardInputs(
-            student_hidden, student_weight, targets, teacher_hidden, teacher_weight, stats.student_lse,
-            stats.student_entropy, stats.teacher_lse, div_aux, zeros, zeros, coef, student_bias=bias,
-            teacher_bias=teacher_bias,
-        )  # fmt: skip
-        grad_hidden, grad_weight, grad_bias = backward(problem, inputs, need_bias_grad=bias is not None)
-        grad_hidden = complete_hidden_grad(shards, grad_hidden)
-        return DivergenceUpdate(
-            stats.divergence,
-            loss,
-            grad_hidden.to(student_hidden.dtype),
-            grad_weight.to(student_weight.dtype),
-            _cast(grad_bias, bias),
-        )
+    passes = _two_pass(call, whole_rows=problem.num_tokens <= rows_per_chunk)
+    if passes is not None:
+        return DivergenceUpdate(*_streaming_update(call, passes, coefficient=coefficient))
 
+    assert call.teacher_hidden is not None and call.teacher_head is not None  # prepare_call checked them
+    student_weight, bias = call.head.weight, call.head.bias
+    teacher_hidden, teacher_weight = call.teacher_hidden.detach(), call.teacher_head.weight.detach()
+    teacher_bias = call.teacher_head.bias
+    bias = bias.detach() if bias is not None else None
+    teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     n, vocab = problem.num_tokens, problem.vocab_size
     inv_t = problem.inv_temperature

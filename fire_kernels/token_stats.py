@@ -229,8 +229,12 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 class PreparedCall(NamedTuple):
-    """What every public entry point does first (`prepare_call`)."""
+    """What an entry point runs its kernels on, made by `prepare_call` (run them under `autocast_off`)."""
 
+    hidden: torch.Tensor  # [N, D_s] student hidden states, in autocast's dtype where autocast is on
+    head: LMHead  # the student's head: its first `vocab_size` rows (views), cast as `hidden`
+    teacher_hidden: Optional[torch.Tensor]  # [N, D_t], cast as `hidden`; None without a teacher
+    teacher_head: Optional[LMHead]  # cut and cast as `head`; None without a teacher
     problem: StatsProblem  # the checked problem, this shard's part of it under a vocab group
     targets: torch.Tensor  # [N] target ids, shard-local under a vocab group
     valid: torch.Tensor  # [N] bool, rows whose target is not ignore_index
@@ -239,19 +243,27 @@ class PreparedCall(NamedTuple):
 
 
 def prepare_call(
-    student_hidden: torch.Tensor,
-    head: LMHead,
+    hidden: torch.Tensor,
+    head: HeadLike,
     targets: torch.Tensor,
     teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_head: Optional[LMHead] = None,
+    teacher_head: Optional[HeadLike] = None,
     *,
     backend: str,
-    vocab_process_group: Optional[ProcessGroup] = None,
-    reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int],
+    vocab_process_group: Optional[ProcessGroup],
+    reduce_hidden_grad: bool,
     **checks,
 ) -> PreparedCall:
-    """The one input check (`validate_stats_inputs`, with `checks` as its keywords), the
-    vocabulary shards of a sharded head, shard-local targets, and the backend that will run."""
+    """The one dispatch point of every public entry point: the heads as `LMHead`s cut to the
+    tokenizer's `vocab_size` rows (padded heads), the inputs as autocast hands a matmul its
+    operands (`autocast_inputs`), the one input check (`validate_stats_inputs`, with `checks` as
+    its keywords), the vocabulary shards of a sharded head with shard-local targets, and the
+    backend that will run."""
+    given = as_head(head, "head"), None if teacher_head is None else as_head(teacher_head, "teacher_head")
+    student, teacher = vocab_parallel.valid_head_rows(vocab_size, vocab_process_group, *given)
+    assert student is not None
+    hidden, student, teacher_hidden, teacher = autocast_inputs(hidden, student, teacher_hidden, teacher)
     shards = None
     if vocab_process_group is not None:
         if backend == "reference":
@@ -259,13 +271,13 @@ def prepare_call(
                 "vocab_process_group needs a streaming backend ('auto', 'chunked' or 'triton'); "
                 "backend='reference' materializes the whole vocabulary's logits"
             )
-        shards = vocab_parallel.shards_of(head.weight, vocab_process_group, reduce_hidden_grad)
+        shards = vocab_parallel.shards_of(student.weight, vocab_process_group, reduce_hidden_grad)
     problem = validate_stats_inputs(
-        student_hidden,
-        head,
+        hidden,
+        student,
         targets,
         teacher_hidden,
-        teacher_head,
+        teacher,
         backend=backend,
         target_vocab_size=shards.vocab_size if shards is not None else None,
         **checks,
@@ -273,74 +285,66 @@ def prepare_call(
     valid = targets != problem.ignore_index
     if shards is not None:  # the backends see the shard: local target ids, a local ignore_index
         targets, problem = shards.localize(targets, problem)
-    return PreparedCall(problem, targets, valid, shards, resolve_backend(backend, student_hidden.device))
+    backend = resolve_backend(backend, hidden.device)
+    return PreparedCall(hidden, student, teacher_hidden, teacher, problem, targets, valid, shards, backend)
 
 
 def _stats(
     student_hidden: torch.Tensor,
-    head: object,
+    head: HeadLike,
     targets: torch.Tensor,
     teacher_hidden: Optional[torch.Tensor],
-    teacher_head: object,
+    teacher_head: Optional[HeadLike],
     *,
-    temperature: float,
-    divergence: Optional[str],
-    jsd_beta: float,
-    ignore_index: int,
-    backend: str,
-    hidden_name: str,
+    vocab_size: Optional[int],
     vocab_process_group: Optional[ProcessGroup],
     reduce_hidden_grad: bool,
-    vocab_size: Optional[int],
+    backend: str,
+    **checks,
 ) -> tuple[Optional[torch.Tensor], ...]:
-    """The statistics of `token_stats` / `teacher_student_stats`, after their arguments."""
-    teacher = None if teacher_head is None else as_head(teacher_head, "teacher_head")
-    student, teacher = vocab_parallel.valid_head_rows(vocab_size, vocab_process_group, as_head(head, "head"), teacher)
-    assert student is not None
-    student_hidden, student, teacher_hidden, teacher = autocast_inputs(student_hidden, student, teacher_hidden, teacher)
-    problem, targets, _, shards, backend = prepare_call(
+    """The statistics of `token_stats` / `teacher_student_stats` (`checks`: their remaining
+    keywords, for `validate_stats_inputs`)."""
+    call = prepare_call(
         student_hidden,
-        student,
+        head,
         targets,
         teacher_hidden,
-        teacher,
+        teacher_head,
         backend=backend,
+        vocab_size=vocab_size,
         vocab_process_group=vocab_process_group,
         reduce_hidden_grad=reduce_hidden_grad,
-        temperature=temperature,
-        divergence=divergence,
-        jsd_beta=jsd_beta,
-        ignore_index=ignore_index,
-        hidden_name=hidden_name,
+        **checks,
     )
-    student_weight, student_bias = student.weight, student.bias
+    problem, student, teacher = call.problem, call.head, call.teacher_head
+    teacher_hidden = call.teacher_hidden
     teacher_weight, teacher_bias = (None, None) if teacher is None else (teacher.weight, teacher.bias)
-    with autocast_off(student_hidden.device):  # the products in the (cast) inputs' dtypes (module doc)
-        if backend == "reference":
+    with autocast_off(call.hidden.device):  # the products in the (cast) inputs' dtypes (module doc)
+        if call.backend == "reference":
             return reference_stats(
                 problem,
-                student_hidden,
-                student_weight,
-                targets,
+                call.hidden,
+                student.weight,
+                call.targets,
                 teacher_hidden,
                 teacher_weight,
-                student_bias=student_bias,
+                student_bias=student.bias,
                 teacher_bias=teacher_bias,
             )
         if teacher_hidden is not None and teacher_weight is not None:
             teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
             teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
         outputs = FusedTokenStatsFunction.apply(
-            student_hidden,
-            student_weight,
-            student_bias,
+            call.hidden,
+            student.weight,
+            student.bias,
             teacher_hidden,
             teacher_weight,
             teacher_bias,
-            targets,
+            call.targets,
             problem,
-            backend,
-            shards,
+            call.backend,
+            call.shards,
         )
     return tuple(outputs[:2]) + tuple(
         outputs[i] if ok else None
