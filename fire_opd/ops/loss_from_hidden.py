@@ -226,110 +226,6 @@ def _with_gradients(hidden: torch.Tensor, head: HeadLike, update) -> torch.Tenso
     )
 
 
-def fused_clipped_surrogate(
-    student_hidden: torch.Tensor,
-    student_head: HeadLike,
-    response_ids: torch.Tensor,
-    old_log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
-    *,
-    clip_ratio: float = 0.2,
-    loss_agg_mode: str = "token-mean",
-    normalizer: Optional[float] = None,
-    temperature: float = 1.0,
-    backend: str = "auto",
-    vocab_process_group: Optional[ProcessGroup] = None,
-    vocab_size: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`clipped_surrogate(log pi_theta, ...)` from hidden states with the gradient formed in the
-    forward sweep: 3 matrix products on the chunked path instead of 4. Returns (loss, log_prob).
-    With `vocab_process_group` the loss is that of every process's tokens (module docstring)."""
-    n = response_ids.numel()
-    tokens = _response_tokens(
-        vocab_process_group,
-        response_ids,
-        loss_mask,
-        {"student_hidden": student_hidden},
-        old_log_prob.detach().reshape(-1).float(),
-        advantages.detach().reshape(-1).float(),
-        token_loss_scale(loss_mask.bool(), loss_agg_mode, normalizer).reshape(-1).float(),
-    )
-    old, adv, scale = tokens.per_token
-    assert old is not None and adv is not None and scale is not None
-
-    def grad_fn(lp: torch.Tensor, rows: slice):
-        # pg = max(-A r, -A clip(r)); d pg / d lp = r d pg / d r = -A r where the unclipped branch is taken
-        ratio = torch.exp(torch.where(scale[rows] > 0, lp - old[rows], 0.0))
-        pg, unclipped, clipped = ppo_clip(ratio, adv[rows], clip_ratio)
-        return (scale[rows] * pg).sum(), torch.where(unclipped >= clipped, unclipped, 0.0) * scale[rows]
-
-    with torch.no_grad():  # the sweep forms the gradients itself
-        update = linear_log_prob_update(
-            tokens.hidden, student_head, tokens.targets, grad_fn, temperature=temperature, backend=backend,
-            vocab_process_group=vocab_process_group, vocab_size=vocab_size, reduce_hidden_grad=False,
-        )  # fmt: skip
-    loss = _with_gradients(tokens.hidden, student_head, update)
-    return loss, tokens.own(update.log_prob, n).view(response_ids.shape)
-
-
-def dense_divergence_loss(
-    student_hidden: torch.Tensor,
-    student_head: HeadLike,
-    teacher_hidden: torch.Tensor,
-    teacher_head: HeadLike,
-    response_ids: torch.Tensor,
-    coefficients: torch.Tensor,
-    *,
-    divergence: str = "reverse_kl",
-    jsd_beta: float = 0.5,
-    temperature: float = 1.0,
-    backend: str = "auto",
-    fused_update: bool = True,
-    vocab_process_group: Optional[ProcessGroup] = None,
-    vocab_size: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense objective sum_t coefficients_t * D_t(student || teacher) from hidden states,
-    with no [tokens, vocab] logits. Returns (loss, per-token divergence [B, T], detached).
-
-    Shapes: student_hidden [B, T, D_s], teacher_hidden [B, T, D_t], weights [V, D_*], response_ids
-    and coefficients [B, T] (from `dense_coefficients`; tokens with coefficient 0, off the loss
-    mask, are skipped and give D = 0). `fused_update` forms the gradients in the
-    forward sweep (`fire_kernels.fused_update.linear_divergence_update`); otherwise autograd runs
-    through `fire_kernels.teacher_student_stats`. With `vocab_process_group` (fused only) the
-    loss is that of every process's tokens (module docstring).
-    """
-    if vocab_process_group is not None and not fused_update:
-        raise ValueError(
-            "vocab_process_group needs fused_update=True (the gradients of every process's tokens are "
-            "formed in the sweep)"
-        )
-    n = response_ids.numel()
-    hidden = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden}
-    tokens = _response_tokens(
-        vocab_process_group, response_ids, coefficients != 0, hidden, coefficients.reshape(-1).detach()
-    )
-    gathered_teacher, coefficient = tokens.per_token
-    assert gathered_teacher is not None and coefficient is not None
-    if not fused_update:
-        out = teacher_student_stats(
-            tokens.hidden, student_head, gathered_teacher, teacher_head, tokens.targets, temperature=temperature,
-            divergence=divergence, jsd_beta=jsd_beta, backend=backend, vocab_size=vocab_size,
-        )  # fmt: skip
-        values = out.divergence
-        assert values is not None  # asked for
-        loss = (values * coefficient.to(values.dtype)).sum()
-        return loss, values.detach().view(response_ids.shape)
-    with torch.no_grad():  # the sweep forms the gradients itself
-        update = linear_divergence_update(
-            tokens.hidden, student_head, gathered_teacher, teacher_head, tokens.targets, coefficient,
-            divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, backend=backend,
-            vocab_process_group=vocab_process_group, vocab_size=vocab_size, reduce_hidden_grad=False,
-        )  # fmt: skip
-    loss = _with_gradients(tokens.hidden, student_head, update)
-    return loss, tokens.own(update.divergence, n).view(response_ids.shape)
-
-
 class FireOPDLoss:
     """Update-step loss from hidden states: advantages, weights and the loss mask are
     precomputed for the whole rollout batch (`compute_fire_advantages`). `sampled` is the
@@ -372,23 +268,41 @@ class FireOPDLoss:
         coefficients: torch.Tensor,
         loss_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, dict]:
-        """sum_t coefficients_t D_t(student || teacher); coefficients [B, T] from `dense_coefficients`
-        over the whole batch, so micro-batches accumulate to the whole-batch gradient."""
-        loss, values = dense_divergence_loss(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            response_ids,
-            coefficients,
-            divergence=self.divergence,
-            jsd_beta=self.jsd_beta,
-            temperature=self.temperature,
-            backend=self.backend,
-            fused_update=self.fused_update,
-            vocab_process_group=self.vocab_process_group,
-            vocab_size=self.vocab_size,
+        """The dense objective sum_t coefficients_t * D_t(student || teacher) from hidden states,
+        with no [tokens, vocab] logits; returns (loss, metrics).
+
+        Shapes: student_hidden [B, T, D_s], teacher_hidden [B, T, D_t], heads [V, D_*], response_ids,
+        coefficients and loss_mask [B, T]. The coefficients come from `dense_coefficients` over the
+        whole batch, so micro-batches accumulate to the whole-batch gradient; tokens with
+        coefficient 0 (off the loss mask) are skipped and give D = 0. `fused_update` forms the
+        gradients in the forward sweep (`fire_kernels.fused_update.linear_divergence_update`);
+        otherwise autograd runs through `fire_kernels.teacher_student_stats`."""
+        n = response_ids.numel()
+        hidden = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden}
+        tokens = _response_tokens(
+            self.vocab_process_group, response_ids, coefficients != 0, hidden, coefficients.reshape(-1).detach()
         )
+        gathered_teacher, coefficient = tokens.per_token
+        assert gathered_teacher is not None and coefficient is not None
+        if self.fused_update:
+            with torch.no_grad():  # the sweep forms the gradients itself
+                update = linear_divergence_update(
+                    tokens.hidden, student_head, gathered_teacher, teacher_head, tokens.targets, coefficient,
+                    divergence=self.divergence, jsd_beta=self.jsd_beta, temperature=self.temperature,
+                    backend=self.backend, vocab_process_group=self.vocab_process_group, vocab_size=self.vocab_size,
+                    reduce_hidden_grad=False,
+                )  # fmt: skip
+            loss = _with_gradients(tokens.hidden, student_head, update)
+            values = tokens.own(update.divergence, n).view(response_ids.shape)
+        else:
+            out = teacher_student_stats(
+                tokens.hidden, student_head, gathered_teacher, teacher_head, tokens.targets,
+                temperature=self.temperature, divergence=self.divergence, jsd_beta=self.jsd_beta,
+                backend=self.backend, vocab_size=self.vocab_size,
+            )  # fmt: skip
+            assert out.divergence is not None  # asked for
+            loss = (out.divergence * coefficient.to(out.divergence.dtype)).sum()
+            values = out.divergence.detach().view(response_ids.shape)
         own = loss if self.vocab_process_group is None else (coefficients.detach() * values).sum()
         return loss, dense_metrics(values, loss_mask.bool(), own)
 
@@ -402,44 +316,51 @@ class FireOPDLoss:
         loss_mask: torch.Tensor,
         normalizer: Optional[float] = None,
     ) -> tuple[torch.Tensor, dict]:
-        """Shapes: hidden [B, T, D]; weight [V, D]; ids, old_log_prob, advantages, loss_mask [B, T]."""
-        if self.fused_update:
-            loss, log_prob = fused_clipped_surrogate(
-                student_hidden,
-                student_head,
-                response_ids,
-                old_log_prob,
-                advantages,
-                loss_mask,
-                clip_ratio=self.clip_ratio,
-                loss_agg_mode=self.loss_agg_mode,
-                normalizer=normalizer,
-                temperature=self.temperature,
-                backend=self.backend,
-                vocab_process_group=self.vocab_process_group,
-                vocab_size=self.vocab_size,
-            )
-            own, metrics = clipped_surrogate(
-                log_prob,
-                old_log_prob,
-                advantages,
-                loss_mask,
-                clip_ratio=self.clip_ratio,
-                loss_agg_mode=self.loss_agg_mode,
-                normalizer=normalizer,
-            )
-            own = loss if self.vocab_process_group is None else own
-            return loss, {**metrics, "fire/pg_loss": float(own.detach())}
-        stats = response_token_stats(
-            student_hidden, student_head, response_ids, loss_mask, temperature=self.temperature, backend=self.backend,
-            vocab_size=self.vocab_size,
-        )  # fmt: skip
-        return clipped_surrogate(
-            stats.student_log_prob,
-            old_log_prob,
-            advantages,
+        """`clipped_surrogate(log pi_theta, ...)` from hidden states; returns (loss, metrics).
+        Shapes: hidden [B, T, D]; head [V, D]; ids, old_log_prob, advantages, loss_mask [B, T].
+        `fused_update` forms the gradient in the forward sweep
+        (`fire_kernels.fused_update.linear_log_prob_update`: 3 matrix products on the chunked path
+        instead of 4)."""
+        clip_ratio, agg_mode = self.clip_ratio, self.loss_agg_mode
+        if not self.fused_update:
+            stats = response_token_stats(
+                student_hidden, student_head, response_ids, loss_mask, temperature=self.temperature,
+                backend=self.backend, vocab_size=self.vocab_size,
+            )  # fmt: skip
+            return clipped_surrogate(
+                stats.student_log_prob, old_log_prob, advantages, loss_mask, clip_ratio=clip_ratio,
+                loss_agg_mode=agg_mode, normalizer=normalizer,
+            )  # fmt: skip
+        n = response_ids.numel()
+        tokens = _response_tokens(
+            self.vocab_process_group,
+            response_ids,
             loss_mask,
-            clip_ratio=self.clip_ratio,
-            loss_agg_mode=self.loss_agg_mode,
-            normalizer=normalizer,
+            {"student_hidden": student_hidden},
+            old_log_prob.detach().reshape(-1).float(),
+            advantages.detach().reshape(-1).float(),
+            token_loss_scale(loss_mask.bool(), agg_mode, normalizer).reshape(-1).float(),
         )
+        old, adv, scale = tokens.per_token
+        assert old is not None and adv is not None and scale is not None
+
+        def grad_fn(lp: torch.Tensor, rows: slice):
+            # pg = max(-A r, -A clip(r)); d pg / d lp = r d pg / d r = -A r where the unclipped branch is taken
+            ratio = torch.exp(torch.where(scale[rows] > 0, lp - old[rows], 0.0))
+            pg, unclipped, clipped = ppo_clip(ratio, adv[rows], clip_ratio)
+            return (scale[rows] * pg).sum(), torch.where(unclipped >= clipped, unclipped, 0.0) * scale[rows]
+
+        with torch.no_grad():  # the sweep forms the gradients itself
+            update = linear_log_prob_update(
+                tokens.hidden, student_head, tokens.targets, grad_fn, temperature=self.temperature,
+                backend=self.backend, vocab_process_group=self.vocab_process_group, vocab_size=self.vocab_size,
+                reduce_hidden_grad=False,
+            )  # fmt: skip
+        loss = _with_gradients(tokens.hidden, student_head, update)
+        log_prob = tokens.own(update.log_prob, n).view(response_ids.shape)
+        own, metrics = clipped_surrogate(
+            log_prob, old_log_prob, advantages, loss_mask, clip_ratio=clip_ratio, loss_agg_mode=agg_mode,
+            normalizer=normalizer,
+        )  # fmt: skip
+        own = loss if self.vocab_process_group is None else own
+        return loss, {**metrics, "fire/pg_loss": float(own.detach())}
