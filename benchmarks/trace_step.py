@@ -1,6 +1,7 @@
 """How much code one default training step runs: the distinct files and functions (closures
 counted; generator expressions and lambdas not) of fire_opd and fire_kernels that
-`FireOPDTrainer.train_step` enters, as a cold reader following the step would have to read them.
+`FireOPDTrainer.train_step` enters, as a cold reader following the step would have to read them,
+and how long their bodies are (lines, docstrings left out).
 
     python benchmarks/trace_step.py                # one step of the default recipe, one process
     python benchmarks/trace_step.py --tree         # and the call tree a reader follows from train_step
@@ -14,6 +15,7 @@ compare them (issue 29 did: 793dc85 against its final commit).
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import os
 import subprocess
@@ -65,20 +67,22 @@ def default_trainer(out: str):
     )
 
 
-def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """({file: {function}}, {caller: {callee}}) of the package code one `train_step` enters; a
-    callee's caller is the nearest package function below it on the stack (torch in between is
-    skipped), each named "file:qualname"."""
+def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, int]]:
+    """({file: {function}}, {caller: {callee}}, {function: first line}) of the package code one
+    `train_step` enters; a callee's caller is the nearest package function below it on the stack
+    (torch in between is skipped), each named "file:qualname"."""
     with tempfile.TemporaryDirectory() as out:
         trainer = default_trainer(out)
         seen: dict[str, set[str]] = collections.defaultdict(set)
         calls: dict[str, set[str]] = collections.defaultdict(set)
+        first_lines: dict[str, int] = {}
 
         def profile(frame, event, _arg):
             if event != "call" or (callee := _package_function(frame)) is None:
                 return
             path, name = callee.split(":", 1)
             seen[path].add(name)
+            first_lines[callee] = frame.f_code.co_firstlineno
             caller, caller_name = frame.f_back, None
             while caller is not None and (caller_name := _package_function(caller)) is None:
                 caller = caller.f_back
@@ -91,7 +95,27 @@ def traced_step() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         finally:
             sys.setprofile(None)
         trainer.close()
-    return seen, calls
+    return seen, calls, first_lines
+
+
+def body_lines(first_lines: dict[str, int]) -> dict[str, int]:
+    """The lines of each function's body, its docstring left out ("file:qualname" -> lines), from
+    the source: how much a reader who opens it reads."""
+    sizes = {}
+    trees: dict[str, ast.Module] = {}
+    for function, first in first_lines.items():
+        path = function.split(":", 1)[0]
+        tree = trees.setdefault(path, ast.parse((ROOT / path).read_text()))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if start == first:
+                    body = node.body
+                    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                        body = body[1:]  # the docstring
+                    sizes[function] = (node.end_lineno or body[-1].lineno) - body[0].lineno + 1
+                    break
+    return sizes
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
@@ -160,7 +184,7 @@ def main() -> None:
             one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
             subprocess.run([*launch, __file__, "--collectives"], check=True, env=one_thread)
         return
-    seen, calls = traced_step()
+    seen, calls, first_lines = traced_step()
     functions = sum(len(names) for names in seen.values())
     callers = {caller for caller, callees in calls.items() if callees - {caller}}
     print(f"one default training step: {len(seen)} files, {functions} functions (closures and methods counted)")
@@ -168,6 +192,10 @@ def main() -> None:
     for package in PACKAGES:
         files = [path for path in seen if path.startswith(package + "/")]
         print(f"  of which {package}: {len(files)} files, {sum(len(seen[f]) for f in files)} functions")
+    sizes = list(body_lines(first_lines).values())
+    bands = {"1-3": (1, 3), "4-15": (4, 15), "16-50": (16, 50), "51+": (51, 10**9)}
+    shares = ", ".join(f"{sum(low <= n <= high for n in sizes)} of {name}" for name, (low, high) in bands.items())
+    print(f"  body lines (docstring aside): {shares}; {sum(sizes)} lines in all")
     for path in sorted(seen, key=lambda p: -len(seen[p])):
         print(f"  {len(seen[path]):3d}  {path}")
     if args.tree:

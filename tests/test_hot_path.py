@@ -15,6 +15,7 @@ Both run the default recipe of `benchmarks/trace_step.py` on tiny models.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 import subprocess
 import sys
@@ -103,3 +104,26 @@ def test_a_two_process_step_calls_at_most_ten_collectives():
     assert found is not None, run.stdout
     calls = int(found[1])
     assert 0 < calls <= 10, run.stdout
+
+
+def test_trace_step_measures_each_function_body_without_its_docstring():
+    """trace_step's body sizes (how much a reader who opens a traced function reads): the body's
+    lines with the docstring left out, found from the code object's first line, which for a
+    decorated function is its first decorator's."""
+    from fire_kernels.lm_head import LMHead, as_head
+    from fire_opd.train.scoring import score_rollouts
+
+    first_lines = {
+        "fire_kernels/lm_head.py:as_head": as_head.__code__.co_firstlineno,
+        "fire_kernels/lm_head.py:LMHead.to": LMHead.to.__code__.co_firstlineno,
+        "fire_opd/train/scoring.py:score_rollouts": score_rollouts.__wrapped__.__code__.co_firstlineno,
+    }
+    sizes = _trace_step().body_lines(first_lines)
+    assert sizes["fire_kernels/lm_head.py:as_head"] == 5  # two ifs with their returns, the raise
+    assert sizes["fire_kernels/lm_head.py:LMHead.to"] == 1
+    source = inspect.getsource(score_rollouts.__wrapped__).splitlines()  # from its decorator on
+    docstring_end = max(i for i, line in enumerate(source) if line.rstrip().endswith('"""'))
+    assert (
+        source[0].startswith("@")
+        and sizes["fire_opd/train/scoring.py:score_rollouts"] == len(source) - docstring_end - 1
+    )
