@@ -88,14 +88,31 @@ def run_in_gloo_group(worker, world: int, *args) -> None:
 
 def _in_gloo_group(rank: int, world: int, port: int, worker, args: tuple) -> None:
     """One process of `run_in_gloo_group`. The group is torn down as the package tears down its
-    own (`distributed.teardown`: a barrier, then destroy), and only after the worker succeeded:
-    a bare `destroy_process_group` can hang on gloo (pytorch/pytorch#75097; both processes of a
-    2-process test hung there under torch 2.6), and a process whose worker raised must not wait
-    in a barrier for the others (spawn stops them when it exits)."""
-    import torch.distributed as dist
+    own (`distributed.teardown`: a barrier, then destroy), and only after the worker succeeded (a
+    process whose worker raised must not wait in a barrier for the others; spawn stops them when it
+    exits). `destroy_process_group` can still hang on gloo after the barrier
+    (pytorch/pytorch#75097: under torch 2.6 both processes of a 2-process test hung there, and
+    after 251aa65's barrier one of a 3-process test's, for 18 minutes, in `make test-oldest` on
+    a97921a), so it gets `DESTROY_LIMIT_S`: past it the process says so and exits, its worker having
+    passed."""
+    import os
+    import sys
+    import threading
 
-    from fire_opd.parallel.distributed import teardown
+    import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     worker(rank, world, *args)
-    teardown()
+    dist.barrier()
+    destroy = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    destroy.start()
+    destroy.join(DESTROY_LIMIT_S)
+    if destroy.is_alive():  # a hung gloo teardown: the process exits without it
+        print(
+            f"rank {rank}: destroy_process_group hung for {DESTROY_LIMIT_S} s (pytorch/pytorch#75097)", file=sys.stderr
+        )
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+
+DESTROY_LIMIT_S = 120

@@ -185,3 +185,25 @@ def test_pooled_metrics_divide_the_sums_over_ranks(monkeypatch):
     out = distributed.mean_over_ranks({"m": 2.0, "c": 1.0}, summed=("c",), pooled={"p": (3.0, 2.0), "none": (0.0, 0.0)})
     assert len(reduced) == 1  # one collective for all of them
     assert out == pytest.approx({"c": 2.0, "m": 3.0, "none": float("nan"), "p": 1.0}, nan_ok=True)
+
+
+def _hung_destroy_worker(rank: int, world: int) -> None:
+    import time
+
+    import _helpers
+
+    _helpers.DESTROY_LIMIT_S = 1
+    dist.destroy_process_group = lambda *args, **kwargs: time.sleep(3600)  # pytorch/pytorch#75097's hang
+
+
+def test_a_spawned_group_whose_gloo_teardown_hangs_still_ends():
+    """The test harness's process groups: a `destroy_process_group` that never returns (as gloo's
+    did under torch 2.6 in `make test-oldest`) ends its process after `DESTROY_LIMIT_S`, so the
+    test that spawned it finishes instead of waiting forever."""
+    import time
+
+    from _helpers import run_in_gloo_group
+
+    start = time.monotonic()
+    run_in_gloo_group(_hung_destroy_worker, 2)
+    assert time.monotonic() - start < 60
