@@ -87,32 +87,24 @@ def run_in_gloo_group(worker, world: int, *args) -> None:
 
 
 def _in_gloo_group(rank: int, world: int, port: int, worker, args: tuple) -> None:
-    """One process of `run_in_gloo_group`. The group is torn down as the package tears down its
-    own (`distributed.teardown`: a barrier, then destroy), and only after the worker succeeded (a
-    process whose worker raised must not wait in a barrier for the others; spawn stops them when it
-    exits). `destroy_process_group` can still hang on gloo after the barrier
-    (pytorch/pytorch#75097: under torch 2.6 both processes of a 2-process test hung there, and
-    after 251aa65's barrier one of a 3-process test's, for 18 minutes, in `make test-oldest` on
-    a97921a), so it gets `DESTROY_LIMIT_S`: past it the process says so and exits, its worker having
-    passed."""
+    """One process of `run_in_gloo_group`: after its worker succeeded, a barrier (so that every
+    process is done with the group), then the process ends at once, without destroying the group.
+
+    Why not `destroy_process_group`: under torch 2.6 it deadlocks now and then on gloo
+    (pytorch/pytorch#75097). py-spy on one process of a 3-process test that hung 18 minutes in
+    `make test-oldest` (e0959b5) showed why: destroying the group holds the GIL while it joins
+    gloo's worker thread, and that thread waits for the GIL to release the last Python tensor of
+    a finished all-reduce. A timeout on the destroy cannot help, as no Python runs while the GIL
+    is held. A process whose worker raised skips the barrier (spawn stops the others when it
+    exits)."""
     import os
     import sys
-    import threading
 
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     worker(rank, world, *args)
     dist.barrier()
-    destroy = threading.Thread(target=dist.destroy_process_group, daemon=True)
-    destroy.start()
-    destroy.join(DESTROY_LIMIT_S)
-    if destroy.is_alive():  # a hung gloo teardown: the process exits without it
-        print(
-            f"rank {rank}: destroy_process_group hung for {DESTROY_LIMIT_S} s (pytorch/pytorch#75097)", file=sys.stderr
-        )
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
-
-
-DESTROY_LIMIT_S = 120
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the group's destructor never runs (see above)
