@@ -205,3 +205,16 @@ def test_a_spawned_group_ends_without_destroying_its_process_group():
     start = time.monotonic()
     run_in_gloo_group(_hung_destroy_worker, 2)
     assert time.monotonic() - start < 60
+
+
+def test_teardown_leaves_gloo_the_gil_between_its_barrier_and_the_destroy(monkeypatch):
+    """`distributed.teardown` sleeps (which releases the GIL) after the barrier and before the
+    destroy: in torch before pytorch/pytorch#154976 the destroy holds the GIL while gloo's worker
+    threads may still need it to release the barrier's prior work (docs/distributed.md)."""
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *args, **kwargs: calls.append("destroy"))
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append(f"sleep {seconds}"))
+    distributed.teardown()
+    assert calls == ["barrier", f"sleep {distributed.GLOO_RELEASE_S}", "destroy"] and distributed.GLOO_RELEASE_S > 0

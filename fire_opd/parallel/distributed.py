@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
@@ -59,10 +60,21 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# How long `teardown` leaves the GIL to gloo's worker threads between the barrier and the destroy.
+GLOO_RELEASE_S = 0.05
+
+
 def teardown() -> None:
-    """Destroy the process group `setup` made, once every process is done with it."""
+    """Destroy the process group `setup` made, once every process is done with it.
+
+    The pause between the barrier and the destroy is for torch releases older than
+    pytorch/pytorch#154976 (June 2025): there the group's destructor holds the GIL while it joins
+    gloo's worker threads, and a worker still releasing the barrier's prior work (a finished
+    all-reduce of Python tensors) needs the GIL for it, so the two wait for each other forever
+    (met under torch 2.6; docs/distributed.md). Sleeping gives the workers the GIL to finish first."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        time.sleep(GLOO_RELEASE_S)
         dist.destroy_process_group()
 
 
