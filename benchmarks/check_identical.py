@@ -11,7 +11,9 @@ again after it and compare:
         --compare benchmarks/results/restructure-identity/before.json
 
 Bit-identical means bit-identical on one machine with one thread count: CPU reductions depend on
-both, so compare fingerprints made on the same machine (every case fixes `threads: 1`).
+both, so compare fingerprints made on the same machine (every case fixes `threads: 1`). Each file
+records the CPU and torch it was made with, and `--compare` says so when they are not this
+machine's: then every case differs whatever the code, and both revisions must be run here.
 The cases cover what a restructuring of the trainer can break: both objectives, each statistics
 scope, the filter's group scope, JSD, two routed teachers, a resume, and under torchrun DDP,
 FSDP and vocab_parallel (every world-size factor of the loss and the gradient).
@@ -28,6 +30,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
+from _results import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks" / "results" / "restructure-identity"
@@ -133,7 +138,6 @@ def run_case(name: str, spec: dict, work: Path) -> dict:
 
 
 def _fingerprint(out: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "final" / "model.safetensors"))
@@ -152,6 +156,12 @@ def _fingerprint(out: Path) -> dict:
         "final_loss": last.get("train/loss"),
         "final_eval_accuracy": last.get("eval/accuracy"),
     }
+
+
+def _described(machine: dict | None) -> str:
+    if not machine:
+        return "a machine it does not record (files before 2026-12-07)"
+    return f"{machine['cpu']} with torch {machine['torch']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,11 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--", "fire_opd", "fire_kernels"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    record = {"commit": commit.strip() + ("+dirty" if dirty else ""), "cases": results}
+    machine = {"cpu": cpu(), "torch": torch.__version__}
+    record = {"commit": commit.strip() + ("+dirty" if dirty else ""), "machine": machine, "cases": results}
     if args.write:
         Path(args.write).write_text(json.dumps(record, indent=1) + "\n")
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
+        if before.get("machine") != machine:
+            print(
+                f"note: {args.compare} was made on {_described(before.get('machine'))}, this run on "
+                f"{_described(machine)}: fingerprints are comparable on one machine only",
+                flush=True,
+            )
         diffs = [
             name
             for name in results

@@ -120,6 +120,36 @@ def test_every_result_file_the_docs_cite_is_committed():
     assert [(page, path) for page, path, found in cited if not found] == []
 
 
+# ----------------------------------------------------------------------------- fixed-seed identity
+def test_check_identical_says_when_the_fingerprints_it_compares_come_from_another_machine(
+    tmp_path, monkeypatch, capsys
+):
+    """Fingerprints differ across CPUs with the same code (three CPUs so far, 2026-12-07): a
+    comparison with another machine's file must say so beside its verdict."""
+    import check_identical
+
+    fingerprint = {"weights": "w", "metrics": "m", "final_loss": 1.0}
+    monkeypatch.setattr(check_identical, "run_case", lambda name, spec, work: dict(fingerprint))
+    here = {"cpu": _results_cpu(), "torch": check_identical.torch.__version__}
+    for machine, noted in [(here, False), ({"cpu": "another CPU", "torch": "2.0"}, True), (None, True)]:
+        before = tmp_path / "before.json"
+        record = {"commit": "abc", "cases": {"resume": fingerprint}, **({"machine": machine} if machine else {})}
+        before.write_text(json.dumps(record))
+        written = tmp_path / "after.json"
+        assert check_identical.main(["--cases", "resume", "--compare", str(before), "--write", str(written)]) == 0
+        out = capsys.readouterr().out
+        assert ("note:" in out) == noted and "all 1 cases bit-identical" in out
+        assert json.loads(written.read_text())["machine"] == here
+
+
+def _results_cpu() -> str:
+    from _results import cpu
+
+    name = cpu()
+    assert name.endswith(" cores") and name.count(",") >= 2  # model, instruction set, cores
+    return name
+
+
 # ----------------------------------------------------------------------------- revisions compared
 def test_compare_revisions_runs_the_base_from_its_own_unpacked_tree_in_alternating_order(tmp_path, monkeypatch):
     """`compare_revisions.py --base REV` times REV's own worker script from a `git archive` of REV
