@@ -294,4 +294,16 @@ def test_trainer_smoke_on_cuda(tmp_path, objective):
     )
     run = train_student("steps", config)
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
-    assert next(run["trainer"].student.parameters()).device.type == "cuda"
+    trainer = run["trainer"]
+    assert next(trainer.student.parameters()).dtype == torch.float32
+    assert next(trainer.student.parameters()).device.type == "cuda"
+    # the float32 student samples under the bf16 autocast its forwards run in
+    modes: set = set()
+    hook = trainer.student.register_forward_pre_hook(
+        lambda module, args: modes.add(torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+    )
+    try:
+        trainer.sample()
+    finally:
+        hook.remove()
+    assert modes == {torch.bfloat16}

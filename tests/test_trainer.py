@@ -685,6 +685,47 @@ def test_group_scope_ranks_each_prompts_own_rollouts(tmp_path, tokenizer, monkey
     assert all(0.5 <= row["fire/keep_ratio"] <= 0.75 for row in history)
 
 
+def test_rollouts_are_sampled_under_the_students_autocast_and_evaluation_is_not(tmp_path, tokenizer, monkeypatch):
+    """A float32 student on CUDA runs its forwards under bf16 autocast (`forwards.autocast`): its
+    rollouts must come from that policy too (bf16 products), while evaluation stays in the weights'
+    dtype, as `fire-opd eval` does. On the CPU `autocast` is a no-op, so the test records what the
+    trainer enters around each stage (tests/test_cuda.py checks the real thing on a GPU)."""
+    from contextlib import contextmanager
+
+    import fire_opd.train.trainer as trainer_module
+
+    trainer = _trainer(tokenizer, _config(tmp_path, steps=1, eval_every=0, objective="full_vocab"))
+    entered: list = []
+    inside: list[bool] = []
+
+    @contextmanager
+    def recording_autocast(device, dtype):
+        entered.append((device, dtype))
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def spy(name):
+        real = getattr(trainer_module, name)
+
+        def call(*args, **kwargs):
+            seen[name] = bool(inside)
+            return real(*args, **kwargs)
+
+        return call
+
+    seen: dict[str, bool] = {}
+    monkeypatch.setattr(trainer_module, "autocast", recording_autocast)
+    for name in ("sample_step", "eval_metrics"):
+        monkeypatch.setattr(trainer_module, name, spy(name))
+    trainer.sample()
+    trainer.evaluate()
+    assert seen == {"sample_step": True, "eval_metrics": False}
+    assert entered == [(trainer.device, "float32")]
+
+
 def test_bf16_student_trains(tmp_path, tokenizer):
     """models.dtype: bfloat16 keeps the student's parameters in bf16 (the kernels take bf16 hidden
     states and heads); a step changes them and the loss is finite."""

@@ -87,7 +87,7 @@ class ModelsConfig:
             "help": (
                 "the student's dtype: float32 | bfloat16 (its full fine-tune trains through float32 master weights,"
                 " optim.master_weights); on CUDA a float32 student runs under bf16 autocast, its decoder and the"
-                " heads' products in bf16"
+                " heads' products in bf16, and samples its rollouts there too (evaluation runs in float32)"
             )
         },
     )

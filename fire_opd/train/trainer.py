@@ -35,7 +35,7 @@ from fire_opd.train.checkpoint import TrainState
 from fire_opd.train.config import TrainConfig, default_teacher
 from fire_opd.train.data import Problem, ProblemSet, check_teacher_keys, prepare_problems, prompt_batch
 from fire_opd.train.evaluate import eval_metrics
-from fire_opd.train.forwards import build_forwards
+from fire_opd.train.forwards import autocast, build_forwards
 from fire_opd.train.health import health_metrics, rollout_health
 from fire_opd.train.models import prepare_models, save_merged
 from fire_opd.train.rollouts import Rollouts, sample_step
@@ -253,14 +253,18 @@ class FireOPDTrainer:
     def sample(self) -> tuple[list[Problem], Rollouts]:
         """This process's rollouts of the current step (rollouts.sample_step)."""
         cfg = self.config.sampling
-        return sample_step(
-            self.student_forward, self.tokenizer,
-            prompt_batch(self.train_problems, self.step, cfg.prompts_per_step, self.config.seed),
-            mine=self.my_prompts, per_call=self.prompts_per_call,
-            samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.seed, step=self.step,
-            synced_gpus=self.parallel.synced_generation,
-        )  # fmt: skip
+        # The rollouts come from the policy the step scores and trains: a float32 student on CUDA
+        # samples under the bf16 autocast of its forwards (bf16 products, and half the bytes per
+        # decode step). Evaluation stays in the weights' dtype, as `fire-opd eval` does.
+        with autocast(self.device, self.config.models.dtype):
+            return sample_step(
+                self.student_forward, self.tokenizer,
+                prompt_batch(self.train_problems, self.step, cfg.prompts_per_step, self.config.seed),
+                mine=self.my_prompts, per_call=self.prompts_per_call,
+                samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.seed, step=self.step,
+                synced_gpus=self.parallel.synced_generation,
+            )  # fmt: skip
 
     def plan(self, keys: list[Optional[str]]) -> TeacherPlan:
         """Which teacher reads which rollout, in which micro-batches (`keys`: each row's teacher key,
