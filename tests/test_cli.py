@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fire_opd.cli import main as cli
 from fire_opd.demo import tiny_models
@@ -171,6 +172,7 @@ def test_eval_option_errors(workdir, capsys):
     assert "--verifier: verifier 'nope'" in _error(capsys, base + ["--verifier", "nope"])
     assert "--output out/x.json: its folder does not exist" in _error(capsys, base + ["--output", "out/x.json"])
     assert "invalid int value" in _error(capsys, base + ["--samples", "many"])  # argparse, same format
+    assert "--dtype: invalid choice: 'fp8'" in _error(capsys, base + ["--dtype", "fp8"])
 
 
 def test_debug_shows_the_traceback(workdir):
@@ -336,20 +338,37 @@ def test_eval_of_a_run_takes_the_runs_settings(tmp_path, capsys, monkeypatch):
         shutil.copy(TOKENIZER / name, run / "final" / name)
     config = {"data": {"verifier": "my_checks:always", "prompt_field": "question", "answer_field": "gold",
                        "messages_field": "messages", "chat_template_kwargs": {}},
-              "sampling": {"max_new_tokens": 5}}  # fmt: skip
+              "sampling": {"max_new_tokens": 5}, "models": {"dtype": "bfloat16"}}  # fmt: skip
     (run / "config.json").write_text(json.dumps(config))
+    loaded = []
+    real_load = models.load_causal_lm
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(models, "load_causal_lm", load)
     argv = ["eval", "--model", str(run), "--prompts", "q.jsonl", "--output", "out.json", "--no-progress"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
-    assert "as the run was trained: verifier 'my_checks:always', max_new_tokens 5, prompt_field 'question'" in err
+    assert (
+        "as the run was trained: dtype 'bfloat16', verifier 'my_checks:always', max_new_tokens 5, "
+        "prompt_field 'question'" in err
+    )
     record = json.loads((tmp_path / "out.json").read_text())
     settings = record["settings"]
     assert settings["verifier"] == "my_checks:always" and settings["max_new_tokens"] == 5
+    assert settings["dtype"] == "bfloat16" and loaded == [torch.bfloat16]  # the student as it was trained
     assert settings["columns"] == {"prompt": "question", "answer": "gold", "messages": "messages"}
     assert "verifier" in settings["from_run"] and record["results"]["all"]["avg@1"] == 1.0  # the run's verifier
-    assert cli.main([*argv, "--verifier", "final_answer", "--max-new-tokens", "3"]) == 0  # flags win
-    settings = json.loads((tmp_path / "out.json").read_text())["settings"]
+    assert cli.main([*argv, "--verifier", "final_answer", "--max-new-tokens", "3", "--dtype", "float32"]) == 0
+    settings = json.loads((tmp_path / "out.json").read_text())["settings"]  # flags win
     assert settings["verifier"] == "final_answer" and settings["max_new_tokens"] == 3
+    assert settings["dtype"] == "float32" and loaded[-1] == torch.float32
+    checkpoint = json.loads((run / "final" / "config.json").read_text())  # --dtype auto: the checkpoint's own
+    (run / "final" / "config.json").write_text(json.dumps({**checkpoint, "dtype": "float16", "torch_dtype": "float16"}))
+    assert cli.main([*argv, "--dtype", "auto"]) == 0 and loaded[-1] == torch.float16
     assert "verifier" not in settings["from_run"] and "prompt_field" in settings["from_run"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -108,9 +108,12 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
 
 
-def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A causal LM from a model folder or Hub id; a LoRA checkpoint (an adapter folder, such as a
-    LoRA run's final/) is loaded onto its base model and merged."""
+def load_causal_lm(
+    path: str | Path, *, dtype: torch.dtype | Literal["auto"] = torch.float32, device: str | torch.device = "cpu"
+):
+    """A causal LM from a model folder or Hub id, in `dtype` ("auto": the dtype its config.json
+    records); a LoRA checkpoint (an adapter folder, such as a LoRA run's final/) is loaded onto its
+    base model and merged."""
     if is_adapter_folder(path):
         from peft import AutoPeftModelForCausalLM
 
