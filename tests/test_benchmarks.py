@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_kernels  # noqa: E402
-from _results import provenance_line, write_results  # noqa: E402
+from _results import cpu, provenance_line, write_results  # noqa: E402
 
 from fire_opd.demo.provenance import code_hash  # noqa: E402
 
@@ -130,7 +130,8 @@ def test_check_identical_says_when_the_fingerprints_it_compares_come_from_anothe
 
     fingerprint = {"weights": "w", "metrics": "m", "final_loss": 1.0}
     monkeypatch.setattr(check_identical, "run_case", lambda name, spec, work: dict(fingerprint))
-    here = {"cpu": _results_cpu(), "torch": check_identical.torch.__version__}
+    assert cpu().endswith(" cores") and cpu().count(",") >= 2  # model, instruction set, cores
+    here = {"cpu": cpu(), "torch": check_identical.torch.__version__}
     for machine, noted in [(here, False), ({"cpu": "another CPU", "torch": "2.0"}, True), (None, True)]:
         before = tmp_path / "before.json"
         record = {"commit": "abc", "cases": {"resume": fingerprint}, **({"machine": machine} if machine else {})}
@@ -140,14 +141,6 @@ def test_check_identical_says_when_the_fingerprints_it_compares_come_from_anothe
         out = capsys.readouterr().out
         assert ("note:" in out) == noted and "all 1 cases bit-identical" in out
         assert json.loads(written.read_text())["machine"] == here
-
-
-def _results_cpu() -> str:
-    from _results import cpu
-
-    name = cpu()
-    assert name.endswith(" cores") and name.count(",") >= 2  # model, instruction set, cores
-    return name
 
 
 # ----------------------------------------------------------------------------- revisions compared
