@@ -685,16 +685,23 @@ def test_group_scope_ranks_each_prompts_own_rollouts(tmp_path, tokenizer, monkey
     assert all(0.5 <= row["fire/keep_ratio"] <= 0.75 for row in history)
 
 
-def test_rollouts_are_sampled_under_the_students_autocast_and_evaluation_is_not(tmp_path, tokenizer, monkeypatch):
-    """A float32 student on CUDA runs its forwards under bf16 autocast (`forwards.autocast`): its
-    rollouts must come from that policy too (bf16 products), while evaluation stays in the weights'
+def test_rollouts_and_verification_run_under_the_models_autocast_and_evaluation_does_not(
+    tmp_path, tokenizer, monkeypatch
+):
+    """A float32 model on CUDA runs its forwards under bf16 autocast (`forwards.autocast`): the
+    student's rollouts must come from that policy, and under filter_mode "verified" the teachers'
+    continuations from the teachers that scored the rollouts; evaluation stays in the weights'
     dtype, as `fire-opd eval` does. On the CPU `autocast` is a no-op, so the test records what the
-    trainer enters around each stage (tests/test_cuda.py checks the real thing on a GPU)."""
+    trainer enters around each stage (tests/test_cuda.py checks the sampling on a GPU)."""
     from contextlib import contextmanager
 
     import fire_opd.train.trainer as trainer_module
 
-    trainer = _trainer(tokenizer, _config(tmp_path, steps=1, eval_every=0, objective="full_vocab"))
+    verified = {"fire.filter_mode": "verified", "fire.divergence_prob": 0.9}
+    config = _config(
+        tmp_path, steps=1, eval_every=0, objective="full_vocab", method="filter_only", percentile=60.0, **verified
+    )
+    trainer = _trainer(tokenizer, config)
     entered: list = []
     inside: list[bool] = []
 
@@ -718,12 +725,15 @@ def test_rollouts_are_sampled_under_the_students_autocast_and_evaluation_is_not(
 
     seen: dict[str, bool] = {}
     monkeypatch.setattr(trainer_module, "autocast", recording_autocast)
-    for name in ("sample_step", "eval_metrics"):
+    for name in ("sample_step", "verify_flagged", "eval_metrics"):
         monkeypatch.setattr(trainer_module, name, spy(name))
-    trainer.sample()
+    problems, rollouts = trainer.sample()
+    plan = trainer.plan([p.teacher for p in problems])
+    reliable, metrics = trainer.verify(rollouts, problems, trainer.score(rollouts, [p.teacher for p in problems]), plan)
     trainer.evaluate()
-    assert seen == {"sample_step": True, "eval_metrics": False}
-    assert entered == [(trainer.device, "float32")]
+    assert seen == {"sample_step": True, "verify_flagged": True, "eval_metrics": False}
+    assert entered == [(trainer.device, "float32")] * 2
+    assert reliable is not None and metrics["fire/verified_rollouts"] > 0  # the teachers did continue rollouts
 
 
 def test_bf16_student_trains(tmp_path, tokenizer):

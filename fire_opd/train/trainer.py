@@ -285,11 +285,15 @@ class FireOPDTrainer:
         cfg = self.config
         if not (cfg.fire.filters and cfg.fire.filter_mode == "verified"):
             return None, {}
-        return verify_flagged(
-            rollouts, problems, scores, fire=cfg.fire, group_ids=rollouts.group_ids(cfg.sampling.samples_per_prompt),
-            teachers=self.teachers, routes=plan.routes, tokenizer=self.tokenizer, verifier=self.verifier,
-            max_new_tokens=cfg.sampling.max_new_tokens,
-        )  # fmt: skip
+        # The teachers continue under the autocast they scored the rollouts in (a float32 teacher on
+        # CUDA: bf16 products), so the teacher that is checked is the one whose scores flagged the rollout.
+        with autocast(self.device, cfg.models.dtype):
+            return verify_flagged(
+                rollouts, problems, scores, fire=cfg.fire,
+                group_ids=rollouts.group_ids(cfg.sampling.samples_per_prompt), teachers=self.teachers,
+                routes=plan.routes, tokenizer=self.tokenizer, verifier=self.verifier,
+                max_new_tokens=cfg.sampling.max_new_tokens,
+            )  # fmt: skip
 
     def evaluate(self) -> dict:
         """Held-out `eval/accuracy` (avg@N), `eval/pass@k` and the same per teacher key."""
