@@ -44,12 +44,18 @@ def test_verified_with_a_wrong_teacher_is_truncate_and_with_a_right_one_keeps_ev
     assert right["fire/verified_reliable_ratio"] == 1.0 and wrong["fire/verified_reliable_ratio"] == 0.0
 
 
-def test_the_teacher_continues_from_the_students_prefix_through_the_divergence(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("chunk_prompts", [0, 1])
+def test_the_teacher_continues_from_the_students_prefix_through_the_divergence(
+    tmp_path, tokenizer, monkeypatch, chunk_prompts
+):
+    """Each flagged rollout is continued from its prompt and response through the divergence
+    token, with the budget the sampler had left; all in one generate call, or in calls of the
+    sampler's rows (sampling.rollout_chunk_prompts x samples_per_prompt: 1 x 2 here)."""
     seen, real = [], verify_module.greedy_continuations
 
-    def spy(model, tok, prefixes, max_new_tokens):
-        seen.append((prefixes, max_new_tokens))
-        return real(model, tok, prefixes, max_new_tokens)
+    def spy(model, tok, prefixes, budgets):
+        seen.append(list(zip(prefixes, budgets)))
+        return real(model, tok, prefixes, budgets)
 
     captured = {}
     real_verify = verify_module.verify_flagged
@@ -60,26 +66,41 @@ def test_the_teacher_continues_from_the_students_prefix_through_the_divergence(t
 
     monkeypatch.setattr(verify_module, "greedy_continuations", spy)
     monkeypatch.setattr("fire_opd.train.trainer.verify_flagged", capture)
-    _first_step(tmp_path, tokenizer, "spy", filter_mode="verified")
+    _first_step(tmp_path, tokenizer, "spy", filter_mode="verified", rollout_chunk_prompts=chunk_prompts)
     rollouts, scores = captured["rollouts"], captured["scores"]
     mask = rollouts.response_mask
     flagged = verify_module.flagged_rollouts(scores, mask, captured["fire"], captured["group_ids"])
     cut = first_divergence(scores.teacher_log_prob, mask, 0.9)
-    expected = {
-        tuple(
-            torch.cat(
-                [rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()], rollouts.response_ids[i, : cut[i] + 1]]
-            ).tolist()
-        )
+    prompts = [rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()] for i in range(len(rollouts))]
+    expected = {  # prompt + response through the divergence token -> the 6 - (cut + 1) tokens left
+        tuple(torch.cat([prompts[i], rollouts.response_ids[i, : cut[i] + 1]]).tolist()): 6 - (int(cut[i]) + 1)
         for i in range(len(rollouts))
         if flagged[i] and cut[i] >= 0
     }
-    got = {tuple(prefix.tolist()) for prefixes, _ in seen for prefix in prefixes}
-    assert expected and got == expected
-    # each continuation has the response budget its prefix left (max_new_tokens 6 in _config)
-    prompt_lengths = {int(rollouts.prompt_mask[i].sum()) for i in range(len(rollouts))}
-    for prefixes, budget in seen:
-        assert all(budget == 6 - (len(prefix) - length) for prefix in prefixes for length in prompt_lengths)
+    got = {tuple(prefix.tolist()): budget for call in seen for prefix, budget in call}
+    assert len(expected) > 1 and got == expected
+    if chunk_prompts:
+        assert len(seen) > 1 and all(len(call) <= 2 for call in seen)
+    else:
+        assert len(seen) == 1  # one teacher, one call
+
+
+def test_greedy_continuations_cut_each_row_to_its_own_budget(tokenizer):
+    """One call with per-row budgets gives each row what a call of its own budget gives: greedy
+    decoding's first b tokens do not depend on how many more are decoded."""
+    from fire_opd.train.rollouts import greedy_continuations
+
+    model = _model(tokenizer, 10, hidden=48)
+    problems = sample_problems(["arith"], 5, seed=3, split="train")
+    prefixes = [torch.tensor(tokenizer(p.prompt)["input_ids"]) for p in problems]
+    budgets = [0, 1, 3, 6, 9]
+    together = greedy_continuations(model, tokenizer, prefixes, budgets)
+    for prefix, budget, got in zip(prefixes, budgets, together):
+        (alone,) = greedy_continuations(model, tokenizer, [prefix], [budget])
+        assert len(got) <= budget and torch.equal(got, alone), (budget, got, alone)
+    assert any(len(got) > 3 for got in together)  # the longer budgets were used
+    with pytest.raises(ValueError, match="budgets must give one budget per prefix \\(5\\), got 4"):
+        greedy_continuations(model, tokenizer, prefixes, budgets[:4])
 
 
 def test_verified_needs_the_batch_statistics_and_replicated_teachers(tmp_path):

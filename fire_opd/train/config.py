@@ -232,7 +232,8 @@ class SamplingConfig:
             "help": (
                 "prompts per generate call (a memory bound). 0: each process samples its share of the step in one "
                 "call. Every row draws from its own seed, so 1 or K processes draw the same rollouts either way; "
-                "with chunks (dealt to processes) they also batch the same rows together: bit-identical rollouts"
+                "with chunks (dealt to processes) they also batch the same rows together: bit-identical rollouts. "
+                "Also the most prompts' rollouts a teacher continues in one call under fire.filter_mode verified"
             )
         },
     )

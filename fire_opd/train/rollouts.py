@@ -236,10 +236,17 @@ def _generate(
 
 
 @torch.no_grad()
-def greedy_continuations(model, tokenizer, prefixes: list[torch.Tensor], max_new_tokens: int) -> list[torch.Tensor]:
-    """The model's greedy continuation of each token-id prefix ([L_i] each), up to
-    `max_new_tokens` tokens and its first EOS (included), never a padding row of its head."""
-    if not prefixes or max_new_tokens <= 0:
+def greedy_continuations(model, tokenizer, prefixes: list[torch.Tensor], budgets: list[int]) -> list[torch.Tensor]:
+    """The model's greedy continuation of each token-id prefix ([L_i] each), up to its own budget
+    of new tokens and its first EOS (included), never a padding row of its head.
+
+    One generate call for all of them, as long as the largest budget: greedy decoding is
+    deterministic, so a row's first b tokens are its b-token continuation, and each row is cut to
+    its own budget (a call per budget would decode the same tokens in many smaller batches)."""
+    if len(budgets) != len(prefixes):
+        raise ValueError(f"budgets must give one budget per prefix ({len(prefixes)}), got {len(budgets)}")
+    longest = max(budgets, default=0)
+    if longest <= 0:
         return [prefix.new_empty(0) for prefix in prefixes]
     width = max(len(prefix) for prefix in prefixes)
     device = next(model.parameters()).device
@@ -248,10 +255,10 @@ def greedy_continuations(model, tokenizer, prefixes: list[torch.Tensor], max_new
     for row, prefix in enumerate(prefixes):  # left padding, as for prompts
         ids[row, width - len(prefix) :] = prefix.to(device)
         attention[row, width - len(prefix) :] = 1
-    out = _generate(model, tokenizer, ids, attention, _NoPaddingRows(len(tokenizer)), max_new_tokens=max_new_tokens)
+    out = _generate(model, tokenizer, ids, attention, _NoPaddingRows(len(tokenizer)), max_new_tokens=longest)
     new = out[:, width:]
     kept = response_mask_from_eos(new, tokenizer.eos_token_id) if new.shape[1] else new.bool()
-    return [row[mask] for row, mask in zip(new, kept)]
+    return [row[: max(budget, 0)][mask[: max(budget, 0)]] for row, mask, budget in zip(new, kept, budgets)]
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:

@@ -293,6 +293,7 @@ class FireOPDTrainer:
                 group_ids=rollouts.group_ids(cfg.sampling.samples_per_prompt), teachers=self.teachers,
                 routes=plan.routes, tokenizer=self.tokenizer, verifier=self.verifier,
                 max_new_tokens=cfg.sampling.max_new_tokens,
+                rows_per_call=cfg.sampling.rollout_chunk_prompts * cfg.sampling.samples_per_prompt,
             )  # fmt: skip
 
     def evaluate(self) -> dict:

@@ -7,10 +7,11 @@ result (the student's prefix and the teacher's continuation). A teacher that sti
 correct answer is reliable there: the rollout stays whole in the loss. Otherwise
 `compute_fire_advantages` keeps only its tokens up to t* (`filter_mode: truncate`'s cut).
 
-This costs one greedy generation per flagged rollout with a divergence token, reported per step
-(`fire/verified_rollouts`, `fire/verify_tokens`, `time/verify_s`). Each process verifies its
-own rollouts with its own (replicated) teachers, so the decisions do not depend on the process
-count.
+This costs a greedy continuation of each flagged rollout with a divergence token, all of a
+teacher's in one generate call (or in calls of `rows_per_call` rows, the sampler's memory bound),
+reported per step (`fire/verified_rollouts`, `fire/verify_tokens`, `time/verify_s`). Each process
+verifies its own rollouts with its own (replicated) teachers, so the decisions do not depend on the
+process count.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def verify_flagged(
     tokenizer,
     verifier: Verifier,
     max_new_tokens: int,
+    rows_per_call: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(teacher_reliable [B] bool, metrics): whether each flagged rollout's teacher, continuing
     from the student's prefix through its first divergence token, reaches a correct answer
     (True for every other rollout). `routes`: teacher name -> this process's rows;
-    `max_new_tokens`: the response limit, which the prefix and continuation share."""
+    `max_new_tokens`: the response limit, which the prefix and continuation share;
+    `rows_per_call`: the most rollouts one generate call continues (0: all of a teacher's)."""
     start = time.perf_counter()
     mask = rollouts.response_mask
     assert scores.teacher_log_prob is not None
@@ -69,23 +72,22 @@ def verify_flagged(
     generated = 0
     for name, routed in routes.items():
         rows = routed[to_verify[routed]].tolist()
-        if not rows:
-            continue
-        prefixes = [rollouts.response_ids[i, : int(cut[i]) + 1] for i in rows]
-        prompts = [rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()] for i in rows]
-        # one call per length left, so every continuation has the budget the sampler had
-        budgets = [max_new_tokens - len(prefix) for prefix in prefixes]
-        for budget in sorted(set(budgets)):
-            group = [k for k, b in enumerate(budgets) if b == budget]
+        step = rows_per_call or max(len(rows), 1)
+        for first in range(0, len(rows), step):
+            chunk = rows[first : first + step]
+            prefixes = [rollouts.response_ids[i, : int(cut[i]) + 1] for i in chunk]
+            prompts = [rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()] for i in chunk]
+            # each continuation gets the budget the sampler had left after the prefix
             continuations = greedy_continuations(
-                teachers[name], tokenizer, [torch.cat([prompts[k], prefixes[k]]) for k in group], budget
-            )
-            for k, continuation in zip(group, continuations):
+                teachers[name], tokenizer, [torch.cat(pair) for pair in zip(prompts, prefixes)],
+                [max_new_tokens - len(prefix) for prefix in prefixes],
+            )  # fmt: skip
+            for i, prefix, continuation in zip(chunk, prefixes, continuations):
                 generated += len(continuation)
-                ids = torch.cat([prefixes[k], continuation.to(prefixes[k].device)])
+                ids = torch.cat([prefix, continuation.to(prefix.device)])
                 text = tokenizer.decode(ids[ids != tokenizer.eos_token_id].tolist())
-                problem = problems[rows[k]]
-                reliable[rows[k]] = score(verifier, text, problem.answer, problem.row or {}) >= 0.5
+                problem = problems[i]
+                reliable[i] = score(verifier, text, problem.answer, problem.row or {}) >= 0.5
     local = {
         "fire/verified_rollouts": float(to_verify.sum()),
         "fire/verified_reliable": float((to_verify & reliable).sum()),
