@@ -16,7 +16,7 @@ STAMP      := $(VENV)/.fire-opd-installed
 VERL_STAMP := $(VERL_VENV)/.fire-opd-installed
 
 # `make test`'s smoke runs of the benchmark scripts (bench-quick, below)
-QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory bench-quick-prompts gpu-check-dry
+QUICK_BENCHES := bench-quick-kernels bench-quick-train bench-quick-memory bench-quick-prompts bench-quick-verify gpu-check-dry
 
 .PHONY: demo test test-oldest lint docs compile-report compile-matrix bench bench-quick $(QUICK_BENCHES) study gpu-check gpu-wheels clean
 
@@ -66,6 +66,8 @@ bench-quick-memory: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --quick
 bench-quick-prompts: $(STAMP)
 	$(PY) benchmarks/bench_prompts.py --quick
+bench-quick-verify: $(STAMP)
+	$(PY) benchmarks/bench_verify.py --quick
 gpu-check-dry: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --dry
 

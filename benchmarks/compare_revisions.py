@@ -27,6 +27,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def resolve_revision(revision: str) -> str | None:
+    """The commit `revision` names in this repository (12 hex digits), None if it names none."""
+    resolved = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short=12", f"{revision}^{{commit}}"], capture_output=True, text=True
+    )
+    return resolved.stdout.strip() if resolved.returncode == 0 else None
+
+
+def unpack_revision(commit: str, folder: Path) -> Path:
+    """`git archive` of `commit` unpacked into folder/<commit>; returns that tree."""
+    tree = folder / commit
+    tree.mkdir()
+    archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", commit], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise SystemExit(f"git archive {commit} failed")
+    return tree
+
+
 def _worker(tree: Path, workload: str, method: str, args) -> float:
     """One row's median time (s) from `tree`'s own bench_kernels worker, with `tree` on the path."""
     from bench_kernels import run_one
@@ -98,23 +117,14 @@ def main(argv=None) -> int:
         parser.error("--rounds, --repeats and --tokens must be at least 1")
     if args.method == "floor" or args.method in CUDA_ONLY or any(args.method not in METHODS[w] for w in args.workloads):
         parser.error(f"--method: expected a CPU method other than the floor of every workload, got {args.method!r}")
-    resolved = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short=12", f"{args.base}^{{commit}}"], capture_output=True, text=True
-    )
-    if resolved.returncode != 0:
+    base = resolve_revision(args.base)
+    if base is None:
         parser.error(f"--base: expected a git revision of {ROOT}, got {args.base!r}")
-    base = resolved.stdout.strip()
 
     from _results import device_label, write_results
 
     with tempfile.TemporaryDirectory(prefix="fire-compare-") as tmp:
-        base_tree = Path(tmp) / base
-        base_tree.mkdir()
-        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", base], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", str(base_tree)], stdin=archive.stdout, check=True)
-        if archive.wait() != 0:
-            raise SystemExit(f"git archive {base} failed")
-        rows = compare({base: base_tree, "new": ROOT}, args)
+        rows = compare({base: unpack_revision(base, Path(tmp)), "new": ROOT}, args)
     title = (
         f"{args.method} against the floor, revision {base} and the working tree side by side "
         f"({args.shape}, N = {args.tokens}, fp32, median of {args.repeats} calls per row, {args.rounds} rounds)"

@@ -143,6 +143,43 @@ def test_check_identical_says_when_the_fingerprints_it_compares_come_from_anothe
         assert json.loads(written.read_text())["machine"] == here
 
 
+# ----------------------------------------------------------------------------- the verified filter's cost
+def test_bench_verify_runs_the_base_beside_this_tree_and_says_whether_their_decisions_agree(tmp_path, monkeypatch):
+    """`bench_verify.py --base REV` runs REV's package from a `git archive` of REV beside this tree,
+    alternating which goes first, and reports each one's medians and whether the verification's
+    decisions were the same. (The runs are replaced here: a real one trains for a minute.)"""
+    import bench_verify
+
+    calls = []
+
+    def fake_run(tree, steps):
+        assert (tree / "fire_opd" / "train" / "verify.py").is_file() and steps == 3
+        version = "new" if tree == ROOT else "base"
+        calls.append(version)
+        calls_per_step = {"base": 9.0, "new": 1.0}[version]
+        return {
+            "time/verify_s": calls_per_step / 10, "time/sample_s": 1.0, "fire/verified_rollouts": 12.0,
+            "fire/verify_tokens": 300.0, "generate_calls": calls_per_step, "reliable": [3.0, 4.0, 5.0],
+        }  # fmt: skip
+
+    monkeypatch.setattr(bench_verify, "run", fake_run)
+    assert bench_verify.main(["--base", "HEAD", "--steps", "3", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    assert calls == ["base", "new", "new", "base"]
+    (md,) = tmp_path.glob("verify-*.md")
+    text = md.read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "version" not in line]
+    assert [(r[2].strip(), r[6].strip()) for r in rows] == [("0.900", "9.0"), ("0.100", "1.0")]
+    assert "decisions (reliable rollouts per step) were the same in every run" in text
+
+
+def test_bench_verify_names_a_bad_base_before_running_anything(capsys):
+    import bench_verify
+
+    with pytest.raises(SystemExit):
+        bench_verify.main(["--base", "no-such-revision"])
+    assert "--base: expected a git revision" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- revisions compared
 def test_compare_revisions_runs_the_base_from_its_own_unpacked_tree_in_alternating_order(tmp_path, monkeypatch):
     """`compare_revisions.py --base REV` times REV's own worker script from a `git archive` of REV
