@@ -245,6 +245,7 @@ def greedy_continuations(model, tokenizer, prefixes: list[torch.Tensor], budgets
     its own budget (a call per budget would decode the same tokens in many smaller batches)."""
     if len(budgets) != len(prefixes):
         raise ValueError(f"budgets must give one budget per prefix ({len(prefixes)}), got {len(budgets)}")
+    budgets = [max(budget, 0) for budget in budgets]
     longest = max(budgets, default=0)
     if longest <= 0:
         return [prefix.new_empty(0) for prefix in prefixes]
@@ -258,7 +259,7 @@ def greedy_continuations(model, tokenizer, prefixes: list[torch.Tensor], budgets
     out = _generate(model, tokenizer, ids, attention, _NoPaddingRows(len(tokenizer)), max_new_tokens=longest)
     new = out[:, width:]
     kept = response_mask_from_eos(new, tokenizer.eos_token_id) if new.shape[1] else new.bool()
-    return [row[: max(budget, 0)][mask[: max(budget, 0)]] for row, mask, budget in zip(new, kept, budgets)]
+    return [row[:budget][mask[:budget]] for row, mask, budget in zip(new, kept, budgets)]
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:

@@ -293,7 +293,7 @@ class FireOPDTrainer:
                 group_ids=rollouts.group_ids(cfg.sampling.samples_per_prompt), teachers=self.teachers,
                 routes=plan.routes, tokenizer=self.tokenizer, verifier=self.verifier,
                 max_new_tokens=cfg.sampling.max_new_tokens,
-                rows_per_call=cfg.sampling.rollout_chunk_prompts * cfg.sampling.samples_per_prompt,
+                rows_per_call=self.prompts_per_call * cfg.sampling.samples_per_prompt,  # the sampler's calls
             )  # fmt: skip
 
     def evaluate(self) -> dict:
