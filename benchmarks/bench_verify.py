@@ -29,7 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANT = {"fire.method": "fire", "fire.filter_mode": "verified"}  # the study's fire_verified
 KEYS = ("time/verify_s", "time/sample_s", "fire/verified_rollouts", "fire/verify_tokens")
 
 
@@ -37,6 +36,7 @@ def worker(steps: int) -> dict:
     """One run in this process, on the fire_opd that is first on sys.path."""
     import fire_opd.train.verify as verify
     from fire_opd.demo.run import get_setting, train_student
+    from fire_opd.demo.study.grid import VARIANTS
 
     calls = [0]
     real = verify.greedy_continuations
@@ -49,7 +49,7 @@ def worker(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = get_setting("steps").recipe.updated(
             {
-                **VARIANT,
+                **VARIANTS["fire_verified"],
                 "optim.steps": steps,
                 "eval.every": 0,
                 "checkpoint.save_every": 0,
