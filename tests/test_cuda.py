@@ -307,3 +307,52 @@ def test_trainer_smoke_on_cuda(tmp_path, objective):
     finally:
         hook.remove()
     assert modes == {torch.bfloat16}
+
+
+@pytest.mark.cuda
+def test_verified_filter_on_cuda(tmp_path):
+    """`fire.filter_mode: verified` on the GPU: a step runs end to end, and the float32 teachers
+    continue the flagged rollouts under the bf16 autocast they scored them in (on the CPU the
+    autocast is a no-op, so tests/test_trainer.py can only record that the trainer enters it)."""
+
+    from fire_opd.demo.run import get_setting, train_student
+
+    config = get_setting("steps").recipe.updated(
+        {
+            "optim.steps": 1,
+            "sampling.prompts_per_step": 8,
+            "optim.micro_batch_size": 8,
+            "eval.every": 0,
+            "eval.size": 8,
+            "fire.method": "filter_only",
+            "fire.filter_mode": "verified",
+            "fire.percentile": 60.0,
+            "fire.divergence_prob": 0.9,
+            "output_dir": str(tmp_path),
+            "runtime.device": "cuda",
+        }
+    )
+    run = train_student("steps", config)
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
+    trainer = run["trainer"]
+    modes: set = set()
+    hooks = [
+        teacher.register_forward_pre_hook(
+            lambda module, args: modes.add(
+                torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+            )
+        )
+        for teacher in trainer.teachers.values()
+    ]
+    try:
+        problems, rollouts = trainer.sample()
+        keys = [p.teacher for p in problems]
+        plan = trainer.plan(keys)
+        scores = trainer.score(rollouts, keys)
+        modes.clear()  # the scoring's own forwards aside: only the continuations count
+        reliable, metrics = trainer.verify(rollouts, problems, scores, plan)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert metrics["fire/verified_rollouts"] > 0 and reliable is not None
+    assert modes == {torch.bfloat16}

@@ -692,7 +692,8 @@ def test_rollouts_and_verification_run_under_the_models_autocast_and_evaluation_
     student's rollouts must come from that policy, and under filter_mode "verified" the teachers'
     continuations from the teachers that scored the rollouts; evaluation stays in the weights'
     dtype, as `fire-opd eval` does. On the CPU `autocast` is a no-op, so the test records what the
-    trainer enters around each stage (tests/test_cuda.py checks the sampling on a GPU)."""
+    trainer enters around each stage (tests/test_cuda.py checks the sampling and the verified
+    continuations on a GPU)."""
     from contextlib import contextmanager
 
     import fire_opd.train.trainer as trainer_module
