@@ -387,3 +387,64 @@ def test_verified_filter_on_cuda(tmp_path):
             hook.remove()
     assert metrics["fire/verified_rollouts"] > 0 and reliable is not None
     assert modes == {torch.bfloat16}
+
+
+@pytest.mark.cuda
+def test_a_bf16_run_resumes_on_cuda(tmp_path):
+    """A bf16 student's checkpoint resumes on the GPU: the CUDA RNG states go through the
+    checkpoint, and the optimizer's float32 master weights and moments come back on the device as
+    they were saved. The resumed step then matches the one the uninterrupted run takes from the
+    same state (up to the kernels' atomics, which add in any order on a GPU; the CPU suite checks
+    that a resume is bit-exact)."""
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.demo.run import get_setting, load_setting, problem_sets
+    from fire_opd.train.health import ANSWER_FORMATS
+    from fire_opd.train.models import load_causal_lm
+    from fire_opd.train.trainer import FireOPDTrainer
+
+    def trainer(output_dir, **overrides) -> FireOPDTrainer:
+        config = get_setting("steps").recipe.updated(
+            {
+                "optim.steps": 3,
+                "sampling.prompts_per_step": 8,
+                "optim.micro_batch_size": 8,
+                "eval.every": 0,
+                "eval.size": 8,
+                "models.dtype": "bfloat16",
+                "output_dir": str(output_dir),
+                "runtime.device": "cuda",
+                **overrides,
+            }
+        )
+        setting, tokenizer, teachers = load_setting("steps")
+        train, evaluation = problem_sets(setting, config.seed, config.eval.size)
+        return FireOPDTrainer(
+            config, student=load_causal_lm(ASSETS_DIR / setting.student), teachers=teachers, tokenizer=tokenizer,
+            train_problems=train, eval_problems=evaluation, answer_formats=ANSWER_FORMATS,
+        )  # fmt: skip
+
+    def optimizer_state(run: FireOPDTrainer) -> list[dict]:
+        return [
+            {key: value.detach().clone() for key, value in run.optimizer.state[p].items()}
+            for p in run.student.parameters()
+        ]
+
+    uninterrupted = trainer(tmp_path / "a")
+    uninterrupted.train(until_step=2)
+    saved = optimizer_state(uninterrupted)
+    ckpt = uninterrupted.save_checkpoint(tmp_path / "a" / "interrupted")
+    history = uninterrupted.train()
+
+    resumed = trainer(tmp_path / "b", **{"checkpoint.resume_from": str(ckpt)})
+    assert resumed.step == 2
+    restored = optimizer_state(resumed)
+    assert [sorted(s) for s in restored] == [sorted(s) for s in saved]
+    for before, after in zip(saved, restored):
+        assert after["master"].device.type == "cuda" and after["master"].dtype == torch.float32
+        for key, value in before.items():
+            assert torch.equal(after[key].cpu(), value.cpu()), key
+    resumed_history = resumed.train()
+    assert resumed.step == 3
+    a, b = history[-1], resumed_history[-1]
+    assert a["fire/keep_ratio"] == b["fire/keep_ratio"]  # the same rollouts and selection
+    assert abs(a["train/loss"] - b["train/loss"]) <= 1e-3 * abs(a["train/loss"]), (a["train/loss"], b["train/loss"])
