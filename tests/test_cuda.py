@@ -448,3 +448,40 @@ def test_a_bf16_run_resumes_on_cuda(tmp_path):
     a, b = history[-1], resumed_history[-1]
     assert a["fire/keep_ratio"] == b["fire/keep_ratio"]  # the same rollouts and selection
     assert abs(a["train/loss"] - b["train/loss"]) <= 1e-3 * abs(a["train/loss"]), (a["train/loss"], b["train/loss"])
+
+
+@pytest.mark.cuda
+def test_a_lora_student_trains_on_cuda(tmp_path):
+    """A LoRA student on the GPU (its adapters are made on the device, under a forked CUDA RNG):
+    only the adapters train, all of them on the device, and the base weights stay as loaded."""
+    from fire_opd.demo.build_assets import ASSETS_DIR
+    from fire_opd.demo.run import get_setting, train_student
+    from fire_opd.train.models import load_causal_lm
+
+    config = get_setting("steps").recipe.updated(
+        {
+            "optim.steps": 2,
+            "sampling.prompts_per_step": 8,
+            "optim.micro_batch_size": 8,
+            "eval.every": 0,
+            "eval.size": 8,
+            "lora.r": 4,
+            "lora.alpha": 8.0,
+            "lora.target_modules": ["q_proj", "v_proj"],
+            "output_dir": str(tmp_path),
+            "runtime.device": "cuda",
+        }
+    )
+    base = dict(load_causal_lm(ASSETS_DIR / get_setting("steps").student).named_parameters())
+    run = train_student("steps", config)
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
+    named = dict(run["trainer"].student.named_parameters())
+    adapters = {name: p for name, p in named.items() if p.requires_grad}
+    assert adapters and all("lora_" in name for name in adapters)
+    assert {p.device.type for p in named.values()} == {"cuda"}
+    # lora_B starts at zero, so a trained adapter pair is one whose B moved
+    assert all(p.detach().abs().sum() > 0 for name, p in adapters.items() if "lora_B" in name)
+    frozen = {name: p for name, p in named.items() if not p.requires_grad}
+    for name, p in frozen.items():
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(p.detach().cpu(), base[original].to(p.dtype)), name
