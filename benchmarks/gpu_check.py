@@ -7,9 +7,9 @@
    the float64 oracle with native half-precision dots and the GPU tiles, N = 0, int64 offsets
    past 2^31 logits, the fused updates; trainer smoke tests with both objectives, with bf16
    teachers beside a float32 student, with a bf16 student training through its float32 master
-   weights, and with a LoRA student; a bf16 run resumed from its checkpoint (the CUDA RNG states saved and set, the
-   optimizer state restored on the device); a verified-filter step whose teachers continue under
-   the bf16 autocast they scored in).
+   weights, and with a LoRA student; a bf16 run resumed from its checkpoint (the CUDA RNG states
+   saved and set, the optimizer state restored on the device); a verified-filter step whose
+   teachers continue under the bf16 autocast they scored in).
 2. The field's anchor workloads, side by side, each method in its own process
    (benchmarks/bench_kernels.py), time (median of repeats) and peak memory from the CUDA
    allocator, every ratio to the bare matrix products (the floor) of the same run:
