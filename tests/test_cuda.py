@@ -272,6 +272,24 @@ def test_int64_offsets_past_two_to_the_31(backend):
     torch.testing.assert_close(ent[rows].double().cpu(), expected_ent, atol=2e-3, rtol=2e-3)
 
 
+def _demo_config(output_dir, **overrides):
+    """The demo setting's recipe, a few small steps on the GPU (the trainer tests below)."""
+    from fire_opd.demo.run import get_setting
+
+    return get_setting("steps").recipe.updated(
+        {
+            "optim.steps": 2,
+            "sampling.prompts_per_step": 8,
+            "optim.micro_batch_size": 8,
+            "eval.every": 0,
+            "eval.size": 8,
+            "output_dir": str(output_dir),
+            "runtime.device": "cuda",
+            **overrides,
+        }
+    )
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     "objective,dtype,teacher_dtype",
@@ -292,20 +310,14 @@ def test_trainer_smoke_on_cuda(tmp_path, objective, dtype, teacher_dtype):
     from fire_opd.demo.run import get_setting, train_student
     from fire_opd.train.models import load_causal_lm
 
-    config = get_setting("steps").recipe.updated(
-        {
-            "optim.steps": 2,
-            "sampling.prompts_per_step": 8,
-            "optim.micro_batch_size": 8,
-            "eval.every": 0,
-            "eval.size": 8,
+    config = _demo_config(
+        tmp_path,
+        **{
             "loss.objective": objective,
             "runtime.fused_update": True,
             "models.dtype": dtype,
             "models.teacher_dtype": teacher_dtype,
-            "output_dir": str(tmp_path),
-            "runtime.device": "cuda",
-        }
+        },
     )
     before = [p.detach().clone() for p in load_causal_lm(ASSETS_DIR / get_setting("steps").student).parameters()]
     run = train_student("steps", config)
@@ -346,22 +358,17 @@ def test_verified_filter_on_cuda(tmp_path):
     continue the flagged rollouts under the bf16 autocast they scored them in (on the CPU the
     autocast is a no-op, so tests/test_trainer.py can only record that the trainer enters it)."""
 
-    from fire_opd.demo.run import get_setting, train_student
+    from fire_opd.demo.run import train_student
 
-    config = get_setting("steps").recipe.updated(
-        {
+    config = _demo_config(
+        tmp_path,
+        **{
             "optim.steps": 1,
-            "sampling.prompts_per_step": 8,
-            "optim.micro_batch_size": 8,
-            "eval.every": 0,
-            "eval.size": 8,
             "fire.method": "filter_only",
             "fire.filter_mode": "verified",
             "fire.percentile": 60.0,
             "fire.divergence_prob": 0.9,
-            "output_dir": str(tmp_path),
-            "runtime.device": "cuda",
-        }
+        },
     )
     run = train_student("steps", config)
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
@@ -397,25 +404,13 @@ def test_a_bf16_run_resumes_on_cuda(tmp_path):
     same state (up to the kernels' atomics, which add in any order on a GPU; the CPU suite checks
     that a resume is bit-exact)."""
     from fire_opd.demo.build_assets import ASSETS_DIR
-    from fire_opd.demo.run import get_setting, load_setting, problem_sets
+    from fire_opd.demo.run import load_setting, problem_sets
     from fire_opd.train.health import ANSWER_FORMATS
     from fire_opd.train.models import load_causal_lm
     from fire_opd.train.trainer import FireOPDTrainer
 
     def trainer(output_dir, **overrides) -> FireOPDTrainer:
-        config = get_setting("steps").recipe.updated(
-            {
-                "optim.steps": 3,
-                "sampling.prompts_per_step": 8,
-                "optim.micro_batch_size": 8,
-                "eval.every": 0,
-                "eval.size": 8,
-                "models.dtype": "bfloat16",
-                "output_dir": str(output_dir),
-                "runtime.device": "cuda",
-                **overrides,
-            }
-        )
+        config = _demo_config(output_dir, **{"optim.steps": 3, "models.dtype": "bfloat16", **overrides})
         setting, tokenizer, teachers = load_setting("steps")
         train, evaluation = problem_sets(setting, config.seed, config.eval.size)
         return FireOPDTrainer(
@@ -458,20 +453,7 @@ def test_a_lora_student_trains_on_cuda(tmp_path):
     from fire_opd.demo.run import get_setting, train_student
     from fire_opd.train.models import load_causal_lm
 
-    config = get_setting("steps").recipe.updated(
-        {
-            "optim.steps": 2,
-            "sampling.prompts_per_step": 8,
-            "optim.micro_batch_size": 8,
-            "eval.every": 0,
-            "eval.size": 8,
-            "lora.r": 4,
-            "lora.alpha": 8.0,
-            "lora.target_modules": ["q_proj", "v_proj"],
-            "output_dir": str(tmp_path),
-            "runtime.device": "cuda",
-        }
-    )
+    config = _demo_config(tmp_path, **{"lora.r": 4, "lora.alpha": 8.0, "lora.target_modules": ["q_proj", "v_proj"]})
     base = dict(load_causal_lm(ASSETS_DIR / get_setting("steps").student).named_parameters())
     run = train_student("steps", config)
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in run["history"])
