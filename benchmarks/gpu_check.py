@@ -9,7 +9,8 @@
    teachers beside a float32 student, with a bf16 student training through its float32 master
    weights, and with a LoRA student; a bf16 run resumed from its checkpoint (the CUDA RNG states
    saved and set, the optimizer state restored on the device); a verified-filter step whose
-   teachers continue under the bf16 autocast they scored in).
+   teachers continue under the bf16 autocast they scored in; TRL's DistillationTrainer in bf16
+   mixed precision with padded heads).
 2. The field's anchor workloads, side by side, each method in its own process
    (benchmarks/bench_kernels.py), time (median of repeats) and peak memory from the CUDA
    allocator, every ratio to the bare matrix products (the floor) of the same run:

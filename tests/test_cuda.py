@@ -1,14 +1,18 @@
-"""The kernels on the test device, against the float64 oracle on the CPU.
+"""The kernels and the trainer on the test device; the kernels against the float64 oracle.
 
 `FIRE_OPD_TEST_DEVICE=cuda` (what `make gpu-check` sets) runs this file on the GPU: the native
 bf16 / fp16 dots, the GPU tile configurations, the `chunked` backend's cuBLAS tiles + Triton
-folds, shapes that are not multiples of any tile, N = 0, and int64 offsets at N x V > 2^31.
-Without it the same cases run on the CPU in Triton's interpreter at tiny shapes, so that the GPU
-check cannot rot; the cases that only mean something on a GPU are marked `cuda` and reported by
-conftest in one line as not applicable here.
+folds, shapes that are not multiples of any tile, N = 0, and int64 offsets at N x V > 2^31; then
+a few steps of the trainer as users run it there (bf16 autocast, a bf16 student, bf16 teachers,
+LoRA, a resumed run, the verified filter, TRL with padded heads).
+Without it the same cases run on the CPU (the kernels in Triton's interpreter at tiny shapes), so
+that the GPU check cannot rot; the cases that only mean something on a GPU are marked `cuda` and
+reported by conftest in one line as not applicable here.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -272,8 +276,20 @@ def test_int64_offsets_past_two_to_the_31(backend):
     torch.testing.assert_close(ent[rows].double().cpu(), expected_ent, atol=2e-3, rtol=2e-3)
 
 
+# The trainer tests below run on the test device: on a GPU (`make gpu-check`) they check what only
+# a GPU computes (bf16 autocast, native bf16 dots, CUDA RNG states, models on the device); on the
+# CPU (`make test`) the same code runs, so that the tests cannot rot between the days a GPU is lent.
+#: the autocast a float32 model's forwards run under on the test device (forwards.autocast)
+MODEL_AUTOCAST = torch.bfloat16 if TEST_DEVICE == "cuda" else None
+
+
+def _autocast_now():
+    """The autocast dtype in force on the test device, None when it is off."""
+    return torch.get_autocast_dtype(TEST_DEVICE) if torch.is_autocast_enabled(TEST_DEVICE) else None
+
+
 def _demo_config(output_dir, **overrides):
-    """The demo setting's recipe, a few small steps on the GPU (the trainer tests below)."""
+    """The demo setting's recipe, a few small steps on the test device (the trainer tests below)."""
     from fire_opd.demo.run import get_setting
 
     return get_setting("steps").recipe.updated(
@@ -284,13 +300,12 @@ def _demo_config(output_dir, **overrides):
             "eval.every": 0,
             "eval.size": 8,
             "output_dir": str(output_dir),
-            "runtime.device": "cuda",
+            "runtime.device": TEST_DEVICE,
             **overrides,
         }
     )
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize(
     "objective,dtype,teacher_dtype",
     [
@@ -300,11 +315,11 @@ def _demo_config(output_dir, **overrides):
         ("full_vocab", "bfloat16", None),
     ],
 )
-def test_trainer_smoke_on_cuda(tmp_path, objective, dtype, teacher_dtype):
-    """Two steps of the demo recipe on the GPU with the fused update: finite losses, weights move.
-    A float32 student computes under bf16 autocast (beside bf16 teachers too, the memory-saving
-    setting); a bf16 student computes in bf16 (the kernels' native bf16 dots, which the CPU
-    interpreter cannot run) and trains through the optimizer's float32 master weights on the GPU."""
+def test_trainer_smoke(tmp_path, objective, dtype, teacher_dtype):
+    """Two steps of the demo recipe with the fused update: finite losses, weights move. On a GPU a
+    float32 student computes under bf16 autocast (beside bf16 teachers too, the memory-saving
+    setting), and a bf16 student computes in bf16 (the kernels' native bf16 dots, which the CPU
+    interpreter cannot run) and trains through the optimizer's float32 master weights."""
 
     from fire_opd.demo.build_assets import ASSETS_DIR
     from fire_opd.demo.run import get_setting, train_student
@@ -326,7 +341,7 @@ def test_trainer_smoke_on_cuda(tmp_path, objective, dtype, teacher_dtype):
     trainer = run["trainer"]
     params = list(trainer.student.parameters())
     assert {p.dtype for p in params} == {getattr(torch, dtype)}
-    assert {p.device.type for p in params} == {"cuda"}
+    assert {p.device.type for p in params} == {TEST_DEVICE}
     teacher_params = [p for teacher in trainer.teachers.values() for p in teacher.parameters()]
     assert {p.dtype for p in teacher_params} == {getattr(torch, teacher_dtype or dtype)}
     # Nearly every weight the optimizer trains moves: 99.8 % on the CPU after these two steps. A
@@ -340,23 +355,20 @@ def test_trainer_smoke_on_cuda(tmp_path, objective, dtype, teacher_dtype):
     assert all(torch.equal(p, t.to(p.dtype)) for p, t in zip(params, trained))
     if dtype != "float32":
         return
-    # the float32 student samples under the bf16 autocast its forwards run in
+    # the float32 student samples under the autocast its forwards run in
     modes: set = set()
-    hook = trainer.student.register_forward_pre_hook(
-        lambda module, args: modes.add(torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
-    )
+    hook = trainer.student.register_forward_pre_hook(lambda module, args: modes.add(_autocast_now()))
     try:
         trainer.sample()
     finally:
         hook.remove()
-    assert modes == {torch.bfloat16}
+    assert modes == {MODEL_AUTOCAST}
 
 
-@pytest.mark.cuda
-def test_verified_filter_on_cuda(tmp_path):
-    """`fire.filter_mode: verified` on the GPU: a step runs end to end, and the float32 teachers
-    continue the flagged rollouts under the bf16 autocast they scored them in (on the CPU the
-    autocast is a no-op, so tests/test_trainer.py can only record that the trainer enters it)."""
+def test_verified_filter_step(tmp_path):
+    """`fire.filter_mode: verified`: a step runs end to end, and the float32 teachers continue the
+    flagged rollouts under the autocast they scored them in: bf16 on a GPU (on the CPU there is
+    none, and tests/test_trainer.py records that the trainer enters it)."""
 
     from fire_opd.demo.run import train_student
 
@@ -375,11 +387,7 @@ def test_verified_filter_on_cuda(tmp_path):
     trainer = run["trainer"]
     modes: set = set()
     hooks = [
-        teacher.register_forward_pre_hook(
-            lambda module, args: modes.add(
-                torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-            )
-        )
+        teacher.register_forward_pre_hook(lambda module, args: modes.add(_autocast_now()))
         for teacher in trainer.teachers.values()
     ]
     try:
@@ -393,14 +401,13 @@ def test_verified_filter_on_cuda(tmp_path):
         for hook in hooks:
             hook.remove()
     assert metrics["fire/verified_rollouts"] > 0 and reliable is not None
-    assert modes == {torch.bfloat16}
+    assert modes == {MODEL_AUTOCAST}
 
 
-@pytest.mark.cuda
-def test_a_bf16_run_resumes_on_cuda(tmp_path):
-    """A bf16 student's checkpoint resumes on the GPU: the CUDA RNG states go through the
-    checkpoint, and the optimizer's float32 master weights and moments come back on the device as
-    they were saved. The resumed step then matches the one the uninterrupted run takes from the
+def test_a_bf16_run_resumes(tmp_path):
+    """A bf16 student's checkpoint resumes on the test device: on a GPU the CUDA RNG states go
+    through the checkpoint, and the optimizer's float32 master weights and moments come back on the
+    device as they were saved. The resumed step then matches the one the uninterrupted run takes from the
     same state (up to the kernels' atomics, which add in any order on a GPU; the CPU suite checks
     that a resume is bit-exact)."""
     from fire_opd.demo.build_assets import ASSETS_DIR
@@ -435,7 +442,7 @@ def test_a_bf16_run_resumes_on_cuda(tmp_path):
     restored = optimizer_state(resumed)
     assert [sorted(s) for s in restored] == [sorted(s) for s in saved]
     for before, after in zip(saved, restored):
-        assert after["master"].device.type == "cuda" and after["master"].dtype == torch.float32
+        assert after["master"].device.type == TEST_DEVICE and after["master"].dtype == torch.float32
         for key, value in before.items():
             assert torch.equal(after[key].cpu(), value.cpu()), key
     resumed_history = resumed.train()
@@ -445,10 +452,10 @@ def test_a_bf16_run_resumes_on_cuda(tmp_path):
     assert abs(a["train/loss"] - b["train/loss"]) <= 1e-3 * abs(a["train/loss"]), (a["train/loss"], b["train/loss"])
 
 
-@pytest.mark.cuda
-def test_a_lora_student_trains_on_cuda(tmp_path):
-    """A LoRA student on the GPU (its adapters are made on the device, under a forked CUDA RNG):
-    only the adapters train, all of them on the device, and the base weights stay as loaded."""
+def test_a_lora_student_trains(tmp_path):
+    """A LoRA student on the test device (on a GPU its adapters are made on the device, under a
+    forked CUDA RNG): only the adapters train, all of them on the device, and the base weights stay
+    as loaded."""
     from fire_opd.demo.build_assets import ASSETS_DIR
     from fire_opd.demo.run import get_setting, train_student
     from fire_opd.train.models import load_causal_lm
@@ -460,10 +467,47 @@ def test_a_lora_student_trains_on_cuda(tmp_path):
     named = dict(run["trainer"].student.named_parameters())
     adapters = {name: p for name, p in named.items() if p.requires_grad}
     assert adapters and all("lora_" in name for name in adapters)
-    assert {p.device.type for p in named.values()} == {"cuda"}
+    assert {p.device.type for p in named.values()} == {TEST_DEVICE}
     # lora_B starts at zero, so a trained adapter pair is one whose B moved
     assert all(p.detach().abs().sum() > 0 for name, p in adapters.items() if "lora_B" in name)
     frozen = {name: p for name, p in named.items() if not p.requires_grad}
     for name, p in frozen.items():
         original = name.replace("base_model.model.", "").replace(".base_layer", "")
         assert torch.equal(p.detach().cpu(), base[original].to(p.dtype)), name
+
+
+def test_trl_distillation_with_padded_heads(tmp_path, monkeypatch):
+    """FiRe-OPD inside TRL's DistillationTrainer on the test device; on a GPU as most of our users
+    run it: bf16 mixed precision (accelerate's autocast on CUDA, which transformers 5 does not enter
+    on the CPU) and heads padded past the tokenizer (24 rows, 18 tokens; the case that crashed
+    inside TRL). Two steps train every parameter with finite losses, and no padded id is sampled."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from test_integration_trl import ASSETS, COMMON, _padded
+
+    from fire_opd.demo.tasks import sample_problems
+    from fire_opd.integrations.trl import FireOPDConfig, FireOPDDistillationTrainer
+    from fire_opd.train.models import load_causal_lm, load_tokenizer
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # TrainingArguments sets it; restored after
+    tokenizer = load_tokenizer(ASSETS / "tokenizer")
+    dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
+    args = FireOPDConfig(
+        output_dir=str(tmp_path / "out"), max_steps=2, **{**COMMON, "use_cpu": TEST_DEVICE == "cpu", "bf16": True}
+    )
+    trainer = FireOPDDistillationTrainer(
+        model=_padded(load_causal_lm(ASSETS / "student_init"), 24),
+        teacher_model=_padded(load_causal_lm(ASSETS / "teacher_arith"), 24),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert trainer.fire_vocab_size == len(tokenizer) == 18
+    assert next(trainer.model.parameters()).device.type == TEST_DEVICE
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert [name for name, p in trainer.model.named_parameters() if torch.equal(before[name], p)] == []
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert losses and all(math.isfinite(x) for x in losses)
+    padded = [row["fire/padded_id_tokens"] for row in trainer.state.log_history if "fire/padded_id_tokens" in row]
+    assert padded and all(v == 0.0 for v in padded)
