@@ -482,27 +482,11 @@ def test_trl_distillation_with_padded_heads(tmp_path, monkeypatch):
     on the CPU) and heads padded past the tokenizer (24 rows, 18 tokens; the case that crashed
     inside TRL). Two steps train every parameter with finite losses, and no padded id is sampled."""
     pytest.importorskip("trl")
-    from datasets import Dataset
-    from test_integration_trl import ASSETS, COMMON, _padded
-
-    from fire_opd.demo.tasks import sample_problems
-    from fire_opd.integrations.trl import FireOPDConfig, FireOPDDistillationTrainer
-    from fire_opd.train.models import load_causal_lm, load_tokenizer
+    from test_integration_trl import _trainer
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # TrainingArguments sets it; restored after
-    tokenizer = load_tokenizer(ASSETS / "tokenizer")
-    dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
-    args = FireOPDConfig(
-        output_dir=str(tmp_path / "out"), max_steps=2, **{**COMMON, "use_cpu": TEST_DEVICE == "cpu", "bf16": True}
-    )
-    trainer = FireOPDDistillationTrainer(
-        model=_padded(load_causal_lm(ASSETS / "student_init"), 24),
-        teacher_model=_padded(load_causal_lm(ASSETS / "teacher_arith"), 24),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    assert trainer.fire_vocab_size == len(tokenizer) == 18
+    trainer = _trainer(tmp_path, padded_rows=24, max_steps=2, use_cpu=TEST_DEVICE == "cpu", bf16=True)
+    assert trainer.fire_vocab_size == len(trainer.processing_class) == 18
     assert next(trainer.model.parameters()).device.type == TEST_DEVICE
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()

@@ -49,17 +49,15 @@ def _no_inherited_mixed_precision(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
 
 
-def _trainer(tmp_path, cls=FireOPDDistillationTrainer, config_cls=FireOPDConfig, **fields):
+def _trainer(tmp_path, cls=FireOPDDistillationTrainer, config_cls=FireOPDConfig, padded_rows=None, **fields):
+    """The shipped student and arithmetic teacher in TRL (`padded_rows`: both heads padded to it)."""
     tokenizer = load_tokenizer(ASSETS / "tokenizer")
     dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
     args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, **fields})
-    return cls(
-        model=load_causal_lm(ASSETS / "student_init"),
-        teacher_model=load_causal_lm(ASSETS / "teacher_arith"),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    student, teacher = load_causal_lm(ASSETS / "student_init"), load_causal_lm(ASSETS / "teacher_arith")
+    if padded_rows is not None:
+        student, teacher = _padded(student, padded_rows), _padded(teacher, padded_rows)
+    return cls(model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
 def _batch(trainer, rows: int = 6, seed: int = 0) -> dict:
@@ -410,17 +408,8 @@ def _padded(model, rows: int):
 def test_padded_heads_train_and_never_sample_a_padded_id(tmp_path):
     """Heads padded past the tokenizer (24 rows, 18 tokens): TRL's generation never samples a
     padded id, the loss runs over the tokenizer's vocabulary, and two steps train."""
-    tokenizer = load_tokenizer(ASSETS / "tokenizer")
-    dataset = Dataset.from_list([{"prompt": p.prompt} for p in sample_problems(["arith"], 32, seed=0, split="train")])
-    args = FireOPDConfig(output_dir=str(tmp_path / "out"), max_steps=2, **COMMON)
-    trainer = FireOPDDistillationTrainer(
-        model=_padded(load_causal_lm(ASSETS / "student_init"), 24),
-        teacher_model=_padded(load_causal_lm(ASSETS / "teacher_arith"), 24),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    assert trainer.fire_vocab_size == len(tokenizer) == 18
+    trainer = _trainer(tmp_path, padded_rows=24, max_steps=2)
+    assert trainer.fire_vocab_size == len(trainer.processing_class) == 18
     sampled = []
     real = FireOPDDistillationTrainer._fire_statistics
 
