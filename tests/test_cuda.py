@@ -407,9 +407,10 @@ def test_verified_filter_step(tmp_path):
 def test_a_bf16_run_resumes(tmp_path):
     """A bf16 student's checkpoint resumes on the test device: on a GPU the CUDA RNG states go
     through the checkpoint, and the optimizer's float32 master weights and moments come back on the
-    device as they were saved. The resumed step then matches the one the uninterrupted run takes from the
-    same state (up to the kernels' atomics, which add in any order on a GPU; the CPU suite checks
-    that a resume is bit-exact)."""
+    device as they were saved. The resumed step then matches the one the uninterrupted run takes
+    from the same state (up to the kernels' atomics, which add in any order on a GPU; the CPU suite
+    checks that a resume is bit-exact). The trainers are built here, not by `train_student`,
+    because the test reads their state before they train."""
     from fire_opd.demo.build_assets import ASSETS_DIR
     from fire_opd.demo.run import load_setting, problem_sets
     from fire_opd.train.health import ANSWER_FORMATS
