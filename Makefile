@@ -123,7 +123,7 @@ study: $(STAMP)
 compile-report: $(STAMP)
 	$(PY) -m fire_kernels.compile_report
 
-# The same report under every Triton release torch has pinned since 2.4, and 3.9 (pip installs
+# The same report under every Triton release torch has pinned since 2.4, 3.0 to 3.9 (pip installs
 # each, about 600 MB, into ~/.cache/fire-opd-triton-releases; 7-8 minutes on 2 cores here once installed).
 compile-matrix: $(STAMP)
 	$(PY) benchmarks/compile_matrix.py

@@ -1,16 +1,16 @@
 """Which Triton releases compile our kernels, and where they spill: the compile report under each.
 
-    python benchmarks/compile_matrix.py                        # every release torch has pinned, and 3.8, 3.9
+    python benchmarks/compile_matrix.py                        # every release a torch has pinned
     python benchmarks/compile_matrix.py --triton 3.2.0 3.6.0 --cache /tmp/triton-releases
     python benchmarks/compile_matrix.py --triton 3.4.0 3.9.0 --arch 100 120   # Blackwell
 
-Each torch release for Linux pins one Triton (TORCH_PINS; the package needs torch >= 2.6, Triton >= 3.2),
-so a user's Triton is usually not the one the tiles were tuned under (3.9, which no torch release
-pins yet). Each release is installed once with `pip install --no-deps --target
-<cache>/triton-<version>` (a package registry is needed, not a GPU; about 600 MB each) and put
-first on PYTHONPATH for one `python -m fire_kernels.compile_report --json`, which compiles every
-kernel variant for sm_80 and sm_90 ahead of time and reports a variant whose compile aborts the
-process as that variant's failure. Results: benchmarks/results/compile-matrix-aot-<date>.{json,md}
+Each torch release for Linux pins one Triton (TORCH_PINS; the package needs torch >= 2.6, Triton
+>= 3.2), so a user's Triton is often not the one the tiles were tuned under (3.9, which torch 2.15
+pins). Each release is installed once with `pip install --no-deps --target <cache>/triton-<version>`
+(a package registry is needed, not a GPU; about 600 MB each) and put first on PYTHONPATH for one
+`python -m fire_kernels.compile_report --json`, which compiles every kernel variant for sm_80 and
+sm_90 ahead of time and reports a variant whose compile aborts the process as that variant's
+failure. Results: benchmarks/results/compile-matrix-aot-<date>.{json,md}
 (compile-matrix-aot-sm100-sm120-<date> for other `--arch`):
 per release the variants that compiled clean, spilled or failed, then every one that was not clean.
 """
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # The Triton each torch release requires on Linux x86-64 (`pip install --dry-run --report - torch==X`
-# read from PyPI on 2026-12-06; torch 2.14 asks for triton ~= 3.8.0).
+# read from PyPI on 2026-12-06; torch 2.14 asks for triton ~= 3.8.0; torch 2.15.0, released
+# 2026-10-28, asks for triton ~= 3.9.0, read from PyPI's metadata on 2026-12-08).
 TORCH_PINS = {
     "3.0.0": "2.4",
     "3.1.0": "2.5",
@@ -45,8 +46,9 @@ TORCH_PINS = {
     "3.7.0": "2.12",
     "3.7.1": "2.13",
     "3.8.0": "2.14",
+    "3.9.0": "2.15",  # the release the tiles were tuned under
 }
-RELEASES = (*TORCH_PINS, "3.9.0")  # every release a torch pins, and the one the tiles were tuned under
+RELEASES = tuple(TORCH_PINS)
 
 
 def install(version: str, cache: Path) -> Path:

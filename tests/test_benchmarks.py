@@ -238,14 +238,14 @@ def test_compile_matrix_counts_each_release_and_lists_what_was_not_clean():
     text = compile_matrix.tables(
         {
             "3.2.0": [_compile_row("a", True, 0), _compile_row("b", True, 24), _compile_row("c", False, None, died)],
-            "3.9.0": [_compile_row("a", True, 0)],
+            "3.10.0": [_compile_row("a", True, 0)],
         }
     )
     assert "| 3.2.0 | 2.6 | 3 | 1 | 1 | 1 |" in text
-    assert "| 3.9.0 | - | 1 | 1 | 0 | 0 |" in text
+    assert "| 3.10.0 | - | 1 | 1 | 0 | 0 |" in text
     assert "| 3.2.0 | b | v | bf16 | sm_90 | 255 | 24 |" in text
     assert f"| 3.2.0 | c | v | bf16 | sm_90 | None | {died} |" in text
-    assert "| 3.9.0 | a |" not in text
+    assert "| 3.10.0 | a |" not in text
 
 
 def test_compile_matrix_names_a_bad_release_before_installing_anything(capsys):
@@ -254,6 +254,22 @@ def test_compile_matrix_names_a_bad_release_before_installing_anything(capsys):
     with pytest.raises(SystemExit):
         compile_matrix.main(["--triton", "3.2", "latest"])
     assert "--triton: expected release numbers such as 3.2.0, got 3.2 latest" in capsys.readouterr().err
+
+
+def test_newer_torch_names_a_bad_release_before_installing_anything(capsys):
+    import newer_torch
+
+    with pytest.raises(SystemExit):
+        newer_torch.main(["2.15", "nightly"])
+    assert "torch: expected release numbers such as 2.15.0, got 2.15 nightly" in capsys.readouterr().err
+
+
+def test_newer_torch_keeps_the_main_venv_but_torch_and_what_torch_brings():
+    import newer_torch
+
+    freeze = ["numpy==2.3.4", "torch==2.13.0+cpu", "triton==3.9.0", "nvidia-cublas==13.1.1.3", "cuda-bindings==13.5.0"]
+    freeze += ["transformers==5.25.0", "-e /work/main", "fire-opd @ file:///work/main", "torchvision==0.28.0"]
+    assert newer_torch.without_torch(freeze) == ["numpy==2.3.4", "transformers==5.25.0"]
 
 
 def test_oldest_deps_pins_every_lower_bound_the_package_declares(tmp_path):
