@@ -12,7 +12,7 @@ main `.venv`'s packages (its `pip freeze`, so the releases `make test` tested) w
 suite (verl's tests aside: verl pins its own torch) runs there on the CPU. The first build of a
 release downloads its CUDA build, a few GB. On the development machines a pip constraint
 (/etc/xdg/pip/constraints.txt) caps torch at the releases on their disk; run with
-`PIP_CONSTRAINT=` to test a release above it.
+`PIP_CONSTRAINT=/dev/null` to test a release above it.
 
 Results: benchmarks/results/newer-torch-cpu-<date>.{json,md}: per release, the versions that
 differ from the main venv's and pytest's verdict, with every test that did not pass.
