@@ -1,7 +1,7 @@
 """The test suite under torch releases newer than the one `make` pins for development.
 
     python benchmarks/newer_torch.py 2.14.1 2.15.0     # builds .venv-torch-<version> once each, runs the suite
-    python benchmarks/newer_torch.py 2.15.0 --workers 2
+    python benchmarks/newer_torch.py 2.15.0 --python python3.13   # .venv-torch-2.15.0-py3.13
 
 `make test` installs the newest release of every dependency but torch: the Makefile pins
 torch==2.13.0, the CPU build on the development machines' disk, because the package registries
@@ -14,7 +14,8 @@ release downloads its CUDA build, a few GB. On the development machines a pip co
 (/etc/xdg/pip/constraints.txt) caps torch at the releases on their disk; run with
 `PIP_CONSTRAINT=/dev/null` to test a release above it.
 
-Results: benchmarks/results/newer-torch-cpu-<date>.{json,md}: per release, the versions that
+Results: benchmarks/results/newer-torch-cpu-<date>.{json,md} (newer-torch-py<x.y>-cpu-<date>
+with `--python`): per release, the versions that
 differ from the main venv's and pytest's verdict, with every test that did not pass.
 """
 
@@ -55,20 +56,25 @@ def without_torch(freeze: list[str]) -> list[str]:
     return [line for line in freeze if "==" in line and not REPLACED.match(line)]
 
 
-def build(venv: Path, torch_version: str, requirements: list[str]) -> None:
-    """`venv` with torch `torch_version` (and what it requires) beside `requirements`, and the
-    package; rebuilt only when either changes."""
+def build(venv: Path, python: str, torch_version: str, requirements: list[str]) -> None:
+    """`venv` on `python` with torch `torch_version` (and what it requires) beside
+    `requirements`, and the package; rebuilt only when one of them changes."""
     stamp = venv / ".newer-torch-pins"
-    wanted = "\n".join([f"torch=={torch_version}", *requirements])
+    wanted = "\n".join([python, f"torch=={torch_version}", *requirements])
     if stamp.exists() and stamp.read_text() == wanted:
         return
     shutil.rmtree(venv, ignore_errors=True)
-    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    subprocess.run([str(base), "-m", "venv", str(venv)], check=True)
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, f"torch=={torch_version}", *requirements], check=True)
     subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     stamp.write_text(wanted)
+
+
+def _minor(python: str) -> str:
+    """ "3.13" for a python3.13 interpreter."""
+    code = "import sys; print(*sys.version_info[:2], sep='.')"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def run_suite(venv: Path, workers: str) -> tuple[str, list[str], int]:
@@ -90,6 +96,7 @@ def run_suite(venv: Path, workers: str) -> tuple[str, list[str], int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("torch", nargs="+", help="torch releases (x.y.z)")
+    parser.add_argument("--python", help="interpreter of the venvs (default: the one running this script)")
     parser.add_argument("--workers", default="2", help="pytest-xdist workers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -100,29 +107,32 @@ def main(argv=None) -> int:
     from _results import write_results
     from oldest_deps import installed
 
+    python = args.python or str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    if not shutil.which(python) or subprocess.run([python, "-c", ""], capture_output=True).returncode != 0:
+        parser.error(f"--python {python}: does not run")
     requirements = main_requirements()
     main_versions = installed(MAIN_VENV, list(HARNESS_PACKAGES))
-    rows, table = [], ["| torch | Triton | pytest (verl's tests aside) |", "|---|---|---|"]
+    rows, table = [], ["| torch | Triton | Python | pytest (verl's tests aside) |", "|---|---|---|---|"]
     details = []
     for version in args.torch:
-        venv = ROOT / f".venv-torch-{version}"
-        build(venv, version, requirements)
+        venv = ROOT / (f".venv-torch-{version}" + (f"-py{_minor(python)}" if args.python else ""))
+        build(venv, python, version, requirements)
         versions = installed(venv, list(HARNESS_PACKAGES))
         verdict, not_passed, code = run_suite(venv, args.workers)
         rows.append(
             {"torch": version, "versions": versions, "verdict": verdict, "not_passed": not_passed, "exit": code}
         )
-        table.append(f"| {versions['torch']} | {versions['triton']} | {verdict} |")
+        table.append(f"| {versions['torch']} | {versions['triton']} | {versions['python']} | {verdict} |")
         details += [f"- torch {version}: {line}" for line in not_passed]
-    others = ", ".join(f"{n} {v}" for n, v in main_versions.items() if n not in ("torch", "triton"))
+    others = ", ".join(f"{n} {v}" for n, v in main_versions.items() if n not in ("torch", "triton", "python"))
     text = "\n".join(
         table
         + ["", f"Every other package as in the main venv (`make test`'s), among them {others}."]
         + ([""] + details if details else [])
     )
-    stem = write_results(
-        args.out, "newer-torch", "The test suite under torch releases after the pinned one", rows, text, "cpu"
-    )
+    name = "newer-torch" + (f"-py{_minor(python)}" if args.python else "")
+    title = "The test suite under torch releases after the pinned one"
+    stem = write_results(args.out, name, title, rows, text, "cpu")
     print(text)
     print(f"results: {stem}.md")
     return max(row["exit"] for row in rows)
