@@ -61,12 +61,18 @@ def provenance_line(stamp: dict) -> str:
     )
 
 
+def result_file(stem: Path, suffix: str) -> Path:
+    """`stem` + `suffix` (".json", ".md"): a stem may hold dots (a release number such as 3.13),
+    which `Path.with_suffix` would take for a suffix and cut."""
+    return stem.with_name(stem.name + suffix)
+
+
 def write_results(out: Path, name: str, title: str, rows, table: str, device: str) -> Path:
     """rows as JSON (with their provenance) and `table` as Markdown under `title`, side by side;
     returns the path stem."""
     stem = out / f"{name}-{device}-{_dt.date.today().isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
     stamp = provenance()
-    stem.with_suffix(".json").write_text(json.dumps({"provenance": stamp, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(f"## {title}: {device}\n\n{provenance_line(stamp)}\n\n{table}\n")
+    result_file(stem, ".json").write_text(json.dumps({"provenance": stamp, "rows": rows}, indent=1))
+    result_file(stem, ".md").write_text(f"## {title}: {device}\n\n{provenance_line(stamp)}\n\n{table}\n")
     return stem

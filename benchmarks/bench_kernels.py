@@ -52,7 +52,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _memory import reset_peak_rss, status_bytes, tensor_peak_bytes  # noqa: E402
 from _peers import method_fn  # noqa: E402  (one adapter per method)
-from _results import provenance, provenance_line  # noqa: E402
+from _results import provenance, provenance_line, result_file  # noqa: E402
 
 # Model pairs (vocab, student D, teacher D): Qwen3 4B student / 8B teacher, Llama 3 8B, Gemma 2 2B.
 SHAPES = {
@@ -430,11 +430,11 @@ def main(argv=None) -> int:
     def save(result: dict, final: bool = False) -> None:
         if stem is None:
             return
-        stem.with_suffix(".json").write_text(json.dumps({**result, "complete": final}, indent=1))
+        result_file(stem, ".json").write_text(json.dumps({**result, "complete": final}, indent=1))
         if final:
-            stem.with_suffix(".md").write_text(markdown(result))
+            result_file(stem, ".md").write_text(markdown(result))
             if result["sweeps"]:
-                plot(result, stem.with_suffix(".png"))
+                plot(result, result_file(stem, ".png"))
 
     result = run_suite(args, checkpoint=save)
     save(result, final=True)

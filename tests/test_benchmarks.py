@@ -37,6 +37,12 @@ def test_result_files_name_the_code_they_measured(tmp_path):
     assert provenance_line(stamp) in stem.with_suffix(".md").read_text()
 
 
+def test_a_result_name_may_hold_a_release_number(tmp_path):
+    stem = write_results(tmp_path, "newer-torch-py3.13", "A title", [{"x": 1}], "| x |", "cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem.name}.json", f"{stem.name}.md"]
+    assert stem.name.startswith("newer-torch-py3.13-cpu-")
+
+
 # ----------------------------------------------------------------------------- the GPU check
 # A lent GPU machine gives back only the files of a folder, and stops a command at its time limit:
 # the check must leave what it has measured on disk after every phase and row, and stop its own
