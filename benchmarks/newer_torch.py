@@ -14,8 +14,8 @@ release downloads its CUDA build, a few GB. On the development machines a pip co
 (/etc/xdg/pip/constraints.txt) caps torch at the releases on their disk; run with
 `PIP_CONSTRAINT=/dev/null` to test a release above it.
 
-Results: benchmarks/results/newer-torch-cpu-<date>.{json,md} (newer-torch-py<x.y>-cpu-<date>
-with `--python`): per release, the versions that
+Results: benchmarks/results/newer-torch-cpu-<date>.{json,md} (newer-torch-py<xy>-cpu-<date>
+with `--python`, e.g. py313): per release, the versions that
 differ from the main venv's and pytest's verdict, with every test that did not pass.
 """
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         + ["", f"Every other package as in the main venv (`make test`'s), among them {others}."]
         + ([""] + details if details else [])
     )
-    name = "newer-torch" + (f"-py{_minor(python)}" if args.python else "")
+    name = "newer-torch" + (f"-py{_minor(python).replace('.', '')}" if args.python else "")
     title = "The test suite under torch releases after the pinned one"
     stem = write_results(args.out, name, title, rows, text, "cpu")
     print(text)

@@ -139,8 +139,9 @@ def _compiled_alone(job):
 
 def test_a_compile_that_aborts_its_process_is_reported_not_lost(monkeypatch):
     """A compiler assertion kills the worker (SIGABRT, no exception) and breaks the pool: the lost
-    jobs are run again one process each, and the report keeps every variant in order. Needs the
-    fork start method (the patched function reaches the workers by copy)."""
+    jobs are run again one process each, and the report keeps every variant in order. The patched
+    functions reach the workers by copy under fork, and by reference under forkserver (Linux's
+    default from Python 3.14; the test passed with it set, 2026-12-08)."""
     from fire_kernels import compile_report
 
     monkeypatch.setattr(compile_report, "compile_variant", _compile_or_abort)
