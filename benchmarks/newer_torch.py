@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,43 +55,6 @@ def without_torch(freeze: list[str]) -> list[str]:
     return [line for line in freeze if "==" in line and not REPLACED.match(line)]
 
 
-def build(venv: Path, python: str, torch_version: str, requirements: list[str]) -> None:
-    """`venv` on `python` with torch `torch_version` (and what it requires) beside
-    `requirements`, and the package; rebuilt only when one of them changes."""
-    stamp = venv / ".newer-torch-pins"
-    wanted = "\n".join([python, f"torch=={torch_version}", *requirements])
-    if stamp.exists() and stamp.read_text() == wanted:
-        return
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"torch=={torch_version}", *requirements], check=True)
-    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
-    stamp.write_text(wanted)
-
-
-def _minor(python: str) -> str:
-    """ "3.13" for a python3.13 interpreter."""
-    code = "import sys; print(*sys.version_info[:2], sep='.')"
-    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def run_suite(venv: Path, workers: str) -> tuple[str, list[str], int]:
-    """(pytest's last line, its FAILED / ERROR / SKIPPED lines, its exit code) in `venv`."""
-    proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pytest", "tests", "-n", workers, "-rfEs"]
-        + ["--ignore=tests/test_integration_verl.py", "-W", "ignore::FutureWarning"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    print(proc.stdout[-5000:], proc.stderr[-2000:], sep="\n")
-    lines = proc.stdout.strip().splitlines()
-    verdict = lines[-1].strip("= ") if lines else f"pytest exited {proc.returncode}"
-    not_passed = [line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
-    return verdict, not_passed, proc.returncode
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("torch", nargs="+", help="torch releases (x.y.z)")
@@ -105,20 +67,19 @@ def main(argv=None) -> int:
         parser.error(f"torch: expected release numbers such as 2.15.0, got {' '.join(bad)}")
 
     from _results import write_results
-    from oldest_deps import installed
+    from oldest_deps import build, installed, python_version, run_suite
 
     python = args.python or str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}")
-    if not shutil.which(python) or subprocess.run([python, "-c", ""], capture_output=True).returncode != 0:
-        parser.error(f"--python {python}: does not run")
     requirements = main_requirements()
+    tag = f"-py{python_version(python)}" if args.python else ""  # .venv-torch-2.15.0-py3.13
     main_versions = installed(MAIN_VENV, list(HARNESS_PACKAGES))
     rows, table = [], ["| torch | Triton | Python | pytest (verl's tests aside) |", "|---|---|---|---|"]
     details = []
     for version in args.torch:
-        venv = ROOT / (f".venv-torch-{version}" + (f"-py{_minor(python)}" if args.python else ""))
-        build(venv, python, version, requirements)
+        venv = ROOT / f".venv-torch-{version}{tag}"
+        build(venv, python, [f"torch=={version}", *requirements], harness=())  # the freeze holds pytest and its plugins
         versions = installed(venv, list(HARNESS_PACKAGES))
-        verdict, not_passed, code = run_suite(venv, args.workers)
+        verdict, not_passed, code = run_suite(venv, args.workers, allow_skips=False)
         rows.append(
             {"torch": version, "versions": versions, "verdict": verdict, "not_passed": not_passed, "exit": code}
         )
@@ -130,7 +91,7 @@ def main(argv=None) -> int:
         + ["", f"Every other package as in the main venv (`make test`'s), among them {others}."]
         + ([""] + details if details else [])
     )
-    name = "newer-torch" + (f"-py{_minor(python).replace('.', '')}" if args.python else "")
+    name = "newer-torch" + tag.replace(".", "")  # newer-torch-py313
     title = "The test suite under torch releases after the pinned one"
     stem = write_results(args.out, name, title, rows, text, "cpu")
     print(text)

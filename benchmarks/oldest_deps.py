@@ -92,7 +92,7 @@ def peer_pins(python: str = PEERS_PYTHON) -> list[str]:
         from uv import find_uv_bin
     except ImportError:
         raise SystemExit("--peers needs uv (the test extra: pip install -e '.[test]')") from None
-    version = _python_version(python)
+    version = python_version(python)
     with tempfile.TemporaryDirectory() as tmp:
         wanted, numpy = Path(tmp) / "requirements.in", Path(tmp) / "constraints.txt"
         wanted.write_text("\n".join(declared) + "\n")
@@ -118,7 +118,7 @@ def lifted(floors: list[str], resolved: list[str]) -> dict[str, tuple[str, str]]
     }
 
 
-def _python_version(python: str) -> str:
+def python_version(python: str) -> str:
     """ "3.11" for an interpreter named pythonX.Y (a path too; it need not run, as a pyenv shim
     may not), else the version it reports."""
     if named := re.fullmatch(r"python(\d+\.\d+)", Path(python).name):
@@ -133,22 +133,40 @@ def oldest_python(pyproject: Path = ROOT / "pyproject.toml") -> str:
     return "python" + lower_bound(f"python{requires}").split("==")[1]
 
 
-def build(venv: Path, python: str, pinned: list[str]) -> None:
-    """`venv` on `python` with exactly `pinned` (re-installed only when the pins change) and the
-    package."""
+def build(venv: Path, python: str, pinned: list[str], harness: tuple[str, ...] = HARNESS) -> None:
+    """`venv` on `python` with exactly `pinned` and `harness` (re-installed only when they change)
+    and the package. benchmarks/newer_torch.py builds its venvs with it too."""
     stamp = venv / ".oldest-pins"
-    wanted = "\n".join([python, *pinned, *HARNESS])
+    wanted = "\n".join([python, *pinned, *harness])
     if stamp.exists() and stamp.read_text() == wanted:
         return
     if not shutil.which(python) or subprocess.run([python, "-c", ""], capture_output=True).returncode != 0:
-        raise SystemExit(f"--python {python}: does not run; pass the path of a {oldest_python()} interpreter")
+        raise SystemExit(f"--python {python}: does not run; pass the path of such an interpreter")
     if stamp.exists() or not (venv / "bin" / "python").exists():
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, *pinned, *HARNESS], check=True)
+    subprocess.run([*pip, *pinned, *harness], check=True)
     subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
     stamp.write_text(wanted)
+
+
+def run_suite(venv: Path, workers: str, *, allow_skips: bool) -> tuple[str, list[str], int]:
+    """(pytest's last line, its FAILED / ERROR / SKIPPED lines, its exit code) for the suite in
+    `venv`, verl's tests aside (verl pins its own torch and transformers)."""
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pytest", "tests", "-n", workers, "-rfEs"]
+        + ["--ignore=tests/test_integration_verl.py"],
+        cwd=ROOT,
+        env={**os.environ, **({"FIRE_OPD_ALLOW_SKIPS": "1"} if allow_skips else {})},
+        capture_output=True,
+        text=True,
+    )
+    print(proc.stdout[-20000:], proc.stderr[-2000:], sep="\n")
+    lines = proc.stdout.strip().splitlines()
+    verdict = lines[-1] if lines else f"pytest exited {proc.returncode}"
+    not_passed = [line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
+    return verdict, not_passed, proc.returncode
 
 
 def installed(venv: Path, names: list[str]) -> dict[str, str]:
@@ -178,19 +196,9 @@ def main(argv=None) -> int:
         print("\n".join(pinned))
         return 0
     build(venv, python, pinned)
-    proc = subprocess.run(  # the skips named above are expected here, and listed in the result
-        [str(venv / "bin" / "python"), "-m", "pytest", "tests", "-n", args.workers, "-rfEs"]
-        + ["--ignore=tests/test_integration_verl.py"],
-        cwd=ROOT,
-        env={**os.environ, "FIRE_OPD_ALLOW_SKIPS": "1"},
-        capture_output=True,
-        text=True,
-    )
-    print(proc.stdout[-20000:], proc.stderr[-2000:], sep="\n")
+    verdict, summary, returncode = run_suite(venv, args.workers, allow_skips=True)  # the skips named above
     names = [Requirement(p).name for p in pinned] + ["triton", "numpy"]
     versions = installed(venv, sorted(set(names)))
-    summary = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
-    verdict = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest exited {proc.returncode}"
     raised = ", ".join(f"{name} {ours} -> {pin}" for name, (ours, pin) in moved.items())
     table = "\n".join(
         ["| package | version |", "|---|---|", *(f"| {n} | {v} |" for n, v in sorted(versions.items()))]
@@ -200,11 +208,11 @@ def main(argv=None) -> int:
     )
     from _results import write_results
 
-    rows = [{"versions": versions, "lifted": moved, "verdict": verdict, "not_passed": summary, "exit": proc.returncode}]
+    rows = [{"versions": versions, "lifted": moved, "verdict": verdict, "not_passed": summary, "exit": returncode}]
     title = "The test suite on the declared lower bounds" + (", TRL and Liger at theirs" if args.peers else "")
     stem = write_results(args.out, "oldest-deps-peers" if args.peers else "oldest-deps", title, rows, table, "cpu")
     print(f"results: {stem}.md")
-    return proc.returncode
+    return returncode
 
 
 if __name__ == "__main__":

@@ -316,4 +316,4 @@ def test_oldest_deps_peers_start_from_our_floors_and_name_each_one_they_lift():
     floors = ["torch==2.6", "transformers==4.56", "tqdm==4.62.1"]
     resolved = ["torch==2.6.0", "transformers==4.56.2", "tqdm==4.62.1", "trl==1.16.0"]
     assert oldest_deps.lifted(floors, resolved) == {"transformers": ("4.56", "4.56.2")}
-    assert oldest_deps._python_version("/no/such/bin/python3.11") == "3.11"  # by name: a shim need not run
+    assert oldest_deps.python_version("/no/such/bin/python3.11") == "3.11"  # by name: a shim need not run
